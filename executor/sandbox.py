@@ -1,0 +1,206 @@
+"""The wasmtime sandbox: one Engine per process, a fresh Store per execution, hard limits.
+
+Limits map onto wasmtime's own mechanisms:
+- gas is fuel (`Store.set_fuel`), exhausted -> trap OUT_OF_FUEL -> `out_of_gas`;
+- time is an epoch deadline; a ticker thread advances the epoch every `TICK_S` -> `timeout`;
+- memory is the Store limiter (linear memories and tables) -> `memory_limit`;
+- the wasm stack is capped by `Config.max_wasm_stack` -> `stack_overflow`.
+
+WASI command modules get their inputs as JSON on stdin and nothing else: no preopened
+directories, no environment, no arguments, no network.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import msgspec
+import wasmtime
+
+from relay.modules import WASI_MODULE
+from relay.schemas import EffectivePolicy, ErrorInfo
+
+TICK_S = 0.01
+MAX_WASM_STACK_BYTES = 1024 * 1024
+PAGE_BYTES = 65536
+TABLE_ELEMENT_BYTES = 8
+_TMP_ROOT = "/dev/shm" if Path("/dev/shm").is_dir() else None
+
+_TRAP_CODES = {
+    wasmtime.TrapCode.OUT_OF_FUEL: "out_of_gas",
+    wasmtime.TrapCode.INTERRUPT: "timeout",
+    wasmtime.TrapCode.STACK_OVERFLOW: "stack_overflow",
+}
+_TRAP_MESSAGES = {
+    "out_of_gas": "the module used all of its gas ({max_gas})",
+    "timeout": "the module ran past its time limit ({max_time} ms)",
+    "stack_overflow": "the module overflowed its stack",
+}
+
+
+class Outcome(NamedTuple):
+    output: Any
+    gas_used: int
+    duration_ms: float
+    error: ErrorInfo | None
+
+
+class Prepared(NamedTuple):
+    """A compiled module linked against what Relay provides, ready to instantiate."""
+
+    module: wasmtime.Module
+    instance_pre: wasmtime.InstancePre
+    uses_wasi: bool
+
+
+class LinkError(ValueError):
+    """The module cannot run here: invalid, or it imports something Relay does not provide."""
+
+
+class Sandbox:
+    def __init__(self) -> None:
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.max_wasm_stack = MAX_WASM_STACK_BYTES
+        self.engine = wasmtime.Engine(config)
+        self._linker = wasmtime.Linker(self.engine)
+        self._linker.define_wasi()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self.engine.increment_epoch()
+
+    def prepare(self, wasm: bytes) -> Prepared:
+        """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
+        try:
+            module = wasmtime.Module(self.engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise LinkError(f"invalid WebAssembly: {exc}") from None
+        unknown = [
+            f"{imp.module}.{imp.name}" for imp in module.imports if imp.module != WASI_MODULE
+        ]
+        if unknown:
+            raise LinkError(f"imports Relay does not provide: {', '.join(unknown[:5])}")
+        try:
+            instance_pre = self._linker.instantiate_pre(module)
+        except wasmtime.WasmtimeError as exc:
+            raise LinkError(f"cannot link the module: {exc}") from None
+        uses_wasi = any(imp.module == WASI_MODULE for imp in module.imports)
+        return Prepared(module, instance_pre, uses_wasi)
+
+    def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
+            policy: EffectivePolicy, *, command: bool, max_output_bytes: int) -> Outcome:
+        """Run one execution to its end under `policy`. Blocking: call it off the event loop.
+
+        `command`: run a WASI command (`inputs` as JSON on stdin, stdout as the output);
+        otherwise call `entrypoint` with `inputs` as its arguments.
+        """
+        store = wasmtime.Store(self.engine)
+        store.set_fuel(policy.max_gas)
+        store.set_limits(memory_size=policy.max_memory,
+                         table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
+        store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
+        with tempfile.TemporaryDirectory(dir=_TMP_ROOT, prefix="relay-") as tmp:
+            stdout, stderr = Path(tmp, "stdout"), Path(tmp, "stderr")
+            if prepared.uses_wasi:
+                stdin = Path(tmp, "stdin")
+                stdin.write_bytes(msgspec.json.encode(inputs) if command else b"")
+                wasi = wasmtime.WasiConfig()
+                wasi.stdin_file = str(stdin)
+                wasi.stdout_file = str(stdout)
+                wasi.stderr_file = str(stderr)
+                store.set_wasi(wasi)
+            started = time.perf_counter()
+            output: Any = None
+            error: ErrorInfo | None = None
+            instance = None
+            try:
+                instance = prepared.instance_pre.instantiate(store)
+                func = instance.exports(store)[entrypoint]
+                assert isinstance(func, wasmtime.Func)
+                args = _arguments(func.type(store), inputs) if not command else []
+                output = func(store, *args)
+            except wasmtime.ExitTrap as exc:
+                if exc.code != 0:
+                    tail = _read_capped(stderr, 1000).decode("utf-8", "replace").strip()
+                    error = ErrorInfo("exit_nonzero", f"exit status {exc.code}"
+                                      + (f": {tail}" if tail else ""))
+            except wasmtime.Trap as exc:
+                error = _trap_error(exc, policy, store, instance)
+            except wasmtime.WasmtimeError as exc:
+                error = _instantiation_error(exc, policy)
+            duration_ms = (time.perf_counter() - started) * 1000
+            if command and error is None:
+                output = _decode_stdout(_read_capped(stdout, max_output_bytes))
+        gas_left = store.get_fuel()
+        return Outcome(output, policy.max_gas - gas_left, round(duration_ms, 3), error)
+
+
+def _arguments(func_type: wasmtime.FuncType, inputs: list[Any]) -> list[Any]:
+    # The gateway checked counts and ranges against the stored signature; floats need floats.
+    return [float(value) if str(kind) in ("f32", "f64") else value
+            for kind, value in zip(func_type.params, inputs, strict=True)]
+
+
+def _trap_error(trap: wasmtime.Trap, policy: EffectivePolicy, store: wasmtime.Store,
+                instance: wasmtime.Instance | None) -> ErrorInfo:
+    code = _TRAP_CODES.get(trap.trap_code) if trap.trap_code is not None else None
+    if code is not None:
+        return ErrorInfo(code, _TRAP_MESSAGES[code].format(**msgspec.structs.asdict(policy)))
+    if instance is not None and _memory_at_limit(store, instance, policy.max_memory):
+        # A refused memory.grow returns -1 and most code then aborts (unreachable): when the
+        # module traps with its memory at the cap, the cap is the reason.
+        return ErrorInfo("memory_limit",
+                         f"the module reached its memory limit ({policy.max_memory} bytes) "
+                         f"and trapped: {_reason(trap.message)}")
+    return ErrorInfo("trap", _reason(trap.message))
+
+
+def _reason(message: str) -> str:
+    """wasmtime's trap text ends with the reason after a backtrace; keep the reason."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    return lines[-1].removeprefix("wasm trap: ") if lines else "trap"
+
+
+def _memory_at_limit(store: wasmtime.Store, instance: wasmtime.Instance, limit: int) -> bool:
+    for export in instance.exports(store).values():
+        if isinstance(export, wasmtime.Memory) and export.data_len(store) + PAGE_BYTES > limit:
+            return True
+    return False
+
+
+def _instantiation_error(exc: wasmtime.WasmtimeError, policy: EffectivePolicy) -> ErrorInfo:
+    message = str(exc)
+    if "memory" in message and ("limit" in message or "exceed" in message):
+        return ErrorInfo("memory_limit",
+                         f"the module needs more memory than its limit ({policy.max_memory} "
+                         f"bytes): {message.splitlines()[0]}")
+    return ErrorInfo("trap", message.splitlines()[0] if message else "instantiation failed")
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
+    try:
+        with path.open("rb") as file:
+            return file.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def _decode_stdout(data: bytes) -> Any:
+    """stdout as JSON when it parses, else as text."""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode("utf-8", "replace")

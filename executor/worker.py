@@ -1,0 +1,147 @@
+"""The executor: read requests from the bus, run them in the sandbox, publish what happened.
+
+Any number of executors, on any number of hosts, share `relay:requests` through the consumer
+group `executors`. Each reads only as many entries as it has free slots, so nothing it fetched
+waits behind a busy worker thread while a peer is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from executor.cache import CompiledModules, ModuleGone
+from executor.sandbox import LinkError, Outcome, Sandbox
+from relay.bus import Bus
+from relay.keys import Keys
+from relay.modules import ModuleStore
+from relay.schemas import (
+    ErrorInfo,
+    ExecuteResponse,
+    WasmExecRequested,
+    decode_requested,
+    now_iso,
+)
+from relay.settings import Settings
+
+log = logging.getLogger("relay.executor")
+
+READ_BLOCK_MS = 1000
+HEARTBEAT_S = 1.0
+
+
+class Executor:
+    def __init__(self, settings: Settings, client: aioredis.Redis, *,
+                 name: str | None = None) -> None:
+        self.settings = settings
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        keys = Keys(settings.prefix)
+        self.bus = Bus(client, keys, events_retention=settings.events_retention,
+                       requests_retention=settings.requests_retention)
+        self.sandbox = Sandbox()
+        self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
+        self.concurrency = settings.executor_concurrency
+        self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="wasm")
+        self._running: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop reading new work; `run` returns once what is running has finished."""
+        self._stopping.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new."""
+        await self.bus.ensure_group()
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while not self._stopping.is_set():
+                free = self.concurrency - len(self._running)
+                if free <= 0:
+                    await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    entries = await self.bus.read(self.name, free, READ_BLOCK_MS)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("cannot read the bus, retrying: %s", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if burst and not entries and not self._running:
+                    break
+                for entry_id, data in entries:
+                    task = asyncio.create_task(self._handle(entry_id, data))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+            if self._running:
+                await asyncio.wait(self._running)
+        finally:
+            heartbeat.cancel()
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self.sandbox.close()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.bus.heartbeat(self.name)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _handle(self, entry_id: bytes, data: bytes) -> None:
+        try:
+            request = decode_requested(data)
+        except msgspec.DecodeError:
+            log.error("dropping a malformed request entry %s", entry_id.decode())
+            await self.bus.ack(entry_id)
+            return
+        try:
+            if not await self.bus.start(request.request_id, self.name, now_iso()):
+                await self.bus.ack(entry_id)  # finished already (a redelivered duplicate)
+                return
+            response = await self._execute(request)
+            await self.bus.finish(entry_id, request, response, self.settings.idempotency_ttl_ms)
+        except redis.RedisError:
+            # The entry stays pending in the group; it is not lost.
+            log.exception("bus error while handling %s", request.request_id)
+
+    async def _execute(self, request: WasmExecRequested) -> ExecuteResponse:
+        executed_at = now_iso()
+        try:
+            prepared = await self.modules.get(request.cid)
+            command = prepared.uses_wasi and request.entrypoint == "_start"
+            outcome = await asyncio.get_running_loop().run_in_executor(
+                self._threads,
+                lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
+                                         request.policy, command=command,
+                                         max_output_bytes=self.settings.max_output_bytes),
+            )
+        except ModuleGone as exc:
+            outcome = _failed("module_not_found", str(exc))
+        except LinkError as exc:
+            outcome = _failed("invalid_module", str(exc))
+        except redis.RedisError:
+            raise
+        except Exception as exc:
+            log.exception("internal error running %s", request.request_id)
+            outcome = _failed("internal", f"{type(exc).__name__}: {exc}")
+        return ExecuteResponse(
+            success=outcome.error is None,
+            request_id=request.request_id,
+            cid=request.cid,
+            output=outcome.output,
+            gas_used=outcome.gas_used,
+            duration=outcome.duration_ms,
+            executed_at=executed_at,
+            error=outcome.error,
+        )
+
+
+def _failed(code: str, message: str) -> Outcome:
+    return Outcome(None, 0, 0.0, ErrorInfo(code, message))

@@ -1,0 +1,205 @@
+"""The Redis Streams bus, used by both the gateway and the executors.
+
+Each step that must be atomic is one Lua script, so its order guarantees hold under any number
+of gateways and executors:
+
+- accept: claim the execution record, emit `execution_queued`, then enqueue the request;
+- start: emit `execution_started` only while no result exists;
+- finish: write the result once (first writer wins), emit the terminal event and
+  `wasm_exec_completed`, acknowledge the entry.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import redis
+import redis.asyncio as aioredis
+
+from relay.keys import Keys
+from relay.schemas import (
+    ExecuteResponse,
+    ExecutionComplete,
+    ExecutionError,
+    ExecutionStarted,
+    WasmExecCompleted,
+    WasmExecRequested,
+    encode,
+    queued_template,
+)
+
+_ACCEPT = """
+local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'retryable')
+if found[1] and found[4] ~= '1' then
+  return {found[1], found[2], found[3]}
+end
+local position = redis.call('INCR', KEYS[4]) - 1
+if position < 0 then
+  redis.call('SET', KEYS[4], 1)
+  position = 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
+           'cid', ARGV[3], 'created_at', ARGV[4])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}')
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
+return {'new', ARGV[2], false}
+"""
+
+_START = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'result') == 1 then
+  return 0
+end
+if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
+  redis.call('DECR', KEYS[3])
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
+return 1
+"""
+
+_FINISH = """
+local written = 0
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'result') == 0 then
+  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[9])
+  written = 1
+end
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+return written
+"""
+
+
+class Accepted(NamedTuple):
+    """What the accept script found: `new`, or the existing record's status and result."""
+
+    status: str
+    fingerprint: str
+    result: bytes | None
+
+    @property
+    def is_new(self) -> bool:
+        return self.status == "new"
+
+
+class Bus:
+    """Publish, read and settle executions on the two streams."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, events_retention: int,
+                 requests_retention: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.events_retention = events_retention
+        self.requests_retention = requests_retention
+        self._accept = client.register_script(_ACCEPT)
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+
+    # --- gateway ---
+
+    async def accept(self, request: WasmExecRequested, fingerprint: str) -> Accepted:
+        """Claim `request.request_id` and enqueue it, unless a live record exists already."""
+        keys = self.keys
+        status, found_fingerprint, result = await self._accept(
+            keys=[keys.execution(request.request_id), keys.requests, keys.events, keys.queued],
+            args=[
+                request.user_id,
+                fingerprint,
+                request.cid,
+                request.timestamp,
+                encode(request),
+                queued_template(request.request_id, request.cid, request.timestamp),
+                self.events_retention,
+                self.requests_retention,
+            ],
+        )
+        return Accepted(status.decode(), found_fingerprint.decode(), result)
+
+    # --- executor ---
+
+    async def ensure_group(self) -> None:
+        """Create the executors' group (idempotent); both services call it at start."""
+        try:
+            await self.client.xgroup_create(
+                self.keys.requests, Keys.EXECUTOR_GROUP, id="0", mkstream=True
+            )
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, bytes]]:
+        """Up to `count` new request entries for this consumer: (entry id, `data`)."""
+        try:
+            reply = await self.client.xreadgroup(
+                Keys.EXECUTOR_GROUP, consumer, {self.keys.requests: ">"}, count=count,
+                block=block_ms,
+            )
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()  # the stream was deleted under us: recreate and go on
+            return []
+        return [(entry_id, fields[b"data"]) for _, entries in reply or () for entry_id, fields
+                in entries]
+
+    async def start(self, request_id: str, executor_node: str, timestamp: str) -> bool:
+        """Mark the execution running and emit `execution_started`; False if it needs no run."""
+        keys = self.keys
+        event = ExecutionStarted(request_id=request_id, executor_node=executor_node,
+                                 timestamp=timestamp)
+        started = await self._start(
+            keys=[keys.execution(request_id), keys.events, keys.queued],
+            args=[executor_node, encode(event), self.events_retention],
+        )
+        return bool(started)
+
+    async def finish(self, entry_id: bytes, request: WasmExecRequested,
+                     response: ExecuteResponse, ttl_ms: int) -> bool:
+        """Store the result (first writer wins), emit the terminal events, acknowledge."""
+        keys = self.keys
+        terminal: ExecutionComplete | ExecutionError
+        if response.error is None:
+            terminal = ExecutionComplete(request_id=request.request_id, duration=response.duration,
+                                         gas_used=response.gas_used, output=response.output,
+                                         timestamp=response.executed_at)
+            status = "completed"
+        else:
+            terminal = ExecutionError(request_id=request.request_id, error=response.error,
+                                      timestamp=response.executed_at)
+            status = "cancelled" if response.error.code == "cancelled" else "failed"
+        completed = WasmExecCompleted(
+            **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},
+            success=response.success, output=response.output, error=response.error,
+            gas_used=response.gas_used, duration=response.duration,
+            executed_at=response.executed_at,
+        )
+        # Infrastructure failures are not kept as the answer: a retry of the same request runs.
+        retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
+        written = await self._finish(
+            keys=[keys.execution(request.request_id), keys.events, keys.requests],
+            args=[Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
+                  encode(terminal), encode(completed), self.events_retention, ttl_ms],
+        )
+        return bool(written)
+
+    async def ack(self, entry_id: bytes) -> None:
+        await self.client.xack(self.keys.requests, Keys.EXECUTOR_GROUP, entry_id)
+
+    async def heartbeat(self, executor_node: str) -> None:
+        await self.client.zadd(self.keys.executors, {executor_node: int(time.time() * 1000)})
+
+    async def live_executors(self, ttl_ms: int) -> int:
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zremrangebyscore(self.keys.executors, 0, now_ms - 10 * ttl_ms)
+        pipe.zcount(self.keys.executors, now_ms - ttl_ms, "+inf")
+        _, count = await pipe.execute()
+        return int(count)
+
+    async def last_event_id(self) -> bytes:
+        """The id of the newest entry of `relay:events` (`0-0` when empty)."""
+        newest: list[Any] = await self.client.xrevrange(self.keys.events, count=1)
+        return newest[0][0] if newest else b"0-0"

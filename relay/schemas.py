@@ -1,0 +1,208 @@
+"""Wire types shared by gateway and executor: HTTP bodies, bus entries and events.
+
+Validation is decoding: request types forbid unknown fields and carry their constraints, so a
+body that decodes is well-formed. Encoders and decoders are built once here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+PositiveInt = Annotated[int, Meta(gt=0)]
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every body a client sends: unknown fields are a 400, never ignored."""
+
+
+class Policy(Request):
+    max_memory: PositiveInt | None = None
+    max_gas: PositiveInt | None = None
+    max_time: PositiveInt | None = None
+
+
+class ExecuteRequest(Request):
+    cid: Annotated[str, Meta(min_length=1, max_length=512)]
+    entrypoint: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    inputs: list[Any] = msgspec.field(default_factory=list)
+    policy: Policy = msgspec.field(default_factory=Policy)
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+class NameBinding(Request):
+    cid: Annotated[str, Meta(min_length=1, max_length=512)]
+
+
+class EffectivePolicy(msgspec.Struct, kw_only=True):
+    """The limits an execution runs under, after defaults and ceilings."""
+
+    max_memory: int
+    max_gas: int
+    max_time: int
+
+
+class ErrorInfo(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ExecuteResponse(msgspec.Struct, kw_only=True):
+    success: bool
+    request_id: str
+    cid: str
+    output: Any
+    gas_used: int
+    duration: float
+    executed_at: str
+    error: ErrorInfo | None
+
+
+class Links(msgspec.Struct, rename={"self_": "self"}):
+    self_: str
+    events: str
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    request_id: str
+    status: str
+    links: Links
+
+
+class FunctionSignature(msgspec.Struct, kw_only=True):
+    name: str
+    params: list[str]
+    results: list[str]
+
+
+class ImportInfo(msgspec.Struct, kw_only=True):
+    module: str
+    name: str
+    kind: str
+
+
+class ModuleInfo(msgspec.Struct, kw_only=True):
+    cid: str
+    size: int
+    exports: list[FunctionSignature]
+    imports: list[ImportInfo]
+    wasi: bool
+
+
+class ModulePage(msgspec.Struct, kw_only=True):
+    modules: list[ModuleInfo]
+    next_cursor: str | None
+
+
+class NameTags(msgspec.Struct, kw_only=True):
+    name: str
+    tags: dict[str, str]
+
+
+# --- The bus: one tagged union, the `type` field first in every entry. ---
+
+
+class BusMessage(msgspec.Struct, tag_field="type", kw_only=True):
+    request_id: str
+    timestamp: str
+
+
+class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
+    cid: str
+    entrypoint: str
+    inputs: list[Any]
+    policy: EffectivePolicy
+    user_id: str
+    session_id: str | None = None
+
+
+class ExecutionQueued(BusMessage, tag="execution_queued", kw_only=True):
+    cid: str
+    # Last, so the accept script can append the position it computes (see `queued_template`).
+    position: int = 0
+
+
+class ExecutionStarted(BusMessage, tag="execution_started", kw_only=True):
+    executor_node: str
+
+
+class ExecutionComplete(BusMessage, tag="execution_complete", kw_only=True):
+    success: bool = True
+    duration: float
+    gas_used: int
+    output: Any
+
+
+class ExecutionError(BusMessage, tag="execution_error", kw_only=True):
+    error: ErrorInfo
+
+
+class WasmExecCompleted(WasmExecRequested, tag="wasm_exec_completed", kw_only=True):
+    success: bool
+    output: Any
+    error: ErrorInfo | None
+    gas_used: int
+    duration: float
+    executed_at: str
+
+
+Event = (
+    WasmExecRequested
+    | ExecutionQueued
+    | ExecutionStarted
+    | ExecutionComplete
+    | ExecutionError
+    | WasmExecCompleted
+)
+TERMINAL_TYPES = frozenset({"execution_complete", "execution_error"})
+
+
+class EventHead(msgspec.Struct):
+    """The two fields the gateway's fan-in needs to route an event, decoded cheaply."""
+
+    type: str
+    request_id: str = ""
+
+
+encode = msgspec.json.Encoder().encode
+decode_execute_request = msgspec.json.Decoder(ExecuteRequest).decode
+decode_name_binding = msgspec.json.Decoder(NameBinding).decode
+decode_requested = msgspec.json.Decoder(WasmExecRequested).decode
+decode_completed = msgspec.json.Decoder(WasmExecCompleted).decode
+decode_event = msgspec.json.Decoder(Event).decode
+decode_head = msgspec.json.Decoder(EventHead).decode
+decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
+
+
+def queued_template(request_id: str, cid: str, timestamp: str) -> bytes:
+    """`execution_queued` JSON without its position value and closing brace.
+
+    The position is only known inside the accept script, which appends `<n>}`.
+    """
+    body = encode(ExecutionQueued(request_id=request_id, cid=cid, timestamp=timestamp))
+    assert body.endswith(b'"position":0}')
+    return body[:-2]
+
+
+def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:
+    """The execute response for a finished run; executor and gateway both build it from here,
+    so the stored body and the one sent live are byte-identical."""
+    return ExecuteResponse(
+        success=event.success,
+        request_id=event.request_id,
+        cid=event.cid,
+        output=event.output,
+        gas_used=event.gas_used,
+        duration=event.duration,
+        executed_at=event.executed_at,
+        error=event.error,
+    )
+
+
+def now_iso() -> str:
+    """Current UTC time as RFC 3339 with milliseconds, e.g. `2024-01-15T10:30:00.123Z`."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"

@@ -1,0 +1,126 @@
+"""One frozen Settings object, read from the environment once at start.
+
+A bad value stops the start with the variable's name (`SettingsError`), so a typo never turns
+into a silent default at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A configuration variable has a value Relay cannot use."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    redis_url: str | None = None
+    """`REDIS_URL`; None means an embedded Redis under `data_dir`."""
+    data_dir: str = "./.relay"
+    prefix: str = "relay"
+    """`RELAY_STREAM_PREFIX`: every Redis key Relay writes starts with it."""
+    api_keys: tuple[tuple[str, str], ...] = ()
+    """`RELAY_API_KEYS`: (principal, key) pairs."""
+
+    max_request_bytes: int = MIB
+    max_module_bytes: int = 16 * MIB
+
+    default_max_gas: int = 1_000_000_000
+    default_max_memory_bytes: int = 64 * MIB
+    default_max_time_ms: int = 5_000
+    max_gas: int = 1_000_000_000_000
+    max_memory_bytes: int = 1024 * MIB
+    max_time_ms: int = 300_000
+
+    sync_wait_ms: int = 30_000
+    idempotency_ttl_ms: int = 300_000
+    events_retention: int = 100_000
+    """`RELAY_EVENTS_RETENTION`: approximate number of entries `relay:events` keeps."""
+    requests_retention: int = 100_000
+
+    executor_concurrency: int = max(os.cpu_count() or 1, 1)
+    max_output_bytes: int = MIB
+    """Cap on the stdout/stderr a WASI module may produce (more is cut off)."""
+    cors_origins: tuple[str, ...] = ()
+    heartbeat_ttl_ms: int = 5_000
+
+
+def _int(name: str, raw: str) -> int:
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        principal, sep, key = item.partition(":")
+        if not sep or not principal or not key:
+            raise SettingsError(f"{name} must be comma-separated principal:key pairs")
+        pairs.append((principal, key))
+    return tuple(pairs)
+
+
+def _csv(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(filter(None, (part.strip() for part in raw.split(","))))
+
+
+def _str(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise SettingsError(f"{name} must not be empty")
+    return raw.strip()
+
+
+# Environment variable -> (field, parser). The contract names the variables; fields carry units.
+_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "REDIS_URL": ("redis_url", _str),
+    "RELAY_DATA_DIR": ("data_dir", _str),
+    "RELAY_STREAM_PREFIX": ("prefix", _str),
+    "RELAY_API_KEYS": ("api_keys", _api_keys),
+    "RELAY_MAX_REQUEST_BYTES": ("max_request_bytes", _int),
+    "RELAY_MAX_MODULE_BYTES": ("max_module_bytes", _int),
+    "RELAY_DEFAULT_MAX_GAS": ("default_max_gas", _int),
+    "RELAY_DEFAULT_MAX_MEMORY": ("default_max_memory_bytes", _int),
+    "RELAY_DEFAULT_MAX_TIME": ("default_max_time_ms", _int),
+    "RELAY_MAX_GAS": ("max_gas", _int),
+    "RELAY_MAX_MEMORY": ("max_memory_bytes", _int),
+    "RELAY_MAX_TIME": ("max_time_ms", _int),
+    "RELAY_SYNC_WAIT": ("sync_wait_ms", _int),
+    "RELAY_IDEMPOTENCY_TTL": ("idempotency_ttl_ms", _int),
+    "RELAY_EVENTS_RETENTION": ("events_retention", _int),
+    "RELAY_REQUESTS_RETENTION": ("requests_retention", _int),
+    "RELAY_EXECUTOR_CONCURRENCY": ("executor_concurrency", _int),
+    "RELAY_MAX_OUTPUT_BYTES": ("max_output_bytes", _int),
+    "RELAY_CORS_ORIGINS": ("cors_origins", _csv),
+    "RELAY_HEARTBEAT_TTL": ("heartbeat_ttl_ms", _int),
+}
+
+
+def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from `environ` (default: `os.environ`); `overrides` win (tests, CLI)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for variable, (field, parse) in _VARIABLES.items():
+        raw = env.get(variable)
+        if raw is not None and raw != "":
+            values[field] = parse(variable, raw)
+    values.update(overrides)
+    settings = Settings(**values)
+    for default, ceiling in (
+        ("default_max_gas", "max_gas"),
+        ("default_max_memory_bytes", "max_memory_bytes"),
+        ("default_max_time_ms", "max_time_ms"),
+    ):
+        if getattr(settings, default) > getattr(settings, ceiling):
+            raise SettingsError(f"the default {default} is above its ceiling {ceiling}")
+    return settings
