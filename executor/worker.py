@@ -40,8 +40,10 @@ HEARTBEAT_S = 1.0
 
 class Executor:
     def __init__(self, settings: Settings, client: aioredis.Redis, *,
-                 name: str | None = None) -> None:
+                 name: str | None = None, read_block_ms: int = READ_BLOCK_MS) -> None:
         self.settings = settings
+        self.read_block_ms = read_block_ms
+        """How long one read waits for work, so also how long `stop()` may take to be seen."""
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         keys = Keys(settings.prefix)
         self.bus = Bus(client, keys, events_retention=settings.events_retention,
@@ -68,7 +70,7 @@ class Executor:
                     await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    entries = await self.bus.read(self.name, free, READ_BLOCK_MS)
+                    entries = await self.bus.read(self.name, free, self.read_block_ms)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("cannot read the bus, retrying: %s", exc)
                     await asyncio.sleep(0.5)

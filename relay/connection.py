@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 # redis-py's default socket timeout is None; Relay's blocking reads use BLOCK 1000 ms, so 5 s
@@ -83,25 +83,31 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        """Shut the server down cleanly (it flushes the AOF)."""
-        with contextlib.suppress(redis.RedisError, OSError):
-            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2)
-            client.shutdown(nosave=False)
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-            self.process = None
+        """Shut the server down cleanly (on SIGTERM or SHUTDOWN, Redis flushes the AOF)."""
+        if self.process is None:  # adopted from an earlier run: ask it over the socket
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._client().shutdown()
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.process = None
 
     def _ping(self) -> bool:
         if not self.socket.exists():
             return False
         try:
-            client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=0.5)
-            return bool(client.ping())
+            with self._client() as client:
+                return bool(client.ping())
         except (redis.RedisError, OSError):
             return False
+
+    def _client(self) -> redis.Redis:
+        # No retries: these calls are probes, and SHUTDOWN's dropped connection is its success.
+        return redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2,
+                           retry=Retry(NoBackoff(), 0))
 
 
 def _server_binary() -> str:

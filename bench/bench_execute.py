@@ -1,0 +1,780 @@
+#!/usr/bin/env python3
+"""Benchmark sync `POST /intent/execute-wasm` against an in-process wasmtime reference.
+
+One run starts, side by side:
+- `relay dev` (embedded Redis, gateway, one executor) in its own process group, on a fresh
+  data directory, with a random API key;
+- a reference: a bare Starlette app under uvicorn (same settings as the gateway) that decodes the
+  same JSON body and calls the calculator's `main` in-process with wasmtime (one Engine, the
+  compiled Module cached, a fresh Store with fuel per request).
+
+Then it loads both with `wrk` (or, when wrk is missing, a small asyncio HTTP/1.1 keep-alive
+client) at each concurrency for a fixed duration after a warm-up, every request with a unique
+`idempotency_key`, and prints req/s, p50, p99, errors, CPU per request of every process, the
+relay/reference ratios and the targets. `--profile N` then samples the gateway and the
+executor with py-spy for N seconds under load and prints their hot spots.
+
+Run from the project root:  .venv/bin/python bench/bench_execute.py [--duration 10]
+The stdlib is enough for this file; the children run with the project's virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CALCULATOR_WAT = ROOT / "examples" / "calculator.wat"
+CID = "glyph://calculator@quantum"
+EXECUTE_PATH = "/intent/execute-wasm"
+REFERENCE_PATH = "/execute"
+INPUTS = (5, 3)
+EXPECTED_OUTPUT = 8
+REFERENCE_GAS = 1_000_000_000  # RELAY_DEFAULT_MAX_GAS
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The issue's targets.
+TARGET_RPS_C16 = 1200.0
+TARGET_SHARE_C16 = 0.25
+TARGET_P50_MS_C1 = 1.5
+
+
+# --- the reference server (run as `bench_execute.py _reference --port P`) ---
+
+
+def serve_reference(host: str, port: int) -> None:
+    import msgspec
+    import uvicorn
+    import wasmtime
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    class Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+        cid: str
+        entrypoint: str | None = None
+        inputs: list[Any] = msgspec.field(default_factory=list)
+        idempotency_key: str | None = None
+
+    decode = msgspec.json.Decoder(Body).decode
+    encode = msgspec.json.Encoder().encode
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    engine = wasmtime.Engine(config)
+    module = wasmtime.Module(engine, wasmtime.wat2wasm(CALCULATOR_WAT.read_text()))
+
+    async def execute(request: Request) -> Response:
+        try:
+            body = decode(await request.body())
+        except msgspec.DecodeError as exc:
+            return Response(encode({"detail": str(exc)}), 400, media_type="application/json")
+        started = time.perf_counter()
+        store = wasmtime.Store(engine)
+        store.set_fuel(REFERENCE_GAS)
+        instance = wasmtime.Instance(store, module, [])
+        func = instance.exports(store)[body.entrypoint or "main"]
+        assert isinstance(func, wasmtime.Func)
+        output = func(store, *body.inputs)
+        duration_ms = (time.perf_counter() - started) * 1000
+        result = {"success": True, "output": output,
+                  "gas_used": REFERENCE_GAS - store.get_fuel(),
+                  "duration": round(duration_ms, 3), "error": None}
+        return Response(encode(result), media_type="application/json")
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    app = Starlette(routes=[Route(REFERENCE_PATH, execute, methods=["POST"]),
+                            Route("/healthz", healthz, methods=["GET"])])
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+# --- processes ---
+
+
+class Deadline(Exception):
+    """The whole run went over --max-time."""
+
+
+def _raise_deadline(signum: int, frame: Any) -> None:
+    raise Deadline("the benchmark ran over --max-time")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL it if it has not gone in `timeout_s`."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=timeout_s)
+        # Whatever is left of the group (an executor whose parent died first, ...).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def start_child(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return Child(name, process, log_path)
+
+
+def shutdown_redis(socket_path: Path) -> None:
+    """The embedded Redis runs in its own session: if the gateway could not stop it (killed),
+    ask it to shut down through its unix socket."""
+    if not socket_path.exists():
+        return
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(2)
+        sock.connect(str(socket_path))
+        sock.sendall(b"SHUTDOWN NOSAVE\r\n")
+        with contextlib.suppress(OSError):
+            sock.recv(100)
+
+
+def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+              timeout: float = 5.0) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+
+
+def wait_until(check: Any, child: Child, what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_error = ""
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited ({child.process.returncode}) before {what}; "
+                               f"its log ends:\n{child.log_tail()}")
+        try:
+            if check():
+                return
+        except (OSError, ValueError) as exc:
+            last_error = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{child.name}: no {what} within {timeout_s:.0f} s ({last_error}); "
+                       f"its log ends:\n{child.log_tail()}")
+
+
+def cpu_ticks(pid: int | None) -> int:
+    """utime + stime of a live process (all its threads), in clock ticks; 0 if gone."""
+    if pid is None:
+        return 0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def find_pids(parent: int) -> dict[str, int]:
+    """The children of `relay dev`: its executor and its embedded Redis."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) != parent:
+            continue
+        if "relay executor" in cmdline:
+            found["executor"] = int(entry.name)
+        elif "redis" in cmdline:
+            found["redis"] = int(entry.name)
+    return found
+
+
+# --- load generation ---
+
+
+@dataclass
+class Result:
+    target: str
+    concurrency: int
+    requests: int = 0
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    non200: int = 0
+    bad_body: int = 0
+    socket_errors: int = 0
+    cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        return self.non200 + self.bad_body + self.socket_errors
+
+
+@dataclass
+class Target:
+    name: str
+    host: str
+    port: int
+    path: str
+    headers: dict[str, str]
+    pids: dict[str, int]
+    """Processes whose CPU time is charged to this target's requests."""
+
+
+WRK_SCRIPT = r"""
+-- args: path, api key header value ("" for none), unique run prefix
+local threads = {}
+local thread_count = 0
+
+function setup(thread)
+  thread:set("tid", thread_count)
+  thread_count = thread_count + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  path = args[1]
+  prefix = args[3] .. "-" .. tid .. "-"
+  counter = 0
+  non200 = 0
+  bad_body = 0
+  req_headers = {["Content-Type"] = "application/json"}
+  if args[2] ~= "" then req_headers["X-API-Key"] = args[2] end
+end
+
+function request()
+  counter = counter + 1
+  local body = '{"cid":"__CID__","inputs":[__A__,__B__],"idempotency_key":"'
+    .. prefix .. counter .. '"}'
+  return wrk.format("POST", path, req_headers, body)
+end
+
+function response(status, headers, body)
+  if status ~= 200 then
+    non200 = non200 + 1
+  elseif not string.find(body, '"output":__EXPECTED__', 1, true)
+      or not string.find(body, '"success":true', 1, true) then
+    bad_body = bad_body + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local n2, bb = 0, 0
+  for _, thread in ipairs(threads) do
+    n2 = n2 + thread:get("non200")
+    bb = bb + thread:get("bad_body")
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"non200":%d,' ..
+    '"bad_body":%d,"socket_errors":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    n2, bb, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def write_wrk_script(directory: Path) -> Path:
+    script = (WRK_SCRIPT.replace("__CID__", CID).replace("__A__", str(INPUTS[0]))
+              .replace("__B__", str(INPUTS[1])).replace("__EXPECTED__", str(EXPECTED_OUTPUT)))
+    path = directory / "execute.lua"
+    path.write_text(script)
+    return path
+
+
+def run_wrk(wrk: str, script: Path, target: Target, concurrency: int, seconds: float
+            ) -> dict[str, Any]:
+    url = f"http://{target.host}:{target.port}{target.path}"
+    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+            "-s", str(script), url, "--", target.path, target.headers.get("X-API-Key", ""),
+            secrets.token_hex(6)]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=seconds + 30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    text = out.decode(errors="replace")
+    match = re.search(r"^BENCH_RESULT (\{.*\})$", text, re.MULTILINE)
+    if process.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}):\n{text}\n{err.decode()}")
+    raw: dict[str, Any] = json.loads(match.group(1))
+    return {"requests": raw["requests"], "seconds": raw["duration_us"] / 1e6,
+            "p50_ms": raw["p50_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
+            "non200": raw["non200"], "bad_body": raw["bad_body"],
+            "socket_errors": raw["socket_errors"]}
+
+
+async def _python_load(target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
+    """A minimal HTTP/1.1 keep-alive client: one task per connection, one request in flight."""
+    prefix = secrets.token_hex(6)
+    head = (f"POST {target.path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+            "Content-Type: application/json\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in target.headers.items()))
+    expected = f'"output":{EXPECTED_OUTPUT}'.encode()
+    latencies: list[float] = []
+    counts = collections.Counter[str]()
+    deadline = time.perf_counter() + seconds
+
+    async def connection(conn_id: int) -> None:
+        writer: asyncio.StreamWriter | None = None
+        n = 0
+        while time.perf_counter() < deadline:
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(target.host, target.port)
+                n += 1
+                body = (f'{{"cid":"{CID}","inputs":[{INPUTS[0]},{INPUTS[1]}],'
+                        f'"idempotency_key":"{prefix}-{conn_id}-{n}"}}').encode()
+                started = time.perf_counter()
+                writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                response_head = await reader.readuntil(b"\r\n\r\n")
+                status = int(response_head[9:12])
+                found = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", response_head)
+                payload = await reader.readexactly(int(found.group(1))) if found else b""
+                latencies.append(time.perf_counter() - started)
+                if status != 200:
+                    counts["non200"] += 1
+                elif expected not in payload or b'"success":true' not in payload:
+                    counts["bad_body"] += 1
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    ValueError):
+                counts["socket_errors"] += 1
+                if writer is not None:
+                    writer.close()
+                writer = None
+                await asyncio.sleep(0.01)
+        if writer is not None:
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(connection(i) for i in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+
+    def percentile(p: float) -> float:
+        if not latencies:
+            return 0.0
+        return latencies[min(len(latencies) - 1, int(p / 100 * len(latencies)))] * 1000
+
+    return {"requests": len(latencies), "seconds": elapsed, "p50_ms": percentile(50),
+            "p99_ms": percentile(99), "non200": counts["non200"],
+            "bad_body": counts["bad_body"], "socket_errors": counts["socket_errors"]}
+
+
+def run_python(target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
+    try:
+        import uvloop
+
+        return uvloop.run(_python_load(target, concurrency, seconds))
+    except ImportError:
+        return asyncio.run(_python_load(target, concurrency, seconds))
+
+
+class Loader:
+    def __init__(self, client: str, work_dir: Path) -> None:
+        self.wrk = shutil.which("wrk") if client in ("auto", "wrk") else None
+        if client == "wrk" and self.wrk is None:
+            raise SystemExit("--client wrk: wrk is not installed (apt-get install -y wrk)")
+        self.script = write_wrk_script(work_dir) if self.wrk else None
+        self.name = "wrk" if self.wrk else "python asyncio client"
+
+    def load(self, target: Target, concurrency: int, seconds: float) -> dict[str, Any]:
+        if self.wrk is not None and self.script is not None:
+            return run_wrk(self.wrk, self.script, target, concurrency, seconds)
+        return run_python(target, concurrency, seconds)
+
+    def measure(self, target: Target, concurrency: int, seconds: float, warmup: float
+                ) -> Result:
+        if warmup > 0:
+            self.load(target, concurrency, warmup)
+        before = {name: cpu_ticks(pid) for name, pid in target.pids.items()}
+        client_before = self._client_cpu()
+        raw = self.load(target, concurrency, seconds)
+        client_cpu = self._client_cpu() - client_before
+        after = {name: cpu_ticks(pid) for name, pid in target.pids.items()}
+        result = Result(target.name, concurrency, **raw)
+        result.rps = result.requests / result.seconds if result.seconds else 0.0
+        if result.requests:
+            for name in target.pids:
+                seconds_used = (after[name] - before[name]) / CLK_TCK
+                result.cpu_us_per_request[name] = seconds_used / result.requests * 1e6
+            result.cpu_us_per_request["client"] = client_cpu / result.requests * 1e6
+        return result
+
+    def _client_cpu(self) -> float:
+        usage = resource.getrusage(
+            resource.RUSAGE_CHILDREN if self.wrk else resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+
+# --- profiling ---
+
+
+def py_spy_binary() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _short_frame(frame: str) -> str:
+    match = _FRAME.match(frame.strip())
+    if not match:
+        return frame.strip()
+    path = match.group("file")
+    for marker in ("site-packages/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    else:
+        with contextlib.suppress(ValueError):
+            path = str(Path(path).resolve().relative_to(ROOT))
+    return f"{match.group('func')} ({path})"
+
+
+def summarize_profile(path: Path, top: int) -> list[str]:
+    """Top functions by self time and by inclusive time, from py-spy's collapsed stacks."""
+    self_counts: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ["  (no profile written)"]
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_short_frame(f) for f in stack.split(";")]
+        if frames and frames[0].startswith(("process ", "thread ")):
+            frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        total += count
+        self_counts[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return ["  (no samples)"]
+    out = [f"  {total} samples; self time:"]
+    out += [f"    {100 * n / total:5.1f}%  {name}" for name, n in self_counts.most_common(top)]
+    out.append("  inclusive time (project, starlette, uvicorn, redis, wasmtime frames):")
+    interesting = ("relay/", "executor/", "starlette/", "uvicorn/", "redis/", "wasmtime/",
+                   "asyncio/", "uvloop")
+    ranked = [(name, n) for name, n in inclusive.most_common()
+              if any(key in name for key in interesting) and n < total]
+    out += [f"    {100 * n / total:5.1f}%  {name}" for name, n in ranked[:top]]
+    return out
+
+
+def profile_relay(loader: Loader, relay: Target, concurrency: int, seconds: float,
+                  work_dir: Path, top: int) -> None:
+    py_spy = py_spy_binary()
+    if py_spy is None:
+        print("\n--profile: py-spy is not installed (.venv/bin/pip install py-spy); skipped")
+        return
+    recorders = []
+    for name in ("gateway", "executor"):
+        pid = relay.pids.get(name)
+        if pid is None:
+            continue
+        out = work_dir / f"{name}.collapsed"
+        argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"]
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        recorders.append((name, process, out))
+    time.sleep(0.5)  # let py-spy attach
+    try:
+        loader.load(relay, concurrency, seconds)
+    finally:
+        for _, process, _ in recorders:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    print(f"\npy-spy hot spots, relay under load at c={concurrency} (idle time excluded):")
+    for name, process, out in recorders:
+        print(f"- {name} (pid {relay.pids[name]}):")
+        if process.returncode not in (0, None) and not out.exists():
+            assert process.stderr is not None
+            print(f"  py-spy failed: {process.stderr.read().decode(errors='replace')[-500:]}")
+            continue
+        print("\n".join(summarize_profile(out, top)))
+
+
+# --- reporting ---
+
+
+def aggregate(results: list[Result]) -> Result:
+    """The median of several rounds (by metric); errors are summed."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    merged = Result(first.target, first.concurrency)
+    merged.requests = sum(r.requests for r in results)
+    merged.seconds = sum(r.seconds for r in results)
+    merged.rps = statistics.median(r.rps for r in results)
+    merged.p50_ms = statistics.median(r.p50_ms for r in results)
+    merged.p99_ms = statistics.median(r.p99_ms for r in results)
+    merged.non200 = sum(r.non200 for r in results)
+    merged.bad_body = sum(r.bad_body for r in results)
+    merged.socket_errors = sum(r.socket_errors for r in results)
+    for name in first.cpu_us_per_request:
+        merged.cpu_us_per_request[name] = statistics.median(
+            r.cpu_us_per_request.get(name, 0.0) for r in results)
+    return merged
+
+
+def print_report(results: dict[tuple[str, int], Result], concurrencies: list[int],
+                 args: argparse.Namespace, client_name: str) -> bool:
+    print(f"\nPOST {EXECUTE_PATH} (sync, unique idempotency_key per request), inputs "
+          f"{list(INPUTS)}; client: {client_name}; {args.duration:g} s per point after "
+          f"{args.warmup:g} s warm-up; rounds: {args.rounds}; cores: {os.cpu_count()}")
+    header = (f"{'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'errors':>7}   CPU µs/request by process")
+    print(header)
+    print("-" * (len(header) + 30))
+    for concurrency in concurrencies:
+        for target in ("relay", "reference"):
+            r = results.get((target, concurrency))
+            if r is None:
+                continue
+            cpu = "  ".join(f"{name} {us:.0f}" for name, us in r.cpu_us_per_request.items())
+            detail = (f" ({r.non200} non-200, {r.bad_body} bad body, {r.socket_errors} socket)"
+                      if r.errors else "")
+            print(f"{target:<10} {concurrency:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} "
+                  f"{r.p99_ms:>8.2f} {r.errors:>7}   {cpu}{detail}")
+    print()
+    for concurrency in concurrencies:
+        relay, reference = results.get(("relay", concurrency)), results.get(
+            ("reference", concurrency))
+        if relay and reference and reference.rps:
+            print(f"relay/reference at c={concurrency}: req/s {relay.rps / reference.rps:.1%}, "
+                  f"p50 {relay.p50_ms / max(reference.p50_ms, 1e-9):.1f}x")
+    print("\nTargets (the issue):")
+    verdicts: list[bool] = []
+
+    def check(label: str, ok: bool | None, measured: str) -> None:
+        if ok is None:
+            print(f"  {label:<46} not measured")
+            return
+        verdicts.append(ok)
+        print(f"  {label:<46} {measured:<24} {'PASS' if ok else 'FAIL'}")
+
+    relay16, reference16 = results.get(("relay", 16)), results.get(("reference", 16))
+    relay1 = results.get(("relay", 1))
+    check(f"c=16: >= {TARGET_RPS_C16:,.0f} req/s",
+          relay16.rps >= TARGET_RPS_C16 if relay16 else None,
+          f"{relay16.rps:,.0f} req/s" if relay16 else "")
+    share = relay16.rps / reference16.rps if relay16 and reference16 and reference16.rps else None
+    check(f"c=16: >= {TARGET_SHARE_C16:.0%} of the in-process reference",
+          share >= TARGET_SHARE_C16 if share is not None else None,
+          f"{share:.1%}" if share is not None else "")
+    check(f"c=1: p50 <= {TARGET_P50_MS_C1} ms",
+          relay1.p50_ms <= TARGET_P50_MS_C1 if relay1 else None,
+          f"{relay1.p50_ms:.2f} ms" if relay1 else "")
+    errors = sum(r.errors for r in results.values())
+    check("no errors", errors == 0, f"{errors} errors")
+    return all(verdicts)
+
+
+# --- main ---
+
+
+def verify(target: Target) -> None:
+    """One request by hand: 200, success, output 8 for inputs [5, 3]."""
+    body = {"cid": CID, "inputs": list(INPUTS), "idempotency_key": "verify-" + secrets.token_hex(8)}
+    status, answer = http_json("POST", f"http://{target.host}:{target.port}{target.path}",
+                               body, target.headers, timeout=30)
+    if status != 200 or not isinstance(answer, dict) or answer.get("output") != EXPECTED_OUTPUT \
+            or answer.get("success") is not True:
+        raise RuntimeError(f"{target.name}: {list(INPUTS)} should give {EXPECTED_OUTPUT}, got "
+                           f"{status} {answer!r}")
+    print(f"verified {target.name}: {list(INPUTS)} -> {answer['output']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds of measured load per point (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of unmeasured load before each point (default 2)")
+    parser.add_argument("--concurrency", default="1,16",
+                        help="comma-separated connection counts (default 1,16)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every point, alternating targets; report medians")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator: wrk when installed (auto), or the asyncio client")
+    parser.add_argument("--python", default=None,
+                        help="interpreter for relay and the reference (default: .venv/bin/python)")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="after the table, py-spy the gateway and executor for SECONDS "
+                             "under load at the highest concurrency")
+    parser.add_argument("--top", type=int, default=12, help="hot spots shown per process")
+    parser.add_argument("--max-time", type=float, default=None,
+                        help="hard bound on the whole run in seconds (default: computed)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    points = len(concurrencies) * 2 * args.rounds
+    budget = args.max_time or (120 + points * (args.warmup + args.duration + 15)
+                               + (args.profile + 40 if args.profile else 0))
+    python = args.python or str(ROOT / ".venv" / "bin" / "python")
+    if not Path(python).exists():
+        python = sys.executable
+    signal.signal(signal.SIGALRM, _raise_deadline)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.alarm(max(1, int(budget)))
+
+    work_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    data_dir = work_dir / "data"
+    children: list[Child] = []
+    passed = False
+    try:
+        key = "bench_" + secrets.token_urlsafe(24)
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env.update(RELAY_DATA_DIR=str(data_dir), RELAY_API_KEYS=f"bench:{key}",
+                   RELAY_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
+                   # Once rate limiting lands (contract default: 10 per minute) the benchmark
+                   # would measure 429s; a huge limit keeps the limiter's cost in the path.
+                   RELAY_RATE_LIMIT="1000000000")
+        env.pop("RELAY_IDEMPOTENCY_TTL", None)
+        relay_port, reference_port = free_port(), free_port()
+        relay_child = start_child("relay", [python, "-m", "relay", "dev", "--port",
+                                            str(relay_port)], env, work_dir)
+        children.append(relay_child)
+        reference_child = start_child(
+            "reference", [python, str(Path(__file__).resolve()), "_reference", "--port",
+                          str(reference_port)], env, work_dir)
+        children.append(reference_child)
+
+        relay_url = f"http://127.0.0.1:{relay_port}"
+        wait_until(lambda: http_json("GET", relay_url + "/healthz")[0] == 200, relay_child,
+                   "/healthz", 60)
+        wait_until(lambda: (http_json("GET", relay_url + "/intent/execute-wasm/health")[1]
+                            or {}).get("executors", 0) >= 1, relay_child, "live executor", 60)
+        wait_until(lambda: http_json("GET", f"http://127.0.0.1:{reference_port}/healthz")[0]
+                   == 200, reference_child, "/healthz", 60)
+
+        relay_pids = {"gateway": relay_child.process.pid, **find_pids(relay_child.process.pid)}
+        relay = Target("relay", "127.0.0.1", relay_port, EXECUTE_PATH, {"X-API-Key": key},
+                       relay_pids)
+        reference = Target("reference", "127.0.0.1", reference_port, REFERENCE_PATH, {},
+                           {"server": reference_child.process.pid})
+        print(f"relay dev on {relay_url} (pids {relay_pids}); reference on port "
+              f"{reference_port} (pid {reference_child.process.pid}); python {python}")
+        verify(relay)
+        verify(reference)
+
+        loader = Loader(args.client, work_dir)
+        rounds: dict[tuple[str, int], list[Result]] = collections.defaultdict(list)
+        for round_index in range(args.rounds):
+            for concurrency in concurrencies:
+                order = (relay, reference) if round_index % 2 == 0 else (reference, relay)
+                for target in order:
+                    result = loader.measure(target, concurrency, args.duration, args.warmup)
+                    rounds[(target.name, concurrency)].append(result)
+                    print(f"  {target.name:<10} c={concurrency:<3} {result.rps:8.0f} req/s  "
+                          f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                          f"errors {result.errors}", flush=True)
+        results = {point: aggregate(rs) for point, rs in rounds.items()}
+        passed = print_report(results, concurrencies, args, loader.name)
+        if args.profile > 0:
+            profile_relay(loader, relay, max(concurrencies), args.profile, work_dir, args.top)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        return 130
+    except (Deadline, RuntimeError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        for child in reversed(children):
+            child.stop()
+        shutdown_redis(data_dir / "redis" / "redis.sock")
+        if args.keep:
+            print(f"kept {work_dir}")
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return 0 if passed else 2
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_reference":
+        reference_args = argparse.ArgumentParser(prog="bench_execute.py _reference")
+        reference_args.add_argument("--host", default="127.0.0.1")
+        reference_args.add_argument("--port", type=int, required=True)
+        options = reference_args.parse_args(sys.argv[2:])
+        serve_reference(options.host, options.port)
+    else:
+        sys.exit(main())

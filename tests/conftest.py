@@ -1,0 +1,182 @@
+"""Fixtures: a real Redis (embedded, or `REDIS_URL`), a fresh key prefix per test, the real app.
+
+Every test gets its own `RELAY_STREAM_PREFIX`, so tests never see each other's keys, and its
+keys are deleted afterwards (never FLUSHALL: the server may not be ours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import redis
+
+from executor.worker import Executor
+from relay import connection
+from relay.app import create_app
+from relay.connection import EmbeddedRedis
+from relay.settings import Settings, load
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+ALICE_KEY = "alice-secret-key"
+BOB_KEY = "bob-secret-key"
+API_KEYS = (("alice", ALICE_KEY), ("bob", BOB_KEY))
+
+ADD_WAT = """(module (func (export "main") (param i32 i32) (result i32)
+  local.get 0 local.get 1 i32.add))"""
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Iterator[Settings]:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield load({}, redis_url=redis_url, prefix=prefix, api_keys=API_KEYS, sync_wait_ms=15_000,
+               executor_concurrency=2)
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def with_settings(settings: Settings, **changes: Any) -> Settings:
+    return msgspec.structs.replace(settings, **changes)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Any]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def http(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """alice's client to the in-process gateway."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://relay",
+                                 headers={"X-API-Key": ALICE_KEY}, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+async def executor(settings: Settings) -> AsyncIterator[Executor]:
+    """An executor running in this event loop (its wasm runs on its own threads)."""
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    worker = Executor(settings, client, name="test-executor", read_block_ms=100)
+    task = asyncio.create_task(worker.run())
+    yield worker
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    await client.aclose()
+
+
+async def upload(http: httpx.AsyncClient, module: str | bytes, **params: str) -> dict[str, Any]:
+    body = module.encode() if isinstance(module, str) else module
+    response = await http.post("/modules", content=body, params=params)
+    assert response.status_code in (200, 201), response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def wait_for(condition: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:
+    """Poll an async or sync condition until it is truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+# --- real processes over real sockets ---
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def process_env(settings: Settings, **extra: str) -> dict[str, str]:
+    assert settings.redis_url is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(REDIS_URL=settings.redis_url, RELAY_STREAM_PREFIX=settings.prefix,
+               RELAY_API_KEYS=",".join(f"{p}:{k}" for p, k in API_KEYS),
+               RELAY_EXECUTOR_CONCURRENCY="2", RELAY_LOG_LEVEL="WARNING")
+    env.update(extra)
+    return env
+
+
+class Processes:
+    """Starts `relay` subcommands as real processes and stops them all at the end."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([sys.executable, "-m", "relay", *args],
+                                   env=process_env(self.settings, **env), cwd=ROOT)
+        self.running.append(process)
+        return process
+
+    def gateway(self, **env: str) -> str:
+        """Start a gateway process; returns its base URL once it answers."""
+        port = free_port()
+        self.start("gateway", "--port", str(port), **env)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("the gateway process did not come up")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for process in self.running:
+            process.terminate()
+        for process in self.running:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def processes(settings: Settings) -> Iterator[Processes]:
+    procs = Processes(settings)
+    yield procs
+    procs.stop()
