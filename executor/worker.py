@@ -103,15 +103,22 @@ class Executor:
             log.error("dropping a malformed request entry %s", entry_id.decode())
             await self.bus.ack(entry_id)
             return
+        # `start` and the run overlap: the round trip costs no latency. The run's result is only
+        # published after `start` said the execution is ours (no result exists yet), so a
+        # redelivered duplicate at worst runs once more in the dark and publishes nothing.
+        start = asyncio.create_task(self.bus.start(request.request_id, self.name, now_iso()))
         try:
-            if not await self.bus.start(request.request_id, self.name, now_iso()):
+            response = await self._execute(request)
+            if not await start:
                 await self.bus.ack(entry_id)  # finished already (a redelivered duplicate)
                 return
-            response = await self._execute(request)
             await self.bus.finish(entry_id, request, response, self.settings.idempotency_ttl_ms)
         except redis.RedisError:
             # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
+        finally:
+            if not start.done():
+                start.cancel()
 
     async def _execute(self, request: WasmExecRequested) -> ExecuteResponse:
         executed_at = now_iso()

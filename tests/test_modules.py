@@ -255,6 +255,19 @@ async def test_cidv0_with_the_same_multihash_finds_the_module(http: httpx.AsyncC
     assert (await http.get(f"/modules/{v0}/wasm")).content == binary(ADD_WAT)
 
 
+@pytest.mark.parametrize(("base", "codec"), [
+    ("base58btc", "raw"), ("base32upper", "raw"), ("base64", "raw"), ("base32", "dag-pb"),
+])
+async def test_cidv1_in_any_multibase_finds_the_module(
+        http: httpx.AsyncClient, base: str, codec: str) -> None:
+    info = await upload(http, ADD_WAT)
+    other = str(CID(base, 1, codec, CID.decode(info["cid"]).digest))
+    assert other != info["cid"]
+    response = await http.get(f"/modules/{other}")
+    assert response.status_code == 200, response.text
+    assert response.json()["cid"] == info["cid"]
+
+
 async def test_unknown_module_is_404(http: httpx.AsyncClient) -> None:
     cid = expected_cid(b"never uploaded")
     assert_problem(await http.get(f"/modules/{cid}"), 404, "not-found")
