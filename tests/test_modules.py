@@ -406,9 +406,20 @@ async def test_longest_allowed_name_binds(http: httpx.AsyncClient) -> None:
     assert (await http.put(f"/names/{name}/v1.0-rc_1", json={"cid": cid})).status_code == 200
 
 
-async def test_upload_with_a_bad_name_is_400(http: httpx.AsyncClient) -> None:
+async def test_upload_with_a_bad_name_is_400_and_stores_nothing(
+        http: httpx.AsyncClient) -> None:
     response = await http.post("/modules", content=ADD_WAT.encode(), params={"name": "Bad Name"})
     assert_problem(response, 400, "invalid-request")
+    assert (await http.get("/modules")).json()["modules"] == []
+
+
+async def test_upload_under_another_principals_name_is_403_and_stores_nothing(
+        http: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
+    mine = (await upload(http, const_wat(1), name="answer"))["cid"]
+    response = await bob.post("/modules", content=const_wat(2).encode(), params={"name": "answer"})
+    assert_problem(response, 403, "forbidden")
+    assert [m["cid"] for m in (await http.get("/modules")).json()["modules"]] == [mine]
+    assert (await http.get("/names/answer")).json()["tags"] == {"latest": mine}
 
 
 async def test_another_principals_name_is_403(

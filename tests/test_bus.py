@@ -1,0 +1,80 @@
+"""What internal consumers see on the bus: entries, fields and order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+
+from executor.worker import Executor
+from relay.keys import Keys
+from relay.settings import Settings
+from tests.conftest import ADD_WAT, upload
+
+REQUESTED_FIELDS = {"type", "request_id", "cid", "entrypoint", "inputs", "policy", "user_id",
+                    "session_id", "timestamp"}
+
+
+async def entries(settings: Settings, stream: str) -> list[dict[str, Any]]:
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        return [json.loads(fields[b"data"]) for _, fields in await client.xrange(stream)]
+    finally:
+        await client.aclose()
+
+
+async def test_lifecycle_events_in_order_with_contract_fields(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
+    module = await upload(http, ADD_WAT)
+    result = (await http.post("/intent/execute-wasm",
+                              json={"cid": module["cid"], "inputs": [2, 2]})).json()
+    keys = Keys(settings.prefix)
+    events = [e for e in await entries(settings, keys.events)
+              if e["request_id"] == result["request_id"]]
+    assert [e["type"] for e in events] == ["execution_queued", "execution_started",
+                                           "execution_complete", "wasm_exec_completed"]
+    queued, started, complete, completed = events
+    assert queued["cid"] == module["cid"] and queued["position"] >= 0
+    assert started["executor_node"] == "test-executor"
+    assert complete["success"] is True and complete["output"] == 4
+    assert complete["gas_used"] == result["gas_used"]
+    assert REQUESTED_FIELDS | {"success", "output", "error", "gas_used", "duration"} <= set(
+        completed)
+    assert completed["user_id"] == "alice"
+    assert all(e["timestamp"].endswith("Z") for e in events)
+
+    [requested] = await entries(settings, keys.requests)
+    assert set(requested) >= REQUESTED_FIELDS
+    assert requested["type"] == "wasm_exec_requested"
+    assert requested["entrypoint"] == "main"
+    assert requested["inputs"] == [2, 2]
+    assert requested["policy"] == {"max_memory": 67108864, "max_gas": 1000000000,
+                                   "max_time": 5000}
+
+
+async def test_a_trap_ends_with_execution_error(http: httpx.AsyncClient, executor: Executor,
+                                               settings: Settings) -> None:
+    module = await upload(http, '(module (func (export "main") unreachable))')
+    result = (await http.post("/intent/execute-wasm", json={"cid": module["cid"]})).json()
+    events = [e for e in await entries(settings, Keys(settings.prefix).events)
+              if e["request_id"] == result["request_id"]]
+    assert [e["type"] for e in events][-2:] == ["execution_error", "wasm_exec_completed"]
+    assert events[-2]["error"]["code"] == "trap"
+    assert events[-1]["success"] is False
+
+
+async def test_duplicate_requests_run_once(http: httpx.AsyncClient, executor: Executor,
+                                           settings: Settings) -> None:
+    module = await upload(http, ADD_WAT)
+    body = {"cid": module["cid"], "inputs": [1, 2], "idempotency_key": "once"}
+    responses = await asyncio.gather(*(http.post("/intent/execute-wasm", json=body)
+                                       for _ in range(20)))
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1, "every caller gets the same body"
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 19
+    events = await entries(settings, Keys(settings.prefix).events)
+    assert sum(e["type"] == "execution_started" for e in events) == 1
+    assert len(await entries(settings, Keys(settings.prefix).requests)) == 1
