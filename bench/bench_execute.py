@@ -261,6 +261,7 @@ class Result:
     bad_body: int = 0
     socket_errors: int = 0
     cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+    redis_calls_per_request: dict[str, float] = field(default_factory=dict)
 
     @property
     def errors(self) -> int:
@@ -276,6 +277,7 @@ class Target:
     headers: dict[str, str]
     pids: dict[str, int]
     """Processes whose CPU time is charged to this target's requests."""
+    redis_socket: Path | None = None
 
 
 WRK_SCRIPT = r"""
@@ -447,11 +449,13 @@ class Loader:
                 ) -> Result:
         if warmup > 0:
             self.load(target, concurrency, warmup)
+        redis_before = redis_commandstats(target.redis_socket) if target.redis_socket else {}
         before = {name: cpu_ticks(pid) for name, pid in target.pids.items()}
         client_before = self._client_cpu()
         raw = self.load(target, concurrency, seconds)
         client_cpu = self._client_cpu() - client_before
         after = {name: cpu_ticks(pid) for name, pid in target.pids.items()}
+        redis_after = redis_commandstats(target.redis_socket) if target.redis_socket else {}
         result = Result(target.name, concurrency, **raw)
         result.rps = result.requests / result.seconds if result.seconds else 0.0
         if result.requests:
@@ -459,6 +463,10 @@ class Loader:
                 seconds_used = (after[name] - before[name]) / CLK_TCK
                 result.cpu_us_per_request[name] = seconds_used / result.requests * 1e6
             result.cpu_us_per_request["client"] = client_cpu / result.requests * 1e6
+            for command, (calls, _) in redis_after.items():
+                delta = calls - redis_before.get(command, (0, 0))[0]
+                if delta > 0 and command != "info":
+                    result.redis_calls_per_request[command] = delta / result.requests
         return result
 
     def _client_cpu(self) -> float:
@@ -475,29 +483,59 @@ def py_spy_binary() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
-_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+_IDLE_PY = ("Condition.wait (threading.py)", "Event.wait (threading.py)",
+            "EpollSelector.select (selectors.py)", "select (selectors.py)")
+_IDLE_NATIVE = ("epoll_wait", "epoll_pwait", "uv__io_poll", "select_epoll_poll")
 
 
-def _short_frame(frame: str) -> str:
+def _short_frame(frame: str) -> tuple[str, bool]:
+    """`function (short/path.py)` and whether it is a Python frame."""
     match = _FRAME.match(frame.strip())
     if not match:
-        return frame.strip()
+        return frame.strip(), False
     path = match.group("file")
-    for marker in ("site-packages/", "/lib/python3"):
+    python = path.endswith(".py") or path.startswith("<frozen")
+    for marker in ("site-packages/", "/lib/python3."):
         if marker in path:
             path = path.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                path = path.split("/", 1)[-1]
             break
     else:
         with contextlib.suppress(ValueError):
             path = str(Path(path).resolve().relative_to(ROOT))
-    return f"{match.group('func')} ({path})"
+    if not python:
+        path = path.split(".so")[0]
+    return f"{match.group('func')} ({path})", python
+
+
+def _classify(frames: list[tuple[str, bool]]) -> str:
+    """`idle` (a thread waiting for work), `gil` (waiting to re-take the GIL) or `busy`."""
+    names = [name for name, _ in frames]
+    python = [name for name, is_python in frames if is_python]
+    if any(name in _IDLE_PY for name in names):
+        return "idle"
+    if any(name.startswith("_worker (") for name in python) and not any(
+            name.startswith("_WorkItem.run") for name in python):
+        return "idle"  # a pool thread waiting on its queue
+    leaf = names[-1] if names else ""
+    if any(leaf.startswith(n + " ") for n in _IDLE_NATIVE) or any(
+            name.startswith(n + " ") for name in names[-4:] for n in _IDLE_NATIVE):
+        return "idle"
+    if leaf.startswith(("pthread_cond_timedwait", "take_gil", "drop_gil")):
+        return "gil"
+    return "busy"
 
 
 def summarize_profile(path: Path, top: int) -> list[str]:
-    """Top functions by self time and by inclusive time, from py-spy's collapsed stacks."""
-    self_counts: collections.Counter[str] = collections.Counter()
+    """Where a process's busy samples go, from py-spy's collapsed (raw) stacks: leaf frames
+    (a native leaf is named with its Python caller), project functions inclusive, and packages
+    (by the deepest Python frame)."""
+    kinds: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
+    packages: collections.Counter[str] = collections.Counter()
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
@@ -507,48 +545,68 @@ def summarize_profile(path: Path, top: int) -> list[str]:
         if not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [_short_frame(f) for f in stack.split(";")]
-        if frames and frames[0].startswith(("process ", "thread ")):
-            frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        frames = [_short_frame(f) for f in stack.split(";")
+                  if not f.startswith(("process ", "thread "))]
         if not frames:
             continue
-        total += count
-        self_counts[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    if not total:
-        return ["  (no samples)"]
-    out = [f"  {total} samples; self time:"]
-    out += [f"    {100 * n / total:5.1f}%  {name}" for name, n in self_counts.most_common(top)]
-    out.append("  inclusive time (project, starlette, uvicorn, redis, wasmtime frames):")
-    interesting = ("relay/", "executor/", "starlette/", "uvicorn/", "redis/", "wasmtime/",
-                   "asyncio/", "uvloop")
-    ranked = [(name, n) for name, n in inclusive.most_common()
-              if any(key in name for key in interesting) and n < total]
-    out += [f"    {100 * n / total:5.1f}%  {name}" for name, n in ranked[:top]]
+        kind = _classify(frames)
+        kinds[kind] += count
+        if kind != "busy":
+            continue
+        python = [name for name, is_python in frames if is_python]
+        caller = python[-1] if python else "?"
+        leaf, leaf_is_python = frames[-1]
+        if not leaf_is_python:
+            leaf = f"{leaf} <- {caller}"
+        leaves[leaf] += count
+        for name in set(python):
+            if "(relay/" in name or "(executor/" in name:
+                inclusive[name] += count
+        file = caller.rpartition("(")[2].rstrip(")")
+        packages[file.split("/")[0].removesuffix(".py") if "/" in file else file] += count
+    total = sum(kinds.values())
+    busy = kinds["busy"]
+    if not busy:
+        return ["  (no busy samples)"]
+    out = [f"  {total} samples: busy {kinds['busy'] / total:.0%}, waiting for the GIL "
+           f"{kinds['gil'] / total:.0%}, idle {kinds['idle'] / total:.0%}. Shares of busy:"]
+    out.append("  by package: " + ", ".join(
+        f"{name} {n / busy:.0%}" for name, n in packages.most_common(8)))
+    out.append("  leaf frames:")
+    out += [f"    {n / busy:5.1%}  {name}" for name, n in leaves.most_common(top)]
+    out.append("  project functions, inclusive:")
+    entry = ("main (", "<module> (", "dev (", "serve_gateway (", "run_executor (")
+    ranked = [(name, n) for name, n in inclusive.most_common() if not name.startswith(entry)]
+    out += [f"    {n / busy:5.1%}  {name}" for name, n in ranked[:top]]
     return out
 
 
+def record_profiles(py_spy: str, pids: dict[str, int], seconds: float, work_dir: Path,
+                    native: bool) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+    recorders = []
+    for name, pid in pids.items():
+        out = work_dir / f"{name}.collapsed"
+        argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+                "--rate", "100", "--format", "raw", "--output", str(out)]
+        if native:
+            argv.append("--native")
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   start_new_session=True)
+        recorders.append((name, process, out))
+    return recorders
+
+
 def profile_relay(loader: Loader, relay: Target, concurrency: int, seconds: float,
-                  work_dir: Path, top: int) -> None:
+                  work_dir: Path, top: int, native: bool) -> None:
     py_spy = py_spy_binary()
     if py_spy is None:
         print("\n--profile: py-spy is not installed (.venv/bin/pip install py-spy); skipped")
         return
-    recorders = []
-    for name in ("gateway", "executor"):
-        pid = relay.pids.get(name)
-        if pid is None:
-            continue
-        out = work_dir / f"{name}.collapsed"
-        argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-                "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"]
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   start_new_session=True)
-        recorders.append((name, process, out))
-    time.sleep(0.5)  # let py-spy attach
+    pids = {name: relay.pids[name] for name in ("gateway", "executor") if name in relay.pids}
+    loader.load(relay, concurrency, 1.0)  # warm, then sample a steady state
+    recorders = record_profiles(py_spy, pids, seconds, work_dir, native)
     try:
-        loader.load(relay, concurrency, seconds)
+        loader.load(relay, concurrency, seconds + 1.5)
     finally:
         for _, process, _ in recorders:
             try:
@@ -556,14 +614,41 @@ def profile_relay(loader: Loader, relay: Target, concurrency: int, seconds: floa
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    print(f"\npy-spy hot spots, relay under load at c={concurrency} (idle time excluded):")
+    print(f"\npy-spy{' --native' if native else ''}, relay under load at c={concurrency} "
+          f"({seconds:g} s; sampling slows the processes, so compare shares, not rates):")
     for name, process, out in recorders:
-        print(f"- {name} (pid {relay.pids[name]}):")
-        if process.returncode not in (0, None) and not out.exists():
+        print(f"- {name} (pid {pids[name]}):")
+        if process.returncode != 0 or not out.exists():
             assert process.stderr is not None
-            print(f"  py-spy failed: {process.stderr.read().decode(errors='replace')[-500:]}")
+            error = process.stderr.read().decode(errors="replace").strip()[-500:]
+            print(f"  py-spy failed ({process.returncode}): {error}")
             continue
         print("\n".join(summarize_profile(out, top)))
+
+
+def redis_commandstats(socket_path: Path) -> dict[str, tuple[int, int]]:
+    """`INFO commandstats` of the embedded Redis: command -> (calls, usec). Commands run by
+    scripts count too."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(2)
+            sock.connect(str(socket_path))
+            sock.sendall(b"INFO commandstats\r\n")
+            data = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                header, _, rest = data.partition(b"\r\n")
+                if header.startswith(b"$") and len(rest) >= int(header[1:]) + 2:
+                    break
+    except OSError:
+        return {}
+    stats: dict[str, tuple[int, int]] = {}
+    for match in re.finditer(rb"cmdstat_([^:]+):calls=(\d+),usec=(\d+)", data):
+        stats[match.group(1).decode()] = (int(match.group(2)), int(match.group(3)))
+    return stats
 
 
 # --- reporting ---
@@ -586,6 +671,9 @@ def aggregate(results: list[Result]) -> Result:
     for name in first.cpu_us_per_request:
         merged.cpu_us_per_request[name] = statistics.median(
             r.cpu_us_per_request.get(name, 0.0) for r in results)
+    for name in first.redis_calls_per_request:
+        merged.redis_calls_per_request[name] = statistics.median(
+            r.redis_calls_per_request.get(name, 0.0) for r in results)
     return merged
 
 
@@ -608,6 +696,13 @@ def print_report(results: dict[tuple[str, int], Result], concurrencies: list[int
                       if r.errors else "")
             print(f"{target:<10} {concurrency:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} "
                   f"{r.p99_ms:>8.2f} {r.errors:>7}   {cpu}{detail}")
+    for concurrency in concurrencies:
+        r = results.get(("relay", concurrency))
+        if r is not None and r.redis_calls_per_request:
+            calls = sorted(r.redis_calls_per_request.items(), key=lambda item: -item[1])
+            print(f"Redis commands per request, relay c={concurrency} (scripts' inner commands "
+                  f"included): {sum(n for _, n in calls):.1f} = "
+                  + ", ".join(f"{name} {n:.2f}" for name, n in calls))
     print()
     for concurrency in concurrencies:
         relay, reference = results.get(("relay", concurrency)), results.get(
@@ -674,6 +769,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="after the table, py-spy the gateway and executor for SECONDS "
                              "under load at the highest concurrency")
+    parser.add_argument("--no-native", action="store_true",
+                        help="py-spy without --native (no C frames, e.g. syscalls, uvloop)")
     parser.add_argument("--top", type=int, default=12, help="hot spots shown per process")
     parser.add_argument("--max-time", type=float, default=None,
                         help="hard bound on the whole run in seconds (default: computed)")
@@ -726,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
 
         relay_pids = {"gateway": relay_child.process.pid, **find_pids(relay_child.process.pid)}
         relay = Target("relay", "127.0.0.1", relay_port, EXECUTE_PATH, {"X-API-Key": key},
-                       relay_pids)
+                       relay_pids, data_dir / "redis" / "redis.sock")
         reference = Target("reference", "127.0.0.1", reference_port, REFERENCE_PATH, {},
                            {"server": reference_child.process.pid})
         print(f"relay dev on {relay_url} (pids {relay_pids}); reference on port "
@@ -748,7 +845,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {point: aggregate(rs) for point, rs in rounds.items()}
         passed = print_report(results, concurrencies, args, loader.name)
         if args.profile > 0:
-            profile_relay(loader, relay, max(concurrencies), args.profile, work_dir, args.top)
+            profile_relay(loader, relay, max(concurrencies), args.profile, work_dir, args.top,
+                          native=not args.no_native)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130

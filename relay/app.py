@@ -158,6 +158,8 @@ async def upload_module(request: Request) -> Response:
     tag = request.query_params.get("tag") or "latest"
     if name is None and "tag" in request.query_params:
         raise InvalidRequest("a tag needs a name")
+    if name is not None:  # refuse before storing anything
+        await gw.modules.check_bindable(name, tag, principal)
     try:
         wasm = to_binary(body)
         info = await anyio.to_thread.run_sync(inspect, wasm)

@@ -50,8 +50,8 @@ def parse_reference(text: str) -> str | GlyphName:
     Raises InvalidCid for anything else.
     """
     if text.startswith(GLYPH_SCHEME):
-        name, _, tag = text[len(GLYPH_SCHEME) :].partition("@")
-        tag = tag or "latest"
+        name, at, tag = text[len(GLYPH_SCHEME) :].partition("@")
+        tag = tag if at else "latest"
         if not NAME_PATTERN.fullmatch(name) or not NAME_PATTERN.fullmatch(tag):
             raise InvalidCid("a glyph name is glyph://NAME@TAG, each [a-z0-9][a-z0-9._-]{0,63}")
         return GlyphName(name, tag)

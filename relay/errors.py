@@ -114,7 +114,8 @@ def problem_body(error: RelayError, request_id: str | None) -> bytes:
 
 
 _PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
-_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(.*)`")
+# Messages about one field of an object, pointed at that field rather than at the object.
+_FIELD_MESSAGE = re.compile(r"Object (?:contains unknown|missing required) field `(.*)`")
 
 
 def pointer_from_msgspec(message: str) -> tuple[str, str]:
@@ -127,7 +128,7 @@ def pointer_from_msgspec(message: str) -> tuple[str, str]:
     if not sep:
         detail, where = message, "$`"
     parts = [field or index for field, index in _PATH_PART.findall(where[1:-1])]
-    unknown = _UNKNOWN_FIELD.fullmatch(detail)
-    if unknown:  # point at the offending field itself, not at the object holding it
-        parts.append(unknown.group(1))
+    field = _FIELD_MESSAGE.fullmatch(detail)
+    if field:
+        parts.append(field.group(1))
     return "".join(f"/{part}" for part in parts), detail

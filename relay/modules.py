@@ -159,18 +159,26 @@ class ModuleStore:
                            errors=[_cid_error(f"{parsed.name}@{parsed.tag} is not bound")])
         return str(found.decode())
 
-    async def bind(self, name: str, tag: str, cid: str, principal: str) -> None:
-        """Bind (or move) `name@tag` to a stored module. The first principal to bind a name owns
-        it; anyone else gets Forbidden, so nobody can redirect another's name."""
+    async def check_bindable(self, name: str, tag: str, principal: str) -> None:
+        """Raise InvalidRequest for a malformed name or tag, Forbidden for another's name."""
         for what, value in (("name", name), ("tag", tag)):
             if not cids.NAME_PATTERN.fullmatch(value):
                 raise InvalidRequest(f"a {what} matches [a-z0-9][a-z0-9._-]{{0,63}}")
-        if not await self.client.exists(self.keys.module(cid)):
-            raise NotFound(f"no module {cid}", errors=[_cid_error("no module with this CID")])
-        await self.client.hsetnx(self.keys.name_owners, name, principal)
         owner = await self.client.hget(self.keys.name_owners, name)
         if owner is not None and owner.decode() != principal:
             raise Forbidden(f"the name {name} belongs to another principal")
+
+    async def bind(self, name: str, tag: str, cid: str, principal: str) -> None:
+        """Bind (or move) `name@tag` to a stored module. The first principal to bind a name owns
+        it; anyone else gets Forbidden, so nobody can redirect another's name."""
+        await self.check_bindable(name, tag, principal)
+        if not await self.client.exists(self.keys.module(cid)):
+            raise NotFound(f"no module {cid}", errors=[_cid_error("no module with this CID")])
+        # HSETNX settles a race between two first binders: only one becomes the owner.
+        if not await self.client.hsetnx(self.keys.name_owners, name, principal):
+            owner = await self.client.hget(self.keys.name_owners, name)
+            if owner is not None and owner.decode() != principal:
+                raise Forbidden(f"the name {name} belongs to another principal")
         await self.client.hset(self.keys.name(name), tag, cid)
 
     async def tags(self, name: str) -> dict[str, str]:

@@ -34,12 +34,18 @@ async def test_two_executors_share_the_work(processes: Processes, settings: Sett
     async with client_for(processes.gateway()) as http:
         for _ in range(2):
             processes.start("executor", RELAY_EXECUTOR_CONCURRENCY="1")
+
+        async def both_alive() -> bool:
+            health = (await http.get("/intent/execute-wasm/health")).json()
+            return bool(health["executors"] == 2)
+
+        await wait_for(both_alive, timeout_s=20)
         module = await upload(http, (ROOT / "examples" / "fib.wat").read_text())
         request_ids = []
         for n in range(24):
             response = await http.post(
                 "/intent/execute-wasm", headers={"Prefer": "respond-async"},
-                json={"cid": module["cid"], "inputs": [22 + n % 3], "idempotency_key": f"k{n}"})
+                json={"cid": module["cid"], "inputs": [27 + n % 3], "idempotency_key": f"k{n}"})
             assert response.status_code == 202, response.text
             request_ids.append(response.json()["request_id"])
 

@@ -8,11 +8,12 @@ defaults and ceilings.
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Any, NamedTuple
 
 import msgspec
 
-from relay.errors import FieldError, InvalidRequest, pointer_from_msgspec
+from relay.errors import FieldError, InvalidRequest, NotFound, pointer_from_msgspec
 from relay.modules import ModuleStore
 from relay.schemas import (
     EffectivePolicy,
@@ -25,8 +26,10 @@ from relay.schemas import (
 )
 from relay.settings import Settings
 
+_MAX_KEY_LENGTH = 256
 _INT_RANGES = {"i32": (-(2**31), 2**31 - 1), "i64": (-(2**63), 2**63 - 1)}
-_FLOATS = ("f32", "f64")
+_FLOAT_MAX = {"f32": 3.4028234663852886e38, "f64": sys.float_info.max}
+_FLOATS = tuple(_FLOAT_MAX)
 
 
 class Validated(NamedTuple):
@@ -51,12 +54,17 @@ async def validate(body: bytes, header_key: str | None, principal: str,
                    modules: ModuleStore, settings: Settings) -> Validated:
     """Raises InvalidRequest (400) or NotFound (404, unknown module)."""
     request = parse(body)
+    if header_key is not None and not 1 <= len(header_key) <= _MAX_KEY_LENGTH:
+        raise InvalidRequest(f"the Idempotency-Key header must have 1 to {_MAX_KEY_LENGTH} "
+                             "characters")
     if header_key is not None and request.idempotency_key not in (None, header_key):
         raise InvalidRequest.at("/idempotency_key",
                                 "the Idempotency-Key header and idempotency_key differ")
     key = request.idempotency_key or header_key
     cid = await modules.resolve(request.cid)
-    info = await modules.require(cid)
+    info = await modules.info(cid)
+    if info is None:
+        raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
     entrypoint = _entrypoint(info, request.entrypoint)
     if not (info.wasi and entrypoint == "_start"):
         _check_inputs(info, entrypoint, request.inputs)
@@ -119,6 +127,8 @@ def _input_problem(kind: str, value: Any) -> str | None:
     if kind in _FLOATS:
         if type(value) not in (int, float):
             return f"expected a number for {kind}, got {_json_type(value)}"
+        if not (-_FLOAT_MAX[kind] <= value <= _FLOAT_MAX[kind]):
+            return f"{value} is out of the {kind} range"
         return None
     return f"parameters of type {kind} cannot be passed from JSON"
 
