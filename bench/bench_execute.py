@@ -523,15 +523,29 @@ def _classify(frames: list[tuple[str, bool]]) -> str:
     if any(leaf.startswith(n + " ") for n in _IDLE_NATIVE) or any(
             name.startswith(n + " ") for name in names[-4:] for n in _IDLE_NATIVE):
         return "idle"
-    if leaf.startswith(("pthread_cond_timedwait", "take_gil", "drop_gil")):
-        return "gil"
+    if any(name.startswith(("pthread_cond_timedwait", "take_gil")) for name in names[-2:]):
+        return "gil"  # a thread back from a syscall (or a C call) waiting to re-take the GIL
     return "busy"
 
 
+def _package(frame: str) -> str:
+    return frame.rpartition("(")[2].rstrip(")").split("/")[0].removesuffix(".py")
+
+
+def _payer(python: list[str]) -> str:
+    """The package that caused a sample: that of the deepest Python frame outside the stdlib
+    (a socket write by asyncio on behalf of redis-py is redis-py's)."""
+    for frame in reversed(python):
+        package = _package(frame)
+        if package not in sys.stdlib_module_names and not package.startswith("<"):
+            return package
+    return f"{_package(python[-1])} (stdlib)" if python else "native"
+
+
 def summarize_profile(path: Path, top: int) -> list[str]:
-    """Where a process's busy samples go, from py-spy's collapsed (raw) stacks: leaf frames
-    (a native leaf is named with its Python caller), project functions inclusive, and packages
-    (by the deepest Python frame)."""
+    """Where a process's busy samples go, from py-spy's collapsed (raw) stacks: by package
+    (see `_payer`), by leaf frame (a native leaf is named with its Python caller), and by
+    project function, inclusive."""
     kinds: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -562,15 +576,14 @@ def summarize_profile(path: Path, top: int) -> list[str]:
         for name in set(python):
             if "(relay/" in name or "(executor/" in name:
                 inclusive[name] += count
-        file = caller.rpartition("(")[2].rstrip(")")
-        packages[file.split("/")[0].removesuffix(".py") if "/" in file else file] += count
+        packages[_payer(python)] += count
     total = sum(kinds.values())
     busy = kinds["busy"]
     if not busy:
         return ["  (no busy samples)"]
     out = [f"  {total} samples: busy {kinds['busy'] / total:.0%}, waiting for the GIL "
            f"{kinds['gil'] / total:.0%}, idle {kinds['idle'] / total:.0%}. Shares of busy:"]
-    out.append("  by package: " + ", ".join(
+    out.append("  by package that caused it: " + ", ".join(
         f"{name} {n / busy:.0%}" for name, n in packages.most_common(8)))
     out.append("  leaf frames:")
     out += [f"    {n / busy:5.1%}  {name}" for name, n in leaves.most_common(top)]
