@@ -112,38 +112,47 @@ class Sandbox:
         store.set_limits(memory_size=policy.max_memory,
                          table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
         store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
+        if not prepared.uses_wasi:
+            return self._call(store, prepared, entrypoint, inputs, policy)
         with tempfile.TemporaryDirectory(dir=_TMP_ROOT, prefix="relay-") as tmp:
             stdout, stderr = Path(tmp, "stdout"), Path(tmp, "stderr")
-            if prepared.uses_wasi:
-                stdin = Path(tmp, "stdin")
-                stdin.write_bytes(msgspec.json.encode(inputs) if command else b"")
-                wasi = wasmtime.WasiConfig()
-                wasi.stdin_file = str(stdin)
-                wasi.stdout_file = str(stdout)
-                wasi.stderr_file = str(stderr)
-                store.set_wasi(wasi)
-            started = time.perf_counter()
-            output: Any = None
-            error: ErrorInfo | None = None
-            instance = None
-            try:
-                instance = prepared.instance_pre.instantiate(store)
-                func = instance.exports(store)[entrypoint]
-                assert isinstance(func, wasmtime.Func)
-                args = _arguments(func.type(store), inputs) if not command else []
-                output = func(store, *args)
-            except wasmtime.ExitTrap as exc:
-                if exc.code != 0:
-                    tail = _read_capped(stderr, 1000).decode("utf-8", "replace").strip()
-                    error = ErrorInfo("exit_nonzero", f"exit status {exc.code}"
-                                      + (f": {tail}" if tail else ""))
-            except wasmtime.Trap as exc:
-                error = _trap_error(exc, policy, store, instance)
-            except wasmtime.WasmtimeError as exc:
-                error = _instantiation_error(exc, policy)
-            duration_ms = (time.perf_counter() - started) * 1000
-            if command and error is None:
+            stdin = Path(tmp, "stdin")
+            stdin.write_bytes(msgspec.json.encode(inputs) if command else b"")
+            wasi = wasmtime.WasiConfig()
+            wasi.stdin_file = str(stdin)
+            wasi.stdout_file = str(stdout)
+            wasi.stderr_file = str(stderr)
+            store.set_wasi(wasi)
+            outcome = self._call(store, prepared, entrypoint, [] if command else inputs, policy)
+            if outcome.error is None and command:
                 output = _decode_stdout(_read_capped(stdout, max_output_bytes))
+                return outcome._replace(output=output)
+            if outcome.error is not None and outcome.error.code == "exit_nonzero":
+                tail = _read_capped(stderr, 1000).decode("utf-8", "replace").strip()
+                if tail:
+                    message = f"{outcome.error.message}: {tail}"
+                    return outcome._replace(error=ErrorInfo("exit_nonzero", message))
+            return outcome
+
+    def _call(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
+              inputs: list[Any], policy: EffectivePolicy) -> Outcome:
+        started = time.perf_counter()
+        output: Any = None
+        error: ErrorInfo | None = None
+        instance = None
+        try:
+            instance = prepared.instance_pre.instantiate(store)
+            func = instance.exports(store)[entrypoint]
+            assert isinstance(func, wasmtime.Func)
+            output = func(store, *_arguments(func.type(store), inputs))
+        except wasmtime.ExitTrap as exc:
+            if exc.code != 0:
+                error = ErrorInfo("exit_nonzero", f"exit status {exc.code}")
+        except wasmtime.Trap as exc:
+            error = _trap_error(exc, policy, store, instance)
+        except wasmtime.WasmtimeError as exc:
+            error = _instantiation_error(exc, policy)
+        duration_ms = (time.perf_counter() - started) * 1000
         gas_left = store.get_fuel()
         return Outcome(output, policy.max_gas - gas_left, round(duration_ms, 3), error)
 

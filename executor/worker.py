@@ -1,8 +1,8 @@
 """The executor: read requests from the bus, run them in the sandbox, publish what happened.
 
 Any number of executors, on any number of hosts, share `relay:requests` through the consumer
-group `executors`. Each reads only as many entries as it has free slots, so nothing it fetched
-waits behind a busy worker thread while a peer is idle.
+group `executors`. Each holds at most `concurrency + prefetch` entries: enough that its Redis
+round trips carry batches, few enough that little waits behind a busy thread while a peer idles.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class Executor:
                        requests_retention=settings.requests_retention)
         self.sandbox = Sandbox()
         self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
-        self.concurrency = settings.executor_concurrency
-        self._threads = ThreadPoolExecutor(self.concurrency, thread_name_prefix="wasm")
+        self._threads = ThreadPoolExecutor(settings.executor_concurrency,
+                                           thread_name_prefix="wasm")
+        self.slots = settings.executor_concurrency + settings.executor_prefetch
         self._running: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
 
@@ -65,7 +66,7 @@ class Executor:
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while not self._stopping.is_set():
-                free = self.concurrency - len(self._running)
+                free = self.slots - len(self._running)
                 if free <= 0:
                     await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                     continue

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay import connection
+from relay.bus import Accepted as BusAccepted
 from relay.bus import Bus
 from relay.cid import InvalidCid, normalize
 from relay.errors import (
@@ -37,7 +38,7 @@ from relay.http import RequestIdMiddleware, json_response, problem_response, rea
 from relay.keys import Keys
 from relay.modules import InvalidModule, ModuleStore, inspect, to_binary
 from relay.pipeline.authenticate import Authenticator
-from relay.pipeline.validate import validate
+from relay.pipeline.validate import Validated, validate
 from relay.schemas import (
     Accepted,
     ExecuteResponse,
@@ -53,6 +54,7 @@ log = logging.getLogger("relay.gateway")
 
 REPLAYED = {"Idempotent-Replayed": "true"}
 MAX_PAGE = 200
+MAX_NAME_RETRIES = 3
 
 
 class Gateway:
@@ -83,14 +85,11 @@ async def execute(request: Request) -> Response:
     gw = gateway_of(request)
     principal = gw.authenticate(request)
     body = await read_body(request, gw.settings.max_request_bytes)
-    validated = await validate(body, request.headers.get("idempotency-key"), principal,
-                               gw.modules, gw.settings)
-    request_id = validated.request.request_id
     respond_async = "respond-async" in request.headers.get("prefer", "")
-    # Registered before publishing, so the completion cannot slip past us.
-    completion = None if respond_async else gw.fan_in.completion(request_id)
+    validated, accepted, completion = await _publish(
+        gw, body, request.headers.get("idempotency-key"), principal, respond_async)
+    request_id = validated.request.request_id
     try:
-        accepted = await gw.bus.accept(validated.request, validated.fingerprint)
         headers: dict[str, str] = {}
         if not accepted.is_new:
             if validated.explicit_key and accepted.fingerprint != validated.fingerprint:
@@ -106,8 +105,30 @@ async def execute(request: Request) -> Response:
             return _accepted(request_id, headers)
         return json_response(result, headers=headers)
     finally:
-        if completion is not None:
+        gw.fan_in.release(request_id, completion)
+
+
+async def _publish(gw: Gateway, body: bytes, header_key: str | None, principal: str,
+                   respond_async: bool,
+                   ) -> tuple[Validated, BusAccepted, asyncio.Future[bytes] | None]:
+    """Validate and accept; for a sync caller, also a registered completion to wait on."""
+    for _ in range(MAX_NAME_RETRIES):
+        validated = await validate(body, header_key, principal, gw.modules, gw.settings)
+        request_id = validated.request.request_id
+        # Registered before publishing, so the completion cannot slip past us.
+        completion = None if respond_async else gw.fan_in.completion(request_id)
+        try:
+            accepted = await gw.bus.accept(validated.request, validated.fingerprint,
+                                           validated.name)
+        except BaseException:
             gw.fan_in.release(request_id, completion)
+            raise
+        if not accepted.name_moved:
+            return validated, accepted, completion
+        gw.fan_in.release(request_id, completion)
+        assert validated.name is not None
+        gw.modules.forget(validated.name)  # our cached binding was stale: resolve it afresh
+    raise Conflict("the module's name moved while the request was accepted; retry")
 
 
 async def _wait_result(gw: Gateway, request_id: str, completion: asyncio.Future[bytes],

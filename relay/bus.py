@@ -11,12 +11,17 @@ of gateways and executors:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
+from relay.batching import Batcher
+from relay.cid import GlyphName
 from relay.keys import Keys
 from relay.schemas import (
     ExecuteResponse,
@@ -29,7 +34,29 @@ from relay.schemas import (
     queued_template,
 )
 
-_ACCEPT = """
+
+class Script:
+    """A Lua script run by EVALSHA inside pipelines. (redis-py's own Script makes a pipeline send
+    SCRIPT EXISTS first, every time: one more round trip than the work itself.)"""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+
+Call = tuple[Script, list[str], list[Any]]
+
+
+_ACCEPT = Script("""
+if ARGV[9] ~= '' then
+  local bound = redis.call('HGET', KEYS[5], ARGV[9])
+  if bound ~= ARGV[3] then
+    return {'moved', '', false}
+  end
+end
 local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'retryable')
 if found[1] and found[4] ~= '1' then
   return {found[1], found[2], found[3]}
@@ -45,9 +72,9 @@ redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'statu
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
 return {'new', ARGV[2], false}
-"""
+""")
 
-_START = """
+_START = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'result') == 1 then
   return 0
 end
@@ -57,9 +84,9 @@ end
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
 return 1
-"""
+""")
 
-_FINISH = """
+_FINISH = Script("""
 local written = 0
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'result') == 0 then
   redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
@@ -70,7 +97,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'result
 end
 redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 return written
-"""
+""")
 
 
 class Accepted(NamedTuple):
@@ -84,9 +111,18 @@ class Accepted(NamedTuple):
     def is_new(self) -> bool:
         return self.status == "new"
 
+    @property
+    def name_moved(self) -> bool:
+        return self.status == "moved"
+
+
 
 class Bus:
-    """Publish, read and settle executions on the two streams."""
+    """Publish, read and settle executions on the two streams.
+
+    Concurrent calls of one kind are coalesced into one pipeline (`Batcher`), so a busy gateway
+    or executor pays one round trip per batch rather than per execution.
+    """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_retention: int,
                  requests_retention: int) -> None:
@@ -94,18 +130,41 @@ class Bus:
         self.keys = keys
         self.events_retention = events_retention
         self.requests_retention = requests_retention
-        self._accept = client.register_script(_ACCEPT)
-        self._start = client.register_script(_START)
-        self._finish = client.register_script(_FINISH)
+        self._accepts = Batcher(self._send)
+        self._starts = Batcher(self._send)
+        self._finishes = Batcher(self._send)
+
+    async def _send(self, calls: list[Call]) -> list[Any]:
+        """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script.queue(pipe, keys, args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if unknown:  # first use on this server, or after SCRIPT FLUSH / a restart
+            for script in {calls[i][0] for i in unknown}:
+                await self.client.script_load(script.source)
+            retried = await self._send([calls[i] for i in unknown])
+            for i, result in zip(unknown, retried, strict=True):
+                results[i] = result
+        return results
 
     # --- gateway ---
 
-    async def accept(self, request: WasmExecRequested, fingerprint: str) -> Accepted:
-        """Claim `request.request_id` and enqueue it, unless a live record exists already."""
+    async def accept(self, request: WasmExecRequested, fingerprint: str,
+                     name: GlyphName | None = None) -> Accepted:
+        """Claim `request.request_id` and enqueue it, unless a live record exists already.
+
+        With `name`, only while that name still points at `request.cid`; otherwise the status
+        is `moved` and nothing happened.
+        """
         keys = self.keys
-        status, found_fingerprint, result = await self._accept(
-            keys=[keys.execution(request.request_id), keys.requests, keys.events, keys.queued],
-            args=[
+        name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
+        status, found_fingerprint, result = await self._accepts((
+            _ACCEPT,
+            [keys.execution(request.request_id), keys.requests, keys.events, keys.queued,
+             name_key],
+            [
                 request.user_id,
                 fingerprint,
                 request.cid,
@@ -114,8 +173,9 @@ class Bus:
                 queued_template(request.request_id, request.cid, request.timestamp),
                 self.events_retention,
                 self.requests_retention,
+                tag,
             ],
-        )
+        ))
         return Accepted(status.decode(), found_fingerprint.decode(), result)
 
     # --- executor ---
@@ -150,10 +210,11 @@ class Bus:
         keys = self.keys
         event = ExecutionStarted(request_id=request_id, executor_node=executor_node,
                                  timestamp=timestamp)
-        started = await self._start(
-            keys=[keys.execution(request_id), keys.events, keys.queued],
-            args=[executor_node, encode(event), self.events_retention],
-        )
+        started = await self._starts((
+            _START,
+            [keys.execution(request_id), keys.events, keys.queued],
+            [executor_node, encode(event), self.events_retention],
+        ))
         return bool(started)
 
     async def finish(self, entry_id: bytes, request: WasmExecRequested,
@@ -178,11 +239,12 @@ class Bus:
         )
         # Infrastructure failures are not kept as the answer: a retry of the same request runs.
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
-        written = await self._finish(
-            keys=[keys.execution(request.request_id), keys.events, keys.requests],
-            args=[Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
-                  encode(terminal), encode(completed), self.events_retention, ttl_ms],
-        )
+        written = await self._finishes((
+            _FINISH,
+            [keys.execution(request.request_id), keys.events, keys.requests],
+            [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
+             encode(terminal), encode(completed), self.events_retention, ttl_ms],
+        ))
         return bool(written)
 
     async def ack(self, entry_id: bytes) -> None:

@@ -11,8 +11,9 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -96,7 +97,18 @@ def run_executor(settings: Settings) -> None:
         finally:
             await client.aclose()
 
-    asyncio.run(serve())
+    run_event_loop(serve())
+
+
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (it comes with uvicorn[standard]): its sockets cost
+    the executor markedly less CPU per Redis round trip than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def dev(settings: Settings, host: str, port: int) -> None:

@@ -20,6 +20,7 @@ log = logging.getLogger("relay.events")
 
 READ_BLOCK_MS = 1000
 READ_COUNT = 1000
+COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
 
 
 class EventFanIn:
@@ -48,7 +49,9 @@ class EventFanIn:
         self._waiters.setdefault(request_id, []).append(future)
         return future
 
-    def release(self, request_id: str, future: asyncio.Future[bytes]) -> None:
+    def release(self, request_id: str, future: asyncio.Future[bytes] | None) -> None:
+        if future is None:
+            return
         waiters = self._waiters.get(request_id)
         if waiters is not None and future in waiters:
             waiters.remove(future)
@@ -71,9 +74,10 @@ class EventFanIn:
                     self._dispatch(fields[b"data"])
 
     def _dispatch(self, data: bytes) -> None:
-        head = decode_head(data)
-        if head.type != "wasm_exec_completed":
+        # Relay encodes the tag first, so most events are skipped without being decoded.
+        if not data.startswith(COMPLETED_PREFIX):
             return
+        head = decode_head(data)
         for future in self._waiters.pop(head.request_id, ()):
             if not future.done():
                 future.set_result(data)

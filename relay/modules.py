@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import wasmtime
@@ -33,6 +34,12 @@ _KINDS = {
     wasmtime.GlobalType: "global",
 }
 _INSPECTOR = wasmtime.Engine()
+
+
+class Resolved(NamedTuple):
+    cid: str
+    name: cids.GlyphName | None
+    """The name the request used, if any: its binding must still be `cid` when accepted."""
 
 
 class InvalidModule(ValueError):
@@ -88,6 +95,7 @@ class ModuleStore:
         self.client = client
         self.keys = keys
         self._cache: OrderedDict[str, ModuleInfo] = OrderedDict()
+        self._names: OrderedDict[cids.GlyphName, str] = OrderedDict()
         self._cache_size = cache_size
 
     async def put(self, info: ModuleInfo, wasm: bytes, owner: str) -> bool:
@@ -145,19 +153,35 @@ class ModuleStore:
         await pipe.execute()
         self._cache.pop(cid, None)
 
-    async def resolve(self, reference: str) -> str:
-        """The canonical CID a request's `cid` names. Raises InvalidRequest or NotFound."""
+    async def resolve(self, reference: str) -> Resolved:
+        """The canonical CID a request's `cid` names. Raises InvalidRequest or NotFound.
+
+        A name's binding comes from this process's cache when it has one: the accept script
+        checks it is still current (see `Bus.accept`) and the caller calls `forget` and
+        resolves again when it is not, so a moved name costs a retry, never a stale run.
+        """
         try:
             parsed = cids.parse_reference(reference)
         except cids.InvalidCid as exc:
             raise InvalidRequest.at("/cid", str(exc)) from None
         if isinstance(parsed, str):
-            return parsed
+            return Resolved(parsed, None)
+        cached = self._names.get(parsed)
+        if cached is not None:
+            return Resolved(cached, parsed)
         found = await self.client.hget(self.keys.name(parsed.name), parsed.tag)
         if found is None:
             raise NotFound(f"no module is named {parsed.name}@{parsed.tag}",
                            errors=[_cid_error(f"{parsed.name}@{parsed.tag} is not bound")])
-        return str(found.decode())
+        cid = str(found.decode())
+        self._names[parsed] = cid
+        if len(self._names) > self._cache_size:
+            self._names.popitem(last=False)
+        return Resolved(cid, parsed)
+
+    def forget(self, name: cids.GlyphName) -> None:
+        """Drop a cached name binding found stale."""
+        self._names.pop(name, None)
 
     async def check_bindable(self, name: str, tag: str, principal: str) -> None:
         """Raise InvalidRequest for a malformed name or tag, Forbidden for another's name."""
@@ -180,6 +204,7 @@ class ModuleStore:
             if owner is not None and owner.decode() != principal:
                 raise Forbidden(f"the name {name} belongs to another principal")
         await self.client.hset(self.keys.name(name), tag, cid)
+        self._names[cids.GlyphName(name, tag)] = cid
 
     async def tags(self, name: str) -> dict[str, str]:
         found = await self.client.hgetall(self.keys.name(name))

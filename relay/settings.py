@@ -45,20 +45,30 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     requests_retention: int = 100_000
 
     executor_concurrency: int = max(os.cpu_count() or 1, 1)
+    """Modules one executor runs at once (worker threads)."""
+    executor_prefetch: int = 3 * max(os.cpu_count() or 1, 1)
+    """Entries an executor takes beyond those running, so its Redis I/O goes out in batches.
+    They wait for a free thread; their `max_time` only counts once they run."""
     max_output_bytes: int = MIB
     """Cap on the stdout/stderr a WASI module may produce (more is cut off)."""
     cors_origins: tuple[str, ...] = ()
     heartbeat_ttl_ms: int = 5_000
 
 
-def _int(name: str, raw: str) -> int:
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise SettingsError(f"{name} must be positive, got {value}")
-    return value
+def _integer(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_int = _integer(1)
 
 
 def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
@@ -100,6 +110,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RELAY_EVENTS_RETENTION": ("events_retention", _int),
     "RELAY_REQUESTS_RETENTION": ("requests_retention", _int),
     "RELAY_EXECUTOR_CONCURRENCY": ("executor_concurrency", _int),
+    "RELAY_EXECUTOR_PREFETCH": ("executor_prefetch", _integer(0)),
     "RELAY_MAX_OUTPUT_BYTES": ("max_output_bytes", _int),
     "RELAY_CORS_ORIGINS": ("cors_origins", _csv),
     "RELAY_HEARTBEAT_TTL": ("heartbeat_ttl_ms", _int),

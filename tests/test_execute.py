@@ -217,3 +217,21 @@ async def test_module_deleted_after_acceptance_is_module_not_found(
     view = (await http.get(f"/executions/{request_id}")).json()
     assert view["status"] == "failed"
     assert view["error"]["code"] == "module_not_found"
+
+
+async def test_a_name_moved_through_another_gateway_runs_the_new_module(
+        http: httpx.AsyncClient, executor: Executor, settings: Any) -> None:
+    from relay.app import create_app
+
+    first = await upload(http, ADD_WAT, name="moving")
+    assert (await run(http, "glyph://moving", [2, 3]))["output"] == 5  # this gateway caches it
+    second = await upload(http, DIV_WAT)
+    other = create_app(settings)
+    async with other.router.lifespan_context(other), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other), base_url="http://other",
+            headers=dict(http.headers)) as replica:
+        moved = await replica.put("/names/moving/latest", json={"cid": second["cid"]})
+        assert moved.status_code == 200
+    result = await run(http, "glyph://moving", [6, 3])
+    assert result["cid"] == second["cid"] != first["cid"]
+    assert result["output"] == 2

@@ -33,7 +33,7 @@ async def test_gateway_and_executor_processes_serve_a_sync_execute(
 async def test_two_executors_share_the_work(processes: Processes, settings: Settings) -> None:
     async with client_for(processes.gateway()) as http:
         for _ in range(2):
-            processes.start("executor", RELAY_EXECUTOR_CONCURRENCY="1")
+            processes.start("executor", RELAY_EXECUTOR_CONCURRENCY="1", RELAY_EXECUTOR_PREFETCH="0")
 
         async def both_alive() -> bool:
             health = (await http.get("/intent/execute-wasm/health")).json()

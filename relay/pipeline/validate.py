@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from relay.cid import GlyphName
 from relay.errors import FieldError, InvalidRequest, NotFound, pointer_from_msgspec
 from relay.modules import ModuleStore
 from relay.schemas import (
@@ -37,6 +38,8 @@ class Validated(NamedTuple):
     fingerprint: str
     """sha256 of the canonical request (resolved CID, entrypoint, inputs, effective policy)."""
     explicit_key: bool
+    name: GlyphName | None
+    """The glyph name the request used; accepting checks it still names `request.cid`."""
 
 
 def parse(body: bytes) -> ExecuteRequest:
@@ -61,7 +64,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         raise InvalidRequest.at("/idempotency_key",
                                 "the Idempotency-Key header and idempotency_key differ")
     key = request.idempotency_key or header_key
-    cid = await modules.resolve(request.cid)
+    cid, name = await modules.resolve(request.cid)
     info = await modules.info(cid)
     if info is None:
         raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
@@ -77,7 +80,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         request_id=request_id, cid=cid, entrypoint=entrypoint, inputs=request.inputs,
         policy=policy, user_id=principal, timestamp=now_iso(),
     )
-    return Validated(published, fingerprint, key is not None)
+    return Validated(published, fingerprint, key is not None, name)
 
 
 def _request_id(principal: str, key: str) -> str:
