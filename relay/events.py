@@ -7,7 +7,6 @@ terminal event cannot slip past them; the reader wakes them. No per-request poll
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import redis
@@ -29,16 +28,21 @@ class EventFanIn:
         self.keys = keys
         self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def start(self, last_id: bytes) -> None:
         """Follow the stream from `last_id` (exclusive)."""
         self._task = asyncio.create_task(self._follow(last_id), name="relay-events")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop following. Call before closing the client."""
+        if self._task is None:
+            return
+        self._stopped = True
+        self._task.cancel()
+        # redis-py can swallow a cancellation that lands while it connects (redis-py #2028,
+        # #2551): the task then finishes only when the client's close drops its connection.
+        await asyncio.wait({self._task}, timeout=1.0)
 
     def completion(self, request_id: str) -> asyncio.Future[bytes]:
         """A future resolved with the `wasm_exec_completed` entry of `request_id`.
@@ -60,7 +64,7 @@ class EventFanIn:
 
     async def _follow(self, last_id: bytes) -> None:
         stream = self.keys.events
-        while True:
+        while not self._stopped:
             try:
                 reply = await self.client.xread({stream: last_id}, count=READ_COUNT,
                                                 block=READ_BLOCK_MS)
