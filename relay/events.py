@@ -69,6 +69,8 @@ class EventFanIn:
                 reply = await self.client.xread({stream: last_id}, count=READ_COUNT,
                                                 block=READ_BLOCK_MS)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if self._stopped:
+                    return
                 log.warning("cannot read %s, retrying: %s", stream, exc)
                 await asyncio.sleep(0.2)
                 continue
