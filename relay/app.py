@@ -322,11 +322,6 @@ async def redis_error(request: Request, exc: Exception) -> Response:
     return problem_response(Unavailable("the store is unreachable; retry shortly"), request)
 
 
-async def internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error", exc_info=exc)
-    return problem_response(RelayError("an internal error occurred; it has been logged"), request)
-
-
 ROUTES = [
     Route("/intent/execute-wasm", execute, methods=["POST"]),
     Route("/intent/execute-wasm/health", health, methods=["GET"]),
@@ -378,6 +373,5 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: http_error,
             redis.ConnectionError: redis_error,
             redis.TimeoutError: redis_error,
-            Exception: internal_error,
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from typing import Any
@@ -12,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.errors import PayloadTooLarge, RelayError, problem_body
 from relay.schemas import encode
+
+log = logging.getLogger("relay.gateway")
 
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -34,12 +37,27 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            # Here rather than in Starlette's ServerErrorMiddleware, which sits outside this
+            # one: the 500 then carries the correlation id like every other response.
+            log.exception("unhandled error (request %s)", request_id)
+            if started:
+                raise
+            error = RelayError("an internal error occurred; it has been logged")
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/problem+json")]})
+            await send({"type": "http.response.body", "body": problem_body(error, request_id)})
 
 
 def request_id_of(request: Request) -> str | None:
