@@ -7,6 +7,8 @@ keys are deleted afterwards (never FLUSHALL: the server may not be ours).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import os
 import socket
 import subprocess
@@ -16,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -92,6 +95,39 @@ async def executor(settings: Settings) -> AsyncIterator[Executor]:
     worker.stop()
     await asyncio.wait_for(task, 10)
     await client.aclose()
+
+
+def client_for(app: Any, key: str | None) -> httpx.AsyncClient:
+    """A client to the in-process app with `key` as its API key (None: no credentials)."""
+    headers = {"X-API-Key": key} if key else {}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay",
+                             headers=headers, timeout=30)
+
+
+@pytest.fixture
+async def bob(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """bob's client to the same gateway as `http`."""
+    async with client_for(app, BOB_KEY) as client:
+        yield client
+
+
+def cid_of(data: bytes) -> str:
+    """CIDv1, codec raw (0x55), sha2-256 (0x12, 32 bytes), base32 lowercase ("b"), built by hand
+    rather than with the library the code uses."""
+    raw = bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(data).digest()
+    return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status and slug; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = response.json()
+    assert body["type"] == f"/problems/{slug}"
+    assert body["status"] == status
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
 
 
 async def upload(http: httpx.AsyncClient, module: str | bytes, **params: str) -> dict[str, Any]:
@@ -180,3 +216,28 @@ def processes(settings: Settings) -> Iterator[Processes]:
     procs = Processes(settings)
     yield procs
     procs.stop()
+
+
+def raw_exchange(url: str, head: bytes, body_start: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send a request head and only the start of its body; read the whole response.
+
+    The socket's timeout makes the test fail if the server waits for the rest of the body.
+    """
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(head + body_start)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection without answering"
+            data += chunk
+        raw_head, _, body = data.partition(b"\r\n\r\n")
+        status_line, *lines = raw_head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection mid-response"
+            body += chunk
+    return int(status_line.split()[1]), headers, body

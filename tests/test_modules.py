@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import socket
 from collections.abc import AsyncIterator
-from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -18,7 +14,17 @@ from multiformats import CID, multihash
 from executor.worker import Executor
 from relay.app import create_app
 from relay.settings import Settings
-from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, FIXTURES, Processes, upload, with_settings
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    FIXTURES,
+    Processes,
+    assert_problem,
+    cid_of,
+    raw_exchange,
+    upload,
+    with_settings,
+)
 
 WASM = {"Content-Type": "application/wasm"}
 WAT = {"Content-Type": "text/plain"}
@@ -42,32 +48,8 @@ def binary(wat: str) -> bytes:
     return bytes(wasmtime.wat2wasm(wat))
 
 
-def expected_cid(wasm: bytes) -> str:
-    """CIDv1, codec raw (0x55), sha2-256 (0x12, 32 bytes), multibase base32 ("b", lowercase)."""
-    cid_bytes = bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(wasm).digest()
-    return "b" + base64.b32encode(cid_bytes).decode().lower().rstrip("=")
-
-
 def cid_v0(cid: str) -> str:
     return str(CID("base58btc", 0, "dag-pb", CID.decode(cid).digest))
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["type"] == f"/problems/{slug}"
-    assert body["status"] == status
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    return body
-
-
-@pytest.fixture
-async def bob(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay",
-                                 headers={"X-API-Key": BOB_KEY}, timeout=30) as client:
-        yield client
 
 
 @pytest.fixture
@@ -107,7 +89,7 @@ async def test_wat_upload_reports_the_binary_size(http: httpx.AsyncClient) -> No
 async def test_cid_is_cidv1_raw_sha256_base32_of_the_binary(http: httpx.AsyncClient) -> None:
     wasm = binary(ADD_WAT)
     cid = (await upload(http, ADD_WAT))["cid"]
-    assert cid == expected_cid(wasm)
+    assert cid == cid_of(wasm)
     assert cid == str(CID("base32", 1, "raw",
                           multihash.wrap(hashlib.sha256(wasm).digest(), "sha2-256")))
     parsed = CID.decode(cid)
@@ -141,7 +123,7 @@ async def test_wasi_command_module_is_wasi(http: httpx.AsyncClient) -> None:
     wasm = (FIXTURES / "json_sum.wasm").read_bytes()
     info = await upload(http, wasm)
     assert info["wasi"] is True
-    assert info["cid"] == expected_cid(wasm)
+    assert info["cid"] == cid_of(wasm)
     assert info["size"] == len(wasm)
     assert any(e["name"] == "_start" for e in info["exports"])
     assert {i["module"] for i in info["imports"]} == {"wasi_snapshot_preview1"}
@@ -179,31 +161,6 @@ async def test_streamed_module_over_the_limit_is_413(small: httpx.AsyncClient) -
 async def test_module_under_the_small_limit_is_stored(small: httpx.AsyncClient) -> None:
     response = await small.post("/modules", content=binary(ADD_WAT), headers=WASM)
     assert response.status_code == 201, response.text
-
-
-def raw_exchange(url: str, head: bytes, body_start: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send a request head and only the start of its body; read the whole response.
-
-    The socket's timeout makes the test fail if the server waits for the rest of the body.
-    """
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall(head + body_start)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection without answering"
-            data += chunk
-        raw_head, _, body = data.partition(b"\r\n\r\n")
-        status_line, *lines = raw_head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection mid-response"
-            body += chunk
-    return int(status_line.split()[1]), headers, body
 
 
 def test_oversized_upload_is_refused_from_content_length_before_the_body(
@@ -269,7 +226,7 @@ async def test_cidv1_in_any_multibase_finds_the_module(
 
 
 async def test_unknown_module_is_404(http: httpx.AsyncClient) -> None:
-    cid = expected_cid(b"never uploaded")
+    cid = cid_of(b"never uploaded")
     assert_problem(await http.get(f"/modules/{cid}"), 404, "not-found")
     assert_problem(await http.get(f"/modules/{cid}/wasm"), 404, "not-found")
 
@@ -373,7 +330,7 @@ async def test_put_name_with_a_cidv0_stores_the_cidv1(http: httpx.AsyncClient) -
 
 async def test_put_name_to_an_unknown_cid_is_404(http: httpx.AsyncClient) -> None:
     response = await http.put("/names/calc/latest",
-                              json={"cid": expected_cid(b"never uploaded")})
+                              json={"cid": cid_of(b"never uploaded")})
     assert_problem(response, 404, "not-found")
     assert_problem(await http.get("/names/calc"), 404, "not-found")
 

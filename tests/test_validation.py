@@ -3,14 +3,11 @@ route, and how request ids are derived."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -19,7 +16,16 @@ import redis.asyncio as aioredis
 
 from executor.worker import Executor
 from relay.settings import Settings
-from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, Processes, upload
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    Processes,
+    assert_problem,
+    cid_of,
+    client_for,
+    raw_exchange,
+    upload,
+)
 
 EXECUTE = "/intent/execute-wasm"
 ASYNC = {"Prefer": "respond-async"}
@@ -36,26 +42,9 @@ I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 
 
-def cid_of(data: bytes) -> str:
-    """CIDv1 raw sha2-256 base32 of some bytes (a module never uploaded, when they are not one)."""
-    raw = bytes([0x01, 0x55, 0x12, 0x20]) + hashlib.sha256(data).digest()
-    return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
-
-
 def request_id_for(principal: str, key: str) -> str:
     """The contract's request id for an explicit idempotency key (length-prefixed principal)."""
     return hashlib.sha256(f"{len(principal)}:{principal}{key}".encode()).hexdigest()
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body: dict[str, Any] = response.json()
-    assert body["type"] == f"/problems/{slug}"
-    assert body["status"] == status
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    return body
 
 
 def assert_invalid_at(response: httpx.Response, *pointers: str) -> dict[str, Any]:
@@ -65,20 +54,9 @@ def assert_invalid_at(response: httpx.Response, *pointers: str) -> dict[str, Any
     return body
 
 
-def client(app: Any, headers: dict[str, str]) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://relay",
-                             headers=headers, timeout=30)
-
-
-@pytest.fixture
-async def bob(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with client(app, {"X-API-Key": BOB_KEY}) as bob_client:
-        yield bob_client
-
-
 @pytest.fixture
 async def anonymous(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with client(app, {}) as anonymous_client:
+    async with client_for(app, None) as anonymous_client:
         yield anonymous_client
 
 
@@ -362,21 +340,11 @@ async def test_streamed_body_over_1_mib_is_413(http: httpx.AsyncClient) -> None:
 
 
 def test_body_over_1_mib_is_refused_before_it_is_read(processes: Processes) -> None:
-    url = urlsplit(processes.gateway())
-    assert url.hostname is not None and url.port is not None
     head = (f"POST {EXECUTE} HTTP/1.1\r\nHost: relay\r\nX-API-Key: {ALICE_KEY}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {2 * MIB}\r\n\r\n").encode()
-    # The socket's timeout fails the test if the gateway waits for the rest of the body.
-    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
-        sock.sendall(head + b'{"cid": "')
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, "the gateway closed the connection without answering"
-            data += chunk
-    status_line, _, rest = data.partition(b"\r\n")
-    assert status_line.split()[1] == b"413"
-    assert b"application/problem+json" in rest.split(b"\r\n\r\n")[0].lower()
+    status, headers, _ = raw_exchange(processes.gateway(), head, b'{"cid": "')
+    assert status == 413
+    assert headers["content-type"].startswith("application/problem+json")
 
 
 async def test_idempotency_key_header_differing_from_body_is_400(
