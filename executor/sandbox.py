@@ -23,7 +23,7 @@ import msgspec
 import wasmtime
 
 from relay.modules import WASI_MODULE
-from relay.schemas import EffectivePolicy, ErrorInfo
+from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
 
 TICK_S = 0.01
 MAX_WASM_STACK_BYTES = 1024 * 1024
@@ -31,7 +31,7 @@ PAGE_BYTES = 65536
 TABLE_ELEMENT_BYTES = 8
 _TMP_ROOT = "/dev/shm" if Path("/dev/shm").is_dir() else None
 
-_TRAP_CODES = {
+_TRAP_CODES: dict[wasmtime.TrapCode, ErrorCode] = {
     wasmtime.TrapCode.OUT_OF_FUEL: "out_of_gas",
     wasmtime.TrapCode.INTERRUPT: "timeout",
     wasmtime.TrapCode.STACK_OVERFLOW: "stack_overflow",

@@ -8,6 +8,7 @@ round trips carry batches, few enough that little waits behind a busy thread whi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -22,8 +23,10 @@ from executor.cache import CompiledModules, ModuleGone
 from executor.sandbox import LinkError, Outcome, Sandbox
 from relay.bus import Bus
 from relay.keys import Keys
+from relay.metrics import Metrics
 from relay.modules import ModuleStore
 from relay.schemas import (
+    ErrorCode,
     ErrorInfo,
     ExecuteResponse,
     WasmExecRequested,
@@ -50,6 +53,7 @@ class Executor:
                        requests_retention=settings.requests_retention)
         self.sandbox = Sandbox()
         self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
+        self.metrics = Metrics(client, keys)
         self._threads = ThreadPoolExecutor(settings.executor_concurrency,
                                            thread_name_prefix="wasm")
         self.slots = settings.executor_concurrency + settings.executor_prefetch
@@ -63,7 +67,8 @@ class Executor:
     async def run(self, *, burst: bool = False) -> None:
         """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new."""
         await self.bus.ensure_group()
-        heartbeat = asyncio.create_task(self._heartbeat())
+        background = [asyncio.create_task(self._heartbeat()),
+                      asyncio.create_task(self.metrics.run())]
         try:
             while not self._stopping.is_set():
                 free = self.slots - len(self._running)
@@ -85,7 +90,10 @@ class Executor:
             if self._running:
                 await asyncio.wait(self._running)
         finally:
-            heartbeat.cancel()
+            for task in background:
+                task.cancel()
+            with contextlib.suppress(redis.RedisError):
+                await self.metrics.flush()
             self._threads.shutdown(wait=False, cancel_futures=True)
             self.sandbox.close()
 
@@ -113,7 +121,11 @@ class Executor:
             if not await start:
                 await self.bus.ack(entry_id)  # finished already (a redelivered duplicate)
                 return
-            await self.bus.finish(entry_id, request, response, self.settings.idempotency_ttl_ms)
+            if await self.bus.finish(entry_id, request, response,
+                                     self.settings.idempotency_ttl_ms):
+                self.metrics.observe_execution(
+                    response.error.code if response.error else None, response.duration,
+                    response.gas_used)
         except redis.RedisError:
             # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
@@ -153,5 +165,5 @@ class Executor:
         )
 
 
-def _failed(code: str, message: str) -> Outcome:
+def _failed(code: ErrorCode, message: str) -> Outcome:
     return Outcome(None, 0, 0.0, ErrorInfo(code, message))

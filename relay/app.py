@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Literal
 
 import anyio
 import msgspec
@@ -20,31 +20,54 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay import connection
+from relay import connection, openapi
+from relay.apikeys import StoredKeys
 from relay.bus import Accepted as BusAccepted
 from relay.bus import Bus
-from relay.cid import InvalidCid, normalize
+from relay.cid import NAME_PATTERN, InvalidCid, compute, normalize
 from relay.errors import (
     Conflict,
+    FieldError,
+    Forbidden,
     IdempotencyKeyReuse,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    PayloadTooLarge,
+    RateLimited,
     RelayError,
     Unavailable,
 )
 from relay.events import EventFanIn
 from relay.http import RequestIdMiddleware, json_response, problem_response, read_body
 from relay.keys import Keys
-from relay.modules import InvalidModule, ModuleStore, inspect, to_binary
+from relay.metrics import Metrics
+from relay.modules import (
+    MAX_PAGE_SIZE,
+    InvalidModule,
+    ModuleStore,
+    StoredModule,
+    inspect,
+    to_binary,
+)
 from relay.pipeline.authenticate import Authenticator
+from relay.pipeline.ratelimit import RateLimiter
 from relay.pipeline.validate import Validated, validate
+from relay.policy import ModuleResource, Policies
 from relay.schemas import (
     Accepted,
-    ExecuteResponse,
+    ExecutionState,
+    Health,
+    HealthFeatures,
+    HealthLimits,
     Links,
+    Liveness,
+    NameBound,
+    NameTags,
+    Readiness,
     decode_completed,
     decode_name_binding,
+    decode_response,
     encode,
     response_from_completed,
 )
@@ -53,22 +76,38 @@ from relay.settings import Settings
 log = logging.getLogger("relay.gateway")
 
 REPLAYED = {"Idempotent-Replayed": "true"}
-MAX_PAGE = 200
 MAX_NAME_RETRIES = 3
+# Refusals of an execute request counted as `invalid_request`.
+INVALID = (InvalidRequest, NotFound, PayloadTooLarge, IdempotencyKeyReuse)
 
 
 class Gateway:
     """Everything one gateway process shares between requests."""
 
-    def __init__(self, settings: Settings, client: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, client: aioredis.Redis, policies: Policies) -> None:
         self.settings = settings
         self.client = client
         self.keys = Keys(settings.prefix)
+        self.policies = policies
         self.bus = Bus(client, self.keys, events_retention=settings.events_retention,
                        requests_retention=settings.requests_retention)
         self.modules = ModuleStore(client, self.keys)
         self.fan_in = EventFanIn(client, self.keys)
-        self.authenticate = Authenticator(settings.api_keys)
+        self.authenticate = Authenticator(settings, StoredKeys(client, self.keys))
+        self.rate_limiter = RateLimiter(client, self.keys, settings, policies)
+        self.metrics = Metrics(client, self.keys)
+
+    def authorize(self, principal: str, action: str, resource: ModuleResource | None) -> None:
+        """Raises Forbidden unless the policies permit it."""
+        if not self.policies.authorize(principal, action, resource):
+            self.metrics.count("permission_denied")
+            raise Forbidden(f"the policies do not allow {principal} to {action} "
+                            + (f"module {resource.cid}" if resource else "here"))
+
+    async def module_resource(self, cid: str, name: str = "") -> ModuleResource:
+        """The Cedar view of a stored module. Raises NotFound."""
+        stored = await self.modules.require(cid)
+        return ModuleResource(cid, name, stored.owner)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -80,10 +119,28 @@ def gateway_of(request: Request) -> Gateway:
 
 
 async def execute(request: Request) -> Response:
-    """The pipeline, in the contract's order: authenticate -> validate -> idempotency -> publish.
-    (Rate limiting and authorization join in their places in the next stages of the build.)"""
+    """`POST /intent/execute-wasm`: the pipeline, in the contract's order. Authenticate (401),
+    rate limit (429), then `_execute`: validate (400/404/413), and in one atomic script
+    idempotency (replay, join, 422), authorization (403) and publishing."""
     gw = gateway_of(request)
-    principal = gw.authenticate(request)
+    principal = await gw.authenticate(request)
+    try:
+        rate = await gw.rate_limiter.hit(principal)
+    except RateLimited:
+        gw.metrics.count("rate_limited")
+        raise
+    try:
+        response = await _execute(gw, request, principal)
+    except RelayError as error:
+        if isinstance(error, INVALID):
+            gw.metrics.count("invalid_request")
+        error.headers.update(rate.headers())
+        raise
+    response.headers.update(rate.headers())
+    return response
+
+
+async def _execute(gw: Gateway, request: Request, principal: str) -> Response:
     body = await read_body(request, gw.settings.max_request_bytes)
     respond_async = "respond-async" in request.headers.get("prefer", "")
     validated, accepted, completion = await _publish(
@@ -95,9 +152,10 @@ async def execute(request: Request) -> Response:
             if validated.explicit_key and accepted.fingerprint != validated.fingerprint:
                 raise IdempotencyKeyReuse(
                     "this idempotency key was used with a different request")
+            gw.metrics.count("idempotent_hit")
             if accepted.result is not None:
-                return json_response(accepted.result, headers=REPLAYED)
-            headers = REPLAYED
+                return json_response(accepted.result, headers=dict(REPLAYED))
+            headers = dict(REPLAYED)
         if completion is None:
             return _accepted(request_id, headers)
         result = await _wait_result(gw, request_id, completion)
@@ -112,20 +170,29 @@ async def _publish(gw: Gateway, body: bytes, header_key: str | None, principal: 
                    respond_async: bool,
                    ) -> tuple[Validated, BusAccepted, asyncio.Future[bytes] | None]:
     """Validate and accept; for a sync caller, also a registered completion to wait on."""
+    caps = gw.policies.caps(principal)
     for _ in range(MAX_NAME_RETRIES):
-        validated = await validate(body, header_key, principal, gw.modules, gw.settings)
-        request_id = validated.request.request_id
+        validated = await validate(body, header_key, principal, gw.modules, gw.settings, caps)
+        request = validated.request
+        # Decided here, enforced by the accept script only if the request is new: a replay
+        # or a join needs no new authorization.
+        permitted = gw.policies.authorize(principal, "execute", ModuleResource(
+            request.cid, validated.name.name if validated.name else "", validated.owner))
         # Registered before publishing, so the completion cannot slip past us.
-        completion = None if respond_async else gw.fan_in.completion(request_id)
+        completion = None if respond_async else gw.fan_in.completion(request.request_id)
         try:
-            accepted = await gw.bus.accept(validated.request, validated.fingerprint,
-                                           validated.name)
+            accepted = await gw.bus.accept(request, validated.fingerprint, validated.name,
+                                           permitted=permitted)
         except BaseException:
-            gw.fan_in.release(request_id, completion)
+            gw.fan_in.release(request.request_id, completion)
             raise
+        if accepted.forbidden:
+            gw.fan_in.release(request.request_id, completion)
+            gw.metrics.count("permission_denied")
+            raise Forbidden(f"the policies do not allow {principal} to execute {request.cid}")
         if not accepted.name_moved:
             return validated, accepted, completion
-        gw.fan_in.release(request_id, completion)
+        gw.fan_in.release(request.request_id, completion)
         assert validated.name is not None
         gw.modules.forget(validated.name)  # our cached binding was stale: resolve it afresh
     raise Conflict("the module's name moved while the request was accepted; retry")
@@ -145,7 +212,7 @@ async def _wait_result(gw: Gateway, request_id: str, completion: asyncio.Future[
 
 def _accepted(request_id: str, headers: dict[str, str]) -> Response:
     location = f"/executions/{request_id}"
-    body = Accepted(request_id=request_id, status="queued", links=Links(
+    body = Accepted(request_id=request_id, links=Links(
         self_=location, events=f"/intent/execute-wasm/events?request_id={request_id}"))
     return json_response(body, 202, {**headers, "Location": location})
 
@@ -155,16 +222,18 @@ def _accepted(request_id: str, headers: dict[str, str]) -> Response:
 
 async def get_execution(request: Request) -> Response:
     gw = gateway_of(request)
-    principal = gw.authenticate(request)
+    principal = await gw.authenticate(request)
     request_id = request.path_params["request_id"]
     owner, status, cid, result = await gw.client.hmget(
         gw.keys.execution(request_id), ["principal", "status", "cid", "result"])
     if owner is None or owner.decode() != principal:
         raise NotFound(f"no execution {request_id}")  # another's execution is not ours to show
-    view: dict[str, Any] = {"request_id": request_id, "status": status.decode(),
-                            "cid": cid.decode()}
+    view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
     if result is not None:
-        view.update(msgspec.structs.asdict(msgspec.json.decode(result, type=ExecuteResponse)))
+        finished = decode_response(result)
+        view = msgspec.structs.replace(
+            view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
+            duration=finished.duration, executed_at=finished.executed_at, error=finished.error)
     return json_response(view)
 
 
@@ -173,7 +242,7 @@ async def get_execution(request: Request) -> Response:
 
 async def upload_module(request: Request) -> Response:
     gw = gateway_of(request)
-    principal = gw.authenticate(request)
+    principal = await gw.authenticate(request)
     body = await read_body(request, gw.settings.max_module_bytes)
     name = request.query_params.get("name")
     tag = request.query_params.get("tag") or "latest"
@@ -183,11 +252,18 @@ async def upload_module(request: Request) -> Response:
         await gw.modules.check_bindable(name, tag, principal)
     try:
         wasm = to_binary(body)
-        info = await anyio.to_thread.run_sync(inspect, wasm)
     except InvalidModule as exc:
         raise InvalidRequest(str(exc)) from None
     if len(wasm) > gw.settings.max_module_bytes:
-        raise InvalidRequest(f"the compiled module is over {gw.settings.max_module_bytes} bytes")
+        raise PayloadTooLarge(f"the compiled module is over {gw.settings.max_module_bytes} bytes")
+    cid = compute(wasm)
+    existing = await gw.modules.stored(cid)
+    gw.authorize(principal, "upload",
+                 ModuleResource(cid, name or "", existing.owner if existing else principal))
+    try:
+        info = existing.info if existing else await anyio.to_thread.run_sync(inspect, wasm)
+    except InvalidModule as exc:
+        raise InvalidRequest(str(exc)) from None
     created = await gw.modules.put(info, wasm, principal)
     if name is not None:
         await gw.modules.bind(name, tag, info.cid, principal)
@@ -196,22 +272,30 @@ async def upload_module(request: Request) -> Response:
 
 async def list_modules(request: Request) -> Response:
     gw = gateway_of(request)
-    gw.authenticate(request)
+    principal = await gw.authenticate(request)
     cursor = _query_int(request, "cursor", 0, 0, 2**31)
-    limit = _query_int(request, "limit", 50, 1, MAX_PAGE)
-    return json_response(await gw.modules.page(cursor, limit))
+    limit = _query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+
+    def visible(cid: str, stored: StoredModule) -> bool:
+        resource = ModuleResource(cid, "", stored.owner)
+        return gw.policies.authorize(principal, "execute", resource)
+
+    return json_response(await gw.modules.page(cursor, limit, visible))
 
 
 async def get_module(request: Request) -> Response:
     gw = gateway_of(request)
-    gw.authenticate(request)
-    return json_response(await gw.modules.require(_path_cid(request)))
+    principal = await gw.authenticate(request)
+    cid = _path_cid(request)
+    gw.authorize(principal, "execute", await gw.module_resource(cid))
+    return json_response(await gw.modules.info(cid))
 
 
 async def get_module_wasm(request: Request) -> Response:
     gw = gateway_of(request)
-    gw.authenticate(request)
+    principal = await gw.authenticate(request)
     cid = _path_cid(request)
+    gw.authorize(principal, "execute", await gw.module_resource(cid))
     wasm = await gw.modules.wasm(cid)
     if wasm is None:
         raise NotFound(f"no module {cid}")
@@ -219,15 +303,20 @@ async def get_module_wasm(request: Request) -> Response:
 
 
 async def delete_module(request: Request) -> Response:
+    """Its owner may delete a module, and whoever the policies grant `admin` on it."""
     gw = gateway_of(request)
-    principal = gw.authenticate(request)
-    await gw.modules.delete(_path_cid(request), principal)
+    principal = await gw.authenticate(request)
+    cid = _path_cid(request)
+    resource = await gw.module_resource(cid)
+    if resource.owner != principal:
+        gw.authorize(principal, "admin", resource)
+    await gw.modules.delete(cid)
     return Response(status_code=204)
 
 
 async def bind_name(request: Request) -> Response:
     gw = gateway_of(request)
-    principal = gw.authenticate(request)
+    principal = await gw.authenticate(request)
     body = await read_body(request, gw.settings.max_request_bytes)
     try:
         binding = decode_name_binding(body)
@@ -235,15 +324,23 @@ async def bind_name(request: Request) -> Response:
     except (msgspec.DecodeError, InvalidCid) as exc:
         raise InvalidRequest.at("/cid", str(exc)) from None
     name, tag = request.path_params["name"], request.path_params["tag"]
+    await gw.modules.check_bindable(name, tag, principal)
+    stored = await gw.modules.stored(cid)
+    if stored is None:
+        raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
+    gw.authorize(principal, "upload", ModuleResource(cid, name, stored.owner))
     await gw.modules.bind(name, tag, cid, principal)
-    return json_response({"name": name, "tag": tag, "cid": cid})
+    return json_response(NameBound(name=name, tag=tag, cid=cid))
 
 
 async def get_name(request: Request) -> Response:
     gw = gateway_of(request)
-    gw.authenticate(request)
+    principal = await gw.authenticate(request)
+    gw.authorize(principal, "execute", None)
     name = request.path_params["name"]
-    return json_response({"name": name, "tags": await gw.modules.tags(name)})
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidRequest("a name matches [a-z0-9][a-z0-9._-]{0,63}")
+    return json_response(NameTags(name=name, tags=await gw.modules.tags(name)))
 
 
 def _path_cid(request: Request) -> str:
@@ -266,33 +363,60 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
 
 
 async def healthz(request: Request) -> Response:
-    return json_response({"status": "ok"})
+    return json_response(Liveness())
 
 
 async def readyz(request: Request) -> Response:
     try:
         await gateway_of(request).client.ping()
     except redis.RedisError:
-        return json_response({"status": "unavailable", "redis": False}, 503)
-    return json_response({"status": "ready", "redis": True})
+        raise Unavailable("Redis is unreachable") from None
+    return json_response(Readiness())
 
 
 async def health(request: Request) -> Response:
     gw = gateway_of(request)
+    status: Literal["healthy", "degraded", "unhealthy"]
     try:
         executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
-        status = "healthy" if executors else "degraded"
     except redis.RedisError:
         executors, status = 0, "unhealthy"
-    body = {
-        "status": status,
-        "features": {"idempotency": True, "rate_limiting": False, "authorization": False,
-                     "sse_events": False, "bus_events": True},
-        "limits": {"rate_limit": None, "rate_window": None,
-                   "idempotency_ttl": gw.settings.idempotency_ttl_ms},
-        "executors": executors,
-    }
+    else:
+        # Degraded: it answers, but a policy file is broken (the last good set is in force)
+        # or no executor is alive to run what it accepts.
+        status = "degraded" if gw.policies.error or not executors else "healthy"
+    body = Health(
+        status=status,
+        features=HealthFeatures(idempotency=True, rate_limiting=True, authorization=True,
+                                sse_events=False, bus_events=True),
+        limits=HealthLimits(rate_limit=gw.settings.rate_limit,
+                            rate_window=gw.settings.rate_window_ms,
+                            idempotency_ttl=gw.settings.idempotency_ttl_ms),
+        executors=executors,
+        policy_error=gw.policies.error or msgspec.UNSET,
+    )
     return json_response(body, 503 if status == "unhealthy" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    gw = gateway_of(request)
+    pipe = gw.client.pipeline(transaction=False)
+    pipe.get(gw.keys.queued)
+    pipe.xpending(gw.keys.requests, Keys.EXECUTOR_GROUP)
+    queued, pending = await pipe.execute()
+    executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
+    text = await gw.metrics.render({
+        "relay_queue_depth": ("Accepted executions not yet started.",
+                              max(int(queued or 0), 0)),
+        "relay_pending_entries": ("Request entries delivered to executors, not acknowledged.",
+                                  pending["pending"]),
+        "relay_executors": ("Executors with a live heartbeat.", executors),
+    })
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(openapi.document_bytes())
 
 
 # --- errors ---
@@ -335,6 +459,8 @@ ROUTES = [
     Route("/names/{name}", get_name, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]
 
 
@@ -345,20 +471,29 @@ def create_app(settings: Settings) -> Starlette:
         raise ValueError("create_app needs settings.redis_url")
     redis_url = settings.redis_url
 
+    policies = Policies(settings.policy_dir)  # a broken policy file stops the start here
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = connection.connect(redis_url)
-        gateway = Gateway(settings, client)
+        gateway = Gateway(settings, client, policies)
         await gateway.bus.ensure_group()
         await gateway.fan_in.start(await gateway.bus.last_event_id())
+        background = [asyncio.create_task(policies.watch()),
+                      asyncio.create_task(gateway.metrics.run())]
         app.state.gateway = gateway
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await gateway.fan_in.stop()
+            with contextlib.suppress(redis.RedisError):
+                await gateway.metrics.flush()
             await client.aclose()
 
-    middleware = [Middleware(RequestIdMiddleware)]
+    middleware = [Middleware(RequestIdMiddleware, access_log=settings.access_log)]
     if settings.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins),

@@ -61,6 +61,9 @@ local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'r
 if found[1] and found[4] ~= '1' then
   return {found[1], found[2], found[3]}
 end
+if ARGV[10] == '1' then
+  return {'forbidden', '', false}
+end
 local position = redis.call('INCR', KEYS[4]) - 1
 if position < 0 then
   redis.call('SET', KEYS[4], 1)
@@ -115,6 +118,10 @@ class Accepted(NamedTuple):
     def name_moved(self) -> bool:
         return self.status == "moved"
 
+    @property
+    def forbidden(self) -> bool:
+        return self.status == "forbidden"
+
 
 
 class Bus:
@@ -152,11 +159,12 @@ class Bus:
     # --- gateway ---
 
     async def accept(self, request: WasmExecRequested, fingerprint: str,
-                     name: GlyphName | None = None) -> Accepted:
+                     name: GlyphName | None = None, *, permitted: bool = True) -> Accepted:
         """Claim `request.request_id` and enqueue it, unless a live record exists already.
 
         With `name`, only while that name still points at `request.cid`; otherwise the status
-        is `moved` and nothing happened.
+        is `moved` and nothing happened. Not `permitted`: an existing record is still reported
+        (a replay needs no new authorization) but nothing new is queued: status `forbidden`.
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
@@ -174,6 +182,7 @@ class Bus:
                 self.events_retention,
                 self.requests_retention,
                 tag,
+                "0" if permitted else "1",
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result)

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 
+from relay import logs
 from relay import settings as settings_module
 from relay.connection import EmbeddedRedis
 from relay.settings import Settings, SettingsError
@@ -40,15 +41,23 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=8000)
     commands.add_parser("executor", help="a sandboxed executor reading the bus")
+    keys = commands.add_parser("keys", help="API keys stored in Redis").add_subparsers(
+        dest="keys_command", required=True)
+    keys.add_parser("create", help="create a key for PRINCIPAL; it is printed once").add_argument(
+        "principal")
+    keys.add_parser("list", help="list stored keys (ids and principals, never keys)")
+    keys.add_parser("revoke", help="revoke the key with this id").add_argument("id")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("RELAY_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings = settings_module.load()
     except SettingsError as exc:
         parser.exit(2, f"relay: configuration error: {exc}\n")
+    logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), settings.log_format)
     if args.command == "dev":
         dev(settings, args.host, args.port)
+    elif args.command == "keys":
+        with redis_for(settings) as settings:
+            run_event_loop(manage_keys(settings, args))
     elif args.command == "gateway":
         with redis_for(settings) as settings:
             serve_gateway(settings, args.host, args.port)
@@ -109,6 +118,32 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
+
+
+async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
+    from relay.apikeys import StoredKeys
+    from relay.connection import connect
+    from relay.keys import Keys
+
+    assert settings.redis_url is not None
+    client = connect(settings.redis_url)
+    stored = StoredKeys(client, Keys(settings.prefix))
+    try:
+        if args.keys_command == "create":
+            new = await stored.create(args.principal)
+            print(f"{new.key}\n\nkey id {new.id} for principal {args.principal!r}: keep the key "
+                  "now, it is not shown again; `relay keys revoke ID` revokes it.",
+                  file=sys.stdout)
+        elif args.keys_command == "list":
+            for record in await stored.list():
+                print(f"{record.id}  {record.principal}  {record.created_at}")
+        else:
+            revoked = await stored.revoke(args.id)
+            if revoked is None:
+                raise SystemExit(f"relay: no key with id {args.id}")
+            print(f"revoked key {revoked.id} of {revoked.principal!r}")
+    finally:
+        await client.aclose()
 
 
 def dev(settings: Settings, host: str, port: int) -> None:

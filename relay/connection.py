@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -20,17 +21,25 @@ SOCKET_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 1.0
 
 
+# Connections one process opens at most. Past it, callers wait for a free one (up to the socket
+# timeout) instead of failing: redis-py's default pool raises "Too many connections" at 100.
+MAX_CONNECTIONS = 256
+
+
 def connect(url: str) -> aioredis.Redis:
     """An asyncio client with its own pool. `from_url` sets no retry policy; we set a short one
     so a blip is absorbed while an outage surfaces as an error within about a second."""
-    return aioredis.Redis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=SOCKET_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         decode_responses=False,
     )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 class EmbeddedRedis:
@@ -38,20 +47,34 @@ class EmbeddedRedis:
 
     Persistence is on (AOF, fsync every second), so `relay dev` keeps modules, names and
     results across restarts. Clients connect through a unix socket in the data directory.
+
+    Several commands may use one data directory at once (`relay dev` running, `relay keys
+    create` beside it): the first holds a lock and owns the server; the others use it and leave
+    it running. An owner that died leaves its server behind for the next owner to adopt.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.dir = Path(data_dir).resolve() / "redis"
         self.socket = self.dir / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
+        self._lock: int | None = None
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
 
     def start(self, timeout_s: float = 10.0) -> str:
-        """Start the server (or adopt one a killed earlier run left behind); returns its URL."""
+        """Start the server, or use the running one; returns its URL."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.dir / "owner.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live owner runs it
+            os.close(lock)
+            if not self._ping():
+                raise RuntimeError(f"the Redis server in {self.dir} is not answering") from None
+            return self.url
+        self._lock = lock
         if self._ping():
             return self.url
         with contextlib.suppress(FileNotFoundError):
@@ -83,17 +106,22 @@ class EmbeddedRedis:
         return self.url
 
     def stop(self) -> None:
-        """Shut the server down cleanly (on SIGTERM or SHUTDOWN, Redis flushes the AOF)."""
+        """If we own the server, shut it down cleanly (on SIGTERM or SHUTDOWN, Redis flushes the
+        AOF) and release the ownership."""
+        if self._lock is None:
+            return
         if self.process is None:  # adopted from an earlier run: ask it over the socket
             with contextlib.suppress(redis.RedisError, OSError):
                 self._client().shutdown()
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.process = None
+        else:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+            self.process = None
+        os.close(self._lock)
+        self._lock = None
 
     def _ping(self) -> bool:
         if not self.socket.exists():

@@ -98,6 +98,20 @@ class IdempotencyKeyReuse(RelayError):
     status, slug, title = 422, "idempotency-key-reuse", "Idempotency key reused"
 
 
+class RateLimited(RelayError):
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+    def __init__(self, detail: str, retry_after_s: int, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.retry_after_s = retry_after_s
+        self.headers["Retry-After"] = str(retry_after_s)
+
+    def problem(self, request_id: str | None) -> Problem:
+        problem = super().problem(request_id)
+        problem.retry_after = self.retry_after_s
+        return problem
+
+
 class Unavailable(RelayError):
     status, slug, title = 503, "unavailable", "Service unavailable"
 

@@ -5,27 +5,31 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from relay import logs
 from relay.errors import PayloadTooLarge, RelayError, problem_body
 from relay.schemas import encode
 
 log = logging.getLogger("relay.gateway")
+access = logging.getLogger("relay.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class RequestIdMiddleware:
-    """Gives every HTTP response an `X-Request-Id` (the client's, if sane, else a new one) and
-    puts it in `scope["state"]["request_id"]` for errors and logs. Pure ASGI, so streaming
-    responses pass through untouched."""
+    """Gives every HTTP response an `X-Request-Id` (the client's, if sane, else a new one),
+    puts it in `scope["state"]["request_id"]` for errors and in the logs' context, and writes
+    one access log line a request. Pure ASGI, so streaming responses pass through untouched."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,14 +39,15 @@ class RequestIdMiddleware:
             "latin-1")
         request_id = offered if _CLIENT_REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
         scope.setdefault("state", {})["request_id"] = request_id
+        logs.request_id.set(request_id)
         header = (b"x-request-id", request_id.encode())
-
-        started = False
+        status = 0
+        began = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
@@ -51,13 +56,18 @@ class RequestIdMiddleware:
         except Exception:
             # Here rather than in Starlette's ServerErrorMiddleware, which sits outside this
             # one: the 500 then carries the correlation id like every other response.
-            log.exception("unhandled error (request %s)", request_id)
-            if started:
+            log.exception("unhandled error")
+            if status:
                 raise
             error = RelayError("an internal error occurred; it has been logged")
             await send_with_id({"type": "http.response.start", "status": 500, "headers": [
                 (b"content-type", b"application/problem+json")]})
             await send({"type": "http.response.body", "body": problem_body(error, request_id)})
+        finally:
+            if self.access_log:
+                access.info("%s %s %d", scope["method"], scope["path"], status, extra={
+                    "method": scope["method"], "path": scope["path"], "status": status,
+                    "duration_ms": round((time.perf_counter() - began) * 1000, 3)})
 
 
 def request_id_of(request: Request) -> str | None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("events", "executors", "modules", "name_owners", "prefix", "queued", "requests")
+    __slots__ = ("api_keys", "events", "executors", "metrics", "modules", "name_owners", "prefix",
+                 "queued", "rate_limits", "requests")
 
     EXECUTOR_GROUP = "executors"
 
@@ -26,6 +27,12 @@ class Keys:
         """Hash name -> principal that first bound it."""
         self.executors = f"{prefix}:executors"
         """Sorted set of executor consumer names, scored by last heartbeat (ms)."""
+        self.api_keys = f"{prefix}:api-keys"
+        """Hash sha256(key) hex -> JSON {principal, id, created_at} of stored API keys."""
+        self.metrics = f"{prefix}:metrics"
+        """Hash of cluster-wide counters and histogram buckets (see relay.metrics)."""
+        self.rate_limits = f"{prefix}:ratelimit"
+        """Prefix the `limits` library puts before its own rate-limit keys."""
 
     def execution(self, request_id: str) -> str:
         """Hash holding one execution's owner, status and result."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
@@ -26,6 +27,7 @@ from relay.schemas import (
 )
 
 WASI_MODULE = "wasi_snapshot_preview1"
+MAX_PAGE_SIZE = 200
 WASM_MAGIC = b"\0asm"
 _KINDS = {
     wasmtime.FuncType: "func",
@@ -34,6 +36,12 @@ _KINDS = {
     wasmtime.GlobalType: "global",
 }
 _INSPECTOR = wasmtime.Engine()
+
+
+class StoredModule(NamedTuple):
+    info: ModuleInfo
+    owner: str
+    """The principal that first uploaded it."""
 
 
 class Resolved(NamedTuple):
@@ -94,7 +102,7 @@ class ModuleStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, cache_size: int = 1024) -> None:
         self.client = client
         self.keys = keys
-        self._cache: OrderedDict[str, ModuleInfo] = OrderedDict()
+        self._cache: OrderedDict[str, StoredModule] = OrderedDict()
         self._names: OrderedDict[cids.GlyphName, str] = OrderedDict()
         self._cache_size = cache_size
 
@@ -109,44 +117,48 @@ class ModuleStore:
             await pipe.execute()
         return bool(created)
 
-    async def info(self, cid: str) -> ModuleInfo | None:
+    async def stored(self, cid: str) -> StoredModule | None:
         cached = self._cache.get(cid)
         if cached is not None:
             return cached
-        raw = await self.client.hget(self.keys.module(cid), "meta")
+        raw, owner = await self.client.hmget(self.keys.module(cid), ["meta", "owner"])
         if raw is None:
             return None
-        info = decode_module_info(raw)
-        self._cache[cid] = info
+        stored = StoredModule(decode_module_info(raw), owner.decode())
+        self._cache[cid] = stored
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return info
+        return stored
 
-    async def require(self, cid: str) -> ModuleInfo:
-        info = await self.info(cid)
-        if info is None:
+    async def info(self, cid: str) -> ModuleInfo | None:
+        stored = await self.stored(cid)
+        return None if stored is None else stored.info
+
+    async def require(self, cid: str) -> StoredModule:
+        stored = await self.stored(cid)
+        if stored is None:
             raise NotFound(f"no module {cid}")
-        return info
+        return stored
 
     async def wasm(self, cid: str) -> bytes | None:
         data: bytes | None = await self.client.hget(self.keys.module(cid), "wasm")
         return data
 
-    async def page(self, cursor: int, limit: int) -> ModulePage:
-        """Modules newest first; `next_cursor` is an opaque offset for the next page."""
+    async def page(self, cursor: int, limit: int,
+                   visible: Callable[[str, StoredModule], bool]) -> ModulePage:
+        """Modules newest first, those `visible(cid, module)` only; `next_cursor` is an opaque
+        offset for the next page (a page may hold fewer than `limit` when some are hidden)."""
         found = await self.client.zrevrange(self.keys.modules, cursor, cursor + limit)
-        cids_on_page = [c.decode() for c in found[:limit]]
-        infos = [info for c in cids_on_page if (info := await self.info(c)) is not None]
+        shown = []
+        for cid in (c.decode() for c in found[:limit]):
+            stored = await self.stored(cid)
+            if stored is not None and visible(cid, stored):
+                shown.append(stored.info)
         next_cursor = str(cursor + limit) if len(found) > limit else None
-        return ModulePage(modules=infos, next_cursor=next_cursor)
+        return ModulePage(modules=shown, next_cursor=next_cursor)
 
-    async def delete(self, cid: str, principal: str) -> None:
-        """Delete a module; only its owner may. Names bound to it then resolve to nothing."""
-        owner = await self.client.hget(self.keys.module(cid), "owner")
-        if owner is None:
-            raise NotFound(f"no module {cid}")
-        if owner.decode() != principal:
-            raise Forbidden("only the principal that uploaded a module may delete it")
+    async def delete(self, cid: str) -> None:
+        """Delete a module. Names bound to it then resolve to nothing."""
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.keys.module(cid))
         pipe.zrem(self.keys.modules, cid)

@@ -7,10 +7,10 @@ body that decodes is well-formed. Encoders and decoders are built once here.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 
@@ -45,8 +45,13 @@ class EffectivePolicy(msgspec.Struct, kw_only=True):
     max_time: int
 
 
+ErrorCode = Literal["out_of_gas", "timeout", "memory_limit", "stack_overflow", "trap",
+                   "exit_nonzero", "cancelled", "module_not_found", "invalid_module", "internal"]
+ExecutionStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
+
+
 class ErrorInfo(msgspec.Struct):
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -68,8 +73,22 @@ class Links(msgspec.Struct, rename={"self_": "self"}):
 
 class Accepted(msgspec.Struct, kw_only=True):
     request_id: str
-    status: str
+    status: Literal["queued"] = "queued"
     links: Links
+
+
+class ExecutionState(msgspec.Struct, kw_only=True):
+    """`GET /executions/{id}`: the state, and every result field once it has finished."""
+
+    request_id: str
+    status: ExecutionStatus
+    cid: str
+    success: bool | UnsetType = UNSET
+    output: Any = UNSET
+    gas_used: int | UnsetType = UNSET
+    duration: float | UnsetType = UNSET
+    executed_at: str | UnsetType = UNSET
+    error: ErrorInfo | UnsetType | None = UNSET
 
 
 class FunctionSignature(msgspec.Struct, kw_only=True):
@@ -100,6 +119,44 @@ class ModulePage(msgspec.Struct, kw_only=True):
 class NameTags(msgspec.Struct, kw_only=True):
     name: str
     tags: dict[str, str]
+
+
+class NameBound(msgspec.Struct, kw_only=True):
+    name: str
+    tag: str
+    cid: str
+
+
+class HealthFeatures(msgspec.Struct, kw_only=True):
+    idempotency: bool
+    rate_limiting: bool
+    authorization: bool
+    sse_events: bool
+    bus_events: bool
+
+
+class HealthLimits(msgspec.Struct, kw_only=True):
+    rate_limit: int
+    rate_window: int
+    idempotency_ttl: int
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: Literal["healthy", "degraded", "unhealthy"]
+    features: HealthFeatures
+    limits: HealthLimits
+    executors: int
+    policy_error: str | UnsetType = UNSET
+    """Why a policy file was not loaded (the last good set is in force)."""
+
+
+class Liveness(msgspec.Struct):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(msgspec.Struct):
+    status: Literal["ready"] = "ready"
+    redis: bool = True
 
 
 # --- The bus: one tagged union, the `type` field first in every entry. ---
@@ -175,6 +232,7 @@ decode_completed = msgspec.json.Decoder(WasmExecCompleted).decode
 decode_event = msgspec.json.Decoder(Event).decode
 decode_head = msgspec.json.Decoder(EventHead).decode
 decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
+decode_response = msgspec.json.Decoder(ExecuteResponse).decode
 
 
 def queued_template(request_id: str, cid: str, timestamp: str) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -54,6 +55,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cors_origins: tuple[str, ...] = ()
     heartbeat_ttl_ms: int = 5_000
 
+    jwt_secret: str | None = None
+    """`RELAY_JWT_SECRET`: accept HS256 bearer tokens signed with it."""
+    jwt_public_key: str | None = None
+    """`RELAY_JWT_PUBLIC_KEY`: PEM (or a path to one); accept RS256/ES256 tokens it verifies."""
+    jwt_audience: str | None = None
+    stored_key_cache_ms: int = 5_000
+    """How long a gateway trusts a stored API key it looked up: revocation takes this long."""
+
+    rate_limit: int = 10
+    rate_window_ms: int = 60_000
+    policy_dir: str = str(Path(__file__).resolve().parent.parent / "policies")
+    access_log: bool = True
+    log_format: str = "json"
+
 
 def _integer(minimum: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
@@ -85,6 +100,49 @@ def _csv(name: str, raw: str) -> tuple[str, ...]:
     return tuple(filter(None, (part.strip() for part in raw.split(","))))
 
 
+def _whole_seconds_ms(name: str, raw: str) -> int:
+    value = _int(name, raw)
+    if value % 1000:
+        raise SettingsError(f"{name} is in milliseconds and must be whole seconds, got {value}")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise SettingsError(f"{name} must be true or false, got {raw!r}")
+    return lowered in ("1", "true", "yes", "on")
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.strip() not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+        return raw.strip()
+
+    return parse
+
+
+def _directory(name: str, raw: str) -> str:
+    if not Path(raw).is_dir():
+        raise SettingsError(f"{name} must name a directory, got {raw!r}")
+    return raw
+
+
+def _pem(name: str, raw: str) -> str:
+    """PEM text, or the path of a file holding it (easier to pass around than a multi-line
+    variable)."""
+    text = raw.strip()
+    if not text.startswith("-----BEGIN"):
+        try:
+            text = Path(text).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"{name} must be PEM text or a readable file: {exc}") from None
+    if "PUBLIC KEY-----" not in text:
+        raise SettingsError(f"{name} must hold a PEM public key")
+    return text
+
+
 def _str(name: str, raw: str) -> str:
     if not raw.strip():
         raise SettingsError(f"{name} must not be empty")
@@ -114,6 +172,15 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RELAY_MAX_OUTPUT_BYTES": ("max_output_bytes", _int),
     "RELAY_CORS_ORIGINS": ("cors_origins", _csv),
     "RELAY_HEARTBEAT_TTL": ("heartbeat_ttl_ms", _int),
+    "RELAY_JWT_SECRET": ("jwt_secret", _str),
+    "RELAY_JWT_PUBLIC_KEY": ("jwt_public_key", _pem),
+    "RELAY_JWT_AUDIENCE": ("jwt_audience", _str),
+    "RELAY_STORED_KEY_CACHE": ("stored_key_cache_ms", _integer(0)),
+    "RELAY_RATE_LIMIT": ("rate_limit", _int),
+    "RELAY_RATE_WINDOW": ("rate_window_ms", _whole_seconds_ms),
+    "RELAY_POLICY_DIR": ("policy_dir", _directory),
+    "RELAY_ACCESS_LOG": ("access_log", _bool),
+    "RELAY_LOG_FORMAT": ("log_format", _choice("json", "text")),
 }
 
 

@@ -1,35 +1,97 @@
-"""Authentication: who is calling. Every route but health, readiness and metrics uses it."""
+"""Authentication: who is calling. Every route but health, readiness and metrics uses it.
+
+Three kinds of credentials:
+- `X-API-Key` from `RELAY_API_KEYS` (held in memory) or created with `relay keys create`
+  (stored in Redis as sha256 digests only);
+- `Authorization: Bearer <JWT>`: HS256 with `RELAY_JWT_SECRET`, RS256/ES256 with
+  `RELAY_JWT_PUBLIC_KEY`; `exp` and `sub` required, `aud` checked when configured.
+
+Keys are looked up by their digest, never compared as text: the lookup's timing does not depend
+on how much of a guessed key is right, and no plain key is kept anywhere.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import time
 
+import jwt
 from starlette.requests import HTTPConnection
 
+from relay.apikeys import StoredKeys
 from relay.errors import Unauthenticated
+from relay.settings import Settings
+
+_HMAC_ALGORITHMS = ("HS256",)
+_PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256")
 
 
-def _digest(secret: str) -> bytes:
+def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
 class Authenticator:
-    """API keys from `RELAY_API_KEYS`, looked up by their sha256 digest.
+    def __init__(self, settings: Settings, stored: StoredKeys) -> None:
+        self._configured = {digest(key): principal for principal, key in settings.api_keys}
+        self._stored = stored
+        self._cache_s = settings.stored_key_cache_ms / 1000
+        self._cache: dict[bytes, tuple[str, float]] = {}
+        self._jwt_keys: dict[str, str] = {}
+        if settings.jwt_secret:
+            self._jwt_keys.update(dict.fromkeys(_HMAC_ALGORITHMS, settings.jwt_secret))
+        if settings.jwt_public_key:
+            self._jwt_keys.update(dict.fromkeys(_PUBLIC_KEY_ALGORITHMS, settings.jwt_public_key))
+        self._audience = settings.jwt_audience
 
-    Looking up a digest rather than comparing keys keeps the comparison's timing independent of
-    how much of a guessed key is right, and keeps no plain key in memory.
-    """
-
-    def __init__(self, api_keys: Iterable[tuple[str, str]]) -> None:
-        self._principals = {_digest(key): principal for principal, key in api_keys}
-
-    def __call__(self, connection: HTTPConnection) -> str:
+    async def __call__(self, connection: HTTPConnection) -> str:
         """The caller's principal. Raises Unauthenticated."""
         key = connection.headers.get("x-api-key")
-        if not key:
-            raise Unauthenticated("send an API key in the X-API-Key header")
-        principal = self._principals.get(_digest(key))
+        if key is not None:
+            return await self._api_key(key)
+        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return self._bearer(token.strip())
+        raise Unauthenticated("send an API key in X-API-Key, or a bearer token in Authorization")
+
+    async def _api_key(self, key: str) -> str:
+        key_digest = digest(key)
+        principal = self._configured.get(key_digest)
+        if principal is not None:
+            return principal
+        cached = self._cache.get(key_digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        principal = await self._stored.principal(key_digest)
         if principal is None:
+            self._cache.pop(key_digest, None)
             raise Unauthenticated("unknown API key")
+        if self._cache_s:
+            if len(self._cache) > 10_000:  # bounded: forget everything rather than grow
+                self._cache.clear()
+            self._cache[key_digest] = (principal, time.monotonic() + self._cache_s)
         return principal
+
+    def _bearer(self, token: str) -> str:
+        if not self._jwt_keys:
+            raise Unauthenticated("bearer tokens are not accepted here (no JWT key configured)")
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            # One algorithm at a time, with the key made for it: no `none`, and no HS256 token
+            # "signed" with the RSA public key.
+            key = self._jwt_keys.get(str(algorithm))
+            if key is None:
+                raise Unauthenticated(f"bearer tokens signed with {algorithm} are not accepted")
+            claims = jwt.decode(
+                token, key, algorithms=[str(algorithm)], audience=self._audience,
+                options={"require": ["exp", "sub"], "verify_aud": self._audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the bearer token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("the bearer token is for another audience") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"invalid bearer token: {exc}") from None
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated("the bearer token has no subject")
+        return subject

@@ -16,6 +16,7 @@ import msgspec
 from relay.cid import GlyphName
 from relay.errors import FieldError, InvalidRequest, NotFound, pointer_from_msgspec
 from relay.modules import ModuleStore
+from relay.policy import PrincipalCaps
 from relay.schemas import (
     EffectivePolicy,
     ExecuteRequest,
@@ -40,6 +41,8 @@ class Validated(NamedTuple):
     explicit_key: bool
     name: GlyphName | None
     """The glyph name the request used; accepting checks it still names `request.cid`."""
+    owner: str
+    """The module's owner, for authorization."""
 
 
 def parse(body: bytes) -> ExecuteRequest:
@@ -54,8 +57,12 @@ def parse(body: bytes) -> ExecuteRequest:
 
 
 async def validate(body: bytes, header_key: str | None, principal: str,
-                   modules: ModuleStore, settings: Settings) -> Validated:
-    """Raises InvalidRequest (400) or NotFound (404, unknown module)."""
+                   modules: ModuleStore, settings: Settings, caps: PrincipalCaps) -> Validated:
+    """Raises InvalidRequest (400) or NotFound (404, unknown module).
+
+    `caps` are the principal's own ceilings: a value over them is refused like one over the
+    deployment's, never clamped; an omitted value takes the default lowered to them.
+    """
     request = parse(body)
     if header_key is not None and not 1 <= len(header_key) <= _MAX_KEY_LENGTH:
         raise InvalidRequest(f"the Idempotency-Key header must have 1 to {_MAX_KEY_LENGTH} "
@@ -65,13 +72,14 @@ async def validate(body: bytes, header_key: str | None, principal: str,
                                 "the Idempotency-Key header and idempotency_key differ")
     key = request.idempotency_key or header_key
     cid, name = await modules.resolve(request.cid)
-    info = await modules.info(cid)
-    if info is None:
+    stored = await modules.stored(cid)
+    if stored is None:
         raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
+    info = stored.info
     entrypoint = _entrypoint(info, request.entrypoint)
     if not (info.wasi and entrypoint == "_start"):
         _check_inputs(info, entrypoint, request.inputs)
-    policy = _effective_policy(request, settings)
+    policy = _effective_policy(request, settings, caps)
     fingerprint = hashlib.sha256(encode(
         {"cid": cid, "entrypoint": entrypoint, "inputs": request.inputs, "policy": policy}
     )).hexdigest()
@@ -80,7 +88,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         request_id=request_id, cid=cid, entrypoint=entrypoint, inputs=request.inputs,
         policy=policy, user_id=principal, timestamp=now_iso(),
     )
-    return Validated(published, fingerprint, key is not None, name)
+    return Validated(published, fingerprint, key is not None, name, stored.owner)
 
 
 def _request_id(principal: str, key: str) -> str:
@@ -142,20 +150,25 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _effective_policy(request: ExecuteRequest, settings: Settings) -> EffectivePolicy:
-    limits = {
-        "max_gas": (request.policy.max_gas, settings.default_max_gas, settings.max_gas),
+def _effective_policy(request: ExecuteRequest, settings: Settings,
+                      caps: PrincipalCaps) -> EffectivePolicy:
+    limits = {  # name: (asked, default, deployment ceiling, principal's cap)
+        "max_gas": (request.policy.max_gas, settings.default_max_gas, settings.max_gas,
+                    caps.max_gas),
         "max_memory": (request.policy.max_memory, settings.default_max_memory_bytes,
-                       settings.max_memory_bytes),
+                       settings.max_memory_bytes, caps.max_memory),
         "max_time": (request.policy.max_time, settings.default_max_time_ms,
-                     settings.max_time_ms),
+                     settings.max_time_ms, caps.max_time),
     }
-    errors = [
-        FieldError(f"/policy/{name}", f"{asked} is over the ceiling of {ceiling}")
-        for name, (asked, _, ceiling) in limits.items()
-        if asked is not None and asked > ceiling
-    ]
+    errors = []
+    effective = {}
+    for name, (asked, default, ceiling, cap) in limits.items():
+        pointer = f"/policy/{name}"
+        if asked is not None and asked > ceiling:
+            errors.append(FieldError(pointer, f"{asked} is over the ceiling of {ceiling}"))
+        elif asked is not None and cap is not None and asked > cap:
+            errors.append(FieldError(pointer, f"{asked} is over your cap of {cap}"))
+        effective[name] = asked if asked is not None else min(default, cap or default)
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors)
-    return EffectivePolicy(**{name: asked if asked is not None else default
-                              for name, (asked, default, _) in limits.items()})
+    return EffectivePolicy(**effective)

@@ -1,0 +1,51 @@
+"""Structured logs: one JSON object a line, carrying the request's correlation id.
+
+`RequestIdMiddleware` puts the id of the request being served in `request_id`; every record
+logged while serving it carries it, whichever module logs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
+                                                                         default=None)
+_encode = msgspec.json.Encoder().encode
+# Attributes every LogRecord has; anything else was passed with `extra=` and is logged too.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        current = request_id.get()
+        if current is not None:
+            entry["request_id"] = current
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return _encode(entry).decode("utf-8", "replace")
+
+
+def configure(level: str, log_format: str) -> None:
+    """Log to stderr as JSON lines (`json`) or plain text (`text`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,126 @@
+"""Prometheus metrics, cluster-wide.
+
+Gateways and executors count in memory and add their counts to one Redis hash about once a
+second, so `GET /metrics` on any gateway replica reports the totals of the whole deployment
+(scrape one replica, or take `max` across them; never `sum`). Counting costs no round trip on
+the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, defaultdict
+
+import redis
+import redis.asyncio as aioredis
+
+from relay.keys import Keys
+
+log = logging.getLogger("relay.metrics")
+
+PREFIX = "relay_execute_wasm"
+COUNTERS = {
+    "success": "Executions that ran to the end.",
+    "error": "Executions that ended with an error (trap, limit, cancellation, internal).",
+    "invalid_request": "Execute requests refused as invalid (400, 404, 413, 422).",
+    "rate_limited": "Execute requests refused by the rate limiter (429).",
+    "permission_denied": "Requests refused by the authorization policies (403).",
+    "idempotent_hit": "Execute requests answered by an earlier execution (replay or join).",
+}
+HISTOGRAMS = {
+    "duration_seconds": ("Wall-clock time of executions.",
+                         (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                          2.5, 5.0, 10.0, 30.0, 60.0, 300.0)),
+    "gas_used": ("Gas (wasmtime fuel) used by executions.",
+                 tuple(float(10**exponent) for exponent in range(2, 13))),
+}
+
+
+class Metrics:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._counts: Counter[str] = Counter()
+        self._sums: defaultdict[str, float] = defaultdict(float)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self._counts[name] += amount
+
+    def observe_execution(self, error_code: str | None, duration_ms: float,
+                          gas_used: int) -> None:
+        if error_code is None:
+            self.count("success")
+        else:
+            self.count("error")
+            self.count(f"error:{error_code}")
+        self._observe("duration_seconds", duration_ms / 1000)
+        self._observe("gas_used", float(gas_used))
+
+    def _observe(self, name: str, value: float) -> None:
+        bounds = HISTOGRAMS[name][1]
+        bucket = next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
+        self._counts[f"{name}:bucket:{bucket}"] += 1
+        self._counts[f"{name}:count"] += 1
+        self._sums[f"{name}:sum"] += value
+
+    async def flush(self) -> None:
+        """Add what was counted since the last flush to the shared totals."""
+        if not self._counts and not self._sums:
+            return
+        counts, sums = self._counts, self._sums
+        self._counts, self._sums = Counter(), defaultdict(float)
+        pipe = self.client.pipeline(transaction=False)
+        for field, amount in counts.items():
+            pipe.hincrby(self.keys.metrics, field, amount)
+        for field, total in sums.items():
+            pipe.hincrbyfloat(self.keys.metrics, field, total)
+        try:
+            await pipe.execute()
+        except redis.RedisError:
+            counts.update(self._counts)  # keep them for the next flush
+            for field, total in self._sums.items():
+                sums[field] += total
+            self._counts, self._sums = counts, sums
+            raise
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.flush()
+            except redis.RedisError as exc:
+                log.warning("cannot flush metrics, keeping them: %s", exc)
+
+    async def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+        """The Prometheus text exposition of the totals, plus `gauges` (name: (help, value))."""
+        await self.flush()
+        raw = await self.client.hgetall(self.keys.metrics)
+        totals = {field.decode(): float(value) for field, value in raw.items()}
+        lines: list[str] = []
+        for name, help_text in COUNTERS.items():
+            metric = f"{PREFIX}_{name}_total"
+            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter",
+                      f"{metric} {_number(totals.get(name, 0))}"]
+            if name == "error":
+                for field in sorted(f for f in totals if f.startswith("error:")):
+                    code = field.partition(":")[2]
+                    lines.append(f'{metric}{{code="{code}"}} {_number(totals[field])}')
+        for name, (help_text, bounds) in HISTOGRAMS.items():
+            metric = f"{PREFIX}_{name}"
+            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
+            cumulative = 0.0
+            for i, bound in enumerate((*bounds, float("inf"))):
+                cumulative += totals.get(f"{name}:bucket:{i}", 0)
+                le = "+Inf" if bound == float("inf") else _number(bound)
+                lines.append(f'{metric}_bucket{{le="{le}"}} {_number(cumulative)}')
+            lines += [f"{metric}_sum {_number(totals.get(f'{name}:sum', 0))}",
+                      f"{metric}_count {_number(totals.get(f'{name}:count', 0))}"]
+        for name, (help_text, value) in gauges.items():
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
+                      f"{name} {_number(value)}"]
+        return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -1,0 +1,317 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated rather than written.
+
+Schemas come from the msgspec wire types (`relay.schemas`, `relay.errors`); error statuses, slugs
+and headers from the `RelayError` classes; the rest from `OPERATIONS`, one entry per route of
+`relay.app.ROUTES` (tests/test_openapi.py fails when the two differ, so the document never
+describes a route that does not exist, nor misses one that does).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from relay import schemas
+from relay.cid import NAME_PATTERN
+from relay.errors import (
+    Conflict,
+    Forbidden,
+    IdempotencyKeyReuse,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    Problem,
+    RateLimited,
+    RelayError,
+    Unauthenticated,
+    Unavailable,
+)
+from relay.modules import MAX_PAGE_SIZE
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+WASM = "application/wasm"
+METRICS = "text/plain; version=0.0.4"
+REF = "#/components/schemas/{name}"
+
+
+# Types the document names besides the bodies in OPERATIONS: the problem every error carries,
+# and the bus events (for internal consumers).
+DOCUMENTED: tuple[Any, ...] = (Problem, schemas.Event)
+NAMED = {schemas.Event: "Event"}
+
+
+# --- The table ---
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A documented success response. `body` is a msgspec type, a JSON Schema, or None."""
+
+    status: int
+    description: str
+    body: Any = None
+    media_type: str = JSON
+    headers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    replies: tuple[Reply, ...]
+    errors: tuple[type[RelayError], ...] = ()
+    """Besides Unauthenticated, which every operation with `auth` gets."""
+    body: tuple[tuple[str, Any], ...] = ()
+    """(media type, msgspec type or JSON Schema) pairs of the request body."""
+    parameters: tuple[str, ...] = ()
+    """Keys of query and header PARAMETERS; path parameters come from `path`."""
+    auth: bool = True
+    rate_limited: bool = False
+
+
+STORE = (Unavailable,)  # every route that reads or writes Redis
+# Headers the refusals carry (their constructors set them, so they are listed here).
+ERROR_HEADERS: dict[type[RelayError], tuple[str, ...]] = {
+    Unauthenticated: ("WWW-Authenticate",), RateLimited: ("Retry-After",),
+    Unavailable: ("Retry-After",)}
+REPLAYED = "Idempotent-Replayed"
+ANY_JSON: dict[str, Any] = {"type": "object"}
+
+OPERATIONS = (
+    Operation(
+        "POST", "/intent/execute-wasm", "executeWasm", "Run a function of a stored module",
+        (Reply(200, "The result; a trap or broken limit is `success: false`.",
+               schemas.ExecuteResponse, headers=(REPLAYED,)),
+         Reply(202, "Accepted (`Prefer: respond-async`, or not finished within the sync wait).",
+               schemas.Accepted, headers=("Location", REPLAYED))),
+        (*STORE, InvalidRequest, Forbidden, NotFound, Conflict, PayloadTooLarge,
+         IdempotencyKeyReuse, RateLimited),
+        body=((JSON, schemas.ExecuteRequest),),
+        parameters=("Idempotency-Key", "Prefer"),
+        rate_limited=True,
+    ),
+    Operation(
+        "GET", "/executions/{request_id}", "getExecution", "An execution's state and result",
+        (Reply(200, "Its state; once finished, the execute response's fields too.",
+               schemas.ExecutionState),),
+        (*STORE, NotFound),
+    ),
+    Operation(
+        "POST", "/modules", "uploadModule", "Validate and store a module, optionally naming it",
+        (Reply(201, "Stored.", schemas.ModuleInfo, headers=("Location",)),
+         Reply(200, "Already stored.", schemas.ModuleInfo, headers=("Location",))),
+        (*STORE, InvalidRequest, Forbidden, PayloadTooLarge),
+        body=((WASM, {"type": "string", "format": "binary", "contentMediaType": WASM}),
+              ("text/plain", {"type": "string", "description": "WebAssembly text (WAT)"})),
+        parameters=("name_query", "tag_query"),
+    ),
+    Operation(
+        "GET", "/modules", "listModules", "Stored modules, newest first",
+        (Reply(200, "A page of modules.", schemas.ModulePage),),
+        (*STORE, InvalidRequest),
+        parameters=("limit", "cursor"),
+    ),
+    Operation(
+        "GET", "/modules/{cid}", "getModule", "A module's metadata",
+        (Reply(200, "The module.", schemas.ModuleInfo),),
+        (*STORE, InvalidRequest, Forbidden, NotFound),
+    ),
+    Operation(
+        "DELETE", "/modules/{cid}", "deleteModule", "Delete a module (its uploader only)",
+        (Reply(204, "Deleted."),),
+        (*STORE, InvalidRequest, Forbidden, NotFound),
+    ),
+    Operation(
+        "GET", "/modules/{cid}/wasm", "getModuleWasm", "A module's binary",
+        (Reply(200, "The binary module.", {"type": "string", "format": "binary"}, WASM),),
+        (*STORE, InvalidRequest, Forbidden, NotFound),
+    ),
+    Operation(
+        "PUT", "/names/{name}/{tag}", "bindName", "Bind (or move) a glyph name to a module",
+        (Reply(200, "Bound.", schemas.NameBound),),
+        (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
+        body=((JSON, schemas.NameBinding),),
+    ),
+    Operation(
+        "GET", "/names/{name}", "getName", "A glyph name's tags",
+        (Reply(200, "Each tag and the CID it names.", schemas.NameTags),),
+        (*STORE, Forbidden, NotFound),
+    ),
+    Operation(
+        "GET", "/intent/execute-wasm/health", "health", "Health, features, limits, executors",
+        (Reply(200, "Healthy or degraded.", schemas.Health),
+         Reply(503, "Unhealthy.", schemas.Health)),
+        auth=False,
+    ),
+    Operation("GET", "/healthz", "healthz", "Liveness", (Reply(200, "Alive.", schemas.Liveness),),
+              auth=False),
+    Operation(
+        "GET", "/readyz", "readyz", "Readiness",
+        (Reply(200, "Redis is reachable.", schemas.Readiness),),
+        STORE, auth=False,
+    ),
+    Operation("GET", "/metrics", "metrics", "Prometheus metrics",
+              (Reply(200, "Counters, histograms and gauges.", {"type": "string"}, METRICS),),
+              STORE, auth=False),
+    Operation("GET", "/openapi.json", "openapi", "This document",
+              (Reply(200, "OpenAPI 3.1.", ANY_JSON),), auth=False),
+)
+
+
+def _string(description: str, **schema: Any) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string", **schema}}
+
+
+def _parameter(where: str, name: str, description: str, schema: dict[str, Any],
+               ) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "description": description,
+            "schema": schema}
+
+
+NAME = {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$"}
+PARAMETERS = {
+    "request_id": _parameter("path", "request_id", "The execution's id.",
+                             {"type": "string", "pattern": "^[0-9a-f]{64}$"}),
+    "cid": _parameter("path", "cid", "A CIDv1 (any multibase) or a CIDv0 (`Qm…`).",
+                      {"type": "string"}),
+    "name": _parameter("path", "name", "A glyph name.", NAME),
+    "tag": _parameter("path", "tag", "A tag of the name.", NAME),
+    "name_query": _parameter("query", "name", "Also bind this glyph name to the module.", NAME),
+    "tag_query": _parameter("query", "tag", "The tag to bind (needs `name`; default `latest`).",
+                            NAME),
+    "limit": _parameter("query", "limit", "Modules per page.",
+                        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE,
+                         "default": 50}),
+    "cursor": _parameter("query", "cursor", "`next_cursor` of the previous page.",
+                         {"type": "string"}),
+    # What the body's `idempotency_key` takes; filled in from its schema by `document`.
+    "Idempotency-Key": _parameter("header", "Idempotency-Key",
+                                  "As `idempotency_key` in the body (if both are sent, equal).",
+                                  {}),
+    "Prefer": _parameter("header", "Prefer", "`respond-async` answers 202 at once.",
+                         {"type": "string", "examples": ["respond-async"]}),
+}
+HEADERS = {
+    "X-Request-Id": {**_string("The gateway's correlation id for logs."), "required": True},
+    "Location": {**_string("Where the resource is."), "required": True},
+    REPLAYED: _string("`true` when this request did not start the execution.", enum=["true"]),
+    "Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
+                    "schema": {"type": "integer", "minimum": 0}},
+    "RateLimit": {**_string('Remaining quota, e.g. `"default";r=9;t=42`.'), "required": True},
+    "RateLimit-Policy": {**_string('The quota policy, e.g. `"default";q=10;w=60`.'),
+                         "required": True},
+    "WWW-Authenticate": {**_string("The accepted schemes."), "required": True},
+}
+SECURITY_SCHEMES = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+}
+
+
+def _headers(names: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"}
+            for name in ("X-Request-Id", *names)}
+
+
+def _errors(operation: Operation) -> dict[str, Any]:
+    """One problem+json response per status, its `type` pinned to the classes' slugs."""
+    errors = ((Unauthenticated,) if operation.auth else ()) + operation.errors
+    responses: dict[str, Any] = {}
+    for status in sorted({error.status for error in errors}):
+        same = [error for error in errors if error.status == status]
+        headers = sorted({name for error in same for name in ERROR_HEADERS.get(error, ())})
+        schema = {"allOf": [{"$ref": REF.format(name="Problem")}], "properties": {
+            "type": {"enum": [f"/problems/{error.slug}" for error in same]},
+            "status": {"const": status}}}
+        responses[str(status)] = {
+            "description": "; ".join(f"{error.title} (`{error.slug}`)" for error in same),
+            "headers": _headers(headers),
+            "content": {PROBLEM: {"schema": schema}},
+        }
+    return responses
+
+
+def _operation(operation: Operation, schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    def schema(body: Any) -> dict[str, Any]:
+        return body if isinstance(body, dict) else schema_of[body]
+
+    limited = ("RateLimit", "RateLimit-Policy") if operation.rate_limited else ()
+    responses: dict[str, Any] = {}
+    for reply in operation.replies:
+        response: dict[str, Any] = {"description": reply.description,
+                                    "headers": _headers((*reply.headers, *limited))}
+        if reply.body is not None:
+            response["content"] = {reply.media_type: {"schema": schema(reply.body)}}
+        responses[str(reply.status)] = response
+    for status, response in _errors(operation).items():
+        # Refused before the limit is counted (401), or unable to count it (503).
+        if limited and status not in (str(Unauthenticated.status), str(Unavailable.status)):
+            response["headers"].update(_headers(limited))
+        responses[status] = response
+    parameters = re.findall(r"\{(\w+)\}", operation.path) + list(operation.parameters)
+    result: dict[str, Any] = {
+        "operationId": operation.operation_id,
+        "summary": operation.summary,
+        "responses": dict(sorted(responses.items())),
+    }
+    if parameters:
+        result["parameters"] = [{"$ref": f"#/components/parameters/{name}"}
+                                for name in parameters]
+    if operation.body:
+        result["requestBody"] = {"required": True, "content": {
+            media_type: {"schema": schema(body)} for media_type, body in operation.body}}
+    if not operation.auth:
+        result["security"] = []
+    return result
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("relay")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, built once. Callers must not mutate it."""
+    bodies = [body for op in OPERATIONS
+              for body in [*(r.body for r in op.replies), *(b for _, b in op.body)]
+              if body is not None and not isinstance(body, dict)]
+    types = list(dict.fromkeys([*DOCUMENTED, *bodies]))
+    refs, components = msgspec.json.schema_components(types, ref_template=REF)
+    for kind, ref in zip(types, refs, strict=True):
+        if kind in NAMED:  # a union: msgspec inlines it, the document names it
+            components[NAMED[kind]] = ref
+    schema_of = {kind: ({"$ref": REF.format(name=NAMED[kind])} if kind in NAMED else ref)
+                 for kind, ref in zip(types, refs, strict=True)}
+    key_schema = components["ExecuteRequest"]["properties"]["idempotency_key"]["anyOf"][0]
+    parameters = {**PARAMETERS, "Idempotency-Key": {**PARAMETERS["Idempotency-Key"],
+                                                    "schema": key_schema}}
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in OPERATIONS:
+        paths.setdefault(operation.path, {})[operation.method.lower()] = _operation(
+            operation, schema_of)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Relay", "version": _version(),
+                 "description": "Run untrusted WebAssembly behind an HTTP API."},
+        "security": [{name: []} for name in SECURITY_SCHEMES],
+        "paths": paths,
+        "components": {"schemas": dict(sorted(components.items())), "parameters": parameters,
+                       "headers": HEADERS, "securitySchemes": SECURITY_SCHEMES},
+    }
+
+
+@functools.cache
+def document_bytes() -> bytes:
+    """`document()` as JSON."""
+    return msgspec.json.encode(document())

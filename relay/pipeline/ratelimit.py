@@ -1,0 +1,84 @@
+"""Rate limiting: per principal, shared by every gateway replica through Redis (`limits`).
+
+A fixed window of `RELAY_RATE_WINDOW` ms allowing `RELAY_RATE_LIMIT` requests, or the
+principal's own numbers from principals.toml. Every response of a limited route carries the
+IETF httpapi `RateLimit-Policy` and `RateLimit` fields; a refusal is 429 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from functools import lru_cache
+from typing import NamedTuple
+
+import redis.asyncio as aioredis
+from limits import RateLimitItem, RateLimitItemPerSecond
+from limits.aio.storage import RedisStorage
+
+from relay.errors import RateLimited
+from relay.keys import Keys
+from relay.policy import Policies
+from relay.settings import Settings
+
+
+class RateState(NamedTuple):
+    policy: str
+    limit: int
+    window_s: int
+    remaining: int
+    reset_s: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "RateLimit-Policy": f'"{self.policy}";q={self.limit};w={self.window_s}',
+            "RateLimit": f'"{self.policy}";r={self.remaining};t={self.reset_s}',
+        }
+
+
+@lru_cache(maxsize=256)
+def _item(limit: int, window_s: int) -> RateLimitItem:
+    return RateLimitItemPerSecond(limit, window_s)
+
+
+def _limits_uri(redis_url: str) -> str:
+    # `limits` names its schemes after the client; the pool we hand it decides the connection.
+    if redis_url.startswith("unix://"):
+        return "async+redis+unix://" + redis_url.removeprefix("unix://")
+    return "async+" + redis_url
+
+
+class RateLimiter:
+    def __init__(self, client: aioredis.Redis, keys: Keys, settings: Settings,
+                 policies: Policies) -> None:
+        assert settings.redis_url is not None
+        # One pool per process: `limits` runs its scripts on the gateway's own connections.
+        self._storage = RedisStorage(_limits_uri(settings.redis_url), implementation="redispy",
+                                     key_prefix=keys.rate_limits,
+                                     connection_pool=client.connection_pool)
+        self._settings = settings
+        self._policies = policies
+
+    async def hit(self, principal: str) -> RateState:
+        """Count one request. Raises RateLimited (with the RateLimit fields) when over."""
+        caps = self._policies.caps(principal)
+        own = caps.rate_limit is not None or caps.rate_window is not None
+        limit = caps.rate_limit or self._settings.rate_limit
+        window_s = (caps.rate_window or self._settings.rate_window_ms) // 1000
+        item = _item(limit, window_s)
+        key = item.key_for(principal)
+        # The library's hit() then get_window_stats() would be three round trips in a row; its
+        # storage's counter and expiry read, sent together, are one.
+        count, expiry = await asyncio.gather(
+            self._storage.incr(key, item.get_expiry()), self._storage.get_expiry(key))
+        reset_s = window_s if count == 1 else min(max(math.ceil(expiry - time.time()), 0),
+                                                   window_s)
+        state = RateState("principal" if own else "default", limit, window_s,
+                          max(limit - count, 0), reset_s)
+        if count > limit:
+            retry_after = max(reset_s, 1)
+            raise RateLimited(
+                f"over {limit} requests per {window_s} s; retry in {retry_after} s",
+                retry_after_s=retry_after, headers=state.headers())
+        return state
