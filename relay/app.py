@@ -134,9 +134,11 @@ async def execute(request: Request) -> Response:
     except RelayError as error:
         if isinstance(error, INVALID):
             gw.metrics.count("invalid_request")
-        error.headers.update(rate.headers())
+        if rate is not None:
+            error.headers.update(rate.headers())
         raise
-    response.headers.update(rate.headers())
+    if rate is not None:
+        response.headers.update(rate.headers())
     return response
 
 
@@ -387,7 +389,8 @@ async def health(request: Request) -> Response:
         status = "degraded" if gw.policies.error or not executors else "healthy"
     body = Health(
         status=status,
-        features=HealthFeatures(idempotency=True, rate_limiting=True, authorization=True,
+        features=HealthFeatures(idempotency=True, rate_limiting=gw.settings.rate_limit > 0,
+                                authorization=True,
                                 sse_events=False, bus_events=True),
         limits=HealthLimits(rate_limit=gw.settings.rate_limit,
                             rate_window=gw.settings.rate_window_ms,

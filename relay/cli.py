@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_module.load()
     except SettingsError as exc:
         parser.exit(2, f"relay: configuration error: {exc}\n")
+    if args.command == "dev" and "RELAY_LOG_FORMAT" not in os.environ:
+        # At a terminal, text reads better; services default to JSON lines for collectors.
+        os.environ["RELAY_LOG_FORMAT"] = "text"
+        settings = msgspec.structs.replace(settings, log_format="text")
     logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), settings.log_format)
     if args.command == "dev":
         dev(settings, args.host, args.port)

@@ -64,6 +64,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long a gateway trusts a stored API key it looked up: revocation takes this long."""
 
     rate_limit: int = 10
+    """`RELAY_RATE_LIMIT`: requests per window and principal; 0 turns the default limit off
+    (principals with their own `rate_limit` in principals.toml are still limited)."""
     rate_window_ms: int = 60_000
     policy_dir: str = str(Path(__file__).resolve().parent.parent / "policies")
     access_log: bool = True
@@ -176,7 +178,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RELAY_JWT_PUBLIC_KEY": ("jwt_public_key", _pem),
     "RELAY_JWT_AUDIENCE": ("jwt_audience", _str),
     "RELAY_STORED_KEY_CACHE": ("stored_key_cache_ms", _integer(0)),
-    "RELAY_RATE_LIMIT": ("rate_limit", _int),
+    "RELAY_RATE_LIMIT": ("rate_limit", _integer(0)),
     "RELAY_RATE_WINDOW": ("rate_window_ms", _whole_seconds_ms),
     "RELAY_POLICY_DIR": ("policy_dir", _directory),
     "RELAY_ACCESS_LOG": ("access_log", _bool),

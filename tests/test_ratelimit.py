@@ -99,3 +99,14 @@ async def test_other_routes_are_not_limited(limited: Any) -> None:
             response = await alice.get("/modules")
             assert response.status_code == 200
             assert "ratelimit" not in response.headers
+
+
+async def test_rate_limit_zero_turns_the_default_limit_off(settings: Settings) -> None:
+    application = create_app(with_settings(settings, rate_limit=0))
+    async with application.router.lifespan_context(application), client_for(
+            application, "alice-secret-key") as alice:
+        answers = [await alice.post(EXECUTE, content=b"{}") for _ in range(5)]
+        health = (await alice.get("/intent/execute-wasm/health")).json()
+    assert {a.status_code for a in answers} == {400}
+    assert all("ratelimit" not in a.headers for a in answers)
+    assert health["features"]["rate_limiting"] is False

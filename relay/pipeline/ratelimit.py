@@ -60,11 +60,14 @@ class RateLimiter:
         self._settings = settings
         self._policies = policies
 
-    async def hit(self, principal: str) -> RateState:
-        """Count one request. Raises RateLimited (with the RateLimit fields) when over."""
+    async def hit(self, principal: str) -> RateState | None:
+        """Count one request. Raises RateLimited (with the RateLimit fields) when over; None
+        when this principal is not limited."""
         caps = self._policies.caps(principal)
         own = caps.rate_limit is not None or caps.rate_window is not None
         limit = caps.rate_limit or self._settings.rate_limit
+        if not limit:
+            return None
         window_s = (caps.rate_window or self._settings.rate_window_ms) // 1000
         item = _item(limit, window_s)
         key = item.key_for(principal)
