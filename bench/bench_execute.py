@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
-"""Benchmark sync `POST /intent/execute-wasm` against an in-process wasmtime reference.
+"""Benchmark sync `POST /intent/execute-wasm`: the core path, the whole pipeline, a reference.
 
-One run starts, side by side:
-- `relay dev` (embedded Redis, gateway, one executor) in its own process group, on a fresh
-  data directory, with a random API key;
-- a reference: a bare Starlette app under uvicorn (same settings as the gateway) that decodes the
+One run starts, side by side, and loads in turn (alternating the order every round):
+- `relay-core`: `relay dev` with the rate limiter off (RELAY_RATE_LIMIT=0) and no access log
+  (RELAY_ACCESS_LOG=0): authentication, validation, idempotency, Cedar authorization, the bus,
+  the executor;
+- `relay`: `relay dev` with the defaults except a rate limit it never reaches
+  (RELAY_RATE_LIMIT=1000000000, so the limiter runs: 2 Redis commands per request) and the
+  access log on (RELAY_ACCESS_LOG=1, one line per request to its log file): the whole
+  pipeline;
+- `reference`: a bare Starlette app under uvicorn (same settings as the gateway) that decodes the
   same JSON body and calls the calculator's `main` in-process with wasmtime (one Engine, the
   compiled Module cached, a fresh Store with fuel per request).
 
-Then it loads both with `wrk` (or, when wrk is missing, a small asyncio HTTP/1.1 keep-alive
+Each `relay dev` runs in its own process group, on its own fresh data directory (so its own
+embedded Redis), port and random API key.
+
+Then it loads each with `wrk` (or, when wrk is missing, a small asyncio HTTP/1.1 keep-alive
 client) at each concurrency for a fixed duration after a warm-up, every request with a unique
-`idempotency_key`, and prints req/s, p50, p99, errors, CPU per request of every process, the
-relay/reference ratios and the targets. `--profile N` then samples the gateway and the
-executor with py-spy for N seconds under load and prints their hot spots.
+`idempotency_key`, and prints req/s, p50, p99, errors, CPU per request of every process, Redis
+commands per request, the ratios to the reference, the pipeline's cost (relay − relay-core) and
+the targets of both issues. `--profile N` then samples the gateway and the executor of `relay`
+(and, to subtract, of `relay-core`) with py-spy for N seconds under load and prints their hot
+spots and what the pipeline adds in the gateway.
 
 Run from the project root:  .venv/bin/python bench/bench_execute.py [--duration 10]
 The stdlib is enough for this file; the children run with the project's virtualenv.
@@ -53,10 +63,24 @@ EXPECTED_OUTPUT = 8
 REFERENCE_GAS = 1_000_000_000  # RELAY_DEFAULT_MAX_GAS
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# The issue's targets.
+# The targets. The core-path issue, on relay-core:
 TARGET_RPS_C16 = 1200.0
 TARGET_SHARE_C16 = 0.25
 TARGET_P50_MS_C1 = 1.5
+# The pipeline issue: relay (everything on) against relay-core.
+TARGET_PIPELINE_P50_COST_MS_C1 = 0.30
+TARGET_PIPELINE_RPS_C16 = 1000.0
+
+CORE, PIPELINE, REFERENCE = "relay-core", "relay", "reference"
+TARGET_NAMES = (CORE, PIPELINE, REFERENCE)
+RELAY_TARGETS = (CORE, PIPELINE)
+# The environment that makes each relay target (on top of the defaults).
+RELAY_ENV = {
+    CORE: {"RELAY_RATE_LIMIT": "0", "RELAY_ACCESS_LOG": "0"},
+    # Never refuses (the contract default is 10 per minute), but the limiter runs.
+    PIPELINE: {"RELAY_RATE_LIMIT": "1000000000", "RELAY_ACCESS_LOG": "1"},
+}
+PY_SPY_RATE = 100  # samples per second
 
 
 # --- the reference server (run as `bench_execute.py _reference --port P`) ---
@@ -82,7 +106,7 @@ def serve_reference(host: str, port: int) -> None:
     config = wasmtime.Config()
     config.consume_fuel = True
     engine = wasmtime.Engine(config)
-    module = wasmtime.Module(engine, wasmtime.wat2wasm(CALCULATOR_WAT.read_text()))
+    module = wasmtime.Module(engine, bytes(wasmtime.wat2wasm(CALCULATOR_WAT.read_text())))
 
     async def execute(request: Request) -> Response:
         try:
@@ -152,19 +176,33 @@ class Child:
             self.process.wait(timeout=5)
 
     def log_tail(self, chars: int = 3000) -> str:
+        """The end of the log (which the access log can make large)."""
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            with self.log_path.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - chars))
+                return log.read().decode(errors="replace")
         except OSError:
             return ""
 
+    def count_in_log(self, needle: bytes) -> int:
+        try:
+            return self.log_path.read_bytes().count(needle)
+        except OSError:
+            return 0
 
-def start_child(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
+
+def start_child(name: str, argv: list[str], env: dict[str, str], log_dir: Path,
+                children: list[Child]) -> Child:
+    """Start `argv` in its own process group, logging to `log_dir/name.log`; the child goes
+    into `children` at once, so the caller's cleanup stops it whatever happens next."""
     log_path = log_dir / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    return Child(name, process, log_path)
+    child = Child(name, process, log_path)
+    children.append(child)
+    return child
 
 
 def shutdown_redis(socket_path: Path) -> None:
@@ -211,6 +249,25 @@ def wait_until(check: Any, child: Child, what: str, timeout_s: float) -> None:
         time.sleep(0.1)
     raise RuntimeError(f"{child.name}: no {what} within {timeout_s:.0f} s ({last_error}); "
                        f"its log ends:\n{child.log_tail()}")
+
+
+def kill_leftover(pid: int, marker: str, grace_s: float) -> None:
+    """SIGKILL `pid` if, after `grace_s`, it is still alive and still runs `marker` (not a
+    reused pid)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return
+        if marker not in cmdline or state == "Z":
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def cpu_ticks(pid: int | None) -> int:
@@ -542,18 +599,27 @@ def _payer(python: list[str]) -> str:
     return f"{_package(python[-1])} (stdlib)" if python else "native"
 
 
-def summarize_profile(path: Path, top: int) -> list[str]:
-    """Where a process's busy samples go, from py-spy's collapsed (raw) stacks: by package
-    (see `_payer`), by leaf frame (a native leaf is named with its Python caller), and by
-    project function, inclusive."""
-    kinds: collections.Counter[str] = collections.Counter()
-    leaves: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    packages: collections.Counter[str] = collections.Counter()
+@dataclass
+class Profile:
+    """Samples of one process, from py-spy's collapsed (raw) stacks."""
+    kinds: collections.Counter[str] = field(default_factory=collections.Counter)
+    leaves: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Busy samples by leaf frame (a native leaf is named with its Python caller)."""
+    inclusive: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Busy samples by Python frame anywhere on the stack (every package), once a stack."""
+    packages: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def busy(self) -> int:
+        return self.kinds["busy"]
+
+
+def parse_profile(path: Path) -> Profile | None:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
-        return ["  (no profile written)"]
+        return None
+    profile = Profile()
     for line in lines:
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
@@ -564,7 +630,7 @@ def summarize_profile(path: Path, top: int) -> list[str]:
         if not frames:
             continue
         kind = _classify(frames)
-        kinds[kind] += count
+        profile.kinds[kind] += count
         if kind != "busy":
             continue
         python = [name for name, is_python in frames if is_python]
@@ -572,35 +638,80 @@ def summarize_profile(path: Path, top: int) -> list[str]:
         leaf, leaf_is_python = frames[-1]
         if not leaf_is_python:
             leaf = f"{leaf} <- {caller}"
-        leaves[leaf] += count
+        profile.leaves[leaf] += count
         for name in set(python):
-            if "(relay/" in name or "(executor/" in name:
-                inclusive[name] += count
-        packages[_payer(python)] += count
-    total = sum(kinds.values())
-    busy = kinds["busy"]
+            profile.inclusive[name] += count
+        profile.packages[_payer(python)] += count
+    return profile
+
+
+_ENTRY = ("main (", "<module> (", "dev (", "serve_gateway (", "run_executor (")
+
+
+def summarize_profile(profile: Profile | None, top: int) -> list[str]:
+    """Where a process's busy samples go: by package (see `_payer`), by leaf frame, and by
+    project function, inclusive."""
+    if profile is None:
+        return ["  (no profile written)"]
+    total = sum(profile.kinds.values())
+    busy = profile.busy
     if not busy:
         return ["  (no busy samples)"]
+    kinds = profile.kinds
     out = [f"  {total} samples: busy {kinds['busy'] / total:.0%}, waiting for the GIL "
            f"{kinds['gil'] / total:.0%}, idle {kinds['idle'] / total:.0%}. Shares of busy:"]
     out.append("  by package that caused it: " + ", ".join(
-        f"{name} {n / busy:.0%}" for name, n in packages.most_common(8)))
+        f"{name} {n / busy:.0%}" for name, n in profile.packages.most_common(8)))
     out.append("  leaf frames:")
-    out += [f"    {n / busy:5.1%}  {name}" for name, n in leaves.most_common(top)]
+    out += [f"    {n / busy:5.1%}  {name}" for name, n in profile.leaves.most_common(top)]
     out.append("  project functions, inclusive:")
-    entry = ("main (", "<module> (", "dev (", "serve_gateway (", "run_executor (")
-    ranked = [(name, n) for name, n in inclusive.most_common() if not name.startswith(entry)]
+    ranked = [(name, n) for name, n in profile.inclusive.most_common()
+              if ("(relay/" in name or "(executor/" in name) and not name.startswith(_ENTRY)]
     out += [f"    {n / busy:5.1%}  {name}" for name, n in ranked[:top]]
     return out
 
 
+def pipeline_difference(pipeline: Profile, pipeline_requests: float, core: Profile,
+                        core_requests: float, top: int) -> list[str]:
+    """What the pipeline adds in a process: busy samples turned into CPU µs per request (one
+    sample = 1/PY_SPY_RATE s), relay minus relay-core, by function (inclusive) and by leaf."""
+    scale = 1e6 / PY_SPY_RATE
+
+    def per_request(count: int, requests: float) -> float:
+        return count * scale / requests if requests else 0.0
+
+    def delta(counts_a: collections.Counter[str], counts_b: collections.Counter[str],
+              name: str) -> float:
+        return (per_request(counts_a[name], pipeline_requests)
+                - per_request(counts_b[name], core_requests))
+
+    busy_a = per_request(pipeline.busy, pipeline_requests)
+    busy_b = per_request(core.busy, core_requests)
+    out = [f"  busy ≈ {busy_a:.0f} µs/request (relay) vs {busy_b:.0f} (relay-core): "
+           f"{busy_a - busy_b:+.0f} µs/request"]
+    # Ancestors of most samples (the event loop, the ASGI stack's top) say nothing new.
+    ancestors = {name for name, n in pipeline.inclusive.items() if n >= 0.5 * pipeline.busy}
+    names = (set(pipeline.inclusive) | set(core.inclusive)) - ancestors
+    ranked = sorted(((delta(pipeline.inclusive, core.inclusive, n), n) for n in names),
+                    reverse=True)
+    out.append("  functions, inclusive (relay − relay-core, µs/request; frames under half "
+               "of the samples):")
+    out += [f"    {d:+6.1f}  {name}" for d, name in ranked[:top] if d > 0]
+    leaves = set(pipeline.leaves) | set(core.leaves)
+    ranked = sorted(((delta(pipeline.leaves, core.leaves, n), n) for n in leaves),
+                    reverse=True)
+    out.append("  leaf frames (relay − relay-core, µs/request):")
+    out += [f"    {d:+6.1f}  {name}" for d, name in ranked[:top] if d > 0]
+    return out
+
+
 def record_profiles(py_spy: str, pids: dict[str, int], seconds: float, work_dir: Path,
-                    native: bool) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
+                    native: bool, label: str) -> list[tuple[str, subprocess.Popen[bytes], Path]]:
     recorders = []
     for name, pid in pids.items():
-        out = work_dir / f"{name}.collapsed"
+        out = work_dir / f"{label}-{name}.collapsed"
         argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-                "--rate", "100", "--format", "raw", "--output", str(out)]
+                "--rate", str(PY_SPY_RATE), "--format", "raw", "--output", str(out)]
         if native:
             argv.append("--native")
         process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -609,17 +720,17 @@ def record_profiles(py_spy: str, pids: dict[str, int], seconds: float, work_dir:
     return recorders
 
 
-def profile_relay(loader: Loader, relay: Target, concurrency: int, seconds: float,
-                  work_dir: Path, top: int, native: bool) -> None:
-    py_spy = py_spy_binary()
-    if py_spy is None:
-        print("\n--profile: py-spy is not installed (.venv/bin/pip install py-spy); skipped")
-        return
-    pids = {name: relay.pids[name] for name in ("gateway", "executor") if name in relay.pids}
-    loader.load(relay, concurrency, 1.0)  # warm, then sample a steady state
-    recorders = record_profiles(py_spy, pids, seconds, work_dir, native)
+def profile_target(py_spy: str, loader: Loader, target: Target, concurrency: int,
+                   seconds: float, work_dir: Path, native: bool
+                   ) -> tuple[dict[str, Profile | str], float]:
+    """py-spy the gateway and the executor of `target` under load: per process, its Profile
+    (or why there is none), and the requests served while sampling (estimated)."""
+    pids: dict[str, int] = {name: target.pids[name] for name in ("gateway", "executor")
+                            if name in target.pids}
+    loader.load(target, concurrency, 1.0)  # warm, then sample a steady state
+    recorders = record_profiles(py_spy, pids, seconds, work_dir, native, target.name)
     try:
-        loader.load(relay, concurrency, seconds + 1.5)
+        raw = loader.load(target, concurrency, seconds + 1.5)
     finally:
         for _, process, _ in recorders:
             try:
@@ -627,16 +738,46 @@ def profile_relay(loader: Loader, relay: Target, concurrency: int, seconds: floa
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    print(f"\npy-spy{' --native' if native else ''}, relay under load at c={concurrency} "
-          f"({seconds:g} s; sampling slows the processes, so compare shares, not rates):")
+    requests = raw["requests"] / raw["seconds"] * seconds if raw["seconds"] else 0.0
+    profiles: dict[str, Profile | str] = {}
     for name, process, out in recorders:
-        print(f"- {name} (pid {pids[name]}):")
-        if process.returncode != 0 or not out.exists():
+        profile = parse_profile(out) if process.returncode == 0 else None
+        if profile is None:
             assert process.stderr is not None
             error = process.stderr.read().decode(errors="replace").strip()[-500:]
-            print(f"  py-spy failed ({process.returncode}): {error}")
-            continue
-        print("\n".join(summarize_profile(out, top)))
+            profiles[name] = f"py-spy failed ({process.returncode}): {error}"
+        else:
+            profiles[name] = profile
+    return profiles, requests
+
+
+def profile_pipeline(loader: Loader, pipeline: Target, core: Target, concurrency: int,
+                     seconds: float, work_dir: Path, top: int, native: bool) -> None:
+    """The hot spots of `relay` (the whole pipeline), then what it adds to the gateway over
+    `relay-core`, sampled the same way right after."""
+    py_spy = py_spy_binary()
+    if py_spy is None:
+        print("\n--profile: py-spy is not installed (.venv/bin/pip install py-spy); skipped")
+        return
+    measured = {target.name: profile_target(py_spy, loader, target, concurrency, seconds,
+                                            work_dir, native) for target in (pipeline, core)}
+    profiles, requests = measured[pipeline.name]
+    print(f"\npy-spy{' --native' if native else ''} at {PY_SPY_RATE} Hz, {pipeline.name} under "
+          f"load at c={concurrency} ({seconds:g} s, ≈{requests / seconds:,.0f} req/s; sampling "
+          "slows the processes, so compare shares, not rates):")
+    for name, profile in profiles.items():
+        print(f"- {name} (pid {pipeline.pids[name]}):")
+        print(f"  {profile}" if isinstance(profile, str) else
+              "\n".join(summarize_profile(profile, top)))
+    core_profiles, core_requests = measured[core.name]
+    gateway, core_gateway = profiles.get("gateway"), core_profiles.get("gateway")
+    print(f"\nWhat the pipeline adds in the gateway ({pipeline.name} − {core.name}, sampled the "
+          f"same way, {core.name} at ≈{core_requests / seconds:,.0f} req/s):")
+    if isinstance(gateway, Profile) and isinstance(core_gateway, Profile):
+        print("\n".join(pipeline_difference(gateway, requests, core_gateway, core_requests,
+                                            top)))
+    else:
+        print(f"  not available: {core_gateway if isinstance(core_gateway, str) else gateway}")
 
 
 def redis_commandstats(socket_path: Path) -> dict[str, tuple[int, int]]:
@@ -690,17 +831,28 @@ def aggregate(results: list[Result]) -> Result:
     return merged
 
 
-def print_report(results: dict[tuple[str, int], Result], concurrencies: list[int],
+def paired_deltas(rounds: dict[tuple[str, int], list[Result]], concurrency: int,
+                  metric: str) -> list[float]:
+    """relay − relay-core for `metric`, round by round (each round measures the two one right
+    after the other, so the pairs share the machine's state)."""
+    pipeline, core = rounds.get((PIPELINE, concurrency), []), rounds.get((CORE, concurrency), [])
+    return [getattr(a, metric) - getattr(b, metric) for a, b in zip(pipeline, core, strict=False)]
+
+
+def print_report(results: dict[tuple[str, int], Result],
+                 rounds: dict[tuple[str, int], list[Result]], concurrencies: list[int],
                  args: argparse.Namespace, client_name: str) -> bool:
     print(f"\nPOST {EXECUTE_PATH} (sync, unique idempotency_key per request), inputs "
           f"{list(INPUTS)}; client: {client_name}; {args.duration:g} s per point after "
           f"{args.warmup:g} s warm-up; rounds: {args.rounds}; cores: {os.cpu_count()}")
+    print(f"{CORE}: " + " ".join(f"{k}={v}" for k, v in RELAY_ENV[CORE].items())
+          + f";  {PIPELINE}: " + " ".join(f"{k}={v}" for k, v in RELAY_ENV[PIPELINE].items()))
     header = (f"{'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
               f"{'errors':>7}   CPU µs/request by process")
     print(header)
     print("-" * (len(header) + 30))
     for concurrency in concurrencies:
-        for target in ("relay", "reference"):
+        for target in TARGET_NAMES:
             r = results.get((target, concurrency))
             if r is None:
                 continue
@@ -709,44 +861,75 @@ def print_report(results: dict[tuple[str, int], Result], concurrencies: list[int
                       if r.errors else "")
             print(f"{target:<10} {concurrency:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} "
                   f"{r.p99_ms:>8.2f} {r.errors:>7}   {cpu}{detail}")
-    for concurrency in concurrencies:
-        r = results.get(("relay", concurrency))
-        if r is not None and r.redis_calls_per_request:
-            calls = sorted(r.redis_calls_per_request.items(), key=lambda item: -item[1])
-            print(f"Redis commands per request, relay c={concurrency} (scripts' inner commands "
-                  f"included): {sum(n for _, n in calls):.1f} = "
-                  + ", ".join(f"{name} {n:.2f}" for name, n in calls))
+    for target in RELAY_TARGETS:
+        for concurrency in concurrencies:
+            r = results.get((target, concurrency))
+            if r is not None and r.redis_calls_per_request:
+                calls = sorted(r.redis_calls_per_request.items(), key=lambda item: -item[1])
+                print(f"Redis commands per request, {target} c={concurrency} (scripts' inner "
+                      f"commands included): {sum(n for _, n in calls):.1f} = "
+                      + ", ".join(f"{name} {n:.2f}" for name, n in calls))
     print()
     for concurrency in concurrencies:
-        relay, reference = results.get(("relay", concurrency)), results.get(
-            ("reference", concurrency))
-        if relay and reference and reference.rps:
-            print(f"relay/reference at c={concurrency}: req/s {relay.rps / reference.rps:.1%}, "
-                  f"p50 {relay.p50_ms / max(reference.p50_ms, 1e-9):.1f}x")
-    print("\nTargets (the issue):")
+        reference = results.get((REFERENCE, concurrency))
+        for target in RELAY_TARGETS:
+            r = results.get((target, concurrency))
+            if r and reference and reference.rps:
+                print(f"{target}/reference at c={concurrency}: req/s "
+                      f"{r.rps / reference.rps:.1%}, p50 "
+                      f"{r.p50_ms / max(reference.p50_ms, 1e-9):.1f}x")
+    print()
+    pipeline_cost: dict[int, float] = {}
+    for concurrency in concurrencies:
+        pipeline, core = results.get((PIPELINE, concurrency)), results.get((CORE, concurrency))
+        if not pipeline or not core:
+            continue
+        p50 = paired_deltas(rounds, concurrency, "p50_ms")
+        pipeline_cost[concurrency] = statistics.median(p50)
+        per_round = ", ".join(f"{d:+.2f}" for d in p50)
+        gateway = (pipeline.cpu_us_per_request.get("gateway", 0.0)
+                   - core.cpu_us_per_request.get("gateway", 0.0))
+        redis = (sum(pipeline.redis_calls_per_request.values())
+                 - sum(core.redis_calls_per_request.values()))
+        ratio = pipeline.rps / core.rps if core.rps else 0.0
+        print(f"pipeline cost at c={concurrency} ({PIPELINE} − {CORE}): p50 "
+              f"{pipeline_cost[concurrency]:+.2f} ms (by round: {per_round}), p99 "
+              f"{pipeline.p99_ms - core.p99_ms:+.2f} ms; req/s {PIPELINE}/{CORE} {ratio:.1%} "
+              f"({pipeline.rps:,.0f} vs {core.rps:,.0f}); gateway CPU {gateway:+.0f} µs/request; "
+              f"Redis {redis:+.1f} commands/request")
     verdicts: list[bool] = []
 
     def check(label: str, ok: bool | None, measured: str) -> None:
         if ok is None:
-            print(f"  {label:<46} not measured")
+            print(f"  {label:<52} not measured")
             return
         verdicts.append(ok)
-        print(f"  {label:<46} {measured:<24} {'PASS' if ok else 'FAIL'}")
+        print(f"  {label:<52} {measured:<24} {'PASS' if ok else 'FAIL'}")
 
-    relay16, reference16 = results.get(("relay", 16)), results.get(("reference", 16))
-    relay1 = results.get(("relay", 1))
+    core16, reference16 = results.get((CORE, 16)), results.get((REFERENCE, 16))
+    core1 = results.get((CORE, 1))
+    print(f"\nTargets of the core-path issue (on {CORE}):")
     check(f"c=16: >= {TARGET_RPS_C16:,.0f} req/s",
-          relay16.rps >= TARGET_RPS_C16 if relay16 else None,
-          f"{relay16.rps:,.0f} req/s" if relay16 else "")
-    share = relay16.rps / reference16.rps if relay16 and reference16 and reference16.rps else None
+          core16.rps >= TARGET_RPS_C16 if core16 else None,
+          f"{core16.rps:,.0f} req/s" if core16 else "")
+    share = core16.rps / reference16.rps if core16 and reference16 and reference16.rps else None
     check(f"c=16: >= {TARGET_SHARE_C16:.0%} of the in-process reference",
           share >= TARGET_SHARE_C16 if share is not None else None,
           f"{share:.1%}" if share is not None else "")
     check(f"c=1: p50 <= {TARGET_P50_MS_C1} ms",
-          relay1.p50_ms <= TARGET_P50_MS_C1 if relay1 else None,
-          f"{relay1.p50_ms:.2f} ms" if relay1 else "")
+          core1.p50_ms <= TARGET_P50_MS_C1 if core1 else None,
+          f"{core1.p50_ms:.2f} ms" if core1 else "")
+    print(f"Targets of the pipeline issue ({PIPELINE}, the whole pipeline on):")
+    cost1 = pipeline_cost.get(1)
+    check(f"c=1: p50 {PIPELINE} − {CORE} <= {TARGET_PIPELINE_P50_COST_MS_C1:.2f} ms",
+          cost1 <= TARGET_PIPELINE_P50_COST_MS_C1 + 1e-9 if cost1 is not None else None,
+          f"{cost1:+.2f} ms" if cost1 is not None else "")
+    pipeline16 = results.get((PIPELINE, 16))
+    check(f"c=16: >= {TARGET_PIPELINE_RPS_C16:,.0f} req/s",
+          pipeline16.rps >= TARGET_PIPELINE_RPS_C16 if pipeline16 else None,
+          f"{pipeline16.rps:,.0f} req/s" if pipeline16 else "")
     errors = sum(r.errors for r in results.values())
-    check("no errors", errors == 0, f"{errors} errors")
+    check("no errors (any target)", errors == 0, f"{errors} errors")
     return all(verdicts)
 
 
@@ -780,8 +963,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--python", default=None,
                         help="interpreter for relay and the reference (default: .venv/bin/python)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
-                        help="after the table, py-spy the gateway and executor for SECONDS "
-                             "under load at the highest concurrency")
+                        help="after the table, py-spy the gateway and executor of relay (then "
+                             "of relay-core, to subtract) for SECONDS each under load at the "
+                             "highest concurrency")
     parser.add_argument("--no-native", action="store_true",
                         help="py-spy without --native (no C frames, e.g. syscalls, uvloop)")
     parser.add_argument("--top", type=int, default=12, help="hot spots shown per process")
@@ -791,12 +975,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def start_relay(name: str, python: str, base_env: dict[str, str], work_dir: Path,
+                children: list[Child]) -> tuple[Child, Path, str, int]:
+    """`relay dev` for target `name`: its own data directory (so its own embedded Redis), port
+    and API key. Returns the child, its data directory, its key and its port."""
+    data_dir = work_dir / f"{name}-data"
+    key = "bench_" + secrets.token_urlsafe(24)
+    port = free_port()
+    env = {**base_env, "RELAY_DATA_DIR": str(data_dir), "RELAY_API_KEYS": f"bench:{key}",
+           **RELAY_ENV[name]}
+    child = start_child(name, [python, "-m", "relay", "dev", "--port", str(port)], env,
+                        work_dir, children)
+    return child, data_dir, key, port
+
+
+def wait_relay(child: Child, port: int, data_dir: Path, key: str) -> Target:
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_json("GET", url + "/healthz")[0] == 200, child, "/healthz", 60)
+    health: dict[str, Any] = {}
+
+    def executor_live() -> bool:
+        nonlocal health
+        health = http_json("GET", url + "/intent/execute-wasm/health")[1] or {}
+        return int(health.get("executors", 0)) >= 1
+
+    wait_until(executor_live, child, "live executor", 60)
+    # The settings took: the limiter is on for relay, off for relay-core.
+    limiting = bool(health.get("features", {}).get("rate_limiting"))
+    if limiting != (RELAY_ENV[child.name]["RELAY_RATE_LIMIT"] != "0"):
+        raise RuntimeError(f"{child.name}: health reports rate_limiting={limiting} with "
+                           f"{RELAY_ENV[child.name]}: {health}")
+    pids = {"gateway": child.process.pid, **find_pids(child.process.pid)}
+    return Target(child.name, "127.0.0.1", port, EXECUTE_PATH, {"X-API-Key": key}, pids,
+                  data_dir / "redis" / "redis.sock")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    points = len(concurrencies) * 2 * args.rounds
-    budget = args.max_time or (120 + points * (args.warmup + args.duration + 15)
-                               + (args.profile + 40 if args.profile else 0))
+    points = len(concurrencies) * len(TARGET_NAMES) * args.rounds
+    budget = args.max_time or (150 + points * (args.warmup + args.duration + 15)
+                               + (2 * (args.profile + 40) if args.profile else 0))
     python = args.python or str(ROOT / ".venv" / "bin" / "python")
     if not Path(python).exists():
         python = sys.executable
@@ -805,61 +1024,58 @@ def main(argv: list[str] | None = None) -> int:
     signal.alarm(max(1, int(budget)))
 
     work_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    data_dir = work_dir / "data"
     children: list[Child] = []
+    targets: dict[str, Target] = {}
     passed = False
     try:
-        key = "bench_" + secrets.token_urlsafe(24)
-        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-        env.update(RELAY_DATA_DIR=str(data_dir), RELAY_API_KEYS=f"bench:{key}",
-                   RELAY_LOG_LEVEL="WARNING", PYTHONUNBUFFERED="1",
-                   # Once rate limiting lands (contract default: 10 per minute) the benchmark
-                   # would measure 429s; a huge limit keeps the limiter's cost in the path.
-                   RELAY_RATE_LIMIT="1000000000")
-        env.pop("RELAY_IDEMPOTENCY_TTL", None)
-        relay_port, reference_port = free_port(), free_port()
-        relay_child = start_child("relay", [python, "-m", "relay", "dev", "--port",
-                                            str(relay_port)], env, work_dir)
-        children.append(relay_child)
+        # The defaults, but for what each target sets: nothing inherited from this shell.
+        base_env = {k: v for k, v in os.environ.items()
+                    if k != "REDIS_URL" and not k.startswith("RELAY_")}
+        base_env.update(RELAY_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        started = {name: start_relay(name, python, base_env, work_dir, children)
+                   for name in RELAY_TARGETS}
+        reference_port = free_port()
         reference_child = start_child(
-            "reference", [python, str(Path(__file__).resolve()), "_reference", "--port",
-                          str(reference_port)], env, work_dir)
-        children.append(reference_child)
+            REFERENCE, [python, str(Path(__file__).resolve()), "_reference", "--port",
+                        str(reference_port)], base_env, work_dir, children)
 
-        relay_url = f"http://127.0.0.1:{relay_port}"
-        wait_until(lambda: http_json("GET", relay_url + "/healthz")[0] == 200, relay_child,
-                   "/healthz", 60)
-        wait_until(lambda: (http_json("GET", relay_url + "/intent/execute-wasm/health")[1]
-                            or {}).get("executors", 0) >= 1, relay_child, "live executor", 60)
+        for name, (child, data_dir, key, port) in started.items():
+            targets[name] = wait_relay(child, port, data_dir, key)
         wait_until(lambda: http_json("GET", f"http://127.0.0.1:{reference_port}/healthz")[0]
                    == 200, reference_child, "/healthz", 60)
-
-        relay_pids = {"gateway": relay_child.process.pid, **find_pids(relay_child.process.pid)}
-        relay = Target("relay", "127.0.0.1", relay_port, EXECUTE_PATH, {"X-API-Key": key},
-                       relay_pids, data_dir / "redis" / "redis.sock")
-        reference = Target("reference", "127.0.0.1", reference_port, REFERENCE_PATH, {},
-                           {"server": reference_child.process.pid})
-        print(f"relay dev on {relay_url} (pids {relay_pids}); reference on port "
-              f"{reference_port} (pid {reference_child.process.pid}); python {python}")
-        verify(relay)
-        verify(reference)
+        targets[REFERENCE] = Target(REFERENCE, "127.0.0.1", reference_port, REFERENCE_PATH, {},
+                                    {"server": reference_child.process.pid})
+        for target in targets.values():
+            print(f"{target.name} on http://127.0.0.1:{target.port} (pids {target.pids})")
+        print(f"python {python}")
+        for target in targets.values():
+            verify(target)
+        # The access log: a line per request from relay, none from relay-core.
+        access = b"relay.access"  # the logger's name, in the json and the text format
+        for _ in range(20):  # the line is written once the response has gone
+            lines = {child.name: child.count_in_log(access) for child, *_ in started.values()}
+            if lines[PIPELINE]:
+                break
+            time.sleep(0.1)
+        if not lines[PIPELINE] or lines[CORE]:
+            raise RuntimeError(f"access log lines after one request each: {lines}")
 
         loader = Loader(args.client, work_dir)
+        order = [targets[name] for name in TARGET_NAMES]
         rounds: dict[tuple[str, int], list[Result]] = collections.defaultdict(list)
         for round_index in range(args.rounds):
             for concurrency in concurrencies:
-                order = (relay, reference) if round_index % 2 == 0 else (reference, relay)
-                for target in order:
+                for target in order if round_index % 2 == 0 else reversed(order):
                     result = loader.measure(target, concurrency, args.duration, args.warmup)
                     rounds[(target.name, concurrency)].append(result)
                     print(f"  {target.name:<10} c={concurrency:<3} {result.rps:8.0f} req/s  "
                           f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
                           f"errors {result.errors}", flush=True)
         results = {point: aggregate(rs) for point, rs in rounds.items()}
-        passed = print_report(results, concurrencies, args, loader.name)
+        passed = print_report(results, rounds, concurrencies, args, loader.name)
         if args.profile > 0:
-            profile_relay(loader, relay, max(concurrencies), args.profile, work_dir, args.top,
-                          native=not args.no_native)
+            profile_pipeline(loader, targets[PIPELINE], targets[CORE], max(concurrencies),
+                             args.profile, work_dir, args.top, native=not args.no_native)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130
@@ -871,7 +1087,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         for child in reversed(children):
             child.stop()
-        shutdown_redis(data_dir / "redis" / "redis.sock")
+        for name in RELAY_TARGETS:
+            shutdown_redis(work_dir / f"{name}-data" / "redis" / "redis.sock")
+        for target in targets.values():
+            if "redis" in target.pids:
+                kill_leftover(target.pids["redis"], "redis", grace_s=3.0)
         if args.keep:
             print(f"kept {work_dir}")
         else:

@@ -5,8 +5,9 @@ of gateways and executors:
 
 - accept: claim the execution record, emit `execution_queued`, then enqueue the request;
 - start: emit `execution_started` only while no result exists;
-- finish: write the result once (first writer wins), emit the terminal event and
-  `wasm_exec_completed`, acknowledge the entry.
+- settle: write the result once (first writer wins), emit the terminal event and
+  `wasm_exec_completed`, acknowledge the entry;
+- emit: an event of a running execution, only while it has no result.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from relay.batching import Batcher
 from relay.cid import GlyphName
 from relay.keys import Keys
 from relay.schemas import (
+    BusMessage,
     ExecuteResponse,
     ExecutionComplete,
     ExecutionError,
@@ -50,6 +52,9 @@ class Script:
 Call = tuple[Script, list[str], list[Any]]
 
 
+# Every entry of relay:events carries, beside `data`, the field `user`: the principal the
+# execution belongs to. The gateways route events to subscribers by it without decoding them.
+
 _ACCEPT = Script("""
 if ARGV[9] ~= '' then
   local bound = redis.call('HGET', KEYS[5], ARGV[9])
@@ -72,34 +77,58 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
            'cid', ARGV[3], 'created_at', ARGV[4])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}')
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}',
+           'user', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
 return {'new', ARGV[2], false}
 """)
 
 _START = Script("""
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'result') == 1 then
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result')
+if not record[1] or record[2] then
   return 0
 end
 if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
   redis.call('DECR', KEYS[3])
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2], 'user', record[1])
 return 1
 """)
 
-_FINISH = Script("""
+# Settles an execution: the executor when a run ends (with the entry to acknowledge), or the
+# gateway cancelling one still queued (no entry; only while its status is still `queued`).
+_SETTLE = Script("""
 local written = 0
-if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('HEXISTS', KEYS[1], 'result') == 0 then
+local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result')
+if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
+  if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
+    redis.call('DECR', KEYS[4])
+  end
   redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[7])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6], 'user', record[1])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[7], 'user', record[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   written = 1
 end
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+if ARGV[2] ~= '' then
+  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+end
 return written
+""")
+
+# An event during a run (progress, output, paused, resumed), only while no result exists: a
+# stalled executor that lost its run must not speak after the end. ARGV[3] sets the status.
+_EMIT = Script("""
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result')
+if not record[1] or record[2] then
+  return 0
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1], 'user', record[1])
+return 1
 """)
 
 
@@ -140,6 +169,7 @@ class Bus:
         self._accepts = Batcher(self._send)
         self._starts = Batcher(self._send)
         self._finishes = Batcher(self._send)
+        self._emits = Batcher(self._send)
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
@@ -229,6 +259,16 @@ class Bus:
     async def finish(self, entry_id: bytes, request: WasmExecRequested,
                      response: ExecuteResponse, ttl_ms: int) -> bool:
         """Store the result (first writer wins), emit the terminal events, acknowledge."""
+        return await self._settle(request, response, ttl_ms, entry_id=entry_id)
+
+    async def cancel_queued(self, request: WasmExecRequested, response: ExecuteResponse,
+                            ttl_ms: int) -> bool:
+        """Settle an execution no executor has started yet as `response` (cancelled); False
+        when it is no longer queued."""
+        return await self._settle(request, response, ttl_ms, only_if="queued")
+
+    async def _settle(self, request: WasmExecRequested, response: ExecuteResponse, ttl_ms: int,
+                      *, entry_id: bytes = b"", only_if: str = "") -> bool:
         keys = self.keys
         terminal: ExecutionComplete | ExecutionError
         if response.error is None:
@@ -249,12 +289,21 @@ class Bus:
         # Infrastructure failures are not kept as the answer: a retry of the same request runs.
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
         written = await self._finishes((
-            _FINISH,
-            [keys.execution(request.request_id), keys.events, keys.requests],
+            _SETTLE,
+            [keys.execution(request.request_id), keys.events, keys.requests, keys.queued],
             [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
-             encode(terminal), encode(completed), self.events_retention, ttl_ms],
+             encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if],
         ))
         return bool(written)
+
+    async def emit(self, request_id: str, event: BusMessage, status: str = "") -> bool:
+        """Append an event of a running execution (and set its status); False once it has a
+        result."""
+        emitted = await self._emits((
+            _EMIT, [self.keys.execution(request_id), self.keys.events],
+            [encode(event), self.events_retention, status],
+        ))
+        return bool(emitted)
 
     async def ack(self, entry_id: bytes) -> None:
         await self.client.xack(self.keys.requests, Keys.EXECUTOR_GROUP, entry_id)
