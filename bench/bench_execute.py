@@ -697,6 +697,9 @@ def pipeline_difference(pipeline: Profile, pipeline_requests: float, core: Profi
     out.append("  functions, inclusive (relay − relay-core, µs/request; frames under half "
                "of the samples):")
     out += [f"    {d:+6.1f}  {name}" for d, name in ranked[:top] if d > 0]
+    project = [(d, name) for d, name in ranked if "(relay/" in name or "(executor/" in name]
+    out.append("  project functions, inclusive (relay − relay-core, µs/request):")
+    out += [f"    {d:+6.1f}  {name}" for d, name in project[:top] if d > 0]
     leaves = set(pipeline.leaves) | set(core.leaves)
     ranked = sorted(((delta(pipeline.leaves, core.leaves, n), n) for n in leaves),
                     reverse=True)

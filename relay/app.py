@@ -18,13 +18,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 
 from relay import connection, openapi
 from relay.apikeys import StoredKeys
 from relay.bus import Accepted as BusAccepted
 from relay.bus import Bus
 from relay.cid import NAME_PATTERN, InvalidCid, compute, normalize
+from relay.control import Action, Controller
 from relay.errors import (
     Conflict,
     FieldError,
@@ -37,6 +38,7 @@ from relay.errors import (
     RateLimited,
     RelayError,
     Unavailable,
+    decode_body,
 )
 from relay.events import EventFanIn
 from relay.http import RequestIdMiddleware, json_response, problem_response, read_body
@@ -56,7 +58,6 @@ from relay.pipeline.validate import Validated, validate
 from relay.policy import ModuleResource, Policies
 from relay.schemas import (
     Accepted,
-    ExecutionState,
     Health,
     HealthFeatures,
     HealthLimits,
@@ -67,11 +68,13 @@ from relay.schemas import (
     Readiness,
     decode_completed,
     decode_name_binding,
-    decode_response,
+    decode_resume,
     encode,
     response_from_completed,
 )
 from relay.settings import Settings
+from relay.streams import mint_token, sse, websocket
+from relay.tokens import AccessTokens
 
 log = logging.getLogger("relay.gateway")
 
@@ -84,7 +87,8 @@ INVALID = (InvalidRequest, NotFound, PayloadTooLarge, IdempotencyKeyReuse)
 class Gateway:
     """Everything one gateway process shares between requests."""
 
-    def __init__(self, settings: Settings, client: aioredis.Redis, policies: Policies) -> None:
+    def __init__(self, settings: Settings, client: aioredis.Redis, policies: Policies,
+                 token_secret: bytes) -> None:
         self.settings = settings
         self.client = client
         self.keys = Keys(settings.prefix)
@@ -92,10 +96,13 @@ class Gateway:
         self.bus = Bus(client, self.keys, events_retention=settings.events_retention,
                        requests_retention=settings.requests_retention)
         self.modules = ModuleStore(client, self.keys)
-        self.fan_in = EventFanIn(client, self.keys)
+        self.fan_in = EventFanIn(client, self.keys, settings.sse_queue)
         self.authenticate = Authenticator(settings, StoredKeys(client, self.keys))
         self.rate_limiter = RateLimiter(client, self.keys, settings, policies)
         self.metrics = Metrics(client, self.keys)
+        self.tokens = AccessTokens(token_secret)
+        self.controller = Controller(client, self.keys, self.bus, self.fan_in, settings,
+                                     policies)
 
     def authorize(self, principal: str, action: str, resource: ModuleResource | None) -> None:
         """Raises Forbidden unless the policies permit it."""
@@ -225,18 +232,34 @@ def _accepted(request_id: str, headers: dict[str, str]) -> Response:
 async def get_execution(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    request_id = request.path_params["request_id"]
-    owner, status, cid, result = await gw.client.hmget(
-        gw.keys.execution(request_id), ["principal", "status", "cid", "result"])
-    if owner is None or owner.decode() != principal:
-        raise NotFound(f"no execution {request_id}")  # another's execution is not ours to show
-    view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
-    if result is not None:
-        finished = decode_response(result)
-        view = msgspec.structs.replace(
-            view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
-            duration=finished.duration, executed_at=finished.executed_at, error=finished.error)
-    return json_response(view)
+    return json_response(await gw.controller.state(principal, request.path_params["request_id"]))
+
+
+async def cancel_execution(request: Request) -> Response:
+    return await _control(request, "cancel")
+
+
+async def pause_execution(request: Request) -> Response:
+    return await _control(request, "pause")
+
+
+async def resume_execution(request: Request) -> Response:
+    return await _control(request, "resume")
+
+
+async def _control(request: Request, action: Action) -> Response:
+    """200 with the state once the executor confirmed, 202 with the state so far if it has not
+    within a few seconds."""
+    gw = gateway_of(request)
+    principal = await gw.authenticate(request)
+    additional_gas = 0
+    if action == "resume":
+        body = await read_body(request, gw.settings.max_request_bytes)
+        if body.strip():
+            additional_gas = decode_body(decode_resume, body).additional_gas
+    confirmed, state = await gw.controller.act(principal, request.path_params["request_id"],
+                                               action, additional_gas)
+    return json_response(state, 200 if confirmed else 202)
 
 
 # --- modules and names ---
@@ -320,10 +343,10 @@ async def bind_name(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
     body = await read_body(request, gw.settings.max_request_bytes)
+    binding = decode_body(decode_name_binding, body)
     try:
-        binding = decode_name_binding(body)
         cid = normalize(binding.cid)
-    except (msgspec.DecodeError, InvalidCid) as exc:
+    except InvalidCid as exc:
         raise InvalidRequest.at("/cid", str(exc)) from None
     name, tag = request.path_params["name"], request.path_params["tag"]
     await gw.modules.check_bindable(name, tag, principal)
@@ -452,7 +475,13 @@ async def redis_error(request: Request, exc: Exception) -> Response:
 ROUTES = [
     Route("/intent/execute-wasm", execute, methods=["POST"]),
     Route("/intent/execute-wasm/health", health, methods=["GET"]),
+    Route("/intent/execute-wasm/events", sse, methods=["GET"]),
+    Route("/auth/tokens", mint_token, methods=["POST"]),
     Route("/executions/{request_id}", get_execution, methods=["GET"]),
+    Route("/executions/{request_id}", cancel_execution, methods=["DELETE"]),
+    Route("/executions/{request_id}/pause", pause_execution, methods=["POST"]),
+    Route("/executions/{request_id}/resume", resume_execution, methods=["POST"]),
+    WebSocketRoute("/ws/executions/{request_id}", websocket),
     Route("/modules", upload_module, methods=["POST"]),
     Route("/modules", list_modules, methods=["GET"]),
     Route("/modules/{cid}", get_module, methods=["GET"]),
@@ -479,7 +508,9 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = connection.connect(redis_url)
-        gateway = Gateway(settings, client, policies)
+        keys = Keys(settings.prefix)
+        secret = await AccessTokens.shared_secret(client, keys.token_secret, settings.token_secret)
+        gateway = Gateway(settings, client, policies, secret)
         await gateway.bus.ensure_group()
         await gateway.fan_in.start(await gateway.bus.last_event_id())
         background = [asyncio.create_task(policies.watch()),

@@ -76,7 +76,7 @@ if position < 0 then
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
-           'cid', ARGV[3], 'created_at', ARGV[4])
+           'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}',
            'user', ARGV[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])

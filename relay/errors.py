@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -120,6 +121,7 @@ class Unavailable(RelayError):
         self.headers.setdefault("Retry-After", str(retry_after_s))
 
 
+T = TypeVar("T")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -146,3 +148,15 @@ def pointer_from_msgspec(message: str) -> tuple[str, str]:
     if field:
         parts.append(field.group(1))
     return "".join(f"/{part}" for part in parts), detail
+
+
+def decode_body(decode: Callable[[bytes], T], body: bytes) -> T:
+    """Decode a JSON body with a msgspec decoder. Raises InvalidRequest pointing at the first
+    problem (a JSON pointer, `""` for the whole body)."""
+    try:
+        return decode(body)
+    except msgspec.ValidationError as exc:
+        pointer, detail = pointer_from_msgspec(str(exc))
+        raise InvalidRequest.at(pointer, detail) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest.at("", f"the body is not valid JSON: {exc}") from None

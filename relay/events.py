@@ -1,7 +1,13 @@
 """One reader of `relay:events` per gateway process, fanning events out to whoever waits.
 
-Sync callers register a waiter for their request id before the request is published, so the
-terminal event cannot slip past them; the reader wakes them. No per-request polling.
+- Sync callers register a completion future for their request id before the request is
+  published, so the terminal event cannot slip past them.
+- Event streams (SSE, WebSocket) subscribe with their principal and, optionally, request ids;
+  each gets a bounded queue. A subscriber that falls behind is dropped (its stream ends and the
+  client resumes with Last-Event-ID) instead of growing memory or slowing anyone else.
+- Control calls wait for one event of one execution (`next_event`).
+
+Entries are routed by their `user` field; their JSON is decoded only when a filter needs it.
 """
 
 from __future__ import annotations
@@ -21,12 +27,42 @@ READ_BLOCK_MS = 1000
 READ_COUNT = 1000
 COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
 
+Entry = tuple[bytes, bytes]
+"""(stream entry id, `data`)."""
+
+
+class Subscriber:
+    """One event stream's queue. `None` in the queue means: dropped for falling behind."""
+
+    __slots__ = ("principal", "queue", "request_ids")
+
+    def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
+        self.principal = principal
+        self.request_ids = request_ids
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(capacity)
+
+    def offer(self, entry: Entry) -> None:
+        try:
+            self.queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            # Its client reconnects from the last id it saw; the replay from Redis fills the gap.
+            self.end()
+
+    def end(self) -> None:
+        """Drop what it has not read and tell it to go."""
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
 
 class EventFanIn:
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, queue_capacity: int = 256) -> None:
         self.client = client
         self.keys = keys
-        self._waiters: dict[str, list[asyncio.Future[bytes]]] = {}
+        self.queue_capacity = queue_capacity
+        self._completions: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._watchers: dict[str, list[tuple[frozenset[str], asyncio.Future[bytes]]]] = {}
+        self._subscribers: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -35,7 +71,10 @@ class EventFanIn:
         self._task = asyncio.create_task(self._follow(last_id), name="relay-events")
 
     async def stop(self) -> None:
-        """Stop following. Call before closing the client."""
+        """Stop following, and end every subscriber's stream. Call before closing the client."""
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber.end()
         if self._task is None:
             return
         self._stopped = True
@@ -44,23 +83,68 @@ class EventFanIn:
         # #2551): the task then finishes only when the client's close drops its connection.
         await asyncio.wait({self._task}, timeout=1.0)
 
+    # --- sync callers ---
+
     def completion(self, request_id: str) -> asyncio.Future[bytes]:
         """A future resolved with the `wasm_exec_completed` entry of `request_id`.
 
         Release it with `release` whatever happens, or it stays registered.
         """
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(request_id, []).append(future)
+        self._completions.setdefault(request_id, []).append(future)
         return future
 
     def release(self, request_id: str, future: asyncio.Future[bytes] | None) -> None:
-        if future is None:
-            return
-        waiters = self._waiters.get(request_id)
-        if waiters is not None and future in waiters:
-            waiters.remove(future)
-            if not waiters:
-                del self._waiters[request_id]
+        if future is not None:
+            _remove(self._completions, request_id, future)
+
+    # --- control calls ---
+
+    async def next_event(self, request_id: str, types: frozenset[str],
+                         timeout_s: float) -> bytes | None:
+        """The next event of `request_id` whose type is in `types`, or None after `timeout_s`.
+
+        Register before causing the event, or it may come first: use `watch` then."""
+        future = self.watch(request_id, types)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        except TimeoutError:
+            return None
+        finally:
+            self.unwatch(request_id, future)
+
+    def watch(self, request_id: str, types: frozenset[str]) -> asyncio.Future[bytes]:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._watchers.setdefault(request_id, []).append((types, future))
+        return future
+
+    def unwatch(self, request_id: str, future: asyncio.Future[bytes]) -> None:
+        watchers = self._watchers.get(request_id, [])
+        watchers[:] = [(types, f) for types, f in watchers if f is not future]
+        if not watchers:
+            self._watchers.pop(request_id, None)
+
+    # --- event streams ---
+
+    def subscribe(self, principal: str, request_ids: frozenset[str] | None) -> Subscriber:
+        """Start queueing `principal`'s events (of `request_ids` only, if given)."""
+        subscriber = Subscriber(principal, request_ids, self.queue_capacity)
+        self._subscribers.setdefault(principal, set()).add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        subscribers = self._subscribers.get(subscriber.principal)
+        if subscribers is not None:
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self._subscribers[subscriber.principal]
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(subscribers) for subscribers in self._subscribers.values())
+
+    # --- the reader ---
 
     async def _follow(self, last_id: bytes) -> None:
         stream = self.keys.events
@@ -77,13 +161,39 @@ class EventFanIn:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    self._dispatch(fields[b"data"])
+                    self._dispatch(entry_id, fields)
 
-    def _dispatch(self, data: bytes) -> None:
-        # Relay encodes the tag first, so most events are skipped without being decoded.
-        if not data.startswith(COMPLETED_PREFIX):
+    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        data = fields[b"data"]
+        request_id: str | None = None
+        if self._watchers or data.startswith(COMPLETED_PREFIX):
+            head = decode_head(data)
+            request_id = head.request_id
+            for types, future in self._watchers.get(request_id, ()):
+                if head.type in types and not future.done():
+                    future.set_result(data)
+            if head.type == "wasm_exec_completed":
+                for future in self._completions.pop(request_id, ()):
+                    if not future.done():
+                        future.set_result(data)
+        user = fields.get(b"user")
+        subscribers = self._subscribers.get(user.decode()) if user else None
+        if not subscribers:
             return
-        head = decode_head(data)
-        for future in self._waiters.pop(head.request_id, ()):
-            if not future.done():
-                future.set_result(data)
+        entry = (entry_id, data)
+        for subscriber in tuple(subscribers):
+            if subscriber.request_ids is not None:
+                if request_id is None:
+                    request_id = decode_head(data).request_id
+                if request_id not in subscriber.request_ids:
+                    continue
+            subscriber.offer(entry)
+
+
+def _remove(table: dict[str, list[asyncio.Future[bytes]]], key: str,
+            future: asyncio.Future[bytes]) -> None:
+    futures = table.get(key)
+    if futures is not None and future in futures:
+        futures.remove(future)
+        if not futures:
+            del table[key]

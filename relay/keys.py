@@ -8,8 +8,8 @@ from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("api_keys", "events", "executors", "metrics", "modules", "name_owners", "prefix",
-                 "queued", "rate_limits", "requests")
+    __slots__ = ("api_keys", "control", "events", "executors", "metrics", "modules",
+                 "name_owners", "prefix", "queued", "rate_limits", "requests", "token_secret")
 
     EXECUTOR_GROUP = "executors"
 
@@ -31,6 +31,10 @@ class Keys:
         """Hash sha256(key) hex -> JSON {principal, id, created_at} of stored API keys."""
         self.metrics = f"{prefix}:metrics"
         """Hash of cluster-wide counters and histogram buckets (see relay.metrics)."""
+        self.token_secret = f"{prefix}:token-secret"
+        """The secret access tokens are signed with, when RELAY_TOKEN_SECRET is not set."""
+        self.control = f"{prefix}:control"
+        """Pub/sub channel: pause, resume and cancel requests for the executor running one."""
         self.rate_limits = f"{prefix}:ratelimit"
         """Prefix the `limits` library puts before its own rate-limit keys."""
 

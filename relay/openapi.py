@@ -37,12 +37,13 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 WASM = "application/wasm"
 METRICS = "text/plain; version=0.0.4"
+EVENT_STREAM = "text/event-stream"
 REF = "#/components/schemas/{name}"
 
 
 # Types the document names besides the bodies in OPERATIONS: the problem every error carries,
 # and the bus events (for internal consumers).
-DOCUMENTED: tuple[Any, ...] = (Problem, schemas.Event)
+DOCUMENTED: tuple[Any, ...] = (Problem, schemas.Event, schemas.EventsLost)
 NAMED = {schemas.Event: "Event"}
 
 
@@ -71,9 +72,12 @@ class Operation:
     """Besides Unauthenticated, which every operation with `auth` gets."""
     body: tuple[tuple[str, Any], ...] = ()
     """(media type, msgspec type or JSON Schema) pairs of the request body."""
+    body_required: bool = True
     parameters: tuple[str, ...] = ()
     """Keys of query and header PARAMETERS; path parameters come from `path`."""
     auth: bool = True
+    url_token: bool = False
+    """Also accepts `?access_token=` (event streams, for browsers' EventSource)."""
     rate_limited: bool = False
 
 
@@ -103,6 +107,48 @@ OPERATIONS = (
         (Reply(200, "Its state; once finished, the execute response's fields too.",
                schemas.ExecutionState),),
         (*STORE, NotFound),
+    ),
+    Operation(
+        "DELETE", "/executions/{request_id}", "cancelExecution",
+        "Cancel a queued or running execution",
+        (Reply(200, "Cancelled: its final state.", schemas.ExecutionState),
+         Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
+               schemas.ExecutionState)),
+        (*STORE, NotFound, Conflict),
+    ),
+    Operation(
+        "POST", "/executions/{request_id}/pause", "pauseExecution",
+        "Suspend a running execution in place",
+        (Reply(200, "Paused: its state.", schemas.ExecutionState),
+         Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
+               schemas.ExecutionState)),
+        (*STORE, NotFound, Conflict),
+    ),
+    Operation(
+        "POST", "/executions/{request_id}/resume", "resumeExecution",
+        "Continue a paused execution, optionally with more gas",
+        (Reply(200, "Resumed: its state.", schemas.ExecutionState),
+         Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
+               schemas.ExecutionState)),
+        (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
+        body=((JSON, schemas.ResumeRequest),), body_required=False,
+    ),
+    Operation(
+        "GET", "/intent/execute-wasm/events", "events",
+        "Server-Sent Events of the caller's executions",
+        (Reply(200, "`text/event-stream`: each message has `id:` (the stream entry id) and one "
+               "`data:` line, an Event (or EventsLost first, when history was trimmed).",
+               {"type": "string"}, EVENT_STREAM),),
+        (*STORE, InvalidRequest, Forbidden),
+        parameters=("request_id_query", "last_event_id", "Last-Event-ID"),
+        url_token=True,
+    ),
+    Operation(
+        "POST", "/auth/tokens", "mintAccessToken",
+        "A short-lived subscribe-only token for event stream URLs",
+        (Reply(200, "The token and when it expires (at most 5 minutes).",
+               schemas.AccessToken),),
+        (*STORE, Forbidden),
     ),
     Operation(
         "POST", "/modules", "uploadModule", "Validate and store a module, optionally naming it",
@@ -196,6 +242,15 @@ PARAMETERS = {
     "Idempotency-Key": _parameter("header", "Idempotency-Key",
                                   "As `idempotency_key` in the body (if both are sent, equal).",
                                   {}),
+    "request_id_query": _parameter("query", "request_id",
+                                   "Only these executions' events (repeatable).",
+                                   {"type": "string", "pattern": "^[0-9a-f]{64}$"}),
+    "last_event_id": _parameter("query", "last_event_id",
+                                "As the Last-Event-ID header; `0` replays all that is retained.",
+                                {"type": "string", "pattern": r"^\d+(-\d+)?$"}),
+    "Last-Event-ID": _parameter("header", "Last-Event-ID",
+                                "Replay what came after this id, then continue live.",
+                                {"type": "string", "pattern": r"^\d+(-\d+)?$"}),
     "Prefer": _parameter("header", "Prefer", "`respond-async` answers 202 at once.",
                          {"type": "string", "examples": ["respond-async"]}),
 }
@@ -214,6 +269,8 @@ SECURITY_SCHEMES = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
 }
+# Accepted by the event streams only: a token from POST /auth/tokens, never a key or a JWT.
+URL_TOKEN = {"accessToken": {"type": "apiKey", "in": "query", "name": "access_token"}}
 
 
 def _headers(names: tuple[str, ...] | list[str]) -> dict[str, Any]:
@@ -266,10 +323,12 @@ def _operation(operation: Operation, schema_of: dict[Any, dict[str, Any]]) -> di
         result["parameters"] = [{"$ref": f"#/components/parameters/{name}"}
                                 for name in parameters]
     if operation.body:
-        result["requestBody"] = {"required": True, "content": {
+        result["requestBody"] = {"required": operation.body_required, "content": {
             media_type: {"schema": schema(body)} for media_type, body in operation.body}}
     if not operation.auth:
         result["security"] = []
+    elif operation.url_token:
+        result["security"] = [{name: []} for name in (*SECURITY_SCHEMES, *URL_TOKEN)]
     return result
 
 
@@ -307,7 +366,8 @@ def document() -> dict[str, Any]:
         "security": [{name: []} for name in SECURITY_SCHEMES],
         "paths": paths,
         "components": {"schemas": dict(sorted(components.items())), "parameters": parameters,
-                       "headers": HEADERS, "securitySchemes": SECURITY_SCHEMES},
+                       "headers": HEADERS,
+                       "securitySchemes": {**SECURITY_SCHEMES, **URL_TOKEN}},
     }
 
 

@@ -186,6 +186,25 @@ class ExecutionStarted(BusMessage, tag="execution_started", kw_only=True):
     executor_node: str
 
 
+class ExecutionProgress(BusMessage, tag="execution_progress", kw_only=True):
+    progress: float
+    """Gas used as a share of the gas budget, 0-100."""
+    gas_used: int
+
+
+class ExecutionOutput(BusMessage, tag="execution_output", kw_only=True):
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class ExecutionPaused(BusMessage, tag="execution_paused", kw_only=True):
+    pass
+
+
+class ExecutionResumed(BusMessage, tag="execution_resumed", kw_only=True):
+    pass
+
+
 class ExecutionComplete(BusMessage, tag="execution_complete", kw_only=True):
     success: bool = True
     duration: float
@@ -210,11 +229,30 @@ Event = (
     WasmExecRequested
     | ExecutionQueued
     | ExecutionStarted
+    | ExecutionProgress
+    | ExecutionOutput
+    | ExecutionPaused
+    | ExecutionResumed
     | ExecutionComplete
     | ExecutionError
     | WasmExecCompleted
 )
 TERMINAL_TYPES = frozenset({"execution_complete", "execution_error"})
+
+
+class EventsLost(msgspec.Struct, tag_field="type", tag="events_lost"):
+    """First message of a stream resumed from an id older than what is retained."""
+
+    oldest_id: str
+
+
+class AccessToken(msgspec.Struct, kw_only=True):
+    access_token: str
+    expires_at: str
+
+
+class ResumeRequest(Request):
+    additional_gas: Annotated[int, Meta(ge=0)] = 0
 
 
 class EventHead(msgspec.Struct):
@@ -233,6 +271,7 @@ decode_event = msgspec.json.Decoder(Event).decode
 decode_head = msgspec.json.Decoder(EventHead).decode
 decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
 decode_response = msgspec.json.Decoder(ExecuteResponse).decode
+decode_resume = msgspec.json.Decoder(ResumeRequest).decode
 
 
 def queued_template(request_id: str, cid: str, timestamp: str) -> bytes:

@@ -60,6 +60,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     jwt_public_key: str | None = None
     """`RELAY_JWT_PUBLIC_KEY`: PEM (or a path to one); accept RS256/ES256 tokens it verifies."""
     jwt_audience: str | None = None
+    token_secret: str | None = None
+    """`RELAY_TOKEN_SECRET`: signs access tokens; unset, a secret kept in Redis is used."""
+    sse_queue: int = 256
+    """Events queued for one event stream before it is dropped as too slow."""
+    max_pause_ms: int = 600_000
     stored_key_cache_ms: int = 5_000
     """How long a gateway trusts a stored API key it looked up: revocation takes this long."""
 
@@ -178,6 +183,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RELAY_JWT_PUBLIC_KEY": ("jwt_public_key", _pem),
     "RELAY_JWT_AUDIENCE": ("jwt_audience", _str),
     "RELAY_STORED_KEY_CACHE": ("stored_key_cache_ms", _integer(0)),
+    "RELAY_TOKEN_SECRET": ("token_secret", _str),
+    "RELAY_SSE_QUEUE": ("sse_queue", _int),
+    "RELAY_MAX_PAUSE": ("max_pause_ms", _int),
     "RELAY_RATE_LIMIT": ("rate_limit", _integer(0)),
     "RELAY_RATE_WINDOW": ("rate_window_ms", _whole_seconds_ms),
     "RELAY_POLICY_DIR": ("policy_dir", _directory),

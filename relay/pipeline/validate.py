@@ -11,10 +11,8 @@ import hashlib
 import sys
 from typing import Any, NamedTuple
 
-import msgspec
-
 from relay.cid import GlyphName
-from relay.errors import FieldError, InvalidRequest, NotFound, pointer_from_msgspec
+from relay.errors import FieldError, InvalidRequest, NotFound, decode_body
 from relay.modules import ModuleStore
 from relay.policy import PrincipalCaps
 from relay.schemas import (
@@ -45,17 +43,6 @@ class Validated(NamedTuple):
     """The module's owner, for authorization."""
 
 
-def parse(body: bytes) -> ExecuteRequest:
-    """Decode the body. Raises InvalidRequest with a JSON pointer to the first problem."""
-    try:
-        return decode_execute_request(body)
-    except msgspec.ValidationError as exc:
-        pointer, detail = pointer_from_msgspec(str(exc))
-        raise InvalidRequest.at(pointer, detail) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest.at("", f"the body is not valid JSON: {exc}") from None
-
-
 async def validate(body: bytes, header_key: str | None, principal: str,
                    modules: ModuleStore, settings: Settings, caps: PrincipalCaps) -> Validated:
     """Raises InvalidRequest (400) or NotFound (404, unknown module).
@@ -63,7 +50,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
     `caps` are the principal's own ceilings: a value over them is refused like one over the
     deployment's, never clamped; an omitted value takes the default lowered to them.
     """
-    request = parse(body)
+    request = decode_body(decode_execute_request, body)
     if header_key is not None and not 1 <= len(header_key) <= _MAX_KEY_LENGTH:
         raise InvalidRequest(f"the Idempotency-Key header must have 1 to {_MAX_KEY_LENGTH} "
                              "characters")

@@ -1,0 +1,239 @@
+"""Event streams for clients: Server-Sent Events and the per-execution WebSocket.
+
+A stream subscribes to the process's fan-in *before* it replays history from Redis, then drops
+from the live queue whatever the replay already sent: no gap, no duplicate, even for events
+appended while the replay runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import redis
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from relay.control import Action
+from relay.errors import InvalidRequest, RelayError, Unauthenticated
+from relay.events import Entry, Subscriber
+from relay.http import json_response
+from relay.schemas import TERMINAL_TYPES, AccessToken, EventsLost, decode_head
+
+if TYPE_CHECKING:
+    from relay.app import Gateway
+
+RETRY_MS = 3000
+PING_S = 15
+REPLAY_PAGE = 500
+_EVENT_ID = re.compile(r"\d+(-\d+)?")
+_REQUEST_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def _gateway(connection: HTTPConnection) -> Gateway:
+    gateway: Gateway = connection.app.state.gateway
+    return gateway
+
+
+async def subscriber_principal(gw: Gateway, connection: HTTPConnection) -> tuple[str, float]:
+    """Who is subscribing, and until when (Unix time; `inf` for header credentials).
+
+    `?access_token=` takes only tokens from `POST /auth/tokens`, never a key or a JWT.
+    """
+    token = connection.query_params.get("access_token")
+    if token is not None:
+        verified = gw.tokens.verify(token)
+        return verified.principal, verified.expires_at
+    return await gw.authenticate(connection), float("inf")
+
+
+def _parse_id(text: str) -> tuple[int, int]:
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _start_id(request: Request) -> str | None:
+    last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if last is None:
+        return None
+    if not _EVENT_ID.fullmatch(last):
+        raise InvalidRequest("Last-Event-ID must be an event id (`<ms>-<seq>`), or 0 for all")
+    return last
+
+
+async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | None,
+                  after: str) -> AsyncIterator[Entry]:
+    """Retained events after `after` (exclusive) that belong to `principal`."""
+    cursor = "-" if after in ("0", "0-0") else f"({after}"
+    while True:
+        page = await gw.client.xrange(gw.keys.events, cursor, "+", count=REPLAY_PAGE)
+        for entry_id, fields in page:
+            if fields.get(b"user", b"").decode() != principal:
+                continue
+            data = fields[b"data"]
+            if request_ids is None or decode_head(data).request_id in request_ids:
+                yield entry_id, data
+        if len(page) < REPLAY_PAGE:
+            return
+        cursor = f"({page[-1][0].decode()}"
+
+
+async def _events_lost(gw: Gateway, after: str) -> bytes | None:
+    """The oldest retained id, when events after `after` may have been trimmed already."""
+    if after in ("0", "0-0"):
+        return None
+    oldest = await gw.client.xrange(gw.keys.events, "-", "+", count=1)
+    if oldest and _parse_id(oldest[0][0].decode()) > _parse_id(after):
+        oldest_id: bytes = oldest[0][0]
+        return oldest_id
+    return None
+
+
+async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
+                  until: float) -> AsyncIterator[Entry | bytes]:
+    """Replay (if `after`), then live events, until the stream must end. Yields entries, or
+    the JSON of an `events_lost` notice."""
+    last = (0, 0)
+    if after is not None:
+        oldest = await _events_lost(gw, after)
+        if oldest is not None:
+            yield msgspec.json.encode(EventsLost(oldest_id=oldest.decode()))
+        async for entry in _replay(gw, subscriber.principal, subscriber.request_ids, after):
+            last = _parse_id(entry[0].decode())
+            yield entry
+    while True:
+        remaining = until - time.time()
+        if remaining <= 0:
+            return  # the access token expired: the client reconnects with a fresh one
+        try:
+            async with asyncio.timeout(min(remaining, 3600)):
+                live = await subscriber.queue.get()
+        except TimeoutError:
+            continue
+        if live is None:
+            return  # fell behind, or the gateway is stopping
+        entry_id = _parse_id(live[0].decode())
+        if entry_id <= last:
+            continue  # the replay sent it already
+        last = entry_id
+        yield live
+
+
+async def sse(request: Request) -> Response:
+    """`GET /intent/execute-wasm/events`."""
+    gw = _gateway(request)
+    principal, until = await subscriber_principal(gw, request)
+    gw.authorize(principal, "subscribe", None)
+    request_ids = _request_id_filter(request.query_params.getlist("request_id"))
+    after = _start_id(request)
+    subscriber = gw.fan_in.subscribe(principal, request_ids)
+
+    async def messages() -> AsyncIterator[ServerSentEvent]:
+        try:
+            yield ServerSentEvent(retry=RETRY_MS)
+            async for item in _follow(gw, subscriber, after, until):
+                if isinstance(item, bytes):
+                    yield ServerSentEvent(data=item.decode())
+                else:
+                    yield ServerSentEvent(data=item[1].decode(), id=item[0].decode())
+        except redis.RedisError:
+            return  # Redis went away mid-replay: end; the client resumes with Last-Event-ID
+        finally:
+            gw.fan_in.unsubscribe(subscriber)
+
+    return EventSourceResponse(messages(), ping=PING_S, send_timeout=10,
+                               headers={"Cache-Control": "no-store"})
+
+
+def _request_id_filter(values: list[str]) -> frozenset[str] | None:
+    if not values:
+        return None
+    for value in values:
+        if not _REQUEST_ID.fullmatch(value):
+            raise InvalidRequest(f"request_id must be 64 lowercase hex digits, got {value!r}")
+    return frozenset(values)
+
+
+class WsCommand(msgspec.Struct, forbid_unknown_fields=True):
+    action: Action
+    additional_gas: int = 0
+
+
+_decode_command = msgspec.json.Decoder(WsCommand).decode
+
+
+async def websocket(ws: WebSocket) -> None:
+    """`/ws/executions/{request_id}`: that execution's events, replayed from the first one
+    retained then live, until its terminal event; the client may send
+    `{"action": "pause" | "resume" | "cancel"}`. Close codes: 4401 unauthenticated, 4403
+    forbidden, 4404 no such execution (of this principal)."""
+    gw = _gateway(ws)
+    request_id = ws.path_params["request_id"]
+    await ws.accept()
+    try:
+        principal, until = await subscriber_principal(gw, ws)
+        gw.authorize(principal, "subscribe", None)
+        await gw.controller.state(principal, request_id)
+    except RelayError as error:
+        await ws.close(4000 + error.status, error.detail[:120])
+        return
+    subscriber = gw.fan_in.subscribe(principal, frozenset({request_id}))
+    commands = asyncio.create_task(_commands(gw, ws, principal, request_id))
+    try:
+        async for item in _follow(gw, subscriber, "0", until):
+            data = item if isinstance(item, bytes) else item[1]
+            await ws.send_text(data.decode())
+            if decode_head(data).type in TERMINAL_TYPES:
+                break
+        await ws.close(1000)
+    except (WebSocketDisconnect, RuntimeError, redis.RedisError):
+        pass
+    finally:
+        commands.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await commands
+        gw.fan_in.unsubscribe(subscriber)
+
+
+async def _commands(gw: Gateway, ws: WebSocket, principal: str, request_id: str) -> None:
+    """Control messages from the client; a refusal is answered with a problem-shaped message
+    (`{"type": "control_error", "status", "detail"}`), an effect by the events it causes."""
+    while True:
+        try:
+            raw = await ws.receive_text()
+        except (WebSocketDisconnect, RuntimeError):
+            return
+        try:
+            command = _decode_command(raw)
+            await gw.controller.act(principal, request_id, command.action,
+                                    command.additional_gas)
+        except msgspec.DecodeError as exc:
+            await _send_error(ws, 400, f"expected {{\"action\": \"pause\"|\"resume\"|\"cancel\"}}"
+                                       f": {exc}")
+        except RelayError as error:
+            await _send_error(ws, error.status, error.detail)
+
+
+async def _send_error(ws: WebSocket, status: int, detail: str) -> None:
+    message: dict[str, Any] = {"type": "control_error", "status": status, "detail": detail}
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        await ws.send_text(msgspec.json.encode(message).decode())
+
+
+async def mint_token(request: Request) -> Response:
+    """`POST /auth/tokens`: a subscribe-only token for URLs, minted with normal credentials."""
+    gw = _gateway(request)
+    if "access_token" in request.query_params:
+        raise Unauthenticated("mint tokens with an API key or a bearer token, not a token")
+    principal = await gw.authenticate(request)
+    gw.authorize(principal, "subscribe", None)
+    token, expires_at = gw.tokens.mint(principal)
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+    return json_response(AccessToken(access_token=token, expires_at=expires))
