@@ -34,14 +34,17 @@ Entry = tuple[bytes, bytes]
 class Subscriber:
     """One event stream's queue. `None` in the queue means: dropped for falling behind."""
 
-    __slots__ = ("principal", "queue", "request_ids")
+    __slots__ = ("ended", "principal", "queue", "request_ids")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
         self.principal = principal
         self.request_ids = request_ids
         self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(capacity)
+        self.ended = False
 
     def offer(self, entry: Entry) -> None:
+        if self.ended:
+            return
         try:
             self.queue.put_nowait(entry)
         except asyncio.QueueFull:
@@ -50,6 +53,7 @@ class Subscriber:
 
     def end(self) -> None:
         """Drop what it has not read and tell it to go."""
+        self.ended = True
         while not self.queue.empty():
             self.queue.get_nowait()
         self.queue.put_nowait(None)
@@ -178,7 +182,7 @@ class EventFanIn:
                         future.set_result(data)
         user = fields.get(b"user")
         subscribers = self._subscribers.get(user.decode()) if user else None
-        if not subscribers:
+        if not subscribers or not for_clients(data):
             return
         entry = (entry_id, data)
         for subscriber in tuple(subscribers):
@@ -188,6 +192,12 @@ class EventFanIn:
                 if request_id not in subscriber.request_ids:
                     continue
             subscriber.offer(entry)
+
+
+def for_clients(data: bytes) -> bool:
+    """Whether an entry is a client event: `wasm_exec_completed` (the whole request again, for
+    bus consumers) is not."""
+    return not data.startswith(COMPLETED_PREFIX)
 
 
 def _remove(table: dict[str, list[asyncio.Future[bytes]]], key: str,

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.control import Action
 from relay.errors import InvalidRequest, RelayError, Unauthenticated
-from relay.events import Entry, Subscriber
+from relay.events import Entry, Subscriber, for_clients
 from relay.http import json_response
 from relay.schemas import TERMINAL_TYPES, AccessToken, EventsLost, decode_head
 
@@ -78,7 +78,8 @@ async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | Non
             if fields.get(b"user", b"").decode() != principal:
                 continue
             data = fields[b"data"]
-            if request_ids is None or decode_head(data).request_id in request_ids:
+            if for_clients(data) and (request_ids is None
+                                      or decode_head(data).request_id in request_ids):
                 yield entry_id, data
         if len(page) < REPLAY_PAGE:
             return

@@ -243,3 +243,32 @@ def raw_exchange(url: str, head: bytes, body_start: bytes) -> tuple[int, dict[st
             assert chunk, "the server closed the connection mid-response"
             body += chunk
     return int(status_line.split()[1]), headers, body
+
+
+class Served:
+    """The in-process app behind a real socket (uvicorn in this event loop): streaming over
+    real HTTP, while the test can still look inside the gateway."""
+
+    def __init__(self, app: Any, url: str) -> None:
+        self.app = app
+        self.url = url
+
+    @property
+    def gateway(self) -> Any:
+        return self.app.state.gateway
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[Served]:
+    import uvicorn
+
+    application = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=2))
+    task = asyncio.create_task(server.serve())
+    await wait_for(lambda: server.started, timeout_s=10, interval_s=0.01)
+    yield Served(application, f"http://127.0.0.1:{port}")
+    server.should_exit = True
+    await asyncio.wait_for(task, 10)

@@ -1,0 +1,348 @@
+"""Server-Sent Events and the WebSocket, over a real socket, with a real executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from executor.worker import Executor
+from relay.events import EventFanIn
+from relay.keys import Keys
+from relay.settings import Settings
+from relay.tokens import AccessTokens
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    BOB_KEY,
+    Served,
+    assert_problem,
+    upload,
+    wait_for,
+)
+
+EVENTS = "/intent/execute-wasm/events"
+TERMINAL = {"execution_complete", "execution_error"}
+
+
+@dataclass
+class Message:
+    id: str | None = None
+    data: str | None = None
+    retry: int | None = None
+    event: str | None = None
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def json(self) -> Any:
+        assert self.data is not None
+        return json.loads(self.data)
+
+
+async def sse_messages(response: httpx.Response) -> AsyncIterator[Message]:
+    """Parse a text/event-stream into messages (comments are kept on the next message)."""
+    message = Message()
+    async for line in response.aiter_lines():
+        if line == "":
+            if message.data is not None or message.retry is not None:
+                yield message
+            message = Message()
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "":
+            message.comments.append(value)
+        elif name == "data":
+            assert message.data is None, "one data line per message"
+            message.data = value
+        elif name == "id":
+            message.id = value
+        elif name == "retry":
+            message.retry = int(value)
+        elif name == "event":
+            message.event = value
+
+
+async def collect(response: httpx.Response, until: Any, timeout_s: float = 15
+                  ) -> list[Message]:
+    """Messages until `until(messages)` is true."""
+    messages: list[Message] = []
+    async with asyncio.timeout(timeout_s):
+        async for message in sse_messages(response):
+            messages.append(message)
+            if until(messages):
+                return messages
+    raise AssertionError(f"the stream ended early: {messages}")
+
+
+def terminals(count: int) -> Any:
+    return lambda ms: sum(m.data is not None and m.json["type"] in TERMINAL
+                          for m in ms) >= count
+
+
+def data_messages(count: int) -> Any:
+    return lambda ms: sum(m.data is not None for m in ms) >= count
+
+
+def client(served: Served, key: str | None = ALICE_KEY) -> httpx.AsyncClient:
+    headers = {"X-API-Key": key} if key else {}
+    return httpx.AsyncClient(base_url=served.url, headers=headers,
+                             timeout=httpx.Timeout(30, read=30))
+
+
+async def submit(http: httpx.AsyncClient, cid: str, inputs: list[Any]) -> str:
+    response = await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
+                               json={"cid": cid, "inputs": inputs})
+    assert response.status_code == 202, response.text
+    request_id: str = response.json()["request_id"]
+    return request_id
+
+
+async def test_lifecycle_events_in_order(served: Served, executor: Executor) -> None:
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        async with http.stream("GET", EVENTS) as stream:
+            assert stream.status_code == 200
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            assert stream.headers["cache-control"] == "no-store"
+            assert stream.headers["x-accel-buffering"] == "no"
+            request_id = await submit(http, module["cid"], [2, 3])
+            messages = await collect(stream, terminals(1))
+    assert messages[0].retry is not None and messages[0].data is None  # retry: once, first
+    events = [m for m in messages if m.data is not None]
+    assert all(m.event is None for m in events)  # no event: line, so onmessage sees them all
+    types = [m.json["type"] for m in events]
+    assert types == ["execution_queued", "execution_started", "execution_complete"]
+    assert {m.json["request_id"] for m in events} == {request_id}
+    assert events[-1].json["output"] == 5
+    ids = [tuple(map(int, m.id.split("-"))) for m in events if m.id]
+    assert len(ids) == len(events) and ids == sorted(ids)
+    assert all("timestamp" in m.json for m in events)
+    # wasm_exec_completed is for bus consumers, not for clients of the stream
+    assert "wasm_exec_completed" not in types
+
+
+async def test_replay_from_any_id_equals_the_tail(served: Served, executor: Executor) -> None:
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        for n in range(3):
+            await submit(http, module["cid"], [n, n])
+        async def all_done() -> bool:
+            async with http.stream("GET", EVENTS, params={"last_event_id": "0"}) as stream:
+                try:
+                    await collect(stream, terminals(3), timeout_s=1)
+                    return True
+                except TimeoutError:
+                    return False
+
+        await wait_for(all_done, timeout_s=15, interval_s=0.1)
+        async with http.stream("GET", EVENTS, params={"last_event_id": "0"}) as stream:
+            full = [m for m in await collect(stream, terminals(3)) if m.data]
+        assert len(full) == 9
+        for index, message in enumerate(full[:-1]):
+            headers = {"Last-Event-ID": message.id or ""}
+            expected = full[index + 1:]
+            async with http.stream("GET", EVENTS, headers=headers) as stream:
+                tail = [m for m in await collect(stream, data_messages(len(expected)))
+                        if m.data]
+            assert [(m.id, m.data) for m in tail] == [(m.id, m.data) for m in expected]
+
+
+async def test_replay_then_live_without_gap_or_duplicate(served: Served,
+                                                        executor: Executor) -> None:
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        first = await submit(http, module["cid"], [1, 1])
+        await wait_for(lambda: _status(http, first, "completed"), timeout_s=10)
+        async with http.stream("GET", EVENTS, params={"last_event_id": "0"}) as stream:
+            second = await submit(http, module["cid"], [2, 2])
+            messages = [m for m in await collect(stream, terminals(2)) if m.data]
+    ids = [m.id for m in messages]
+    assert len(ids) == len(set(ids)), "no duplicate"
+    assert [m.json["request_id"] for m in messages] == [first] * 3 + [second] * 3
+
+
+async def _status(http: httpx.AsyncClient, request_id: str, status: str) -> bool:
+    return bool((await http.get(f"/executions/{request_id}")).json()["status"] == status)
+
+
+async def test_each_principal_sees_only_its_own(served: Served, executor: Executor) -> None:
+    async with client(served) as alice, client(served, BOB_KEY) as bob:
+        module = await upload(alice, ADD_WAT)
+        async with bob.stream("GET", EVENTS, params={"last_event_id": "0"}) as everything:
+            alice_id = await submit(alice, module["cid"], [5, 5])
+            guessed = bob.stream("GET", EVENTS, params={"request_id": alice_id,
+                                                        "last_event_id": "0"})
+            async with guessed as narrowed:
+                bob_id = await submit(bob, module["cid"], [6, 6])
+                seen = [m for m in await collect(everything, terminals(1)) if m.data]
+                narrowed_task = asyncio.create_task(collect(narrowed, lambda ms: any(
+                    m.data for m in ms)))
+                await asyncio.sleep(0)  # let it start; it must see nothing
+                done, _ = await asyncio.wait({narrowed_task}, timeout=1.0)
+                narrowed_task.cancel()
+        assert not done, "bob saw an event of alice's execution by guessing its id"
+        assert {m.json["request_id"] for m in seen} == {bob_id}
+        assert (await bob.get(f"/executions/{alice_id}")).status_code == 404
+
+
+async def test_filter_by_request_id(served: Served, executor: Executor) -> None:
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        wanted = await submit(http, module["cid"], [7, 1])
+        await submit(http, module["cid"], [7, 2])
+        async with http.stream("GET", EVENTS, params={"request_id": wanted,
+                                                      "last_event_id": "0"}) as stream:
+            messages = [m for m in await collect(stream, terminals(1)) if m.data]
+    assert {m.json["request_id"] for m in messages} == {wanted}
+
+
+async def test_bad_last_event_id_and_filter_are_400(served: Served) -> None:
+    async with client(served) as http:
+        assert_problem(await http.get(EVENTS, headers={"Last-Event-ID": "yesterday"}), 400,
+                       "invalid-request")
+        assert_problem(await http.get(EVENTS, params={"request_id": "nope"}), 400,
+                       "invalid-request")
+
+
+async def test_events_lost_when_history_was_trimmed(settings: Settings, served: Served) -> None:
+    keys = Keys(settings.prefix)
+    redis_client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        first = await redis_client.xadd(keys.events, {"data": b"{}", "user": b"nobody"})
+        for _ in range(300):
+            await redis_client.xadd(keys.events, {"data": b"{}", "user": b"nobody"})
+        await redis_client.xtrim(keys.events, maxlen=10)
+    finally:
+        await redis_client.aclose()
+    async with client(served) as http, http.stream(
+            "GET", EVENTS, headers={"Last-Event-ID": first.decode()}) as stream:
+        messages = await collect(stream, lambda ms: any(m.data for m in ms))
+    lost = next(m for m in messages if m.data)
+    assert lost.json["type"] == "events_lost"
+    assert lost.json["oldest_id"] > first.decode()
+
+
+async def test_access_token_in_the_url(served: Served, executor: Executor) -> None:
+    async with client(served) as http, client(served, None) as browser:
+        minted = await http.post("/auth/tokens")
+        assert minted.status_code == 200
+        token = minted.json()["access_token"]
+        assert minted.json()["expires_at"].endswith("Z")
+        module = await upload(http, ADD_WAT)
+        async with browser.stream("GET", EVENTS, params={"access_token": token}) as stream:
+            assert stream.status_code == 200
+            await submit(http, module["cid"], [8, 8])
+            messages = await collect(stream, terminals(1))
+        assert any(m.data for m in messages)
+        for credential in (ALICE_KEY, "rt1.forged.signature", "not-a-token"):
+            refused = await browser.get(EVENTS, params={"access_token": credential})
+            assert_problem(refused, 401, "unauthenticated")
+        # An access token is for streams only, not a credential for the API.
+        other = await browser.get("/modules", params={"access_token": token})
+        assert_problem(other, 401, "unauthenticated")
+
+
+async def test_expired_token_is_refused_and_ends_the_stream(served: Served) -> None:
+    tokens: AccessTokens = served.gateway.tokens
+    short = AccessTokens(tokens._secret, ttl_s=1)
+    token, _ = short.mint("alice")
+    async with client(served, None) as browser:
+        async with browser.stream("GET", EVENTS, params={"access_token": token}) as stream:
+            assert stream.status_code == 200
+            started = time.monotonic()
+            async for _ in stream.aiter_lines():
+                pass  # the server ends the stream when the token expires
+            assert time.monotonic() - started < 5
+        refused = await browser.get(EVENTS, params={"access_token": token})
+        assert_problem(refused, 401, "unauthenticated")
+
+
+async def test_disconnect_frees_the_subscription(served: Served) -> None:
+    fan_in: EventFanIn = served.gateway.fan_in
+    async with client(served) as http:
+        streams = [http.stream("GET", EVENTS) for _ in range(3)]
+        opened = [await s.__aenter__() for s in streams]
+        await wait_for(lambda: fan_in.subscriber_count == 3, timeout_s=5)
+        for stream, response in zip(streams, opened, strict=True):
+            await stream.__aexit__(None, None, None)
+            del response
+    await wait_for(lambda: fan_in.subscriber_count == 0, timeout_s=5)
+
+
+async def test_slow_subscriber_is_dropped_while_a_fast_one_keeps_up(settings: Settings) -> None:
+    keys = Keys(settings.prefix)
+    redis_client = aioredis.Redis.from_url(settings.redis_url or "")
+    fan_in = EventFanIn(redis_client, keys, queue_capacity=10)
+    await fan_in.start(b"0-0")
+    slow = fan_in.subscribe("alice", None)
+    fast = fan_in.subscribe("alice", None)
+    received: list[bytes] = []
+
+    async def read_fast() -> None:
+        while len(received) < 100:
+            entry = await fast.queue.get()
+            assert entry is not None, "the fast subscriber was dropped"
+            received.append(entry[0])
+
+    reader = asyncio.create_task(read_fast())
+    try:
+        for n in range(100):
+            await redis_client.xadd(keys.events, {"data": f'{{"n":{n}}}'.encode(),
+                                                  "user": b"alice"})
+        await asyncio.wait_for(reader, 10)
+        items = [slow.queue.get_nowait() for _ in range(slow.queue.qsize())]
+        assert items[-1] is None, "the slow subscriber was told to go"
+        assert len(items) <= 10, "its queue never grew past its bound"
+        assert len(received) == 100
+    finally:
+        reader.cancel()
+        await fan_in.stop()
+        await redis_client.aclose()
+
+
+async def test_unauthenticated_stream_is_401(served: Served) -> None:
+    async with client(served, None) as browser:
+        assert_problem(await browser.get(EVENTS), 401, "unauthenticated")
+
+
+# --- WebSocket ---
+
+
+def ws_url(served: Served, request_id: str) -> str:
+    return served.url.replace("http", "ws", 1) + f"/ws/executions/{request_id}"
+
+
+async def test_websocket_streams_one_executions_events(served: Served,
+                                                      executor: Executor) -> None:
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        request_id = await submit(http, module["cid"], [20, 22])
+        async with ws_connect(ws_url(served, request_id),
+                              additional_headers={"X-API-Key": ALICE_KEY}) as ws:
+            events = [json.loads(message) async for message in ws]
+    types = [e["type"] for e in events]
+    assert types[0] == "execution_queued" and types[-1] == "execution_complete"
+    assert events[-1]["output"] == 42
+    assert {e["request_id"] for e in events} == {request_id}
+
+
+async def test_websocket_refuses_strangers(served: Served, executor: Executor) -> None:
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        request_id = await submit(http, module["cid"], [1, 2])
+    for headers, code in (({"X-API-Key": BOB_KEY}, 4404), ({}, 4401),
+                          ({"X-API-Key": "wrong"}, 4401)):
+        async with ws_connect(ws_url(served, request_id), additional_headers=headers) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == code
