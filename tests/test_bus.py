@@ -78,3 +78,27 @@ async def test_duplicate_requests_run_once(http: httpx.AsyncClient, executor: Ex
     events = await entries(settings, Keys(settings.prefix).events)
     assert sum(e["type"] == "execution_started" for e in events) == 1
     assert len(await entries(settings, Keys(settings.prefix).requests)) == 1
+
+
+async def test_example_bus_consumer_reads_each_completion_once(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, process_env
+
+    module = await upload(http, ADD_WAT)
+    ids = [(await http.post("/intent/execute-wasm", json={"cid": module["cid"],
+                                                          "inputs": [n, 1]})).json()["request_id"]
+           for n in range(2)]
+
+    def consume() -> str:
+        done = subprocess.run([sys.executable, "examples/bus_consumer.py", "--burst"],
+                              env=process_env(settings), cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=True)
+        return done.stdout
+
+    first = await asyncio.to_thread(consume)
+    assert sorted(line[:12] for line in first.splitlines()) == sorted(i[:12] for i in ids)
+    assert "by alice: ok" in first
+    assert await asyncio.to_thread(consume) == "", "everything was acknowledged the first time"
