@@ -7,7 +7,6 @@ IETF httpapi `RateLimit-Policy` and `RateLimit` fields; a refusal is 429 with `R
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from functools import lru_cache
@@ -59,6 +58,8 @@ class RateLimiter:
                                      connection_pool=client.connection_pool)
         self._settings = settings
         self._policies = policies
+        self._window_ends: dict[str, float] = {}
+        """When each window this gateway has seen ends (Unix time)."""
 
     async def hit(self, principal: str) -> RateState | None:
         """Count one request. Raises RateLimited (with the RateLimit fields) when over; None
@@ -71,12 +72,21 @@ class RateLimiter:
         window_s = (caps.rate_window or self._settings.rate_window_ms) // 1000
         item = _item(limit, window_s)
         key = item.key_for(principal)
-        # The library's hit() then get_window_stats() would be three round trips in a row; its
-        # storage's counter and expiry read, sent together, are one.
-        count, expiry = await asyncio.gather(
-            self._storage.incr(key, item.get_expiry()), self._storage.get_expiry(key))
-        reset_s = window_s if count == 1 else min(max(math.ceil(expiry - time.time()), 0),
-                                                   window_s)
+        # The library's hit() then get_window_stats() would be three round trips in a row. The
+        # count comes back from the increment; when the window ends is read once per window
+        # (or learned, when this increment opened it), then remembered.
+        count = await self._storage.incr(key, item.get_expiry())
+        now = time.time()
+        if count == 1:
+            window_end = now + window_s
+        else:
+            window_end = self._window_ends.get(key, 0.0)
+            if window_end <= now:
+                window_end = await self._storage.get_expiry(key)
+        if len(self._window_ends) > 100_000:  # one entry per active principal: bounded
+            self._window_ends.clear()
+        self._window_ends[key] = window_end
+        reset_s = min(max(math.ceil(window_end - now), 0), window_s)
         state = RateState("principal" if own else "default", limit, window_s,
                           max(limit - count, 0), reset_s)
         if count > limit:
