@@ -61,7 +61,8 @@ _TRAP_MESSAGES = {
 CANCELLED_MESSAGE = "the execution was cancelled"
 SHUTDOWN_MESSAGE = "the executor is shutting down"
 CLOSED_MESSAGE = "the sandbox is closed"
-# Ends the text of the error the epoch callback returns: tells our stop from anything else.
+# Ends the text of the error the epoch callback returns (it surfaces as a WasmtimeError, not a
+# Trap): tells the callback's stop from any other error.
 _STOP_MARKER = "relay-live-control-stop:"
 
 
@@ -102,8 +103,9 @@ class LiveControl:
     """
 
     stdout_path: Path | None
-    """For a WASI module, where its stdout goes: set before the module starts, kept (with
-    `stderr_path`) after the run until `release()`, so a reader tailing it can read the end."""
+    """For a WASI module, the file its stdout goes to: set (after `stderr_path`, both files
+    existing) before the module starts, and kept after the run until `release()`, so a reader
+    tailing it can read its end."""
     stderr_path: Path | None
 
     def __init__(self, *, max_pause_ms: int,
@@ -235,14 +237,12 @@ class LiveControl:
     def _adopt_output(self, directory: str) -> None:
         self._output_cleanup = weakref.finalize(self, shutil.rmtree, directory,
                                                 ignore_errors=True)
-        self.stdout_path = Path(directory, "stdout")
-        self.stderr_path = Path(directory, "stderr")
 
     def _finish(self, output: Any, error: ErrorInfo | None, fuel_left: int) -> Outcome:
         now = time.perf_counter()
         with self._cond:
-            if self._stop is not None:
-                output, error = None, self._stop
+            # A cancel accepted before this point wins, even over a module that just ended:
+            # `cancel()` returning True always means a `cancelled` outcome.
             if self._cancel_message is not None:
                 output, error = None, ErrorInfo("cancelled", self._cancel_message)
             # Above i64::MAX the fuel still holds what `_add_gas` put there: the module has
@@ -365,7 +365,6 @@ class Sandbox:
         self._linker.define_wasi()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._in_flight = 0
         self._controls: set[LiveControl] = set()
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
@@ -373,7 +372,7 @@ class Sandbox:
     def close(self) -> None:
         """Refuse new runs and cancel every controlled one, paused or running, waking it: a
         paused run blocks its thread, which would hang the interpreter's exit. Does not wait;
-        the epoch keeps ticking until the last run in flight has returned."""
+        the epoch keeps ticking until the last controlled run has returned."""
         self._stop.set()
         with self._lock:
             controls = list(self._controls)
@@ -381,10 +380,12 @@ class Sandbox:
             control._cancel(SHUTDOWN_MESSAGE)
 
     def _tick(self) -> None:
+        # After `close()`, ticking goes on while controlled runs remain: they see their cancel
+        # at a tick.
         while True:
             if self._stop.wait(TICK_S):
                 with self._lock:
-                    if not self._in_flight:
+                    if not self._controls:
                         return
                 time.sleep(TICK_S)
             self.engine.increment_epoch()
@@ -418,52 +419,52 @@ class Sandbox:
         (raises RuntimeError if this wasmtime's C API does not match what it relies on).
         After `close()` every run ends at once with `cancelled`.
         """
-        if control is not None and control.state != "pending":
+        if control is not None:
+            return self._run_controlled(prepared, entrypoint, inputs, policy, command=command,
+                                        max_output_bytes=max_output_bytes, control=control)
+        if self._stop.is_set():
+            return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
+        store = wasmtime.Store(self.engine)
+        store.set_fuel(policy.max_gas)
+        store.set_limits(memory_size=policy.max_memory,
+                         table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
+        store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
+        if not prepared.uses_wasi:
+            return self._call(store, prepared, entrypoint, inputs, policy)
+        with tempfile.TemporaryDirectory(dir=_TMP_ROOT, prefix="relay-") as tmp:
+            return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
+                                  command=command, max_output_bytes=max_output_bytes,
+                                  control=None)
+
+    def _run_controlled(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
+                        policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
+                        control: LiveControl) -> Outcome:
+        if control.state != "pending":
             raise ValueError("a LiveControl serves one execution only")
         with self._lock:
             if self._stop.is_set():
-                if control is None:
-                    return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
                 control._cancel(CLOSED_MESSAGE)
                 control._begin(policy)
                 return control._finish(None, None, policy.max_gas)
-            self._in_flight += 1
-            if control is not None:
-                self._controls.add(control)
+            self._controls.add(control)
         try:
             store = wasmtime.Store(self.engine)
             store.set_fuel(policy.max_gas)
             store.set_limits(memory_size=policy.max_memory,
                              table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
-            if control is None:
-                store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
-            else:
-                _install_callback(store, control)
-            return self._run(store, prepared, entrypoint, inputs, policy, command=command,
-                             max_output_bytes=max_output_bytes, control=control)
+            _install_callback(store, control)
+            if not prepared.uses_wasi:
+                return self._call(store, prepared, entrypoint, inputs, policy, control)
+            # The output outlives the run, so a reader tailing it can read its end (`release()`).
+            tmp = tempfile.mkdtemp(dir=_TMP_ROOT, prefix="relay-")
+            control._adopt_output(tmp)
+            return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
+                                  command=command, max_output_bytes=max_output_bytes,
+                                  control=control)
         finally:
             with self._lock:
-                self._in_flight -= 1
-                if control is not None:
-                    self._controls.discard(control)
-                    _CONTROLS.pop(id(control), None)
-
-    def _run(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
-             inputs: list[Any], policy: EffectivePolicy, *, command: bool,
-             max_output_bytes: int, control: LiveControl | None) -> Outcome:
-        if not prepared.uses_wasi:
-            return self._call(store, prepared, entrypoint, inputs, policy, control)
-        if control is None:
-            with tempfile.TemporaryDirectory(dir=_TMP_ROOT, prefix="relay-") as tmp:
-                return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
-                                      command=command, max_output_bytes=max_output_bytes,
-                                      control=None)
-        # The output outlives the run, so a reader tailing it can read its end (`release()`).
-        tmp = tempfile.mkdtemp(dir=_TMP_ROOT, prefix="relay-")
-        control._adopt_output(tmp)
-        return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
-                              command=command, max_output_bytes=max_output_bytes,
-                              control=control)
+                self._controls.discard(control)
+            _CONTROLS.pop(id(control), None)
 
     def _run_wasi(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
                   inputs: list[Any], policy: EffectivePolicy, tmp: Path, *, command: bool,
@@ -471,8 +472,11 @@ class Sandbox:
         stdout, stderr = tmp / "stdout", tmp / "stderr"
         stdin = tmp / "stdin"
         stdin.write_bytes(msgspec.json.encode(inputs) if command else b"")
-        stdout.touch()
-        stderr.touch()
+        if control is not None:  # stdout last: once it is set, both files exist
+            stdout.touch()
+            stderr.touch()
+            control.stderr_path = stderr
+            control.stdout_path = stdout
         wasi = wasmtime.WasiConfig()
         wasi.stdin_file = str(stdin)
         wasi.stdout_file = str(stdout)
@@ -512,7 +516,10 @@ class Sandbox:
                 policy = msgspec.structs.replace(policy, max_gas=control.gas_limit)
             error = _trap_error(exc, policy, store, instance)
         except wasmtime.WasmtimeError as exc:
-            error = _instantiation_error(exc, policy)
+            if control is not None and control._stop is not None and _STOP_MARKER in str(exc):
+                error = control._stop  # the epoch callback ended it: timeout, cancel, internal
+            else:
+                error = _instantiation_error(exc, policy)
         duration_ms = (time.perf_counter() - started) * 1000
         gas_left = store.get_fuel()
         if control is not None:
@@ -601,9 +608,8 @@ def _new_error(text: str) -> int:
     return ctypes.cast(pointer, ctypes.c_void_p).value or 0
 
 
-# The running controls by key (the `data` wasmtime hands back to the callback): the callback
-# finds its control here and never through a raw pointer to a Python object, which would be
-# dangling if the control were freed first.
+# The running controls by `id()`, the `data` wasmtime hands back to the callback: a key looked
+# up here, never dereferenced, so a stale one finds nothing instead of freed memory.
 _CONTROLS: dict[int, LiveControl] = {}
 
 

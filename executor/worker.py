@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -20,16 +21,19 @@ import redis
 import redis.asyncio as aioredis
 
 from executor.cache import CompiledModules, ModuleGone
+from executor.live import LiveRun
 from executor.sandbox import LinkError, Outcome, Sandbox
 from relay.bus import Bus
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore
 from relay.schemas import (
+    ControlMessage,
     ErrorCode,
     ErrorInfo,
     ExecuteResponse,
     WasmExecRequested,
+    decode_control,
     decode_requested,
     now_iso,
 )
@@ -58,17 +62,36 @@ class Executor:
                                            thread_name_prefix="wasm")
         self.slots = settings.executor_concurrency + settings.executor_prefetch
         self._running: set[asyncio.Task[None]] = set()
+        self._live: dict[str, LiveRun] = {}
+        """The executions this executor is running, for the control channel."""
+        self._held: set[bytes] = set()
+        """Entries this executor holds (running or about to): their leases are renewed."""
+        self._requests: dict[bytes, str] = {}
+        """Entry id -> request id, for the entries held."""
+        self._abandoned: set[bytes] = set()
+        """Entries held but no longer to be settled here (taken over, or handed back)."""
+        self._client = client
+        self._keys = keys
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
-        """Stop reading new work; `run` returns once what is running has finished."""
+        """Stop taking work; `run` returns once what runs has finished, or after the drain
+        grace, having handed the rest back for peers to run."""
         self._stopping.set()
+
+    def cancel_running(self) -> None:
+        """End every run in progress now (each settles as `cancelled`)."""
+        for live in self._live.values():
+            live.control.cancel()
 
     async def run(self, *, burst: bool = False) -> None:
         """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new."""
         await self.bus.ensure_group()
         background = [asyncio.create_task(self._heartbeat()),
-                      asyncio.create_task(self.metrics.run())]
+                      asyncio.create_task(self.metrics.run()),
+                      asyncio.create_task(self._follow_control()),
+                      asyncio.create_task(self._keep_leases())]
+        next_reclaim = 0.0
         try:
             while not self._stopping.is_set():
                 free = self.slots - len(self._running)
@@ -76,6 +99,11 @@ class Executor:
                     await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
+                    if time.monotonic() >= next_reclaim:
+                        next_reclaim = time.monotonic() + self.settings.lease_ms / 3000
+                        free -= await self._reclaim(free)
+                        if free <= 0:
+                            continue
                     entries = await self.bus.read(self.name, free, self.read_block_ms)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("cannot read the bus, retrying: %s", exc)
@@ -84,18 +112,93 @@ class Executor:
                 if burst and not entries and not self._running:
                     break
                 for entry_id, data in entries:
-                    task = asyncio.create_task(self._handle(entry_id, data))
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
-            if self._running:
-                await asyncio.wait(self._running)
+                    self._spawn(entry_id, data)
+            await self._drain()
         finally:
             for task in background:
                 task.cancel()
+            # redis-py may swallow a cancellation (see relay.events): do not wait on it forever.
+            await asyncio.wait(background, timeout=1.0)
             with contextlib.suppress(redis.RedisError):
                 await self.metrics.flush()
             self._threads.shutdown(wait=False, cancel_futures=True)
             self.sandbox.close()
+
+    def _spawn(self, entry_id: bytes, data: bytes) -> None:
+        self._held.add(entry_id)
+        task = asyncio.create_task(self._handle(entry_id, data))
+        self._running.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            self._held.discard(entry_id)
+            self._abandoned.discard(entry_id)
+
+        task.add_done_callback(done)
+
+    async def _drain(self) -> None:
+        """Let what runs finish within the grace; hand back the rest, unsettled."""
+        if not self._running:
+            return
+        _, late = await asyncio.wait(self._running, timeout=self.settings.drain_grace_ms / 1000)
+        if not late:
+            return
+        handed_back = list(self._held)
+        self._abandoned.update(handed_back)
+        self.cancel_running()
+        await asyncio.wait(late)
+        with contextlib.suppress(redis.RedisError):
+            await self.bus.hand_back(self.name, handed_back)
+        log.warning("drain grace over: handed %d executions back to peers", len(handed_back))
+
+    async def _reclaim(self, free: int) -> int:
+        """Take over entries whose executor stopped renewing them; returns how many."""
+        again, dead = await self.bus.reclaim(self.name, self.settings.lease_ms, free,
+                                             self.settings.max_deliveries)
+        for entry_id, data in again:
+            log.info("taking over %s from an executor that stopped", entry_id.decode())
+            self._spawn(entry_id, data)
+        for entry_id, data in dead:
+            await self._give_up(entry_id, data)
+        return len(again)
+
+    async def _give_up(self, entry_id: bytes, data: bytes) -> None:
+        """Dead-letter an entry delivered too often, and end its execution with `internal` so
+        no caller waits forever (and a retry of the request runs again)."""
+        reason = f"given up after {self.settings.max_deliveries} deliveries"
+        log.error("%s: %s", entry_id.decode(), reason)
+        await self.bus.dead_letter(entry_id, data, reason)
+        try:
+            request = decode_requested(data)
+        except msgspec.DecodeError:
+            await self.bus.ack(entry_id)
+            return
+        response = ExecuteResponse(
+            success=False, request_id=request.request_id, cid=request.cid, output=None,
+            gas_used=0, duration=0.0, executed_at=now_iso(),
+            error=ErrorInfo("internal", f"the execution could not be completed: {reason}"))
+        await self.bus.finish(entry_id, request, response, self.settings.idempotency_ttl_ms,
+                              self.name)
+
+    async def _keep_leases(self) -> None:
+        """Renew the lease on every entry held, about three times a lease; a run whose entry a
+        peer took over (this executor stalled) is stopped and will write nothing."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ms / 3000)
+            held = list(self._held)
+            try:
+                kept = await self.bus.renew(self.name, held)
+            except redis.RedisError as exc:
+                log.warning("cannot renew leases: %s", exc)
+                continue
+            for entry_id in set(held) - kept:
+                if entry_id in self._held and entry_id not in self._abandoned:
+                    log.warning("lost %s to a peer; stopping its run", entry_id.decode())
+                    self._abandoned.add(entry_id)
+                    request_id = self._requests.get(entry_id)
+                    live = self._live.get(request_id) if request_id else None
+                    if live is not None:
+                        live.control.cancel()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -105,6 +208,34 @@ class Executor:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(HEARTBEAT_S)
 
+    async def _follow_control(self) -> None:
+        """Pause, resume and cancel requests from any gateway, for the runs that are ours."""
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._keys.control)
+                async for message in pubsub.listen():
+                    self._apply(decode_control(message["data"]))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("control channel lost, resubscribing: %s", exc)
+                await asyncio.sleep(0.5)
+            except msgspec.DecodeError as exc:
+                log.error("malformed control message: %s", exc)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    await pubsub.aclose()
+
+    def _apply(self, message: ControlMessage) -> None:
+        live = self._live.get(message.request_id)
+        if live is None:
+            return  # another executor's run
+        if message.action == "pause":
+            live.control.pause()
+        elif message.action == "resume":
+            live.control.resume(message.additional_gas)
+        else:
+            live.control.cancel()
+
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
             request = decode_requested(data)
@@ -112,17 +243,26 @@ class Executor:
             log.error("dropping a malformed request entry %s", entry_id.decode())
             await self.bus.ack(entry_id)
             return
+        self._requests[entry_id] = request.request_id
+        try:
+            await self._run_entry(entry_id, request)
+        finally:
+            del self._requests[entry_id]
+
+    async def _run_entry(self, entry_id: bytes, request: WasmExecRequested) -> None:
         # `start` and the run overlap: the round trip costs no latency. The run's result is only
         # published after `start` said the execution is ours (no result exists yet), so a
         # redelivered duplicate at worst runs once more in the dark and publishes nothing.
         start = asyncio.create_task(self.bus.start(request.request_id, self.name, now_iso()))
         try:
             response = await self._execute(request)
+            if entry_id in self._abandoned:
+                return  # taken over by a peer, or handed back: theirs to settle
             if not await start:
                 await self.bus.ack(entry_id)  # finished already (a redelivered duplicate)
                 return
             if await self.bus.finish(entry_id, request, response,
-                                     self.settings.idempotency_ttl_ms):
+                                     self.settings.idempotency_ttl_ms, self.name):
                 self.metrics.observe_execution(
                     response.error.code if response.error else None, response.duration,
                     response.gas_used)
@@ -135,6 +275,10 @@ class Executor:
 
     async def _execute(self, request: WasmExecRequested) -> ExecuteResponse:
         executed_at = now_iso()
+        live = LiveRun(self.bus, request, max_pause_ms=self.settings.max_pause_ms,
+                       max_output_bytes=self.settings.max_output_bytes)
+        control = live.control
+        self._live[request.request_id] = live
         try:
             prepared = await self.modules.get(request.cid)
             command = prepared.uses_wasi and request.entrypoint == "_start"
@@ -142,7 +286,8 @@ class Executor:
                 self._threads,
                 lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
                                          request.policy, command=command,
-                                         max_output_bytes=self.settings.max_output_bytes),
+                                         max_output_bytes=self.settings.max_output_bytes,
+                                         control=control),
             )
         except ModuleGone as exc:
             outcome = _failed("module_not_found", str(exc))
@@ -153,6 +298,10 @@ class Executor:
         except Exception as exc:
             log.exception("internal error running %s", request.request_id)
             outcome = _failed("internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            del self._live[request.request_id]
+            await live.close()
+            control.release()
         return ExecuteResponse(
             success=outcome.error is None,
             request_id=request.request_id,

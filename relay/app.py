@@ -25,7 +25,7 @@ from relay.apikeys import StoredKeys
 from relay.bus import Accepted as BusAccepted
 from relay.bus import Bus
 from relay.cid import NAME_PATTERN, InvalidCid, compute, normalize
-from relay.control import Action, Controller
+from relay.control import Controller
 from relay.errors import (
     Conflict,
     FieldError,
@@ -58,6 +58,7 @@ from relay.pipeline.validate import Validated, validate
 from relay.policy import ModuleResource, Policies
 from relay.schemas import (
     Accepted,
+    Action,
     Health,
     HealthFeatures,
     HealthLimits,

@@ -33,6 +33,7 @@ from relay.schemas import (
     WasmExecCompleted,
     WasmExecRequested,
     encode,
+    now_iso,
     queued_template,
 )
 
@@ -99,6 +100,14 @@ return 1
 # Settles an execution: the executor when a run ends (with the entry to acknowledge), or the
 # gateway cancelling one still queued (no entry; only while its status is still `queued`).
 _SETTLE = Script("""
+if ARGV[2] ~= '' then
+  -- A run whose lease a peer took over (it stalled) must not write anything.
+  local pending = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1)
+  if not pending[1] or pending[1][2] ~= ARGV[11] then
+    return -1
+  end
+  redis.call('HDEL', KEYS[5], ARGV[2])
+end
 local written = 0
 local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result')
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
@@ -115,6 +124,44 @@ if ARGV[2] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 end
 return written
+""")
+
+# Renews the lease on each entry the consumer still owns: XCLAIM with min-idle 0 resets the
+# idle time without counting a delivery. Returns the ids it still owns.
+_RENEW = Script("""
+local kept = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    table.insert(kept, ARGV[i])
+  end
+end
+return kept
+""")
+
+# Takes over entries idle past their lease. JUSTID because it behaves alike on Redis 6.2 and 7
+# (without it, 6.2 returns trimmed entries as nils and keeps them pending forever); it counts no
+# delivery and returns no data, so the script counts deliveries itself and reads each entry,
+# acknowledging those trimmed meanwhile. Returns {cursor, {id, takeovers, data}...}.
+_RECLAIM = Script("""
+local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                         'COUNT', ARGV[5], 'JUSTID')
+local out = {reply[1]}
+for _, id in ipairs(reply[2]) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if #found == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+    redis.call('HDEL', KEYS[2], id)
+  else
+    local fields, data = found[1][2], false
+    for i = 1, #fields, 2 do
+      if fields[i] == 'data' then data = fields[i + 1] end
+    end
+    table.insert(out, {id, redis.call('HINCRBY', KEYS[2], id, 1), data})
+  end
+end
+return out
 """)
 
 # An event during a run (progress, output, paused, resumed), only while no result exists: a
@@ -170,6 +217,8 @@ class Bus:
         self._starts = Batcher(self._send)
         self._finishes = Batcher(self._send)
         self._emits = Batcher(self._send)
+        self._cursor = b"0-0"
+        """Where the next XAUTOCLAIM scan goes on from."""
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
@@ -257,9 +306,11 @@ class Bus:
         return bool(started)
 
     async def finish(self, entry_id: bytes, request: WasmExecRequested,
-                     response: ExecuteResponse, ttl_ms: int) -> bool:
-        """Store the result (first writer wins), emit the terminal events, acknowledge."""
-        return await self._settle(request, response, ttl_ms, entry_id=entry_id)
+                     response: ExecuteResponse, ttl_ms: int, consumer: str) -> bool:
+        """Store the result (first writer wins), emit the terminal events, acknowledge; only
+        while `consumer` still holds the entry. True when this call wrote the result."""
+        return await self._settle(request, response, ttl_ms, entry_id=entry_id,
+                                  consumer=consumer)
 
     async def cancel_queued(self, request: WasmExecRequested, response: ExecuteResponse,
                             ttl_ms: int) -> bool:
@@ -268,7 +319,7 @@ class Bus:
         return await self._settle(request, response, ttl_ms, only_if="queued")
 
     async def _settle(self, request: WasmExecRequested, response: ExecuteResponse, ttl_ms: int,
-                      *, entry_id: bytes = b"", only_if: str = "") -> bool:
+                      *, entry_id: bytes = b"", only_if: str = "", consumer: str = "") -> bool:
         keys = self.keys
         terminal: ExecutionComplete | ExecutionError
         if response.error is None:
@@ -290,11 +341,13 @@ class Bus:
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
         written = await self._finishes((
             _SETTLE,
-            [keys.execution(request.request_id), keys.events, keys.requests, keys.queued],
+            [keys.execution(request.request_id), keys.events, keys.requests, keys.queued,
+             keys.deliveries],
             [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
-             encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if],
+             encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if,
+             consumer],
         ))
-        return bool(written)
+        return bool(written == 1)
 
     async def emit(self, request_id: str, event: BusMessage, status: str = "") -> bool:
         """Append an event of a running execution (and set its status); False once it has a
@@ -307,6 +360,52 @@ class Bus:
 
     async def ack(self, entry_id: bytes) -> None:
         await self.client.xack(self.keys.requests, Keys.EXECUTOR_GROUP, entry_id)
+
+    # --- leases: an executor holds each entry it runs; peers take over what lapses ---
+
+    async def renew(self, consumer: str, entry_ids: list[bytes]) -> set[bytes]:
+        """Reset the idle time of the entries `consumer` still holds; returns those (the others
+        were taken over by a peer after this executor stalled)."""
+        if not entry_ids:
+            return set()
+        [kept] = await self._send([(_RENEW, [self.keys.requests],
+                                    [Keys.EXECUTOR_GROUP, consumer, *entry_ids])])
+        if isinstance(kept, Exception):
+            raise kept
+        return set(kept)
+
+    async def hand_back(self, consumer: str, entry_ids: list[bytes]) -> None:
+        """Make entries this executor will not finish claimable by peers at once."""
+        if entry_ids:
+            await self.client.xclaim(self.keys.requests, Keys.EXECUTOR_GROUP, consumer, 0,
+                                     entry_ids, idle=2**40, justid=True)
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int, max_deliveries: int,
+                      ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+        """Take over entries idle past their lease (their executor died or stalled).
+
+        Returns (entries to run again, entries delivered more than `max_deliveries` times,
+        which the caller dead-letters). Entries trimmed away meanwhile are acknowledged.
+        """
+        [reply] = await self._send([(_RECLAIM, [self.keys.requests, self.keys.deliveries],
+                                     [Keys.EXECUTOR_GROUP, consumer, min_idle_ms, self._cursor,
+                                      count])])
+        if isinstance(reply, Exception):
+            raise reply
+        self._cursor = reply[0]
+        again, dead = [], []
+        for entry_id, reclaims, data in reply[1:]:
+            if reclaims + 1 > max_deliveries:  # + the first delivery, which XREADGROUP made
+                dead.append((entry_id, data))
+            else:
+                again.append((entry_id, data))
+        return again, dead
+
+    async def dead_letter(self, entry_id: bytes, data: bytes, reason: str) -> None:
+        """Keep a request given up on in `relay:dead`, for an operator to look at."""
+        await self.client.xadd(self.keys.dead, {"entry": entry_id, "data": data,
+                                                "reason": reason, "at": now_iso()},
+                               maxlen=self.requests_retention, approximate=True)
 
     async def heartbeat(self, executor_node: str) -> None:
         await self.client.zadd(self.keys.executors, {executor_node: int(time.time() * 1000)})

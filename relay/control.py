@@ -9,7 +9,6 @@ queued is cancelled by the gateway itself, atomically, so no executor ever start
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -21,16 +20,18 @@ from relay.keys import Keys
 from relay.policy import Policies
 from relay.schemas import (
     TERMINAL_TYPES,
+    Action,
+    ControlMessage,
     ErrorInfo,
     ExecuteResponse,
     ExecutionState,
     decode_requested,
     decode_response,
+    encode,
     now_iso,
 )
 from relay.settings import Settings
 
-Action = Literal["pause", "resume", "cancel"]
 CONFIRM_WAIT_S = 5.0
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 _EXPECTED: dict[str, frozenset[str]] = {
@@ -40,16 +41,6 @@ _EXPECTED: dict[str, frozenset[str]] = {
 }
 
 
-class ControlMessage(msgspec.Struct, kw_only=True):
-    """What goes out on the control channel."""
-
-    request_id: str
-    action: Action
-    additional_gas: int = 0
-
-
-encode_message = msgspec.json.Encoder().encode
-decode_message = msgspec.json.Decoder(ControlMessage).decode
 
 
 class Controller:
@@ -112,7 +103,7 @@ class Controller:
             # An executor started it meanwhile: cancel it where it runs.
         confirmation = self.fan_in.watch(request_id, _EXPECTED[action])
         try:
-            await self.client.publish(self.keys.control, encode_message(ControlMessage(
+            await self.client.publish(self.keys.control, encode(ControlMessage(
                 request_id=request_id, action=action, additional_gas=additional_gas)))
             try:
                 async with asyncio.timeout(CONFIRM_WAIT_S):

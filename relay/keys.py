@@ -8,8 +8,9 @@ from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("api_keys", "control", "events", "executors", "metrics", "modules",
-                 "name_owners", "prefix", "queued", "rate_limits", "requests", "token_secret")
+    __slots__ = ("api_keys", "control", "dead", "deliveries", "events", "executors", "metrics",
+                 "modules", "name_owners", "prefix", "queued", "rate_limits", "requests",
+                 "token_secret")
 
     EXECUTOR_GROUP = "executors"
 
@@ -19,6 +20,10 @@ class Keys:
         """Stream of `wasm_exec_requested`, read by executors in group `executors`."""
         self.events = f"{prefix}:events"
         """Stream of lifecycle events and `wasm_exec_completed`."""
+        self.dead = f"{prefix}:dead"
+        """Stream of request entries given up on after too many deliveries."""
+        self.deliveries = f"{prefix}:deliveries"
+        """Hash entry id -> times a peer took it over (XAUTOCLAIM JUSTID counts none)."""
         self.queued = f"{prefix}:queued"
         """Counter of accepted executions not yet started (for `position`)."""
         self.modules = f"{prefix}:modules"

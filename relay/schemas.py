@@ -255,6 +255,17 @@ class ResumeRequest(Request):
     additional_gas: Annotated[int, Meta(ge=0)] = 0
 
 
+Action = Literal["pause", "resume", "cancel"]
+
+
+class ControlMessage(msgspec.Struct, kw_only=True):
+    """What the gateway publishes on `relay:control` for the executor running an execution."""
+
+    request_id: str
+    action: Action
+    additional_gas: int = 0
+
+
 class EventHead(msgspec.Struct):
     """The two fields the gateway's fan-in needs to route an event, decoded cheaply."""
 
@@ -272,6 +283,7 @@ decode_head = msgspec.json.Decoder(EventHead).decode
 decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
 decode_response = msgspec.json.Decoder(ExecuteResponse).decode
 decode_resume = msgspec.json.Decoder(ResumeRequest).decode
+decode_control = msgspec.json.Decoder(ControlMessage).decode
 
 
 def queued_template(request_id: str, cid: str, timestamp: str) -> bytes:

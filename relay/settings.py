@@ -65,6 +65,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sse_queue: int = 256
     """Events queued for one event stream before it is dropped as too slow."""
     max_pause_ms: int = 600_000
+    lease_ms: int = 3_000
+    """An entry whose executor has not renewed it for this long is taken over by a peer."""
+    max_deliveries: int = 3
+    drain_grace_ms: int = 30_000
+    max_queue: int = 100_000
+    """Accepted executions waiting for an executor; past it, execute answers 503."""
     stored_key_cache_ms: int = 5_000
     """How long a gateway trusts a stored API key it looked up: revocation takes this long."""
 
@@ -186,6 +192,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "RELAY_TOKEN_SECRET": ("token_secret", _str),
     "RELAY_SSE_QUEUE": ("sse_queue", _int),
     "RELAY_MAX_PAUSE": ("max_pause_ms", _int),
+    "RELAY_LEASE": ("lease_ms", _int),
+    "RELAY_MAX_DELIVERIES": ("max_deliveries", _int),
+    "RELAY_DRAIN_GRACE": ("drain_grace_ms", _integer(0)),
+    "RELAY_MAX_QUEUE": ("max_queue", _int),
     "RELAY_RATE_LIMIT": ("rate_limit", _integer(0)),
     "RELAY_RATE_WINDOW": ("rate_window_ms", _whole_seconds_ms),
     "RELAY_POLICY_DIR": ("policy_dir", _directory),

@@ -21,11 +21,10 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from relay.control import Action
 from relay.errors import InvalidRequest, RelayError, Unauthenticated
 from relay.events import Entry, Subscriber, for_clients
 from relay.http import json_response
-from relay.schemas import TERMINAL_TYPES, AccessToken, EventsLost, decode_head
+from relay.schemas import TERMINAL_TYPES, AccessToken, Action, EventsLost, decode_head
 
 if TYPE_CHECKING:
     from relay.app import Gateway

@@ -94,6 +94,7 @@ async def executor(settings: Settings) -> AsyncIterator[Executor]:
     task = asyncio.create_task(worker.run())
     yield worker
     worker.stop()
+    worker.cancel_running()  # a test that failed midway may leave an endless module running
     await asyncio.wait_for(task, 10)
     await client.aclose()
 

@@ -371,6 +371,18 @@ def test_a_failing_on_event_does_not_break_the_run(sandbox: Sandbox, threads: Th
     assert future.result(timeout=30).output == FIB[36]
 
 
+def test_an_exception_inside_the_callback_ends_the_run_not_the_process(
+        sandbox: Sandbox, threads: ThreadPoolExecutor, fib: Prepared) -> None:
+    def interrupting(event: str) -> None:
+        raise KeyboardInterrupt  # not an Exception: escapes `on_event`'s guard
+
+    control = LiveControl(max_pause_ms=10_000, on_event=interrupting)
+    assert control.pause()
+    outcome = start(threads, sandbox, fib, "fib", [36], policy(), control).result(timeout=30)
+    assert outcome.error is not None and outcome.error.code == "internal"
+    assert "KeyboardInterrupt" in outcome.error.message
+
+
 def test_a_wasi_module_paused_mid_output(sandbox: Sandbox, threads: ThreadPoolExecutor) -> None:
     ticker = sandbox.prepare((FIXTURES / "ticker.wasm").read_bytes())
     control = LiveControl(max_pause_ms=10_000)

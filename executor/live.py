@@ -1,0 +1,147 @@
+"""What a running execution tells the world while it runs: progress and its output.
+
+A `LiveRun` ticks on the executor's event loop (no thread, no task of its own while idle): every
+250 ms of *running* time it publishes `execution_progress` from the fuel the sandbox saw used,
+and every 100 ms it publishes what a WASI module wrote to stdout/stderr since the last tick as
+`execution_output`. Paused, it publishes no progress. Everything it published is flushed before
+the run's terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import logging
+from io import BufferedReader
+from pathlib import Path
+from typing import Literal
+
+from executor.sandbox import LiveControl
+from relay.bus import Bus
+from relay.schemas import (
+    BusMessage,
+    ExecutionOutput,
+    ExecutionPaused,
+    ExecutionProgress,
+    ExecutionResumed,
+    WasmExecRequested,
+    now_iso,
+)
+
+log = logging.getLogger("relay.executor")
+
+TICK_S = 0.1
+PROGRESS_EVERY_MS = 250.0
+OUTPUT_CHUNK_BYTES = 16 * 1024
+
+Stream = Literal["stdout", "stderr"]
+
+
+class _Tail:
+    """Reads what a file gained since the last read, as text (split characters kept whole)."""
+
+    def __init__(self, path: Path, budget_bytes: int) -> None:
+        self.path = path
+        self.budget_bytes = budget_bytes
+        self._file: BufferedReader | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read(self, final: bool = False) -> str:
+        if self.budget_bytes <= 0:
+            return ""
+        if self._file is None:
+            try:
+                self._file = self.path.open("rb")
+            except FileNotFoundError:
+                return ""
+        data = self._file.read(min(OUTPUT_CHUNK_BYTES, self.budget_bytes))
+        self.budget_bytes -= len(data)
+        return self._decoder.decode(data, final=final)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class LiveRun:
+    def __init__(self, bus: Bus, request: WasmExecRequested, *, max_pause_ms: int,
+                 max_output_bytes: int) -> None:
+        self.bus = bus
+        self.request = request
+        self.control = LiveControl(max_pause_ms=max_pause_ms, on_event=self.on_event)
+        """Hand it to the sandbox's run; pause, resume and cancel it from the loop."""
+        self._max_output_bytes = max_output_bytes
+        self._tails: dict[Stream, _Tail] = {}
+        self._pending: set[asyncio.Task[bool]] = set()
+        self._last_progress_ms = 0.0
+        self._last_gas = -1
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(TICK_S, self._tick)
+
+    def on_event(self, kind: str) -> None:
+        """The sandbox's callback, on the wasm thread: hand it to the loop."""
+        self._loop.call_soon_threadsafe(self._state_changed, kind)
+
+    def _state_changed(self, kind: str) -> None:
+        rid, now = self.request.request_id, now_iso()
+        if kind == "paused":
+            self._publish(ExecutionPaused(request_id=rid, timestamp=now), "paused")
+        elif kind == "resumed":
+            self._publish(ExecutionResumed(request_id=rid, timestamp=now), "running")
+
+    def _tick(self) -> None:
+        try:
+            if self.control.state == "running":
+                running_ms = self.control.running_ms
+                if running_ms - self._last_progress_ms >= PROGRESS_EVERY_MS:
+                    self._last_progress_ms = running_ms
+                    self._progress()
+            self._output()
+        except Exception:
+            log.exception("live events of %s", self.request.request_id)
+        self._timer = self._loop.call_later(TICK_S, self._tick)
+
+    def _progress(self) -> None:
+        gas_used = self.control.gas_used  # never decreases
+        if gas_used == self._last_gas:
+            return
+        self._last_gas = gas_used
+        # The budget grows with each `additional_gas` granted on resume.
+        budget = self.control.gas_limit or self.request.policy.max_gas
+        share = min(100.0, round(gas_used * 100 / max(budget, 1), 2))
+        self._publish(ExecutionProgress(request_id=self.request.request_id, progress=share,
+                                        gas_used=gas_used, timestamp=now_iso()))
+
+    def _output(self, final: bool = False) -> None:
+        for stream in ("stdout", "stderr"):
+            path = (self.control.stdout_path if stream == "stdout"
+                    else self.control.stderr_path)
+            if path is None:
+                continue
+            tail = self._tails.get(stream)
+            if tail is None:
+                tail = self._tails[stream] = _Tail(path, self._max_output_bytes)
+            while text := tail.read(final):
+                self._publish(ExecutionOutput(request_id=self.request.request_id,
+                                              stream=stream, data=text, timestamp=now_iso()))
+                if not final:
+                    break  # at most one chunk a stream a tick: bounded rate
+
+    def _publish(self, event: BusMessage, status: str = "") -> None:
+        task = asyncio.create_task(self.bus.emit(self.request.request_id, event, status))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        """Stop ticking, publish the output not yet sent, and wait for everything published:
+        the terminal event must come after all of it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with contextlib.suppress(Exception):
+            self._output(final=True)
+        for tail in self._tails.values():
+            tail.close()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
