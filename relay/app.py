@@ -81,6 +81,7 @@ log = logging.getLogger("relay.gateway")
 
 REPLAYED = {"Idempotent-Replayed": "true"}
 MAX_NAME_RETRIES = 3
+QUEUE_FULL_RETRY_S = 5
 # Refusals of an execute request counted as `invalid_request`.
 INVALID = (InvalidRequest, NotFound, PayloadTooLarge, IdempotencyKeyReuse)
 
@@ -95,7 +96,8 @@ class Gateway:
         self.keys = Keys(settings.prefix)
         self.policies = policies
         self.bus = Bus(client, self.keys, events_retention=settings.events_retention,
-                       requests_retention=settings.requests_retention)
+                       requests_retention=settings.requests_retention,
+                       max_queue=settings.max_queue)
         self.modules = ModuleStore(client, self.keys)
         self.fan_in = EventFanIn(client, self.keys, settings.sse_queue)
         self.authenticate = Authenticator(settings, StoredKeys(client, self.keys))
@@ -196,6 +198,10 @@ async def _publish(gw: Gateway, body: bytes, header_key: str | None, principal: 
         except BaseException:
             gw.fan_in.release(request.request_id, completion)
             raise
+        if accepted.full:
+            gw.fan_in.release(request.request_id, completion)
+            raise Unavailable("too much work is queued already; retry shortly",
+                              retry_after_s=QUEUE_FULL_RETRY_S)
         if accepted.forbidden:
             gw.fan_in.release(request.request_id, completion)
             gw.metrics.count("permission_denied")

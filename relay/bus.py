@@ -29,6 +29,7 @@ from relay.schemas import (
     ExecuteResponse,
     ExecutionComplete,
     ExecutionError,
+    ExecutionProgress,
     ExecutionStarted,
     WasmExecCompleted,
     WasmExecRequested,
@@ -69,6 +70,9 @@ if found[1] and found[4] ~= '1' then
 end
 if ARGV[10] == '1' then
   return {'forbidden', '', false}
+end
+if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[11]) then
+  return {'full', '', false}
 end
 local position = redis.call('INCR', KEYS[4]) - 1
 if position < 0 then
@@ -167,9 +171,17 @@ return out
 # An event during a run (progress, output, paused, resumed), only while no result exists: a
 # stalled executor that lost its run must not speak after the end. ARGV[3] sets the status.
 _EMIT = Script("""
-local record = redis.call('HMGET', KEYS[1], 'principal', 'result')
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen')
 if not record[1] or record[2] then
   return 0
+end
+if ARGV[4] ~= '' then
+  -- Progress: a re-run (after a takeover) starts from zero; publish nothing below the highest
+  -- gas already published, so `gas_used` never goes back.
+  if tonumber(ARGV[4]) <= tonumber(record[3] or '-1') then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'gas_seen', ARGV[4])
 end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
@@ -198,6 +210,10 @@ class Accepted(NamedTuple):
     def forbidden(self) -> bool:
         return self.status == "forbidden"
 
+    @property
+    def full(self) -> bool:
+        return self.status == "full"
+
 
 
 class Bus:
@@ -208,11 +224,13 @@ class Bus:
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_retention: int,
-                 requests_retention: int) -> None:
+                 requests_retention: int, max_queue: int = 2**62) -> None:
         self.client = client
         self.keys = keys
         self.events_retention = events_retention
         self.requests_retention = requests_retention
+        self.max_queue = max_queue
+        """Accepted executions not yet started, past which accept answers `full`."""
         self._accepts = Batcher(self._send)
         self._starts = Batcher(self._send)
         self._finishes = Batcher(self._send)
@@ -262,6 +280,7 @@ class Bus:
                 self.requests_retention,
                 tag,
                 "0" if permitted else "1",
+                self.max_queue,
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result)
@@ -351,10 +370,11 @@ class Bus:
 
     async def emit(self, request_id: str, event: BusMessage, status: str = "") -> bool:
         """Append an event of a running execution (and set its status); False once it has a
-        result."""
+        result, or for progress below what was already published."""
+        gas = str(event.gas_used) if isinstance(event, ExecutionProgress) else ""
         emitted = await self._emits((
             _EMIT, [self.keys.execution(request_id), self.keys.events],
-            [encode(event), self.events_retention, status],
+            [encode(event), self.events_retention, status, gas],
         ))
         return bool(emitted)
 

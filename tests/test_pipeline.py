@@ -262,3 +262,20 @@ async def test_concurrent_duplicates_across_two_gateway_processes_run_once(
     events = await events_of(settings)
     assert sum(e["type"] == "execution_started" for e in events) == 1
     assert sum(e["type"] == "execution_complete" for e in events) == 1
+
+
+async def test_queue_over_its_bound_is_503_with_retry_after(settings: Settings) -> None:
+    application = create_app(with_settings(settings, max_queue=2))
+    async with application.router.lifespan_context(application), client_for(
+            application, ALICE_KEY) as alice:
+        module = await upload(alice, ADD_WAT)
+        answers = [await alice.post(EXECUTE, headers={"Prefer": "respond-async"},
+                                    json={"cid": module["cid"], "inputs": [n, 0]})
+                   for n in range(3)]
+        assert [a.status_code for a in answers] == [202, 202, 503]
+        assert_problem(answers[2], 503, "unavailable")
+        assert int(answers[2].headers["retry-after"]) > 0
+        # What was accepted still answers: a repeat of it is not new work.
+        repeat = await alice.post(EXECUTE, headers={"Prefer": "respond-async"},
+                                  json={"cid": module["cid"], "inputs": [0, 0]})
+        assert repeat.status_code == 202
