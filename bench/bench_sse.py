@@ -56,7 +56,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 SSE_PATH = "/intent/execute-wasm/events"
@@ -135,9 +135,8 @@ class SseConnection(asyncio.Protocol):
         self.closed_by_server = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.request)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()

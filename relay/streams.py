@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 import redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from relay.app import Gateway
 
 RETRY_MS = 3000
+SHUTDOWN_RETRY_MS = 500
 PING_S = 15
 REPLAY_PAGE = 500
 _EVENT_ID = re.compile(r"\d+(-\d+)?")
@@ -134,8 +136,14 @@ async def sse(request: Request) -> Response:
     request_ids = _request_id_filter(request.query_params.getlist("request_id"))
     after = _start_id(request)
     subscriber = gw.fan_in.subscribe(principal, request_ids)
+    shutdown = anyio.Event()  # set by sse-starlette when the server begins to stop
+
+    async def end_on_shutdown() -> None:
+        await shutdown.wait()
+        subscriber.end()
 
     async def messages() -> AsyncIterator[ServerSentEvent]:
+        watcher = asyncio.create_task(end_on_shutdown())
         try:
             yield ServerSentEvent(retry=RETRY_MS)
             async for item in _follow(gw, subscriber, after, until):
@@ -143,13 +151,19 @@ async def sse(request: Request) -> Response:
                     yield ServerSentEvent(data=item.decode())
                 else:
                     yield ServerSentEvent(data=item[1].decode(), id=item[0].decode())
+            if shutdown.is_set():
+                # This gateway is stopping: come back soon (to another replica), from the
+                # last id seen.
+                yield ServerSentEvent(comment="gateway shutting down", retry=SHUTDOWN_RETRY_MS)
         except redis.RedisError:
             return  # Redis went away mid-replay: end; the client resumes with Last-Event-ID
         finally:
+            watcher.cancel()
             gw.fan_in.unsubscribe(subscriber)
 
     return EventSourceResponse(messages(), ping=PING_S, send_timeout=10,
-                               headers={"Cache-Control": "no-store"})
+                               headers={"Cache-Control": "no-store"}, shutdown_event=shutdown,
+                               shutdown_grace_period=1.0)
 
 
 def _request_id_filter(values: list[str]) -> frozenset[str] | None:

@@ -346,3 +346,24 @@ async def test_websocket_refuses_strangers(served: Served, executor: Executor) -
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+
+
+async def test_gateway_sigterm_ends_streams_with_a_retry_hint(processes: Any) -> None:
+    import signal
+
+    url = processes.gateway()
+    gateway = processes.running[-1]
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": ALICE_KEY},
+                                 timeout=30) as http, http.stream("GET", EVENTS) as stream:
+        messages = sse_messages(stream)
+        first = await anext(messages)
+        assert first.retry is not None
+        gateway.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        rest = [m async for m in messages]
+        ended_s = time.monotonic() - began
+    assert rest and rest[-1].retry is not None and rest[-1].retry < first.retry
+    assert "gateway shutting down" in rest[-1].comments
+    assert ended_s < 5
+    # It exits (uvicorn re-raises the SIGTERM it handled once it has shut down cleanly).
+    assert await asyncio.to_thread(gateway.wait, 10) in (0, -signal.SIGTERM)
