@@ -4,7 +4,8 @@
 #   everything at once: docker run -p 8000:8000 relay dev --host 0.0.0.0   (embedded Redis)
 # Build: docker build -t relay:0.1.0 .
 
-ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+# The Python the test suite runs on (3.11); every dependency has wheels for it.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- builder: the project and its dependencies into a self-contained virtualenv ---
 FROM ${PYTHON_IMAGE} AS builder
@@ -35,8 +36,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     RELAY_POLICY_DIR=/etc/relay/policies \
-    RELAY_DATA_DIR=/var/lib/relay \
-    RELAY_LOG_FORMAT=json
+    RELAY_DATA_DIR=/var/lib/relay
 
 # A fixed numeric UID/GID (10001): Kubernetes' runAsNonRoot can only verify a numeric USER, and
 # the manifests in k8s/ run as the same runAsUser/runAsGroup.
