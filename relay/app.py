@@ -462,16 +462,12 @@ async def relay_error(request: Request, exc: Exception) -> Response:
 
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    error: RelayError
-    if exc.status_code == 405:
-        error = MethodNotAllowed(f"{request.method} is not allowed here",
-                                 headers=dict(exc.headers or {}))
-    elif exc.status_code == 404:
-        error = NotFound(f"no route {request.url.path}")
-    else:
-        error = Conflict(str(exc.detail))
-        error.status = exc.status_code  # type: ignore[misc]
-    return problem_response(error, request)
+    kind = {error.status: error for error in (InvalidRequest, NotFound, MethodNotAllowed,
+                                              Conflict, PayloadTooLarge)}.get(exc.status_code,
+                                                                              RelayError)
+    detail = {404: f"no route {request.url.path}",
+              405: f"{request.method} is not allowed here"}.get(exc.status_code, str(exc.detail))
+    return problem_response(kind(detail, headers=dict(exc.headers or {})), request)
 
 
 async def redis_error(request: Request, exc: Exception) -> Response:
