@@ -36,6 +36,7 @@ import msgspec
 import wasmtime
 from wasmtime import _bindings
 
+from executor.binary import export_memory
 from relay.modules import WASI_MODULE
 from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
 
@@ -393,7 +394,7 @@ class Sandbox:
     def prepare(self, wasm: bytes) -> Prepared:
         """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
         try:
-            module = wasmtime.Module(self.engine, wasm)
+            module = wasmtime.Module(self.engine, export_memory(wasm))
         except wasmtime.WasmtimeError as exc:
             raise LinkError(f"invalid WebAssembly: {exc}") from None
         unknown = [

@@ -111,6 +111,11 @@ class Executor:
                     continue
                 if burst and not entries and not self._running:
                     break
+                if self._stopping.is_set():
+                    # Stopped while the read waited: these are not ours to start any more.
+                    with contextlib.suppress(redis.RedisError):
+                        await self.bus.hand_back(self.name, [entry_id for entry_id, _ in entries])
+                    break
                 for entry_id, data in entries:
                     self._spawn(entry_id, data)
             await self._drain()

@@ -344,11 +344,11 @@ class Bus:
         if response.error is None:
             terminal = ExecutionComplete(request_id=request.request_id, duration=response.duration,
                                          gas_used=response.gas_used, output=response.output,
-                                         timestamp=response.executed_at)
+                                         timestamp=now_iso())
             status = "completed"
         else:
             terminal = ExecutionError(request_id=request.request_id, error=response.error,
-                                      timestamp=response.executed_at)
+                                      timestamp=now_iso())
             status = "cancelled" if response.error.code == "cancelled" else "failed"
         completed = WasmExecCompleted(
             **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
@@ -35,7 +36,8 @@ def connect(url: str) -> aioredis.Redis:
         timeout=SOCKET_TIMEOUT_S,
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
-        retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), retries=3),
+        # The asyncio client needs the asyncio Retry: the sync one never awaits the attempt.
+        retry=AsyncRetry(ExponentialBackoff(cap=0.25, base=0.02), retries=3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         decode_responses=False,
     )

@@ -8,7 +8,7 @@ import secrets
 import time
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,6 +19,7 @@ from relay.schemas import encode
 log = logging.getLogger("relay.gateway")
 access = logging.getLogger("relay.access")
 
+CLIENT_CLOSED = 499  # the status access logs use for "the client went away first"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -53,6 +54,8 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = status or CLIENT_CLOSED  # nobody to answer: not an error of ours
         except Exception:
             # Here rather than in Starlette's ServerErrorMiddleware, which sits outside this
             # one: the 500 then carries the correlation id like every other response.

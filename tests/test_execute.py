@@ -65,9 +65,12 @@ async def test_several_results_are_an_array_and_none_is_null(http: httpx.AsyncCl
         (RECURSE_WAT, [], {}, "stack_overflow"),
         (DIV_WAT, [1, 0], {}, "trap"),
         (GROW_WAT, [], {"max_memory": 4 * 65536}, "memory_limit"),
+        (GROW_WAT.replace('(export "memory") ', ""), [], {"max_memory": 4 * 65536},
+         "memory_limit"),
         (BIG_MEMORY_WAT, [], {"max_memory": 65536}, "memory_limit"),
     ],
-    ids=["out_of_gas", "stack_overflow", "trap", "memory_grow", "memory_initial"],
+    ids=["out_of_gas", "stack_overflow", "trap", "memory_grow", "memory_grow_unexported",
+         "memory_initial"],
 )
 async def test_each_limit_and_trap_has_its_code(http: httpx.AsyncClient, executor: Executor,
                                                 wat: str, inputs: list[Any],
