@@ -71,6 +71,7 @@ TARGET_CORES = 2
 
 SEQ_FIELD = b'"seq":'
 SENT_FIELD = b'"sent_ns":'
+LAST_CHUNK = b"0\r\n\r\n"  # the end of a chunked response
 CONNECT_TIMEOUT_S = 30.0
 
 
@@ -102,13 +103,17 @@ def raise_nofile(needed: int) -> tuple[int, int]:
 class Shared:
     """What every connection of a client process writes to."""
 
-    __slots__ = ("end", "first", "latencies", "stopping", "stride")
+    __slots__ = ("closed_at", "end", "first", "latencies", "stopping", "stride", "total")
 
     def __init__(self, first: int, end: int, stride: int) -> None:
         self.first = first
         self.end = end
         self.stride = stride
         self.stopping = False
+        self.total = 0
+        """Events received, measured or not."""
+        self.closed_at: list[int] = []
+        """time.time_ns() of every stream the server ended."""
         self.latencies = array.array("q")
         """Receipt − sent_ns, in µs, of measured events (of every `stride`-th subscriber)."""
 
@@ -162,6 +167,10 @@ class SseConnection(asyncio.Protocol):
         buf = self.buffer + data if self.buffer else data
         cut = buf.rfind(b"\n") + 1
         self.buffer = buf[cut:]
+        if buf.startswith(LAST_CHUNK) or b"\n" + LAST_CHUNK in buf:
+            # The response ended (the connection may stay open for keep-alive): the server
+            # ended the stream, e.g. dropped this subscriber for falling behind.
+            self.ended_by_server()
         shared = self.shared
         i = buf.find(SEQ_FIELD, 0, cut)
         while i >= 0:
@@ -174,6 +183,7 @@ class SseConnection(asyncio.Protocol):
             except ValueError:
                 self.parse_errors += 1
                 break
+            shared.total += 1
             if seq <= self.last_seq:
                 self.duplicates += 1
             else:
@@ -193,14 +203,21 @@ class SseConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def ended_by_server(self) -> None:
+        if not self.shared.stopping and not self.closed_by_server:
+            self.closed_by_server = True
+            self.shared.closed_at.append(time.time_ns())
+        if self.transport is not None:
+            self.transport.close()
+
     def eof_received(self) -> bool | None:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
             self._fail(f"closed before `retry:` ({exc!r})")
-        elif not self.shared.stopping:
-            self.closed_by_server = True
+        else:
+            self.ended_by_server()
 
 
 async def _client_main(args: argparse.Namespace) -> tuple[array.array[int], dict[str, Any]]:
@@ -233,21 +250,31 @@ async def _client_main(args: argparse.Namespace) -> tuple[array.array[int], dict
         "errors": collections.Counter(c.error for c in failed).most_common(5),
         "seconds": round(time.monotonic() - started, 2)}), flush=True)
 
-    await loop.run_in_executor(None, sys.stdin.readline)  # STOP, or EOF if the parent died
-    shared.stopping = True
     live = [c for c in connections if not c.error]
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "received": sorted(collections.Counter(c.received for c in live).items()),
+            "others": sum(c.others for c in live),
+            "duplicates": sum(c.duplicates for c in live),
+            "parse_errors": sum(c.parse_errors for c in live),
+            "closed_by_server": sum(c.closed_by_server for c in live),
+            "closed_at": list(shared.closed_at),
+            "samples": len(shared.latencies)}
+
+    # MARK: reply with the events received so far, and keep a snapshot of the counts (the
+    # result reports the last one). STOP, or EOF if the parent died: close and report.
+    result: dict[str, Any] | None = None
+    while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "MARK":
+        result = snapshot()
+        print("MARK " + json.dumps({"total": shared.total}), flush=True)
+    shared.stopping = True
     for connection in live:
         if connection.transport is not None:
             connection.transport.close()
-    received = collections.Counter(c.received for c in live)
+    result = result or snapshot()
     await asyncio.sleep(0.2)  # let the FINs go out
-    return shared.latencies, {
-        "received": sorted(received.items()),
-        "others": sum(c.others for c in live),
-        "duplicates": sum(c.duplicates for c in live),
-        "parse_errors": sum(c.parse_errors for c in live),
-        "closed_by_server": sum(c.closed_by_server for c in live),
-        "samples": len(shared.latencies)}
+    return shared.latencies[:result["samples"]], result
 
 
 def run_client(argv: list[str]) -> None:
@@ -548,7 +575,7 @@ def summarize_profile(path: Path, top: int) -> list[str]:
     if not busy:
         return ["  (no busy samples)"]
     out = [f"  {total} samples at {PY_SPY_RATE} Hz: busy {busy / total:.0%} "
-           f"(≈{busy / total:.0%} of a core), idle {kinds['idle'] / total:.0%}. Shares of busy:"]
+           f"(running or runnable), idle {kinds['idle'] / total:.0%}. Shares of busy:"]
     out.append("  by file of the deepest Python frame:")
     out += [f"    {n / busy:5.1%}  {name}" for name, n in files.most_common(top)]
     out.append("  leaf frames:")
@@ -580,6 +607,8 @@ class Point:
     duplicates: int = 0
     parse_errors: int = 0
     closed_by_server: int = 0
+    closed_at_s: list[float] = field(default_factory=list)
+    """When the server ended each closed stream, in s from the measured window's start."""
     samples: int = 0
     p50_ms: float = 0.0
     p99_ms: float = 0.0
@@ -588,11 +617,14 @@ class Point:
     rss_connected_kib: int = 0
     rss_after_kib: int = 0
     window_s: float = 0.0
+    delivered: int = 0
+    """Events (any) the clients received during the measured window."""
     cpu: dict[str, float] = field(default_factory=dict)
     """Share of one core during the measured window, by process."""
     client_cpu: list[float] = field(default_factory=list)
     publisher_late_ms: float = 0.0
-    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load: tuple[float, float] = (0.0, 0.0)
+    """1-minute load average before connecting and at the end of the measured window."""
     profile: list[str] = field(default_factory=list)
 
     @property
@@ -636,7 +668,7 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
 
     args = setup.args
     clients = max(1, math.ceil(n / args.per_client))
-    point = Point(n, clients, load=os.getloadavg())
+    point = Point(n, clients, load=(os.getloadavg()[0], 0.0))
     key = "bench_" + secrets.token_urlsafe(24)
     port = free_port()
     env = {**setup.base_env, "REDIS_URL": setup.redis_url, "RELAY_STREAM_PREFIX": setup.prefix,
@@ -690,9 +722,13 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         own_before = time.process_time()
         publisher.max_late_ms = 0.0
+        window_start_ns = time.time_ns()
+        total_before = mark(client_children)
         point.window_s = publisher.run(point.expected, args.rate, mine)
+        point.delivered = mark(client_children) - total_before
         point.publisher_late_ms = publisher.max_late_ms
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        point.load = (point.load[0], os.getloadavg()[0])
         window = point.window_s or 1.0
         point.cpu = {"gateway": (after["gateway"] - before["gateway"]) / window}
         point.client_cpu = [(after[c.name] - before[c.name]) / window for c in client_children]
@@ -701,6 +737,7 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
         point.cpu["publisher"] = (time.process_time() - own_before) / window
         time.sleep(args.drain)
         point.rss_after_kib = rss_kib(gateway.pid)
+        mark(client_children)  # the counts reported are those at the end of the drain
 
         if profile_s > 0:
             point.profile = profile_gateway(gateway, publisher, profile_s, args, mine)
@@ -713,6 +750,7 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
             point.duplicates += result["duplicates"]
             point.parse_errors += result["parse_errors"]
             point.closed_by_server += result["closed_by_server"]
+            point.closed_at_s += [(t - window_start_ns) / 1e9 for t in result["closed_at"]]
             with out.open("rb") as samples:
                 latencies.fromfile(samples, out.stat().st_size // latencies.itemsize)
         ordered = sorted(latencies)
@@ -726,6 +764,14 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
         publisher_client.close()
         for child in reversed(mine):
             child.stop()
+
+
+def mark(clients: list[Child]) -> int:
+    """Events the clients have received so far; each keeps a snapshot of its counts."""
+    for child in clients:
+        child.send_line("MARK")
+    deadline = time.monotonic() + 30
+    return sum(int(child.expect("MARK", deadline, [])["total"]) for child in clients)
 
 
 def profile_gateway(gateway: Child, publisher: Publisher, seconds: float,
@@ -754,7 +800,6 @@ def profile_gateway(gateway: Child, publisher: Publisher, seconds: float,
         error = recorder.stderr.read().decode(errors="replace").strip()[-500:]
         return [f"  py-spy failed ({recorder.returncode}): {error}"]
     recorder.stderr.close()
-    time.sleep(args.drain)
     return summarize_profile(out, args.top)
 
 
@@ -775,8 +820,9 @@ def print_report(points: list[Point], args: argparse.Namespace, redis_what: str)
         print(f"{p.subscribers:>5} {p.connected:>5} {p.p50_ms:>7.1f} {p.p99_ms:>7.1f} "
               f"{p.max_ms:>8.1f} {p.expected:>7} {low:>7} {p.short_subscribers:>5} "
               f"{p.missing:>8} {p.closed_by_server:>6} {p.errors:>6}")
-    print("(short: subscribers that got fewer measured events than published; missing: "
-          "events they lacked in all; closed: streams the server ended)")
+    print("(exp/sub: measured events published; min/sub: fewest any subscriber got; short: "
+          "subscribers that got fewer;\n missing: events they lacked in all by the end of the "
+          "drain, late or lost; closed: streams the server ended)")
     header = (f"{'subs':>5} {'RSS0 MiB':>8} {'conn MiB':>8} {'KiB/sub':>7} {'after MiB':>9} "
               f"{'KiB/sub':>7}   CPU during the window (share of one core)")
     print("\n" + header)
@@ -790,13 +836,21 @@ def print_report(points: list[Point], args: argparse.Namespace, redis_what: str)
     print("(RSS0: gateway with 0 subscribers; conn: all connected, idle; after: after the load "
           "and drain; KiB/sub: (RSS − RSS0) / connected)")
     for p in points:
-        delivered = sum(got * n for got, n in p.received.items())
-        notes = [f"N={p.subscribers}: {delivered / (p.window_s or 1):,.0f} events delivered/s "
-                 f"in the window, {p.samples:,} latency samples, publisher at most "
-                 f"{p.publisher_late_ms:.1f} ms behind schedule, load average before "
-                 f"{p.load[0]:.2f}"]
+        notes = [f"N={p.subscribers}: {p.delivered / (p.window_s or 1):,.0f} events delivered/s "
+                 f"during the window (published × subscribers: "
+                 f"{args.rate * p.connected:,.0f}/s), {p.samples:,} latency samples, "
+                 f"publisher at most "
+                 f"{p.publisher_late_ms:.1f} ms behind schedule, load average "
+                 f"{p.load[0]:.2f} before, {p.load[1]:.2f} at the end of the window"]
         if p.connect_errors:
             notes.append(f"connect errors: {p.connect_errors}")
+        if p.closed_at_s:
+            times = sorted(p.closed_at_s)
+            before = sum(t < 0 for t in times)
+            during = sum(0 <= t <= p.window_s for t in times)
+            notes.append(f"streams ended by the server: {before} before the window, {during} "
+                         f"during, {len(times) - before - during} after (first at "
+                         f"{times[0]:+.1f} s, last at {times[-1]:+.1f} s from its start)")
         if p.duplicates or p.parse_errors:
             notes.append(f"{p.duplicates} duplicate or out-of-order events, {p.parse_errors} "
                          "unparsable")
@@ -916,6 +970,7 @@ def main(argv: list[str] | None = None) -> int:
               f"descriptors with {max(counts)} subscribers", file=sys.stderr)
     signal.signal(signal.SIGALRM, _raise_deadline)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
     signal.alarm(max(1, int(budget)))
 
     work_dir = Path(tempfile.mkdtemp(prefix="relay-bench-sse-"))

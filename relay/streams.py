@@ -111,14 +111,17 @@ async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
             last = _parse_id(entry[0].decode())
             yield entry
     while True:
-        remaining = until - time.time()
-        if remaining <= 0:
-            return  # the access token expired: the client reconnects with a fresh one
-        try:
-            async with asyncio.timeout(min(remaining, 3600)):
-                live = await subscriber.queue.get()
-        except TimeoutError:
-            continue
+        if until == float("inf"):  # header credentials: no deadline, no timer per event
+            live = await subscriber.queue.get()
+        else:
+            remaining = until - time.time()
+            if remaining <= 0:
+                return  # the access token expired: the client reconnects with a fresh one
+            try:
+                async with asyncio.timeout(remaining):
+                    live = await subscriber.queue.get()
+            except TimeoutError:
+                continue
         if live is None:
             return  # fell behind, or the gateway is stopping
         entry_id = _parse_id(live[0].decode())
