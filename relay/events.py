@@ -31,6 +31,10 @@ Entry = tuple[bytes, bytes]
 """(stream entry id, `data`)."""
 
 
+PING = "ping"
+"""Queued for a stream that has been quiet, so it sends a keep-alive comment."""
+
+
 class Subscriber:
     """One event stream's queue. `None` in the queue means: dropped for falling behind."""
 
@@ -39,7 +43,7 @@ class Subscriber:
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
         self.principal = principal
         self.request_ids = request_ids
-        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(capacity)
+        self.queue: asyncio.Queue[Entry | str | None] = asyncio.Queue(capacity)
         self.ended = False
 
     def offer(self, entry: Entry) -> None:
@@ -50,6 +54,11 @@ class Subscriber:
         except asyncio.QueueFull:
             # Its client reconnects from the last id it saw; the replay from Redis fills the gap.
             self.end()
+
+    def ping(self) -> None:
+        """Ask the stream for a keep-alive (a timer, not a task per stream: cheaper)."""
+        if not self.ended and self.queue.empty():
+            self.queue.put_nowait(PING)
 
     def end(self) -> None:
         """Drop what it has not read and tell it to go."""

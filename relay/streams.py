@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.errors import InvalidRequest, RelayError, Unauthenticated
-from relay.events import Entry, Subscriber, for_clients
+from relay.events import PING, Entry, Subscriber, for_clients
 from relay.http import json_response
 from relay.schemas import TERMINAL_TYPES, AccessToken, Action, EventsLost, decode_head
 
@@ -99,9 +99,9 @@ async def _events_lost(gw: Gateway, after: str) -> bytes | None:
 
 
 async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
-                  until: float) -> AsyncIterator[Entry | bytes]:
-    """Replay (if `after`), then live events, until the stream must end. Yields entries, or
-    the JSON of an `events_lost` notice."""
+                  until: float) -> AsyncIterator[Entry | bytes | None]:
+    """Replay (if `after`), then live events, until the stream must end. Yields entries, the
+    JSON of an `events_lost` notice, or None for a keep-alive."""
     last = (0, 0)
     if after is not None:
         oldest = await _events_lost(gw, after)
@@ -124,6 +124,10 @@ async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
                 continue
         if live is None:
             return  # fell behind, or the gateway is stopping
+        if live == PING:
+            yield None
+            continue
+        assert not isinstance(live, str)
         entry_id = _parse_id(live[0].decode())
         if entry_id <= last:
             continue  # the replay sent it already
@@ -145,12 +149,24 @@ async def sse(request: Request) -> Response:
         await shutdown.wait()
         subscriber.end()
 
+    loop = asyncio.get_running_loop()
+
+    pinger: list[asyncio.TimerHandle] = []
+
+    def keep_alive() -> None:
+        subscriber.ping()
+        pinger[:] = [loop.call_later(PING_S, keep_alive)]
+
+    pinger.append(loop.call_later(PING_S, keep_alive))
+
     async def messages() -> AsyncIterator[ServerSentEvent]:
         watcher = asyncio.create_task(end_on_shutdown())
         try:
             yield ServerSentEvent(retry=RETRY_MS)
             async for item in _follow(gw, subscriber, after, until):
-                if isinstance(item, bytes):
+                if item is None:
+                    yield ServerSentEvent(comment="ping")
+                elif isinstance(item, bytes):
                     yield ServerSentEvent(data=item.decode())
                 else:
                     yield ServerSentEvent(data=item[1].decode(), id=item[0].decode())
@@ -161,10 +177,12 @@ async def sse(request: Request) -> Response:
         except redis.RedisError:
             return  # Redis went away mid-replay: end; the client resumes with Last-Event-ID
         finally:
+            pinger[0].cancel()
             watcher.cancel()
             gw.fan_in.unsubscribe(subscriber)
 
-    return EventSourceResponse(messages(), ping=PING_S, send_timeout=10,
+    # Keep-alives come from a timer through the queue rather than sse-starlette's ping task.
+    return EventSourceResponse(messages(), ping=0, send_timeout=10,
                                headers={"Cache-Control": "no-store"}, shutdown_event=shutdown,
                                shutdown_grace_period=1.0)
 
@@ -205,6 +223,8 @@ async def websocket(ws: WebSocket) -> None:
     commands = asyncio.create_task(_commands(gw, ws, principal, request_id))
     try:
         async for item in _follow(gw, subscriber, "0", until):
+            if item is None:
+                continue  # WebSocket has its own keep-alive (ping frames)
             data = item if isinstance(item, bytes) else item[1]
             await ws.send_text(data.decode())
             if decode_head(data).type in TERMINAL_TYPES:

@@ -367,3 +367,18 @@ async def test_gateway_sigterm_ends_streams_with_a_retry_hint(processes: Any) ->
     assert ended_s < 5
     # It exits (uvicorn re-raises the SIGTERM it handled once it has shut down cleanly).
     assert await asyncio.to_thread(gateway.wait, 10) in (0, -signal.SIGTERM)
+
+
+async def test_quiet_streams_get_keep_alive_comments(served: Served,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from relay import streams
+
+    monkeypatch.setattr(streams, "PING_S", 0.2)  # the contract's 15 s, shortened for the test
+    async with client(served) as http, http.stream("GET", EVENTS) as stream:
+        pings = 0
+        async with asyncio.timeout(5):
+            async for line in stream.aiter_lines():
+                pings += line == ": ping"
+                if pings == 2:
+                    break
+    assert pings == 2
