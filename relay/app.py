@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal
 
 import anyio
@@ -81,6 +82,7 @@ log = logging.getLogger("relay.gateway")
 
 REPLAYED = {"Idempotent-Replayed": "true"}
 MAX_NAME_RETRIES = 3
+DIGITS = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", which int() refuses
 QUEUE_FULL_RETRY_S = 5
 # Refusals of an execute request counted as `invalid_request`.
 INVALID = (InvalidRequest, NotFound, PayloadTooLarge, IdempotencyKeyReuse)
@@ -386,7 +388,7 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
         raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
     return int(raw)
 
@@ -475,20 +477,29 @@ async def redis_error(request: Request, exc: Exception) -> Response:
     return problem_response(Unavailable("the store is unreachable; retry shortly"), request)
 
 
+def by_method(**handlers: Callable[[Request], Awaitable[Response]],
+              ) -> Callable[[Request], Awaitable[Response]]:
+    """One endpoint for several methods of a path, so that a 405 lists them all in `Allow`
+    (with a route a method, Starlette answers from the first route matching the path)."""
+    async def endpoint(request: Request) -> Response:
+        return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint
+
+
 ROUTES = [
     Route("/intent/execute-wasm", execute, methods=["POST"]),
     Route("/intent/execute-wasm/health", health, methods=["GET"]),
     Route("/intent/execute-wasm/events", sse, methods=["GET"]),
     Route("/auth/tokens", mint_token, methods=["POST"]),
-    Route("/executions/{request_id}", get_execution, methods=["GET"]),
-    Route("/executions/{request_id}", cancel_execution, methods=["DELETE"]),
+    Route("/executions/{request_id}", by_method(GET=get_execution, DELETE=cancel_execution),
+          methods=["GET", "DELETE"]),
     Route("/executions/{request_id}/pause", pause_execution, methods=["POST"]),
     Route("/executions/{request_id}/resume", resume_execution, methods=["POST"]),
     WebSocketRoute("/ws/executions/{request_id}", websocket),
-    Route("/modules", upload_module, methods=["POST"]),
-    Route("/modules", list_modules, methods=["GET"]),
-    Route("/modules/{cid}", get_module, methods=["GET"]),
-    Route("/modules/{cid}", delete_module, methods=["DELETE"]),
+    Route("/modules", by_method(POST=upload_module, GET=list_modules), methods=["POST", "GET"]),
+    Route("/modules/{cid}", by_method(GET=get_module, DELETE=delete_module),
+          methods=["GET", "DELETE"]),
     Route("/modules/{cid}/wasm", get_module_wasm, methods=["GET"]),
     Route("/names/{name}/{tag}", bind_name, methods=["PUT"]),
     Route("/names/{name}", get_name, methods=["GET"]),

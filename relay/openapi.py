@@ -38,6 +38,11 @@ PROBLEM = "application/problem+json"
 WASM = "application/wasm"
 METRICS = "text/plain; version=0.0.4"
 EVENT_STREAM = "text/event-stream"
+# One message of the stream (tools validate a text/event-stream per message, as OpenAPI 3.2's
+# itemSchema says): `data` is the JSON of an Event, or of EventsLost.
+SSE_MESSAGE: dict[str, Any] = {"type": "object", "properties": {
+    "id": {"type": "string"}, "data": {"type": "string", "contentMediaType": JSON},
+    "retry": {"type": "integer"}, "event": {"type": "string"}}}
 REF = "#/components/schemas/{name}"
 
 
@@ -138,7 +143,7 @@ OPERATIONS = (
         "Server-Sent Events of the caller's executions",
         (Reply(200, "`text/event-stream`: each message has `id:` (the stream entry id) and one "
                "`data:` line, an Event (or EventsLost first, when history was trimmed).",
-               {"type": "string"}, EVENT_STREAM),),
+               SSE_MESSAGE, EVENT_STREAM),),
         (*STORE, InvalidRequest, Forbidden),
         parameters=("request_id_query", "last_event_id", "Last-Event-ID"),
         url_token=True,
@@ -189,7 +194,7 @@ OPERATIONS = (
     Operation(
         "GET", "/names/{name}", "getName", "A glyph name's tags",
         (Reply(200, "Each tag and the CID it names.", schemas.NameTags),),
-        (*STORE, Forbidden, NotFound),
+        (*STORE, InvalidRequest, Forbidden, NotFound),
     ),
     Operation(
         "GET", "/intent/execute-wasm/health", "health", "Health, features, limits, executors",
@@ -260,9 +265,9 @@ HEADERS = {
     REPLAYED: _string("`true` when this request did not start the execution.", enum=["true"]),
     "Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
                     "schema": {"type": "integer", "minimum": 0}},
-    "RateLimit": {**_string('Remaining quota, e.g. `"default";r=9;t=42`.'), "required": True},
-    "RateLimit-Policy": {**_string('The quota policy, e.g. `"default";q=10;w=60`.'),
-                         "required": True},
+    # Absent only where no limit applies (RELAY_RATE_LIMIT=0 and no limit of the principal's).
+    "RateLimit": _string('Remaining quota, e.g. `"default";r=9;t=42`.'),
+    "RateLimit-Policy": _string('The quota policy, e.g. `"default";q=10;w=60`.'),
     "WWW-Authenticate": {**_string("The accepted schemes."), "required": True},
 }
 SECURITY_SCHEMES = {

@@ -1,0 +1,465 @@
+"""Property-based fuzzing of the HTTP API from its own OpenAPI document (schemathesis).
+
+Every operation of `GET /openapi.json` gets generated requests, valid and invalid, sent with
+alice's API key (`X-API-Key`) to the real app in-process (schemathesis's ASGI transport, which
+runs the app's lifespan on its own event loop thread) while a real executor runs, so executes
+complete. Each response must:
+- not be a server error: no 5xx (503 `unavailable` is for an unreachable Redis or a full queue,
+  neither of which happens here);
+- have a status code, media type, body and headers that the document declares for it;
+- answer a method the path does not have with 405 and an `Allow` listing the ones it has;
+- refuse the request without credentials, or with bad ones, where the document requires them;
+- if it is an error (4xx/5xx), be RFC 9457 `application/problem+json` with `type`, `title`,
+  `status` (the HTTP status) and `detail`.
+
+The generators lean towards what exists (seeded modules in every CID form and by glyph name,
+executions started during the run), so the success paths are fuzzed too, not only the refusals;
+only values that conform to the document are replaced, so a request schemathesis made invalid on
+purpose stays invalid. The event stream never ends: it is read for READ_TIMEOUT_S, then cut. The
+WebSocket route is not in the document, so it is not fuzzed. `DELETE /modules/{cid}` may delete
+a seeded module: every operation's test has its own key prefix and its own seeds.
+
+Bounded: FUZZ_EXAMPLES generated requests per operation (EXECUTE_EXAMPLES for execute) plus
+schemathesis's examples and coverage cases, with a fixed seed: about 500 requests, 10-20 s.
+`bench/fuzz.py` reuses this kit (checks, seeds, generation hooks) against `relay dev` with many
+more and a new seed every run; what it finds goes into FOUND, replayed here every run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hypothesis
+import jsonschema
+import pytest
+import schemathesis
+import wasmtime
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
+from multiformats import CID, multibase
+from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
+from schemathesis.specs.openapi.checks import (
+    allow_header_conformance,
+    content_type_conformance,
+    ignored_auth,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+    unsupported_method,
+)
+from starlette.applications import Starlette
+
+from executor.worker import Executor
+from relay import connection
+from relay.app import create_app
+from relay.openapi import document
+from relay.settings import Settings
+from tests.conftest import ALICE_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+FUZZ_EXAMPLES = 12
+"""Generated requests per operation in the fuzzing phase (EXECUTE_EXAMPLES for execute)."""
+EXECUTE_EXAMPLES = 40
+READ_TIMEOUT_S = 1.0
+"""How long a response (in practice, the event stream's) is read before it is cut."""
+SEED = 20240115
+"""The suite's runs are reproducible; bench/fuzz.py draws a new seed every run."""
+EXECUTE_PATH = "/intent/execute-wasm"
+
+
+# --- the checks ---
+
+
+@schemathesis.check
+def problem_json(ctx: schemathesis.CheckContext, response: schemathesis.Response,
+                 case: schemathesis.Case) -> bool | None:
+    """Every error (4xx/5xx) is RFC 9457 problem+json with `type`, `title`, `status`, `detail`."""
+    if response.status_code < 400:
+        return None
+    content_type = (response.headers.get("content-type") or [""])[0]
+    assert content_type.split(";")[0].strip() == "application/problem+json", (
+        f"{response.status_code} with Content-Type {content_type!r}, not application/problem+json")
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        raise AssertionError(f"{response.status_code} with a body that is not JSON: "
+                             f"{response.content[:200]!r}") from None
+    assert isinstance(body, dict), f"the problem is not a JSON object: {body!r}"
+    missing = [name for name in ("type", "title", "status", "detail") if name not in body]
+    assert not missing, f"the problem lacks {missing}: {body!r}"
+    assert isinstance(body["type"], str) and body["type"].startswith("/problems/"), (
+        f"`type` is not /problems/<slug>: {body!r}")
+    assert isinstance(body["title"], str) and body["title"], f"empty `title`: {body!r}"
+    assert isinstance(body["detail"], str) and body["detail"], f"empty `detail`: {body!r}"
+    assert body["status"] == response.status_code, (
+        f"`status` {body['status']!r} in a {response.status_code} response")
+    return None
+
+
+CHECKS: list[Callable[..., bool | None]] = [
+    not_a_server_error, status_code_conformance, content_type_conformance,
+    response_schema_conformance, response_headers_conformance, unsupported_method,
+    allow_header_conformance, ignored_auth, problem_json]
+
+
+# --- what exists, and generation that leans towards it ---
+
+
+SPIN_WAT = '(module (func (export "main") (loop $spin (br $spin))))'
+SEED_MODULES = {  # glyph name (tag `latest`) -> WAT; names `relay dev` does not use
+    "fuzz-calc": (ROOT / "examples" / "calculator.wat").read_text(),
+    "fuzz-echo": (ROOT / "examples" / "echo.wat").read_text(),
+    "fuzz-spin": SPIN_WAT,
+}
+SEED_BINARIES = [bytes(wasmtime.wat2wasm(wat)) for wat in SEED_MODULES.values()]
+
+
+@dataclass
+class Seeds:
+    """What the server holds, for the generators to name: modules in every reference form, and
+    the latest executions (recorded from execute responses as the run goes)."""
+
+    modules: dict[str, str] = field(default_factory=dict)
+    """glyph name -> canonical CID."""
+    request_ids: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=32))
+
+    def references(self, name: str) -> list[str]:
+        """Every way to name module `name` in an execute request."""
+        cid = CID.decode(self.modules[name])
+        return [str(cid), cid.encode("base58btc"), cid.encode("base36"),
+                multibase.encode(cid.digest, "base58btc")[1:],  # CIDv0: the bare multihash
+                f"glyph://{name}@latest", f"glyph://{name}"]
+
+    def record(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
+        """Remember the execution an execute response names."""
+        if case.operation.path != EXECUTE_PATH or response.status_code not in (200, 202):
+            return
+        try:
+            request_id = json.loads(response.content).get("request_id")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(request_id, str):
+            self.request_ids.append(request_id)
+
+
+SEEDS = Seeds()
+
+
+def seed_modules(client: Any) -> None:
+    """Store the seed modules under their names (again, after a fuzzed delete), through
+    `client`: a requests session with credentials, whose URLs are relative to the server."""
+    for name, wat in SEED_MODULES.items():
+        stored = client.post("/modules", data=wat.encode(), params={"name": name},
+                             headers={"Content-Type": "text/plain"})
+        assert stored.status_code in (200, 201), stored.text
+        SEEDS.modules[name] = stored.json()["cid"]
+
+
+def seed(client: Any) -> None:
+    """Store the seed modules and run one execution, through `client` (see seed_modules)."""
+    SEEDS.modules.clear()
+    SEEDS.request_ids.clear()
+    seed_modules(client)
+    ran = client.post(EXECUTE_PATH, json={"cid": "glyph://fuzz-calc", "inputs": [2, 3]}, timeout=20)
+    assert ran.status_code == 200 and ran.json()["output"] == 5, ran.text
+    SEEDS.request_ids.append(ran.json()["request_id"])
+
+
+@functools.cache
+def _validator(path: str, method: str, location: str) -> jsonschema.Draft202012Validator:
+    """Validates one request part (`body`, or parameters `path`/`header`/`query` as an object)
+    of an operation against the document."""
+    doc = document()
+    operation = doc["paths"][path][method.lower()]
+    if location == "body":
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    else:
+        parameters = [doc["components"]["parameters"][ref["$ref"].rsplit("/", 1)[1]]
+                      for ref in operation.get("parameters", ())]
+        mine = [p for p in parameters if p["in"] == location]
+        schema = {"type": "object", "properties": {p["name"]: p["schema"] for p in mine},
+                  "required": [p["name"] for p in mine if p.get("required")]}
+    return jsonschema.Draft202012Validator({**schema, "components": doc["components"]})
+
+
+def conforms(context: schemathesis.HookContext, location: str, value: Any) -> bool:
+    """`value` is a valid request part: schemathesis did not make it invalid on purpose, so
+    another valid value may take its place without turning a negative case positive."""
+    operation = context.operation
+    if operation is None or not SEEDS.modules:
+        return False
+    if location == "header" and isinstance(value, dict):  # header names are case-insensitive
+        names = {p.lower(): p for p in _validator(operation.path, operation.method, location)
+                 .schema["properties"]}
+        value = {names.get(k.lower(), k): v for k, v in value.items()}
+    return bool(_validator(operation.path, operation.method, location).is_valid(value))
+
+
+def recent_request_id() -> st.SearchStrategy[str]:
+    return st.integers(0, 7).map(lambda i: SEEDS.request_ids[-1 - i % len(SEEDS.request_ids)])
+
+
+def seeded_module() -> st.SearchStrategy[str]:
+    return st.sampled_from(sorted(SEEDS.modules))
+
+
+I32 = st.integers(-(2**31), 2**31 - 1)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text()
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=8)
+
+
+def runnable_execute(name: str) -> st.SearchStrategy[dict[str, Any]]:
+    """An execute request of seed module `name` that passes validation (mostly)."""
+    if name == "fuzz-calc":
+        entrypoints = st.sampled_from(["main", "add", "sub", "mul", "div"])
+        inputs: st.SearchStrategy[Any] = st.lists(I32, min_size=2, max_size=2)
+    elif name == "fuzz-echo":
+        entrypoints, inputs = st.just("_start"), st.lists(JSON_VALUES, max_size=4)
+    else:  # spins until its time or gas runs out: keep it short
+        entrypoints, inputs = st.just("main"), st.just([])
+    max_time = st.integers(20, 300) if name == "fuzz-spin" else st.integers(100, 5000)
+    policy = st.fixed_dictionaries({"max_time": max_time}, optional={
+        "max_gas": st.integers(1, 10**9), "max_memory": st.integers(2**17, 2**26)})
+    return st.fixed_dictionaries(
+        {"cid": st.sampled_from(SEEDS.references(name)), "inputs": inputs, "policy": policy},
+        optional={"entrypoint": entrypoints,
+                  "idempotency_key": st.text(min_size=1, max_size=40)})
+
+
+def install_hooks(schema: Any) -> None:
+    """Make `schema`'s generated requests name what SEEDS holds, about half of the time."""
+
+    @schema.hook
+    def flatmap_path_parameters(context: schemathesis.HookContext,
+                                path_parameters: Any) -> st.SearchStrategy[Any]:
+        if not conforms(context, "path", path_parameters):
+            return st.just(path_parameters)
+        real: dict[str, st.SearchStrategy[str]] = {}
+        if "request_id" in path_parameters:
+            real["request_id"] = recent_request_id()
+        if "cid" in path_parameters:
+            real["cid"] = seeded_module().flatmap(
+                lambda name: st.sampled_from(SEEDS.references(name)[:4]))
+        if "name" in path_parameters:
+            real["name"] = seeded_module()
+        if "tag" in path_parameters:
+            real["tag"] = st.sampled_from(["latest", "v1", "fuzz"])
+        if not real:
+            return st.just(path_parameters)
+        return st.one_of(st.fixed_dictionaries(real).map(
+            lambda found: {**path_parameters, **found}), st.just(path_parameters))
+
+    @schema.hook
+    def flatmap_body(context: schemathesis.HookContext, body: Any) -> st.SearchStrategy[Any]:
+        operation = context.operation
+        if operation is None or not SEEDS.modules:
+            return st.just(body)
+        if operation.path == "/modules" and isinstance(body, str):  # WAT: any text is valid
+            return st.one_of(st.just(body), st.sampled_from(list(SEED_MODULES.values())))
+        if operation.path not in (EXECUTE_PATH, "/names/{name}/{tag}") or \
+                not conforms(context, "body", body):
+            return st.just(body)
+        if operation.path != EXECUTE_PATH:
+            return st.one_of(st.just(body), seeded_module().map(
+                lambda name: {**body, "cid": SEEDS.modules[name]}))
+        some_reference = seeded_module().flatmap(
+            lambda name: st.sampled_from(SEEDS.references(name)))
+        runnable = seeded_module().flatmap(runnable_execute)
+        # Hypothesis starts from, and shrinks towards, the first choice.
+        return st.sampled_from([runnable, some_reference.map(lambda cid: {**body, "cid": cid}),
+                                runnable, st.just(body)]).flatmap(lambda choice: choice)
+
+    @schema.hook
+    def flatmap_headers(context: schemathesis.HookContext,
+                        headers: Any) -> st.SearchStrategy[Any]:
+        operation = context.operation
+        if operation is None or operation.path != EXECUTE_PATH or \
+                not conforms(context, "header", headers):
+            return st.just(headers)
+        plain = {k: v for k, v in headers.items()
+                 if k.lower() not in ("prefer", "idempotency-key")}
+        return st.sampled_from([headers, plain, {**plain, "Prefer": "respond-async"}])
+
+
+def mutated_binaries() -> st.SearchStrategy[bytes]:
+    """Binary uploads: the seeds, the seeds truncated or with a byte changed, random bytes."""
+    base = st.sampled_from(SEED_BINARIES)
+
+    def truncate(data: bytes, at: int) -> bytes:
+        return data[: at % (len(data) + 1)]
+
+    def change(data: bytes, at: int, value: int) -> bytes:
+        at %= len(data)
+        return data[:at] + bytes([value]) + data[at + 1:]
+
+    return st.one_of(
+        base,
+        st.builds(truncate, base, st.integers(0, 10_000)),
+        st.builds(change, base, st.integers(0, 10_000), st.integers(0, 255)),
+        st.binary(max_size=256),
+        st.binary(max_size=64).map(lambda tail: b"\0asm\x01\0\0\0" + tail))
+
+
+schemathesis.openapi.media_type("application/wasm", mutated_binaries())
+
+
+CONFIG = schemathesis.Config.from_dict({
+    "seed": SEED,
+    # Through the document's `apiKey` scheme (not a plain header): `ignored_auth` takes it away.
+    "auth": {"openapi": {"apiKey": {"api_key": ALICE_KEY}}},
+    "request-timeout": READ_TIMEOUT_S,
+    "max-stream-events": 8,
+    "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
+               "fuzzing": {"enabled": True}, "stateful": {"enabled": False}},
+    # Credentials come from `auth` only: a generated bad token next to a good key would be
+    # judged (by `ignored_auth`) as bad credentials accepted.
+    "generation": {"mode": "all", "max-examples": FUZZ_EXAMPLES, "database": "none",
+                   "with-security-parameters": False},
+    "operations": [{"include-operation-id": "executeWasm",
+                    "generation": {"max-examples": EXECUTE_EXAMPLES}}],
+})
+
+
+# --- the suite's run: the app in schemathesis's event loop, an executor in its own ---
+
+
+class CurrentApp:
+    """The gateway of the running test. Schemathesis binds a schema's operations to one ASGI app
+    when it collects them; every test points this one at its own gateway (own key prefix)."""
+
+    def __init__(self) -> None:
+        self.app: Starlette | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        assert self.app is not None, "no gateway: the test must use the fuzz_app fixture"
+        await self.app(scope, receive, send)
+
+
+CURRENT_APP = CurrentApp()
+schema = schemathesis.openapi.from_dict(document(), config=CONFIG)
+schema.app = CURRENT_APP
+install_hooks(schema)
+STATUSES: collections.Counter[tuple[str, int]] = collections.Counter()
+"""(operation, status) of every response of the run, for the last test."""
+FAILED: set[str] = set()
+"""Operations whose fuzz test failed (so stopped early)."""
+
+
+@pytest.fixture
+def executor_thread(settings: Settings) -> Iterator[Executor]:
+    """A real executor on its own thread and event loop (the fuzz test is synchronous)."""
+    redis_url = settings.redis_url
+    assert redis_url is not None
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        client = connection.connect(redis_url)
+        worker = Executor(settings, client, name="fuzz-executor", read_block_ms=100)
+        state.update(worker=worker, loop=asyncio.get_running_loop())
+        ready.set()
+        try:
+            await worker.run()
+        finally:
+            await client.aclose()
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:
+            state["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=run, name="fuzz-executor", daemon=True)
+    thread.start()
+    assert ready.wait(10), "the executor did not start"
+    if "error" in state:
+        raise state["error"]
+    worker: Executor = state["worker"]
+    yield worker
+    loop: asyncio.AbstractEventLoop = state["loop"]
+    loop.call_soon_threadsafe(worker.cancel_running)
+    loop.call_soon_threadsafe(worker.stop)
+    thread.join(15)
+    assert not thread.is_alive(), "the executor did not stop"
+    assert "error" not in state, state.get("error")
+
+
+@pytest.fixture
+def fuzz_app(settings: Settings, executor_thread: Executor) -> Iterator[Starlette]:
+    """The gateway, its lifespan run by schemathesis (shut down afterwards), seeded."""
+    application = create_app(settings)
+    CURRENT_APP.app = application
+    try:
+        with asgi.get_client(CURRENT_APP) as client:  # starts the gateway's lifespan
+            client.headers["X-API-Key"] = ALICE_KEY
+            seed(client)
+        yield application
+    finally:
+        asgi.shutdown_lifespans()
+        CURRENT_APP.app = None
+
+
+@schema.parametrize()
+@hypothesis.settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_document(case: schemathesis.Case, fuzz_app: Starlette) -> None:
+    response = case.call(timeout=READ_TIMEOUT_S)
+    STATUSES[(case.operation.label, response.status_code)] += 1
+    SEEDS.record(case, response)
+    try:
+        case.validate_response(response, checks=CHECKS,
+                               transport_kwargs={"timeout": READ_TIMEOUT_S})
+    except BaseException:
+        FAILED.add(case.operation.label)
+        raise
+
+
+# What `bench/fuzz.py` found that the bounded run above does not reach with its seed, replayed on
+# every run: (method, path, the parts of the request).
+FOUND: list[tuple[str, str, dict[str, Any]]] = [
+    # `str.isdigit()` is true for superscript digits, which `int()` refuses.
+    ("GET", "/modules", {"query": {"cursor": "\u00b3"}}),
+    ("GET", "/modules", {"query": {"limit": "\u00b2"}}),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "parts"), FOUND,
+                         ids=[f"{m} {p} {parts}" for m, p, parts in FOUND])
+def test_what_the_bench_found(method: str, path: str, parts: dict[str, Any],
+                              fuzz_app: Starlette) -> None:
+    case = schema[path][method].Case(headers={"X-API-Key": ALICE_KEY}, **parts)
+    response = case.call(timeout=READ_TIMEOUT_S)
+    case.validate_response(response, checks=CHECKS, transport_kwargs={"timeout": READ_TIMEOUT_S})
+
+
+# Need a running or paused execution at the right moment: not reliably reached in a short run.
+MAY_NEVER_SUCCEED = {"DELETE /executions/{request_id}", "POST /executions/{request_id}/pause",
+                     "POST /executions/{request_id}/resume"}
+
+
+def test_fuzzing_got_past_the_refusals() -> None:
+    """The run above was not all 4xx: every operation (but those that need an execution to be
+    running at that moment, or failed) answered 2xx at least once, and executes gave results."""
+    if not STATUSES:
+        pytest.skip("the fuzz test did not run in this session")
+    labels = {f"{method.upper()} {path}" for path, item in document()["paths"].items()
+              for method in item}
+    ran = {label for label, _ in STATUSES}
+    never_ok = sorted(label for label in (labels & ran) - MAY_NEVER_SUCCEED - FAILED
+                      if not any(200 <= status < 300 for (op, status) in STATUSES if op == label))
+    assert not never_ok, f"never answered 2xx: {never_ok}; statuses: {dict(STATUSES)}"
+    if f"POST {EXECUTE_PATH}" in ran - FAILED:
+        assert STATUSES[(f"POST {EXECUTE_PATH}", 200)] >= 3, dict(STATUSES)
