@@ -84,6 +84,12 @@ class _Loaded(NamedTuple):
     """The forbid policies alone (None if there are none): evaluated again to tell whether an
     evaluation error came from a forbid, without parsing Cedar's error messages."""
     caps: Mapping[str, PrincipalCaps]
+    decisions: dict[tuple[str, str, ModuleResource | None], bool]
+    """Decisions made with this set. A decision depends only on the set and its request (no
+    context, no time), so it can be reused; a new set starts with none."""
+
+
+DECISIONS_KEPT = 100_000
 
 
 class Policies:
@@ -115,6 +121,17 @@ class Policies:
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}; expected one of {ACTIONS}")
         loaded = self._loaded
+        key = (principal, action, resource)
+        decision = loaded.decisions.get(key)
+        if decision is None:
+            decision = self._decide(loaded, principal, action, resource)
+            if len(loaded.decisions) >= DECISIONS_KEPT:
+                loaded.decisions.clear()
+            loaded.decisions[key] = decision
+        return decision
+
+    def _decide(self, loaded: _Loaded, principal: str, action: str,
+                resource: ModuleResource | None) -> bool:
         try:
             if resource is None:
                 target, entities = _GATEWAY, _NO_ENTITIES
@@ -248,6 +265,7 @@ def _load(directory: Path, signature: _Signature) -> _Loaded:
             policies=_policy_set(permits_and_forbids),
             forbids=_policy_set(forbids) if forbids else None,
             caps=caps,
+            decisions={},
         )
     except ValueError as exc:  # each file parsed alone; this would be about them together
         raise PolicyError(f"{directory}: {exc}") from None
