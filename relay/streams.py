@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 RETRY_MS = 3000
 SHUTDOWN_RETRY_MS = 500
+SEND_BATCH = 64
 PING_S = 15
 REPLAY_PAGE = 500
 _EVENT_ID = re.compile(r"\d+(-\d+)?")
@@ -99,40 +100,60 @@ async def _events_lost(gw: Gateway, after: str) -> bytes | None:
 
 
 async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
-                  until: float) -> AsyncIterator[Entry | bytes | None]:
-    """Replay (if `after`), then live events, until the stream must end. Yields entries, the
-    JSON of an `events_lost` notice, or None for a keep-alive."""
+                  until: float) -> AsyncIterator[list[Entry | bytes | None]]:
+    """Replay (if `after`), then live events, until the stream must end. Yields batches of
+    entries, the JSON of an `events_lost` notice, or None for a keep-alive: a live batch is
+    everything queued for the stream, so one send carries it all under load."""
     last = (0, 0)
     if after is not None:
         oldest = await _events_lost(gw, after)
         if oldest is not None:
-            yield msgspec.json.encode(EventsLost(oldest_id=oldest.decode()))
+            yield [msgspec.json.encode(EventsLost(oldest_id=oldest.decode()))]
         async for entry in _replay(gw, subscriber.principal, subscriber.request_ids, after):
             last = _parse_id(entry[0].decode())
-            yield entry
+            yield [entry]
     while True:
         if until == float("inf"):  # header credentials: no deadline, no timer per event
-            live = await subscriber.queue.get()
+            first = await subscriber.queue.get()
         else:
             remaining = until - time.time()
             if remaining <= 0:
                 return  # the access token expired: the client reconnects with a fresh one
             try:
                 async with asyncio.timeout(remaining):
-                    live = await subscriber.queue.get()
+                    first = await subscriber.queue.get()
             except TimeoutError:
                 continue
-        if live is None:
-            return  # fell behind, or the gateway is stopping
-        if live == PING:
-            yield None
-            continue
-        assert not isinstance(live, str)
-        entry_id = _parse_id(live[0].decode())
-        if entry_id <= last:
-            continue  # the replay sent it already
-        last = entry_id
-        yield live
+        queued = [first]
+        while len(queued) < SEND_BATCH and not subscriber.queue.empty():
+            queued.append(subscriber.queue.get_nowait())
+        batch: list[Entry | bytes | None] = []
+        for live in queued:
+            if live is None:
+                if batch:
+                    yield batch
+                return  # fell behind, or the gateway is stopping
+            if live == PING:
+                batch.append(None)
+                continue
+            assert not isinstance(live, str)
+            entry_id = _parse_id(live[0].decode())
+            if entry_id <= last:
+                continue  # the replay sent it already
+            last = entry_id
+            batch.append(live)
+        if batch:
+            yield batch
+
+
+def _frame(item: Entry | bytes | None) -> bytes:
+    """One SSE message, encoded once: `id:` and one `data:` line (event JSON has no newline),
+    or a keep-alive comment."""
+    if item is None:
+        return b": ping\n\n"
+    if isinstance(item, bytes):
+        return b"data: " + item + b"\n\n"
+    return b"id: " + item[0] + b"\ndata: " + item[1] + b"\n\n"
 
 
 async def sse(request: Request) -> Response:
@@ -159,17 +180,12 @@ async def sse(request: Request) -> Response:
 
     pinger.append(loop.call_later(PING_S, keep_alive))
 
-    async def messages() -> AsyncIterator[ServerSentEvent]:
+    async def messages() -> AsyncIterator[ServerSentEvent | bytes]:
         watcher = asyncio.create_task(end_on_shutdown())
         try:
             yield ServerSentEvent(retry=RETRY_MS)
-            async for item in _follow(gw, subscriber, after, until):
-                if item is None:
-                    yield ServerSentEvent(comment="ping")
-                elif isinstance(item, bytes):
-                    yield ServerSentEvent(data=item.decode())
-                else:
-                    yield ServerSentEvent(data=item[1].decode(), id=item[0].decode())
+            async for batch in _follow(gw, subscriber, after, until):
+                yield b"".join(_frame(item) for item in batch)
             if shutdown.is_set():
                 # This gateway is stopping: come back soon (to another replica), from the
                 # last id seen.
@@ -222,12 +238,8 @@ async def websocket(ws: WebSocket) -> None:
     subscriber = gw.fan_in.subscribe(principal, frozenset({request_id}))
     commands = asyncio.create_task(_commands(gw, ws, principal, request_id))
     try:
-        async for item in _follow(gw, subscriber, "0", until):
-            if item is None:
-                continue  # WebSocket has its own keep-alive (ping frames)
-            data = item if isinstance(item, bytes) else item[1]
-            await ws.send_text(data.decode())
-            if decode_head(data).type in TERMINAL_TYPES:
+        async for batch in _follow(gw, subscriber, "0", until):
+            if await _send_batch(ws, batch):
                 break
         await ws.close(1000)
     except (WebSocketDisconnect, RuntimeError, redis.RedisError):
@@ -237,6 +249,18 @@ async def websocket(ws: WebSocket) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await commands
         gw.fan_in.unsubscribe(subscriber)
+
+
+async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
+    """Send a batch of events; True once the execution's terminal event went out."""
+    for item in batch:
+        if item is None:
+            continue  # WebSocket has its own keep-alive (ping frames)
+        data = item if isinstance(item, bytes) else item[1]
+        await ws.send_text(data.decode())
+        if decode_head(data).type in TERMINAL_TYPES:
+            return True
+    return False
 
 
 async def _commands(gw: Gateway, ws: WebSocket, principal: str, request_id: str) -> None:
