@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import anyio
 import redis
 import redis.asyncio as aioredis
 
@@ -78,16 +79,29 @@ class EventFanIn:
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self.shutdown = anyio.Event()
+        """Set (by sse-starlette, for every stream) when the server begins to stop: one task
+        for the whole process then ends every stream, rather than a task per stream."""
+        self._ender: asyncio.Task[None] | None = None
 
     async def start(self, last_id: bytes) -> None:
         """Follow the stream from `last_id` (exclusive)."""
         self._task = asyncio.create_task(self._follow(last_id), name="relay-events")
+        self._ender = asyncio.create_task(self._end_streams_on_shutdown())
+
+    async def _end_streams_on_shutdown(self) -> None:
+        await self.shutdown.wait()
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                subscriber.end()
 
     async def stop(self) -> None:
         """Stop following, and end every subscriber's stream. Call before closing the client."""
         for subscribers in self._subscribers.values():
             for subscriber in subscribers:
                 subscriber.end()
+        if self._ender is not None:
+            self._ender.cancel()
         if self._task is None:
             return
         self._stopped = True

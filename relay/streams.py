@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import msgspec
 import redis
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -164,12 +163,7 @@ async def sse(request: Request) -> Response:
     request_ids = _request_id_filter(request.query_params.getlist("request_id"))
     after = _start_id(request)
     subscriber = gw.fan_in.subscribe(principal, request_ids)
-    shutdown = anyio.Event()  # set by sse-starlette when the server begins to stop
-
-    async def end_on_shutdown() -> None:
-        await shutdown.wait()
-        subscriber.end()
-
+    shutdown = gw.fan_in.shutdown  # set by sse-starlette when the server begins to stop
     loop = asyncio.get_running_loop()
 
     pinger: list[asyncio.TimerHandle] = []
@@ -181,7 +175,6 @@ async def sse(request: Request) -> Response:
     pinger.append(loop.call_later(PING_S, keep_alive))
 
     async def messages() -> AsyncIterator[ServerSentEvent | bytes]:
-        watcher = asyncio.create_task(end_on_shutdown())
         try:
             yield ServerSentEvent(retry=RETRY_MS)
             async for batch in _follow(gw, subscriber, after, until):
@@ -194,7 +187,6 @@ async def sse(request: Request) -> Response:
             return  # Redis went away mid-replay: end; the client resumes with Last-Event-ID
         finally:
             pinger[0].cancel()
-            watcher.cancel()
             gw.fan_in.unsubscribe(subscriber)
 
     # Keep-alives come from a timer through the queue rather than sse-starlette's ping task.
