@@ -47,13 +47,32 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import (
+    CLK_TCK,
+    ROOT,
+    Child,
+    Deadline,
+    arm_deadline,
+    begin_cleanup,
+    clean_env,
+    cpu_ticks,
+    end_cleanup,
+    find_pids,
+    free_port,
+    http_json,
+    kill_leftover,
+    pick_python,
+    shutdown_redis,
+    start_child,
+    start_relay_dev,
+    wait_relay_ready,
+    wait_until,
+)
+
 CALCULATOR_WAT = ROOT / "examples" / "calculator.wat"
 CID = "glyph://calculator@quantum"
 EXECUTE_PATH = "/intent/execute-wasm"
@@ -61,7 +80,6 @@ REFERENCE_PATH = "/execute"
 INPUTS = (5, 3)
 EXPECTED_OUTPUT = 8
 REFERENCE_GAS = 1_000_000_000  # RELAY_DEFAULT_MAX_GAS
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The targets. The core-path issue, on relay-core:
 TARGET_RPS_C16 = 1200.0
@@ -132,174 +150,6 @@ def serve_reference(host: str, port: int) -> None:
     app = Starlette(routes=[Route(REFERENCE_PATH, execute, methods=["POST"]),
                             Route("/healthz", healthz, methods=["GET"])])
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
-
-
-# --- processes ---
-
-
-class Deadline(Exception):
-    """The whole run went over --max-time."""
-
-
-def _raise_deadline(signum: int, frame: Any) -> None:
-    raise Deadline("the benchmark ran over --max-time")
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL it if it has not gone in `timeout_s`."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=timeout_s)
-        # Whatever is left of the group (an executor whose parent died first, ...).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        """The end of the log (which the access log can make large)."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - chars))
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def count_in_log(self, needle: bytes) -> int:
-        try:
-            return self.log_path.read_bytes().count(needle)
-        except OSError:
-            return 0
-
-
-def start_child(name: str, argv: list[str], env: dict[str, str], log_dir: Path,
-                children: list[Child]) -> Child:
-    """Start `argv` in its own process group, logging to `log_dir/name.log`; the child goes
-    into `children` at once, so the caller's cleanup stops it whatever happens next."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    child = Child(name, process, log_path)
-    children.append(child)
-    return child
-
-
-def shutdown_redis(socket_path: Path) -> None:
-    """The embedded Redis runs in its own session: if the gateway could not stop it (killed),
-    ask it to shut down through its unix socket."""
-    if not socket_path.exists():
-        return
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(2)
-        sock.connect(str(socket_path))
-        sock.sendall(b"SHUTDOWN NOSAVE\r\n")
-        with contextlib.suppress(OSError):
-            sock.recv(100)
-
-
-def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-              timeout: float = 5.0) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={
-        "Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw)
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
-
-
-def wait_until(check: Any, child: Child, what: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last_error = ""
-    while time.monotonic() < deadline:
-        if child.process.poll() is not None:
-            raise RuntimeError(f"{child.name} exited ({child.process.returncode}) before {what}; "
-                               f"its log ends:\n{child.log_tail()}")
-        try:
-            if check():
-                return
-        except (OSError, ValueError) as exc:
-            last_error = str(exc)
-        time.sleep(0.1)
-    raise RuntimeError(f"{child.name}: no {what} within {timeout_s:.0f} s ({last_error}); "
-                       f"its log ends:\n{child.log_tail()}")
-
-
-def kill_leftover(pid: int, marker: str, grace_s: float) -> None:
-    """SIGKILL `pid` if, after `grace_s`, it is still alive and still runs `marker` (not a
-    reused pid)."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            return
-        if marker not in cmdline or state == "Z":
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def cpu_ticks(pid: int | None) -> int:
-    """utime + stime of a live process (all its threads), in clock ticks; 0 if gone."""
-    if pid is None:
-        return 0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def find_pids(parent: int) -> dict[str, int]:
-    """The children of `relay dev`: its executor and its embedded Redis."""
-    found: dict[str, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) != parent:
-            continue
-        if "relay executor" in cmdline:
-            found["executor"] = int(entry.name)
-        elif "redis" in cmdline:
-            found["redis"] = int(entry.name)
-    return found
 
 
 # --- load generation ---
@@ -983,26 +833,14 @@ def start_relay(name: str, python: str, base_env: dict[str, str], work_dir: Path
     """`relay dev` for target `name`: its own data directory (so its own embedded Redis), port
     and API key. Returns the child, its data directory, its key and its port."""
     data_dir = work_dir / f"{name}-data"
-    key = "bench_" + secrets.token_urlsafe(24)
-    port = free_port()
-    env = {**base_env, "RELAY_DATA_DIR": str(data_dir), "RELAY_API_KEYS": f"bench:{key}",
-           **RELAY_ENV[name]}
-    child = start_child(name, [python, "-m", "relay", "dev", "--port", str(port)], env,
-                        work_dir, children)
+    child, key, port = start_relay_dev(name, python, base_env, data_dir, "bench", RELAY_ENV[name],
+                                       work_dir, children)
     return child, data_dir, key, port
 
 
 def wait_relay(child: Child, port: int, data_dir: Path, key: str) -> Target:
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_json("GET", url + "/healthz")[0] == 200, child, "/healthz", 60)
-    health: dict[str, Any] = {}
-
-    def executor_live() -> bool:
-        nonlocal health
-        health = http_json("GET", url + "/intent/execute-wasm/health")[1] or {}
-        return int(health.get("executors", 0)) >= 1
-
-    wait_until(executor_live, child, "live executor", 60)
+    health = wait_relay_ready(child, url)
     # The settings took: the limiter is on for relay, off for relay-core.
     limiting = bool(health.get("features", {}).get("rate_limiting"))
     if limiting != (RELAY_ENV[child.name]["RELAY_RATE_LIMIT"] != "0"):
@@ -1019,12 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     points = len(concurrencies) * len(TARGET_NAMES) * args.rounds
     budget = args.max_time or (150 + points * (args.warmup + args.duration + 15)
                                + (2 * (args.profile + 40) if args.profile else 0))
-    python = args.python or str(ROOT / ".venv" / "bin" / "python")
-    if not Path(python).exists():
-        python = sys.executable
-    signal.signal(signal.SIGALRM, _raise_deadline)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.alarm(max(1, int(budget)))
+    python = pick_python(args.python)
+    arm_deadline(budget)
 
     work_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     children: list[Child] = []
@@ -1032,8 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     passed = False
     try:
         # The defaults, but for what each target sets: nothing inherited from this shell.
-        base_env = {k: v for k, v in os.environ.items()
-                    if k != "REDIS_URL" and not k.startswith("RELAY_")}
+        base_env = clean_env()
         base_env.update(RELAY_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
         started = {name: start_relay(name, python, base_env, work_dir, children)
                    for name in RELAY_TARGETS}
@@ -1086,20 +919,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        for child in reversed(children):
-            child.stop()
+        begin_cleanup(children)
         for name in RELAY_TARGETS:
             shutdown_redis(work_dir / f"{name}-data" / "redis" / "redis.sock")
         for target in targets.values():
             if "redis" in target.pids:
                 kill_leftover(target.pids["redis"], "redis", grace_s=3.0)
-        if args.keep:
-            print(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        end_cleanup(work_dir, args.keep)
     return 0 if passed else 2
 
 

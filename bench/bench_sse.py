@@ -42,7 +42,6 @@ import contextlib
 import json
 import math
 import os
-import queue
 import resource
 import secrets
 import shutil
@@ -51,17 +50,31 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import (
+    ROOT,
+    Child,
+    Deadline,
+    arm_deadline,
+    begin_cleanup,
+    clean_env,
+    cpu_seconds,
+    end_cleanup,
+    free_port,
+    http_json,
+    pick_python,
+    rss_kib,
+    start_child,
+    stop_children,
+    wait_until,
+)
+
 SSE_PATH = "/intent/execute-wasm/events"
 PRINCIPAL = "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PY_SPY_RATE = 100  # samples per second
 
 TARGET_SUBSCRIBERS = 5000
@@ -73,18 +86,6 @@ SEQ_FIELD = b'"seq":'
 SENT_FIELD = b'"sent_ns":'
 LAST_CHUNK = b"0\r\n\r\n"  # the end of a chunked response
 CONNECT_TIMEOUT_S = 30.0
-
-
-class Deadline(Exception):
-    """The whole run went over --max-time."""
-
-
-def _raise_deadline(signum: int, frame: Any) -> None:
-    raise Deadline("the benchmark ran over --max-time")
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def raise_nofile(needed: int) -> tuple[int, int]:
@@ -306,137 +307,9 @@ def run_client(argv: list[str]) -> None:
 # --- processes ---
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after `timeout_s`."""
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout=timeout_s)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - chars))
-                return log.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def expect(self, word: str, deadline: float, watch: list[Child]) -> dict[str, Any]:
-        """The JSON after the next `word` line on its stdout; raises if it exits, if a process
-        of `watch` exits, or at `deadline` (monotonic)."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"{self.name}: no {word} line in time; its log ends:\n"
-                                   f"{self.log_tail()}")
-            try:
-                line = self.lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                for other in watch:
-                    if not other.alive():
-                        raise RuntimeError(f"{other.name} exited ({other.process.returncode});"
-                                           f" its log ends:\n{other.log_tail()}") from None
-                continue
-            if line is None:
-                self.process.wait(timeout=5)
-                raise RuntimeError(f"{self.name} exited ({self.process.returncode}) before "
-                                   f"{word}; its log ends:\n{self.log_tail()}")
-            if line.startswith(word + " "):
-                parsed: dict[str, Any] = json.loads(line[len(word) + 1:])
-                return parsed
-
-    def send_line(self, line: str) -> None:
-        if self.process.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.process.stdin.write(line.encode() + b"\n")
-                self.process.stdin.flush()
-
-
-def start_child(name: str, argv: list[str], env: dict[str, str], log_dir: Path,
-                children: list[Child], talk: bool = False) -> Child:
-    """`argv` in its own process group (stderr, and stdout unless `talk`, to
-    `log_dir/name.log`); it goes into `children` at once, so cleanup stops it whatever
-    happens next. With `talk`, stdin is a pipe and stdout lines arrive in `child.lines`."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdin=subprocess.PIPE if talk else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if talk else log, stderr=log if talk else subprocess.STDOUT,
-            start_new_session=True)
-    child = Child(name, process, log_path)
-    children.append(child)
-    if talk:
-        def pump() -> None:
-            assert process.stdout is not None
-            for raw in process.stdout:
-                child.lines.put(raw.decode(errors="replace").rstrip("\n"))
-            child.lines.put(None)
-
-        threading.Thread(target=pump, daemon=True, name=f"{name}-stdout").start()
-    return child
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """utime + stime of a live process (all its threads); 0 if gone."""
-    if pid is None:
-        return 0.0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def wait_healthy(child: Child, port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise RuntimeError(f"{child.name} exited ({child.process.returncode}) before "
-                               f"/healthz; its log ends:\n{child.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise RuntimeError(f"{child.name}: no /healthz within {timeout_s:.0f} s ({last}); its log "
-                       f"ends:\n{child.log_tail()}")
+    wait_until(lambda: http_json("GET", f"http://127.0.0.1:{port}/healthz", timeout=2)[0] == 200,
+               child, "/healthz", timeout_s)
 
 
 # --- the publisher ---
@@ -762,8 +635,7 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
         return point
     finally:
         publisher_client.close()
-        for child in reversed(mine):
-            child.stop()
+        stop_children(mine, 10.0)
 
 
 def mark(clients: list[Child]) -> int:
@@ -959,19 +831,15 @@ def main(argv: list[str] | None = None) -> int:
     per_point = 90 + args.warmup + args.duration + 2 * args.drain
     budget = args.max_time or (60 + sum(per_point + n / 25 for n in counts)
                                + (args.profile + 40 if args.profile else 0))
-    python = args.python or str(ROOT / ".venv" / "bin" / "python")
-    if not Path(python).exists():
-        python = sys.executable
+    python = pick_python(args.python)
     # The gateway holds one descriptor per subscriber, a client process one per connection:
     # raise the soft limit here; the children inherit it (the clients raise theirs again).
     soft, hard = raise_nofile(max(counts) + 1024)
     if soft != resource.RLIM_INFINITY and soft < max(counts) + 256:
         print(f"warning: RLIMIT_NOFILE is {soft} (hard {hard}): the gateway may run out of file "
               f"descriptors with {max(counts)} subscribers", file=sys.stderr)
-    signal.signal(signal.SIGALRM, _raise_deadline)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-    signal.alarm(max(1, int(budget)))
+    arm_deadline(budget)
 
     work_dir = Path(tempfile.mkdtemp(prefix="relay-bench-sse-"))
     children: list[Child] = []
@@ -991,8 +859,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url = embedded.start()
             redis_pid = embedded.process.pid if embedded.process else None
             redis_what = "embedded Redis"
-        base_env = {k: v for k, v in os.environ.items()
-                    if k != "REDIS_URL" and not k.startswith("RELAY_")}
+        base_env = clean_env()
         base_env["PYTHONUNBUFFERED"] = "1"
         setup = Setup(python, redis_url, prefix, redis_pid, work_dir, base_env, args)
         print(f"python {python}; {redis_what}; RLIMIT_NOFILE {soft}; time budget {budget:.0f} s; "
@@ -1014,20 +881,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        for child in reversed(children):
-            child.stop()
+        begin_cleanup(children, 10.0)
         if embedded is not None:
             embedded.stop()
         elif external_url:
             with contextlib.suppress(Exception):
                 delete_keys(external_url, prefix)
-        if args.keep:
-            print(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        end_cleanup(work_dir, args.keep)
     return 0 if passed else 2
 
 

@@ -31,7 +31,6 @@ import collections
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -182,14 +181,12 @@ def print_statuses(stats_path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import bench_execute as house  # this directory's helpers: processes, waits, cleanup
+    import common  # this directory's helpers: processes, waits, cleanup
 
     args = parse_args(argv)
-    python = args.python or str(ROOT / ".venv" / "bin" / "python")
-    if not Path(python).exists():
-        python = sys.executable
+    python = common.pick_python(args.python)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    signal.signal(signal.SIGTERM, house._raise_interrupt)
+    signal.signal(signal.SIGTERM, common.raise_interrupt)
     work_dir = Path(tempfile.mkdtemp(prefix="relay-fuzz-"))
     children: list[Any] = []
     redis_pid: int | None = None
@@ -197,24 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     status = 1
     fuzzer: subprocess.Popen[bytes] | None = None
     try:
-        base_env = {k: v for k, v in os.environ.items()
-                    if k != "REDIS_URL" and not k.startswith("RELAY_")}
+        base_env = common.clean_env()
         base_env.update(PYTHONUNBUFFERED="1")
-        key = "fuzz_" + secrets.token_urlsafe(24)
-        port = house.free_port()
-        relay = house.start_child(
-            "relay", [python, "-m", "relay", "dev", "--port", str(port)],
-            {**base_env, "RELAY_DATA_DIR": str(data_dir), "RELAY_API_KEYS": f"fuzz:{key}",
-             "RELAY_RATE_LIMIT": "1000000000", "RELAY_ACCESS_LOG": "0",
-             "RELAY_LOG_LEVEL": "WARNING"},
-            work_dir, children)
+        relay, key, port = common.start_relay_dev(
+            "relay", python, base_env, data_dir, "fuzz",
+            {"RELAY_RATE_LIMIT": "1000000000", "RELAY_ACCESS_LOG": "0",
+             "RELAY_LOG_LEVEL": "WARNING"}, work_dir, children)
         url = f"http://127.0.0.1:{port}"
-        house.wait_until(lambda: house.http_json("GET", url + "/healthz")[0] == 200, relay,
-                         "/healthz", 60)
-        house.wait_until(lambda: int((house.http_json("GET", url + "/intent/execute-wasm/health")
-                                      [1] or {}).get("executors", 0)) >= 1,
-                         relay, "live executor", 60)
-        redis_pid = house.find_pids(relay.process.pid).get("redis")
+        common.wait_relay_ready(relay, url)
+        redis_pid = common.find_pids(relay.process.pid).get("redis")
         print(f"relay dev on {url} (pid {relay.process.pid}); seed {seed}; "
               f"--max-examples {args.max_examples}; --max-time {args.max_time:.0f} s", flush=True)
 
@@ -275,16 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         if fuzzer is not None and fuzzer.poll() is None:
             fuzzer.kill()
             fuzzer.wait()
-        for child in reversed(children):
-            child.stop()
-        house.shutdown_redis(data_dir / "redis" / "redis.sock")
+        common.stop_children(children)
+        common.shutdown_redis(data_dir / "redis" / "redis.sock")
         if redis_pid is not None:
-            house.kill_leftover(redis_pid, "redis", grace_s=3.0)
-        if args.keep:
-            print(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            common.kill_leftover(redis_pid, "redis", grace_s=3.0)
+        common.end_cleanup(work_dir, args.keep)
     return status
 
 

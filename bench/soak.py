@@ -34,13 +34,10 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import re
 import resource
 import secrets
-import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -50,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bench_execute as house  # this directory's helpers: processes, waits, cleanup
+import common  # this directory's helpers: processes, waits, cleanup
 
 ROOT = Path(__file__).resolve().parent.parent
 CID = "glyph://calculator@quantum"
@@ -358,12 +355,9 @@ class Load:
 
 def rss_mib(pid: int) -> float | None:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
+        return common.rss_kib(pid) / 1024
+    except (OSError, ValueError, IndexError, RuntimeError):
         return None
-    return None
 
 
 def redis_used_mib(socket_path: Path) -> float | None:
@@ -387,7 +381,7 @@ def redis_used_mib(socket_path: Path) -> float | None:
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """CPU time (user + system) used so far by each process, and by this client."""
-    used = {name: house.cpu_ticks(pid) / house.CLK_TCK for name, pid in pids.items()}
+    used = {name: common.cpu_seconds(pid) for name, pid in pids.items()}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     used["client"] = usage.ru_utime + usage.ru_stime
     return used
@@ -570,35 +564,22 @@ async def run(args: argparse.Namespace, port: int, key: str, pids: dict[str, int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    python = args.python or str(ROOT / ".venv" / "bin" / "python")
-    if not Path(python).exists():
-        python = sys.executable
+    python = common.pick_python(args.python)
     budget = 180 + args.capacity_seconds + args.minutes * 60 + REQUEST_TIMEOUT_S
-    signal.signal(signal.SIGALRM, house._raise_deadline)
-    signal.signal(signal.SIGTERM, house._raise_interrupt)
-    signal.alarm(int(budget))
+    common.arm_deadline(budget)
     work_dir = Path(tempfile.mkdtemp(prefix="relay-soak-"))
     data_dir = work_dir / "relay-data"
-    children: list[house.Child] = []
+    children: list[common.Child] = []
     pids: dict[str, int] = {}
     passed = False
     try:
-        base_env = {k: v for k, v in os.environ.items()
-                    if k != "REDIS_URL" and not k.startswith("RELAY_")}
+        base_env = common.clean_env()
         base_env.update(PYTHONUNBUFFERED="1")
-        key = "soak_" + secrets.token_urlsafe(24)
-        port = house.free_port()
-        relay = house.start_child(
-            "relay", [python, "-m", "relay", "dev", "--port", str(port)],
-            {**base_env, "RELAY_DATA_DIR": str(data_dir), "RELAY_API_KEYS": f"soak:{key}",
-             **SOAK_ENV}, work_dir, children)
+        relay, key, port = common.start_relay_dev("relay", python, base_env, data_dir, "soak",
+                                                  SOAK_ENV, work_dir, children)
         url = f"http://127.0.0.1:{port}"
-        house.wait_until(lambda: house.http_json("GET", url + "/healthz")[0] == 200, relay,
-                         "/healthz", 60)
-        house.wait_until(lambda: int((house.http_json("GET", url + "/intent/execute-wasm/health")
-                                      [1] or {}).get("executors", 0)) >= 1,
-                         relay, "live executor", 60)
-        pids = {"gateway": relay.process.pid, **house.find_pids(relay.process.pid)}
+        common.wait_relay_ready(relay, url)
+        pids = {"gateway": relay.process.pid, **common.find_pids(relay.process.pid)}
         missing = [name for name in PROCESSES if name not in pids]
         if missing:
             raise RuntimeError(f"could not find the {missing} process of relay dev: {pids}")
@@ -622,22 +603,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130
-    except (house.Deadline, RuntimeError) as exc:
+    except (common.Deadline, RuntimeError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
-        for child in reversed(children):
-            child.stop()
-        house.shutdown_redis(data_dir / "redis" / "redis.sock")
+        common.begin_cleanup(children)
+        common.shutdown_redis(data_dir / "redis" / "redis.sock")
         if "redis" in pids:
-            house.kill_leftover(pids["redis"], "redis", grace_s=3.0)
-        if args.keep:
-            print(f"kept {work_dir}")
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            common.kill_leftover(pids["redis"], "redis", grace_s=3.0)
+        common.end_cleanup(work_dir, args.keep)
     print("PASS" if passed else "FAIL")
     return 0 if passed else 2
 
