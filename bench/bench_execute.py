@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import re
@@ -66,6 +65,7 @@ from common import (
     http_json,
     kill_leftover,
     pick_python,
+    short_path,
     shutdown_redis,
     start_child,
     start_relay_dev,
@@ -403,15 +403,7 @@ def _short_frame(frame: str) -> tuple[str, bool]:
         return frame.strip(), False
     path = match.group("file")
     python = path.endswith(".py") or path.startswith("<frozen")
-    for marker in ("site-packages/", "/lib/python3."):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            if marker == "/lib/python3.":
-                path = path.split("/", 1)[-1]
-            break
-    else:
-        with contextlib.suppress(ValueError):
-            path = str(Path(path).resolve().relative_to(ROOT))
+    path = short_path(path)
     if not python:
         path = path.split(".so")[0]
     return f"{match.group('func')} ({path})", python

@@ -68,6 +68,7 @@ from common import (
     http_json,
     pick_python,
     rss_kib,
+    short_path,
     start_child,
     stop_children,
     wait_until,
@@ -399,15 +400,7 @@ def _short(frame: str) -> tuple[str, bool]:
     where = where.rstrip(")")
     path = where.rsplit(":", 1)[0] if where.rsplit(":", 1)[-1].isdigit() else where
     python = path.endswith(".py") or path.startswith("<frozen")
-    for marker in ("site-packages/", "/lib/python3."):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            if marker == "/lib/python3.":
-                path = path.split("/", 1)[-1]
-            break
-    else:
-        with contextlib.suppress(ValueError):
-            path = str(Path(path).resolve().relative_to(ROOT))
+    path = short_path(path)
     if not python:
         path = path.split("/")[-1].split(".so")[0]
     return f"{name} ({path})", python

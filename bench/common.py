@@ -336,3 +336,17 @@ def find_pids(parent: int) -> dict[str, int]:
         elif "redis" in cmdline:
             found["redis"] = int(entry.name)
     return found
+
+
+def short_path(path: str) -> str:
+    """A profiled frame's file, shortened: relative to site-packages, the standard library or
+    the project."""
+    for marker in ("site-packages/", "/lib/python3."):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                path = path.split("/", 1)[-1]
+            return path
+    with contextlib.suppress(ValueError):
+        path = str(Path(path).resolve().relative_to(ROOT))
+    return path

@@ -94,6 +94,13 @@ ERROR_HEADERS: dict[type[RelayError], tuple[str, ...]] = {
 REPLAYED = "Idempotent-Replayed"
 ANY_JSON: dict[str, Any] = {"type": "object"}
 
+def _control_replies(done: str) -> tuple[Reply, ...]:
+    """Pause, resume and cancel answer alike: 200 once confirmed, 202 if not yet."""
+    return (Reply(200, done, schemas.ExecutionState),
+            Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
+                  schemas.ExecutionState))
+
+
 OPERATIONS = (
     Operation(
         "POST", "/intent/execute-wasm", "executeWasm", "Run a function of a stored module",
@@ -116,25 +123,19 @@ OPERATIONS = (
     Operation(
         "DELETE", "/executions/{request_id}", "cancelExecution",
         "Cancel a queued or running execution",
-        (Reply(200, "Cancelled: its final state.", schemas.ExecutionState),
-         Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
-               schemas.ExecutionState)),
+        _control_replies("Cancelled: its final state."),
         (*STORE, NotFound, Conflict),
     ),
     Operation(
         "POST", "/executions/{request_id}/pause", "pauseExecution",
         "Suspend a running execution in place",
-        (Reply(200, "Paused: its state.", schemas.ExecutionState),
-         Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
-               schemas.ExecutionState)),
+        _control_replies("Paused: its state."),
         (*STORE, NotFound, Conflict),
     ),
     Operation(
         "POST", "/executions/{request_id}/resume", "resumeExecution",
         "Continue a paused execution, optionally with more gas",
-        (Reply(200, "Resumed: its state.", schemas.ExecutionState),
-         Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
-               schemas.ExecutionState)),
+        _control_replies("Resumed: its state."),
         (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
         body=((JSON, schemas.ResumeRequest),), body_required=False,
     ),
