@@ -5,6 +5,10 @@ A `LiveRun` ticks on the executor's event loop (no thread, no task of its own wh
 and every 100 ms it publishes what a WASI module wrote to stdout/stderr since the last tick as
 `execution_output`. Paused, it publishes no progress. Everything it published is flushed before
 the run's terminal event.
+
+`execution_started` is announced lazily: once the run has lasted `ANNOUNCE_AFTER_S`, or before
+anything else it publishes. Most runs end sooner, and their settle script emits it right before
+the terminal event: one round trip and one wake-up of every gateway fewer per execution.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from relay.schemas import (
     ExecutionPaused,
     ExecutionProgress,
     ExecutionResumed,
+    ExecutionStarted,
     WasmExecRequested,
     now_iso,
 )
@@ -32,6 +37,7 @@ from relay.schemas import (
 log = logging.getLogger("relay.executor")
 
 TICK_S = 0.1
+ANNOUNCE_AFTER_S = 0.005
 PROGRESS_EVERY_MS = 250.0
 OUTPUT_CHUNK_BYTES = 16 * 1024
 
@@ -65,10 +71,13 @@ class _Tail:
 
 
 class LiveRun:
-    def __init__(self, bus: Bus, request: WasmExecRequested, *, max_pause_ms: int,
-                 max_output_bytes: int) -> None:
+    def __init__(self, bus: Bus, request: WasmExecRequested, *, executor_node: str,
+                 max_pause_ms: int, max_output_bytes: int) -> None:
         self.bus = bus
         self.request = request
+        self.started = ExecutionStarted(request_id=request.request_id,
+                                        executor_node=executor_node, timestamp=now_iso())
+        self._announced: asyncio.Task[bool] | None = None
         self.control = LiveControl(max_pause_ms=max_pause_ms, on_event=self.on_event)
         """Hand it to the sandbox's run; pause, resume and cancel it from the loop."""
         self._max_output_bytes = max_output_bytes
@@ -78,6 +87,24 @@ class LiveRun:
         self._last_gas = -1
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(TICK_S, self._tick)
+        self._announce_timer = self._loop.call_later(ANNOUNCE_AFTER_S, self.announce)
+
+    @property
+    def announced(self) -> bool:
+        return self._announced is not None
+
+    def announce(self) -> asyncio.Task[bool]:
+        """Publish `execution_started` (once). The task's result says whether the execution is
+        still ours to run: if not (finished or cancelled meanwhile), the run is stopped."""
+        if self._announced is None:
+            self._announce_timer.cancel()
+            self._announced = asyncio.create_task(self.bus.start(self.started))
+            self._announced.add_done_callback(self._on_announced)
+        return self._announced
+
+    def _on_announced(self, task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None and not task.result():
+            self.control.cancel()
 
     def on_event(self, kind: str) -> None:
         """The sandbox's callback, on the wasm thread: hand it to the loop."""
@@ -129,13 +156,18 @@ class LiveRun:
                     break  # at most one chunk a stream a tick: bounded rate
 
     def _publish(self, event: BusMessage, status: str = "") -> None:
-        task = asyncio.create_task(self.bus.emit(self.request.request_id, event, status))
+        task = asyncio.create_task(self._emit(event, status))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    async def _emit(self, event: BusMessage, status: str) -> bool:
+        return await self.announce() and await self.bus.emit(self.request.request_id, event,
+                                                               status)
 
     async def close(self) -> None:
         """Stop ticking, publish the output not yet sent, and wait for everything published:
         the terminal event must come after all of it."""
+        self._announce_timer.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

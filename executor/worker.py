@@ -118,6 +118,10 @@ class Executor:
                     break
                 for entry_id, data in entries:
                     self._spawn(entry_id, data)
+                if entries:
+                    # Let the runs begin before the next read is sent: that round trip is not
+                    # theirs to wait for.
+                    await asyncio.sleep(0)
             await self._drain()
         finally:
             for task in background:
@@ -255,33 +259,31 @@ class Executor:
             del self._requests[entry_id]
 
     async def _run_entry(self, entry_id: bytes, request: WasmExecRequested) -> None:
-        # `start` and the run overlap: the round trip costs no latency. The run's result is only
-        # published after `start` said the execution is ours (no result exists yet), so a
-        # redelivered duplicate at worst runs once more in the dark and publishes nothing.
-        start = asyncio.create_task(self.bus.start(request.request_id, self.name, now_iso()))
+        live = LiveRun(self.bus, request, executor_node=self.name,
+                       max_pause_ms=self.settings.max_pause_ms,
+                       max_output_bytes=self.settings.max_output_bytes)
         try:
-            response = await self._execute(request)
+            response = await self._execute(request, live)
             if entry_id in self._abandoned:
                 return  # taken over by a peer, or handed back: theirs to settle
-            if not await start:
-                await self.bus.ack(entry_id)  # finished already (a redelivered duplicate)
+            # The result is only published once `execution_started` was (or along with it,
+            # by the settle script), and only if the execution was still ours to run: a
+            # redelivered duplicate at worst ran once more in the dark and publishes nothing.
+            if live.announced and not await live.announce():
+                await self.bus.ack(entry_id)  # finished already, or cancelled while queued
                 return
             if await self.bus.finish(entry_id, request, response,
-                                     self.settings.idempotency_ttl_ms, self.name):
+                                     self.settings.idempotency_ttl_ms, self.name,
+                                     started=None if live.announced else live.started):
                 self.metrics.observe_execution(
                     response.error.code if response.error else None, response.duration,
                     response.gas_used)
         except redis.RedisError:
             # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
-        finally:
-            if not start.done():
-                start.cancel()
 
-    async def _execute(self, request: WasmExecRequested) -> ExecuteResponse:
-        executed_at = now_iso()
-        live = LiveRun(self.bus, request, max_pause_ms=self.settings.max_pause_ms,
-                       max_output_bytes=self.settings.max_output_bytes)
+    async def _execute(self, request: WasmExecRequested, live: LiveRun) -> ExecuteResponse:
+        executed_at = live.started.timestamp
         control = live.control
         self._live[request.request_id] = live
         try:

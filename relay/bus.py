@@ -6,7 +6,8 @@ of gateways and executors:
 - accept: claim the execution record, emit `execution_queued`, then enqueue the request;
 - start: emit `execution_started` only while no result exists;
 - settle: write the result once (first writer wins), emit the terminal event and
-  `wasm_exec_completed`, acknowledge the entry;
+  `wasm_exec_completed` (after `execution_started`, for a run so short it never called start),
+  acknowledge the entry;
 - emit: an event of a running execution, only while it has no result.
 """
 
@@ -117,6 +118,9 @@ local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result')
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
   if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
     redis.call('DECR', KEYS[4])
+    if ARGV[12] ~= '' then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[12], 'user', record[1])
+    end
   end
   redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6], 'user', record[1])
@@ -312,24 +316,26 @@ class Bus:
         return [(entry_id, fields[b"data"]) for _, entries in reply or () for entry_id, fields
                 in entries]
 
-    async def start(self, request_id: str, executor_node: str, timestamp: str) -> bool:
+    async def start(self, started: ExecutionStarted) -> bool:
         """Mark the execution running and emit `execution_started`; False if it needs no run."""
         keys = self.keys
-        event = ExecutionStarted(request_id=request_id, executor_node=executor_node,
-                                 timestamp=timestamp)
-        started = await self._starts((
+        ran = await self._starts((
             _START,
-            [keys.execution(request_id), keys.events, keys.queued],
-            [executor_node, encode(event), self.events_retention],
+            [keys.execution(started.request_id), keys.events, keys.queued],
+            [started.executor_node, encode(started), self.events_retention],
         ))
-        return bool(started)
+        return bool(ran)
 
     async def finish(self, entry_id: bytes, request: WasmExecRequested,
-                     response: ExecuteResponse, ttl_ms: int, consumer: str) -> bool:
+                     response: ExecuteResponse, ttl_ms: int, consumer: str,
+                     started: ExecutionStarted | None = None) -> bool:
         """Store the result (first writer wins), emit the terminal events, acknowledge; only
-        while `consumer` still holds the entry. True when this call wrote the result."""
+        while `consumer` still holds the entry. True when this call wrote the result.
+
+        `started`: the run never called `start`, so this emits `execution_started` first.
+        """
         return await self._settle(request, response, ttl_ms, entry_id=entry_id,
-                                  consumer=consumer)
+                                  consumer=consumer, started=started)
 
     async def cancel_queued(self, request: WasmExecRequested, response: ExecuteResponse,
                             ttl_ms: int) -> bool:
@@ -338,7 +344,8 @@ class Bus:
         return await self._settle(request, response, ttl_ms, only_if="queued")
 
     async def _settle(self, request: WasmExecRequested, response: ExecuteResponse, ttl_ms: int,
-                      *, entry_id: bytes = b"", only_if: str = "", consumer: str = "") -> bool:
+                      *, entry_id: bytes = b"", only_if: str = "", consumer: str = "",
+                      started: ExecutionStarted | None = None) -> bool:
         keys = self.keys
         terminal: ExecutionComplete | ExecutionError
         if response.error is None:
@@ -364,7 +371,7 @@ class Bus:
              keys.deliveries],
             [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
              encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if,
-             consumer],
+             consumer, encode(started) if started else b""],
         ))
         return bool(written == 1)
 

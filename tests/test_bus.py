@@ -7,12 +7,14 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 
+from executor import live as executor_live
 from executor.worker import Executor
 from relay.keys import Keys
 from relay.settings import Settings
-from tests.conftest import ADD_WAT, upload
+from tests.conftest import ADD_WAT, FIXTURES, upload
 
 REQUESTED_FIELDS = {"type", "request_id", "cid", "entrypoint", "inputs", "policy", "user_id",
                     "session_id", "timestamp"}
@@ -102,3 +104,21 @@ async def test_example_bus_consumer_reads_each_completion_once(
     assert sorted(line[:12] for line in first.splitlines()) == sorted(i[:12] for i in ids)
     assert "by alice: ok" in first
     assert await asyncio.to_thread(consume) == "", "everything was acknowledged the first time"
+
+
+async def test_a_short_run_announces_its_start_before_its_output(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short run does not announce its start on its own (its settle script does), but what
+    it printed is published before that: `execution_started` must still come first."""
+    monkeypatch.setattr(executor_live, "ANNOUNCE_AFTER_S", 60.0)  # every run counts as short
+    module = await upload(http, (FIXTURES / "json_sum.wasm").read_bytes())
+    result = (await http.post("/intent/execute-wasm",
+                              json={"cid": module["cid"], "inputs": [1, 2, 3]})).json()
+    assert result["output"] == {"sum": 6, "count": 3}
+    events = [e for e in await entries(settings, Keys(settings.prefix).events)
+              if e["request_id"] == result["request_id"]]
+    assert [e["type"] for e in events] == ["execution_queued", "execution_started",
+                                           "execution_output", "execution_complete",
+                                           "wasm_exec_completed"]
+    assert events[1]["timestamp"] == result["executed_at"]

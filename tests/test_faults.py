@@ -31,7 +31,7 @@ from redis.retry import Retry
 
 from relay.bus import Bus
 from relay.keys import Keys
-from relay.schemas import ExecuteResponse, decode_requested, now_iso
+from relay.schemas import ExecuteResponse, ExecutionStarted, decode_requested, now_iso
 from relay.settings import Settings, load
 from tests.conftest import (
     ALICE_KEY,
@@ -471,7 +471,8 @@ async def test_a_result_written_but_not_acknowledged_is_not_run_again(
         request = decode_requested(fields[b"data"])
         ghost = Bus(bus.client, keys, events_retention=settings.events_retention,
                     requests_retention=settings.requests_retention)
-        assert await ghost.start(request_id, "ghost", now_iso())
+        assert await ghost.start(ExecutionStarted(request_id=request_id, executor_node="ghost",
+                                                  timestamp=now_iso()))
         response = ExecuteResponse(success=True, request_id=request_id, cid=request.cid,
                                    output=5, gas_used=4, duration=0.1, executed_at=now_iso(),
                                    error=None)
