@@ -289,13 +289,18 @@ class Executor:
         try:
             prepared = await self.modules.get(request.cid)
             command = prepared.uses_wasi and request.entrypoint == "_start"
-            outcome = await asyncio.get_running_loop().run_in_executor(
-                self._threads,
-                lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
-                                         request.policy, command=command,
-                                         max_output_bytes=self.settings.max_output_bytes,
-                                         control=control),
-            )
+            inline = self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
+                                             request.policy)
+            if inline is not None:
+                outcome = inline
+            else:
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self._threads,
+                    lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
+                                             request.policy, command=command,
+                                             max_output_bytes=self.settings.max_output_bytes,
+                                             control=control),
+                )
         except ModuleGone as exc:
             outcome = _failed("module_not_found", str(exc))
         except LinkError as exc:
