@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import msgspec
@@ -95,8 +96,21 @@ def serve_gateway(settings: Settings, host: str, port: int) -> None:
     # what start-up made out of the collector's sight, and collect the young less often.
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Open event streams would hold the graceful shutdown until its timeout: end them
+            # as soon as the server stops taking requests (the lifespan ends only after).
+            super().handle_exit(sig, frame)
+            gateway = getattr(app.state, "gateway", None)
+            with contextlib.suppress(RuntimeError):  # no loop running: nothing is open
+                loop = asyncio.get_running_loop()
+                if gateway is not None:
+                    loop.call_soon_threadsafe(gateway.fan_in.begin_shutdown)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    Server(config).run()
 
 
 def run_executor(settings: Settings) -> None:

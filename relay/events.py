@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import anyio
 import redis
 import redis.asyncio as aioredis
 
@@ -35,17 +34,24 @@ Entry = tuple[bytes, bytes]
 PING = "ping"
 """Queued for a stream that has been quiet, so it sends a keep-alive comment."""
 
+STUCK_S = 10.0
+"""How long a stream dropped for falling behind may stay blocked sending to a client that
+reads nothing, before its task is cancelled."""
+
 
 class Subscriber:
     """One event stream's queue. `None` in the queue means: dropped for falling behind."""
 
-    __slots__ = ("ended", "principal", "queue", "request_ids")
+    __slots__ = ("aborted", "ended", "principal", "queue", "request_ids", "task")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
         self.principal = principal
         self.request_ids = request_ids
         self.queue: asyncio.Queue[Entry | str | None] = asyncio.Queue(capacity)
         self.ended = False
+        self.task: asyncio.Task[object] | None = None
+        """The task writing this stream to its client, to cancel if the client stops reading."""
+        self.aborted = False
 
     def offer(self, entry: Entry) -> None:
         if self.ended:
@@ -55,6 +61,16 @@ class Subscriber:
         except asyncio.QueueFull:
             # Its client reconnects from the last id it saw; the replay from Redis fills the gap.
             self.end()
+            # A stream blocked in a send (its client reads nothing) would never see that: a
+            # timer per dropped stream, rather than a timeout around every send.
+            asyncio.get_running_loop().call_later(STUCK_S, self._abort)
+
+    def _abort(self) -> None:
+        if self.task is not None and not self.task.done():
+            log.warning("cancelling an event stream whose client has read nothing for %.0f s",
+                        STUCK_S)
+            self.aborted = True
+            self.task.cancel()
 
     def ping(self) -> None:
         """Ask the stream for a keep-alive (a timer, not a task per stream: cheaper)."""
@@ -79,18 +95,17 @@ class EventFanIn:
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
-        self.shutdown = anyio.Event()
-        """Set (by sse-starlette, for every stream) when the server begins to stop: one task
-        for the whole process then ends every stream, rather than a task per stream."""
-        self._ender: asyncio.Task[None] | None = None
+        self.shutting_down = False
+        """The server began to stop: streams end (with a hint to come back soon)."""
 
     async def start(self, last_id: bytes) -> None:
         """Follow the stream from `last_id` (exclusive)."""
         self._task = asyncio.create_task(self._follow(last_id), name="relay-events")
-        self._ender = asyncio.create_task(self._end_streams_on_shutdown())
 
-    async def _end_streams_on_shutdown(self) -> None:
-        await self.shutdown.wait()
+    def begin_shutdown(self) -> None:
+        """The server stops taking requests: end every stream now, so it need not wait for
+        them (the HTTP server calls this; the lifespan's end comes only after)."""
+        self.shutting_down = True
         for subscribers in self._subscribers.values():
             for subscriber in subscribers:
                 subscriber.end()
@@ -100,8 +115,6 @@ class EventFanIn:
         for subscribers in self._subscribers.values():
             for subscriber in subscribers:
                 subscriber.end()
-        if self._ender is not None:
-            self._ender.cancel()
         if self._task is None:
             return
         self._stopped = True
@@ -158,6 +171,8 @@ class EventFanIn:
         """Start queueing `principal`'s events (of `request_ids` only, if given)."""
         subscriber = Subscriber(principal, request_ids, self.queue_capacity)
         self._subscribers.setdefault(principal, set()).add(subscriber)
+        if self.shutting_down:
+            subscriber.end()
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
