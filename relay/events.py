@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import NamedTuple
 
 import redis
 import redis.asyncio as aioredis
@@ -27,8 +28,17 @@ READ_BLOCK_MS = 1000
 READ_COUNT = 1000
 COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
 
-Entry = tuple[bytes, bytes]
-"""(stream entry id, `data`)."""
+class Entry(NamedTuple):
+    """An event for clients, with its SSE frame encoded once for all the streams it goes to."""
+
+    id: bytes
+    data: bytes
+    frame: bytes
+
+
+def entry(entry_id: bytes, data: bytes) -> Entry:
+    # Event JSON has no newline: one `data:` line.
+    return Entry(entry_id, data, b"id: " + entry_id + b"\ndata: " + data + b"\n\n")
 
 
 PING = "ping"
@@ -38,32 +48,73 @@ STUCK_S = 10.0
 """How long a stream dropped for falling behind may stay blocked sending to a client that
 reads nothing, before its task is cancelled."""
 
+Item = Entry | str | None
+"""What a stream takes: an entry, PING, or None: the end (dropped, or the gateway stops)."""
+
 
 class Subscriber:
-    """One event stream's queue. `None` in the queue means: dropped for falling behind."""
+    """One event stream's bounded mailbox (a list and one waiter: thousands of these are fed
+    for every event, so it costs less than an asyncio.Queue)."""
 
-    __slots__ = ("aborted", "ended", "principal", "queue", "request_ids", "task")
+    __slots__ = ("_items", "_loop", "_waiter", "aborted", "capacity", "ended", "principal",
+                 "request_ids", "task")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
         self.principal = principal
         self.request_ids = request_ids
-        self.queue: asyncio.Queue[Entry | str | None] = asyncio.Queue(capacity)
+        self.capacity = capacity
+        self._items: list[Item] = []
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
         self.ended = False
         self.task: asyncio.Task[object] | None = None
         """The task writing this stream to its client, to cancel if the client stops reading."""
         self.aborted = False
 
+    @property
+    def pending(self) -> int:
+        return len(self._items)
+
     def offer(self, entry: Entry) -> None:
         if self.ended:
             return
-        try:
-            self.queue.put_nowait(entry)
-        except asyncio.QueueFull:
+        if len(self._items) >= self.capacity:
             # Its client reconnects from the last id it saw; the replay from Redis fills the gap.
             self.end()
             # A stream blocked in a send (its client reads nothing) would never see that: a
             # timer per dropped stream, rather than a timeout around every send.
-            asyncio.get_running_loop().call_later(STUCK_S, self._abort)
+            self._loop.call_later(STUCK_S, self._abort)
+            return
+        self._put(entry)
+
+    def ping(self) -> None:
+        """Ask the stream for a keep-alive (a timer, not a task per stream: cheaper)."""
+        if not self.ended and not self._items:
+            self._put(PING)
+
+    def end(self) -> None:
+        """Drop what it has not read and tell it to go."""
+        self.ended = True
+        self._items.clear()
+        self._put(None)
+
+    async def take(self, limit: int) -> list[Item]:
+        """What is queued, up to `limit` items, once there is something."""
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        taken = self._items[:limit]
+        del self._items[:limit]
+        return taken
+
+    def _put(self, item: Item) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _abort(self) -> None:
         if self.task is not None and not self.task.done():
@@ -71,18 +122,6 @@ class Subscriber:
                         STUCK_S)
             self.aborted = True
             self.task.cancel()
-
-    def ping(self) -> None:
-        """Ask the stream for a keep-alive (a timer, not a task per stream: cheaper)."""
-        if not self.ended and self.queue.empty():
-            self.queue.put_nowait(PING)
-
-    def end(self) -> None:
-        """Drop what it has not read and tell it to go."""
-        self.ended = True
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(None)
 
 
 class EventFanIn:
@@ -222,14 +261,14 @@ class EventFanIn:
         subscribers = self._subscribers.get(user.decode()) if user else None
         if not subscribers or not for_clients(data):
             return
-        entry = (entry_id, data)
+        event = entry(entry_id, data)
         for subscriber in tuple(subscribers):
             if subscriber.request_ids is not None:
                 if request_id is None:
                     request_id = decode_head(data).request_id
                 if request_id not in subscriber.request_ids:
                     continue
-            subscriber.offer(entry)
+            subscriber.offer(event)
 
 
 def for_clients(data: bytes) -> bool:

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.errors import InvalidRequest, RelayError, Unauthenticated
-from relay.events import PING, Entry, Subscriber, for_clients
+from relay.events import PING, Entry, Subscriber, entry, for_clients
 from relay.http import json_response
 from relay.schemas import TERMINAL_TYPES, AccessToken, Action, EventsLost, decode_head
 
@@ -87,7 +87,7 @@ async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | Non
             data = fields[b"data"]
             if for_clients(data) and (request_ids is None
                                       or decode_head(data).request_id in request_ids):
-                yield entry_id, data
+                yield entry(entry_id, data)
         if len(page) < REPLAY_PAGE:
             return
         cursor = f"({page[-1][0].decode()}"
@@ -109,29 +109,29 @@ async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
     """Replay (if `after`), then live events, until the stream must end. Yields batches of
     entries, the JSON of an `events_lost` notice, or None for a keep-alive: a live batch is
     everything queued for the stream, so one send carries it all under load."""
-    last = (0, 0)
+    replayed: tuple[int, int] | None = None
+    """The id the client has: live entries up to it were sent already (the fan-in may be
+    behind the replay)."""
     if after is not None:
+        replayed = _parse_id(after)
         oldest = await _events_lost(gw, after)
         if oldest is not None:
             yield [msgspec.json.encode(EventsLost(oldest_id=oldest.decode()))]
-        async for entry in _replay(gw, subscriber.principal, subscriber.request_ids, after):
-            last = _parse_id(entry[0].decode())
-            yield [entry]
+        async for old in _replay(gw, subscriber.principal, subscriber.request_ids, after):
+            replayed = _parse_id(old.id.decode())
+            yield [old]
     while True:
         if until == float("inf"):  # header credentials: no deadline, no timer per event
-            first = await subscriber.queue.get()
+            queued = await subscriber.take(SEND_BATCH)
         else:
             remaining = until - time.time()
             if remaining <= 0:
                 return  # the access token expired: the client reconnects with a fresh one
             try:
                 async with asyncio.timeout(remaining):
-                    first = await subscriber.queue.get()
+                    queued = await subscriber.take(SEND_BATCH)
             except TimeoutError:
                 continue
-        queued = [first]
-        while len(queued) < SEND_BATCH and not subscriber.queue.empty():
-            queued.append(subscriber.queue.get_nowait())
         batch: list[Entry | bytes | None] = []
         for live in queued:
             if live is None:
@@ -142,23 +142,22 @@ async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
                 batch.append(None)
                 continue
             assert not isinstance(live, str)
-            entry_id = _parse_id(live[0].decode())
-            if entry_id <= last:
-                continue  # the replay sent it already
-            last = entry_id
+            if replayed is not None:
+                if _parse_id(live.id.decode()) <= replayed:
+                    continue  # the replay sent it already
+                replayed = None  # the stream is in order: no duplicate comes after this one
             batch.append(live)
         if batch:
             yield batch
 
 
 def _frame(item: Entry | bytes | None) -> bytes:
-    """One SSE message, encoded once: `id:` and one `data:` line (event JSON has no newline),
-    or a keep-alive comment."""
+    """One SSE message: an entry's frame, a notice without an id, or a keep-alive comment."""
     if item is None:
         return b": ping\n\n"
     if isinstance(item, bytes):
         return b"data: " + item + b"\n\n"
-    return b"id: " + item[0] + b"\ndata: " + item[1] + b"\n\n"
+    return item.frame
 
 
 _HEADERS = [
@@ -234,7 +233,7 @@ async def sse(request: Request) -> Response | EventStream:
         try:
             yield b"retry: %d\n\n" % RETRY_MS
             async for batch in _follow(gw, subscriber, after, until):
-                yield b"".join(_frame(item) for item in batch)
+                yield _frame(batch[0]) if len(batch) == 1 else b"".join(map(_frame, batch))
             if gw.fan_in.shutting_down:
                 # This gateway is stopping: come back soon (to another replica), from the
                 # last id seen.
@@ -301,7 +300,7 @@ async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
     for item in batch:
         if item is None:
             continue  # WebSocket has its own keep-alive (ping frames)
-        data = item if isinstance(item, bytes) else item[1]
+        data = item if isinstance(item, bytes) else item.data
         await ws.send_text(data.decode())
         if decode_head(data).type in TERMINAL_TYPES:
             return True
