@@ -44,6 +44,9 @@ def entry(entry_id: bytes, data: bytes) -> Entry:
 PING = "ping"
 """Queued for a stream that has been quiet, so it sends a keep-alive comment."""
 
+PING_S = 15.0
+"""A stream that sent nothing for this long gets a keep-alive."""
+
 STUCK_S = 10.0
 """How long a stream dropped for falling behind may stay blocked sending to a client that
 reads nothing, before its task is cancelled."""
@@ -57,7 +60,7 @@ class Subscriber:
     for every event, so it costs less than an asyncio.Queue)."""
 
     __slots__ = ("_items", "_loop", "_waiter", "aborted", "capacity", "ended", "principal",
-                 "request_ids", "task")
+                 "quiet_since", "request_ids", "task")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
         self.principal = principal
@@ -66,6 +69,8 @@ class Subscriber:
         self._items: list[Item] = []
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
+        self.quiet_since = self._loop.time()
+        """When the stream last took something (the keep-alives' clock)."""
         self.ended = False
         self.task: asyncio.Task[object] | None = None
         """The task writing this stream to its client, to cancel if the client stops reading."""
@@ -88,7 +93,7 @@ class Subscriber:
         self._put(entry)
 
     def ping(self) -> None:
-        """Ask the stream for a keep-alive (a timer, not a task per stream: cheaper)."""
+        """Ask the stream for a keep-alive."""
         if not self.ended and not self._items:
             self._put(PING)
 
@@ -108,6 +113,7 @@ class Subscriber:
                 self._waiter = None
         taken = self._items[:limit]
         del self._items[:limit]
+        self.quiet_since = self._loop.time()
         return taken
 
     def _put(self, item: Item) -> None:
@@ -135,11 +141,24 @@ class EventFanIn:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self.shutting_down = False
+        self._pinger: asyncio.TimerHandle | None = None
         """The server began to stop: streams end (with a hint to come back soon)."""
 
     async def start(self, last_id: bytes) -> None:
         """Follow the stream from `last_id` (exclusive)."""
         self._task = asyncio.create_task(self._follow(last_id), name="relay-events")
+        self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        """Once a second, a keep-alive for each stream quiet for PING_S: one timer for the
+        process rather than one per stream."""
+        now = asyncio.get_running_loop().time()
+        for subscribers in self._subscribers.values():
+            for subscriber in subscribers:
+                if now - subscriber.quiet_since >= PING_S:
+                    subscriber.ping()
+        if not self._stopped:
+            self._pinger = asyncio.get_running_loop().call_later(1.0, self._keep_alive)
 
     def begin_shutdown(self) -> None:
         """The server stops taking requests: end every stream now, so it need not wait for
@@ -151,6 +170,8 @@ class EventFanIn:
 
     async def stop(self) -> None:
         """Stop following, and end every subscriber's stream. Call before closing the client."""
+        if self._pinger is not None:
+            self._pinger.cancel()
         for subscribers in self._subscribers.values():
             for subscriber in subscribers:
                 subscriber.end()

@@ -17,14 +17,14 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.errors import InvalidRequest, RelayError, Unauthenticated
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 RETRY_MS = 3000
 SHUTDOWN_RETRY_MS = 500
 SEND_BATCH = 64
-PING_S = 15
 REPLAY_PAGE = 500
 _EVENT_ID = re.compile(r"\d+(-\d+)?")
 _REQUEST_ID = re.compile(r"[0-9a-f]{64}")
@@ -168,41 +167,62 @@ _HEADERS = [
 
 
 class EventStream:
-    """A `text/event-stream` response: `frames` written as they come, in the server's own task
-    for the request. One small task watches for the client leaving (ASGI tells it only through
-    `receive`), which ends the subscription at once rather than at the next keep-alive."""
+    """`text/event-stream`: a subscriber's events (after a replay from `after`) until it ends,
+    written in the server's own task for the request. One small task watches for the client
+    leaving (ASGI tells it only through `receive`), which ends the subscription at once rather
+    than at the next keep-alive."""
 
-    def __init__(self, frames: AsyncGenerator[bytes, None], subscriber: Subscriber) -> None:
-        self.frames = frames
+    def __init__(self, gw: Gateway, subscriber: Subscriber, after: str | None,
+                 until: float) -> None:
+        self.gw = gw
         self.subscriber = subscriber
+        self.after = after
+        self.until = until
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self.subscriber
-        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
-        if scope["method"] == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            return
-        subscriber.task = asyncio.current_task()
-        watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
         try:
-            async for chunk in self.frames:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
+            subscriber.task = asyncio.current_task()
+            watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
+            try:
+                await self._stream(send)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+        finally:
+            self.gw.fan_in.unsubscribe(subscriber)
+
+    async def _stream(self, send: Send) -> None:
+        def body(chunk: bytes) -> Message:
+            return {"type": "http.response.body", "body": chunk, "more_body": True}
+
+        try:
+            await send(body(b"retry: %d\n\n" % RETRY_MS))
+            async for batch in _follow(self.gw, self.subscriber, self.after, self.until):
+                await send(body(_frame(batch[0]) if len(batch) == 1
+                                else b"".join(map(_frame, batch))))
+            if self.gw.fan_in.shutting_down:
+                # This gateway is stopping: come back soon (to another replica), from the
+                # last id seen.
+                await send(body(b": gateway shutting down\nretry: %d\n\n" % SHUTDOWN_RETRY_MS))
             await send({"type": "http.response.body", "body": b""})
-        except OSError:
-            pass  # the client went away mid-send (ASGI 2.4 servers raise it)
+        except (OSError, redis.RedisError):
+            # The client went away mid-send (ASGI 2.4 servers raise OSError), or Redis did
+            # mid-replay: end; the client resumes with Last-Event-ID.
+            return
         except asyncio.CancelledError:
-            if not subscriber.aborted:
+            if not self.subscriber.aborted:
                 raise
             # Stuck on a client that reads nothing: give up on it. The server closes the
             # connection, since the response is incomplete.
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-        finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            await self.frames.aclose()
 
 
 async def _until_disconnect(receive: Receive, subscriber: Subscriber) -> None:
@@ -218,33 +238,7 @@ async def sse(request: Request) -> Response | EventStream:
     gw.authorize(principal, "subscribe", None)
     request_ids = _request_id_filter(request.query_params.getlist("request_id"))
     after = _start_id(request)
-    subscriber = gw.fan_in.subscribe(principal, request_ids)
-    loop = asyncio.get_running_loop()
-
-    pinger: list[asyncio.TimerHandle] = []
-
-    def keep_alive() -> None:
-        subscriber.ping()
-        pinger[:] = [loop.call_later(PING_S, keep_alive)]
-
-    pinger.append(loop.call_later(PING_S, keep_alive))
-
-    async def frames() -> AsyncGenerator[bytes, None]:
-        try:
-            yield b"retry: %d\n\n" % RETRY_MS
-            async for batch in _follow(gw, subscriber, after, until):
-                yield _frame(batch[0]) if len(batch) == 1 else b"".join(map(_frame, batch))
-            if gw.fan_in.shutting_down:
-                # This gateway is stopping: come back soon (to another replica), from the
-                # last id seen.
-                yield b": gateway shutting down\nretry: %d\n\n" % SHUTDOWN_RETRY_MS
-        except redis.RedisError:
-            return  # Redis went away mid-replay: end; the client resumes with Last-Event-ID
-        finally:
-            pinger[0].cancel()
-            gw.fan_in.unsubscribe(subscriber)
-
-    return EventStream(frames(), subscriber)
+    return EventStream(gw, gw.fan_in.subscribe(principal, request_ids), after, until)
 
 
 def _request_id_filter(values: list[str]) -> frozenset[str] | None:

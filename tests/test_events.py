@@ -372,9 +372,9 @@ async def test_gateway_sigterm_ends_streams_with_a_retry_hint(processes: Any) ->
 
 async def test_quiet_streams_get_keep_alive_comments(served: Served,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay import streams
+    from relay import events
 
-    monkeypatch.setattr(streams, "PING_S", 0.2)  # the contract's 15 s, shortened for the test
+    monkeypatch.setattr(events, "PING_S", 0.2)  # the contract's 15 s, shortened for the test
     async with client(served) as http, http.stream("GET", EVENTS) as stream:
         pings = 0
         async with asyncio.timeout(5):
