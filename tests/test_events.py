@@ -383,3 +383,50 @@ async def test_quiet_streams_get_keep_alive_comments(served: Served,
                 if pings == 2:
                     break
     assert pings == 2
+
+
+async def test_a_client_that_reads_nothing_is_cut_off(served: Served, settings: Settings,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that stops reading fills its socket, then its stream's queue: the stream is
+    dropped, and since it is stuck in a send, its task is cancelled after STUCK_S and the
+    connection closed, instead of holding its buffers forever."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from relay import events
+
+    monkeypatch.setattr(events, "STUCK_S", 0.5)
+    fan_in: EventFanIn = served.gateway.fan_in
+    address = urlsplit(served.url)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.settimeout(10)
+
+    def open_stream() -> bytes:  # in a thread: the gateway serves from this test's loop
+        stuck.connect((address.hostname, address.port))
+        stuck.sendall(f"GET {EVENTS} HTTP/1.1\r\nHost: x\r\nX-API-Key: {ALICE_KEY}\r\n\r\n"
+                      .encode())
+        return stuck.recv(64)
+
+    assert (await asyncio.to_thread(open_stream)).startswith(b"HTTP/1.1 200")
+    await wait_for(lambda: fan_in.subscriber_count == 1, timeout_s=5)
+    redis_client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        # Far more than the socket buffers and the queue (256) hold: 400 events of 60 KB.
+        pad = "x" * 60_000
+        for n in range(400):
+            data = (f'{{"type":"execution_progress","request_id":"{n:064x}","progress":0,'
+                    f'"gas_used":{n},"timestamp":"2026-01-01T00:00:00.000Z","pad":"{pad}"}}')
+            await redis_client.xadd(Keys(settings.prefix).events,
+                                    {"data": data.encode(), "user": b"alice"})
+        await wait_for(lambda: fan_in.subscriber_count == 0, timeout_s=20)
+    finally:
+        await redis_client.delete(Keys(settings.prefix).events)
+        await redis_client.aclose()
+
+    def read_to_the_end() -> None:
+        while stuck.recv(1 << 20):
+            pass  # what was buffered, then the end: the gateway closed the connection
+
+    await asyncio.to_thread(read_to_the_end)
+    stuck.close()
