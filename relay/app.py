@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -54,7 +54,7 @@ from relay.modules import (
     to_binary,
 )
 from relay.pipeline.authenticate import Authenticator
-from relay.pipeline.ratelimit import RateLimiter
+from relay.pipeline.ratelimit import RateLimiter, RateState
 from relay.pipeline.validate import Validated, validate
 from relay.policy import ModuleResource, Policies
 from relay.schemas import (
@@ -136,29 +136,51 @@ async def execute(request: Request) -> Response:
     idempotency (replay, join, 422), authorization (403) and publishing."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
+    # The rate limiter's round trip runs while the body is read and validated; its verdict is
+    # awaited before anything is accepted, and a refusal wins over any validation error, so
+    # the stages still decide in the contract's order.
+    limited = asyncio.ensure_future(gw.rate_limiter.hit(principal))
     try:
-        rate = await gw.rate_limiter.hit(principal)
-    except RateLimited:
-        gw.metrics.count("rate_limited")
-        raise
-    try:
-        response = await _execute(gw, request, principal)
+        response = await _execute(gw, request, principal, limited)
     except RelayError as error:
-        if isinstance(error, INVALID):
-            gw.metrics.count("invalid_request")
-        if rate is not None:
-            error.headers.update(rate.headers())
+        if not isinstance(error, RateLimited):
+            rate = await _rate_verdict(gw, limited)
+            if isinstance(error, INVALID):
+                gw.metrics.count("invalid_request")
+            if rate is not None:
+                error.headers.update(rate.headers())
         raise
+    except BaseException:
+        limited.cancel()
+        limited.add_done_callback(_retrieve)  # what it raised, if anything, is of no interest
+        raise
+    rate = limited.result()
     if rate is not None:
         response.headers.update(rate.headers())
     return response
 
 
-async def _execute(gw: Gateway, request: Request, principal: str) -> Response:
+async def _rate_verdict(gw: Gateway, limited: asyncio.Future[RateState | None],
+                        ) -> RateState | None:
+    """The rate limiter's answer; raises RateLimited when the request is over its limit."""
+    try:
+        return await limited
+    except RateLimited:
+        gw.metrics.count("rate_limited")
+        raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _execute(gw: Gateway, request: Request, principal: str,
+                   limited: asyncio.Future[RateState | None]) -> Response:
     body = await read_body(request, gw.settings.max_request_bytes)
     respond_async = "respond-async" in request.headers.get("prefer", "")
     validated, accepted, completion = await _publish(
-        gw, body, request.headers.get("idempotency-key"), principal, respond_async)
+        gw, body, request.headers.get("idempotency-key"), principal, respond_async, limited)
     request_id = validated.request.request_id
     try:
         headers: dict[str, str] = {}
@@ -181,12 +203,14 @@ async def _execute(gw: Gateway, request: Request, principal: str) -> Response:
 
 
 async def _publish(gw: Gateway, body: bytes, header_key: str | None, principal: str,
-                   respond_async: bool,
+                   respond_async: bool, limited: asyncio.Future[RateState | None],
                    ) -> tuple[Validated, BusAccepted, asyncio.Future[bytes] | None]:
-    """Validate and accept; for a sync caller, also a registered completion to wait on."""
+    """Validate and accept (once the rate limiter let the request through); for a sync
+    caller, also a registered completion to wait on."""
     caps = gw.policies.caps(principal)
     for _ in range(MAX_NAME_RETRIES):
         validated = await validate(body, header_key, principal, gw.modules, gw.settings, caps)
+        await _rate_verdict(gw, limited)
         request = validated.request
         # Decided here, enforced by the accept script only if the request is new: a replay
         # or a join needs no new authorization.

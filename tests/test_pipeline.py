@@ -233,13 +233,25 @@ async def test_metrics_move_when_their_events_happen(gateway: Any, executor: Exe
 
 
 async def test_rate_limited_metric(settings: Settings) -> None:
+    """Refused with a bad body (validation fails while the limiter answers) and with a good
+    one (validation passes, then the verdict): 429 both times, counted once each, and nothing
+    queued."""
     application = create_app(with_settings(settings, rate_limit=1))
     async with application.router.lifespan_context(application), client_for(
             application, ALICE_KEY) as alice:
-        await alice.post(EXECUTE, content=b"{}")
+        module = await upload(alice, ADD_WAT)
+        body = {"cid": module["cid"], "inputs": [1, 2]}
+        first = await alice.post(EXECUTE, headers={"Prefer": "respond-async"}, json=body)
+        assert first.status_code == 202
         assert (await alice.post(EXECUTE, content=b"{}")).status_code == 429
+        refused = await alice.post(EXECUTE, headers={"Prefer": "respond-async"},
+                                   json={**body, "inputs": [3, 4]})
+        assert_problem(refused, 429, "rate-limited")
+        assert refused.headers["retry-after"]
         text = (await alice.get("/metrics")).text
-    assert re.search(r"^relay_execute_wasm_rate_limited_total 1$", text, re.MULTILINE)
+        queued = await application.state.gateway.client.xlen(Keys(settings.prefix).requests)
+    assert re.search(r"^relay_execute_wasm_rate_limited_total 2$", text, re.MULTILINE)
+    assert queued == 1
 
 
 async def test_concurrent_duplicates_across_two_gateway_processes_run_once(
