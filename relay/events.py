@@ -76,10 +76,6 @@ class Subscriber:
         """The task writing this stream to its client, to cancel if the client stops reading."""
         self.aborted = False
 
-    @property
-    def pending(self) -> int:
-        return len(self._items)
-
     def offer(self, entry: Entry) -> None:
         if self.ended:
             return
@@ -141,8 +137,8 @@ class EventFanIn:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self.shutting_down = False
-        self._pinger: asyncio.TimerHandle | None = None
         """The server began to stop: streams end (with a hint to come back soon)."""
+        self._pinger: asyncio.TimerHandle | None = None
 
     async def start(self, last_id: bytes) -> None:
         """Follow the stream from `last_id` (exclusive)."""
