@@ -59,17 +59,34 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["RELAY_LOG_FORMAT"] = "text"
         settings = msgspec.structs.replace(settings, log_format="text")
     logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), settings.log_format)
-    if args.command == "dev":
-        dev(settings, args.host, args.port)
-    elif args.command == "keys":
-        with redis_for(settings) as settings:
-            run_event_loop(manage_keys(settings, args))
-    elif args.command == "gateway":
-        with redis_for(settings) as settings:
-            serve_gateway(settings, args.host, args.port)
-    else:
-        with redis_for(settings) as settings:
-            run_executor(settings)
+    # SIGTERM must unwind like Ctrl-C does, so what a command started (the embedded Redis, the
+    # executor of `relay dev`) is stopped: uvicorn, once it has shut down, re-raises the
+    # SIGTERM it caught, which by default would end the process on the spot.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.command == "dev":
+            dev(settings, args.host, args.port)
+        elif args.command == "keys":
+            with redis_for(settings) as settings:
+                run_event_loop(manage_keys(settings, args))
+        elif args.command == "gateway":
+            with redis_for(settings) as settings:
+                serve_gateway(settings, args.host, args.port)
+        else:
+            with redis_for(settings) as settings:
+                run_executor(settings)
+    except Terminated:
+        # Everything is cleaned up: now end as a SIGTERM would (its exit status, for the caller).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds every `finally` on its way out, like KeyboardInterrupt."""
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
 
 
 @contextlib.contextmanager

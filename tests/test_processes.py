@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
 
 import httpx
 import redis
 
 from relay.keys import Keys
 from relay.settings import Settings
-from tests.conftest import ALICE_KEY, ROOT, Processes, upload, wait_for
+from tests.conftest import ALICE_KEY, ROOT, Processes, free_port, upload, wait_for
 
 
 def client_for(base: str) -> httpx.AsyncClient:
@@ -61,3 +70,80 @@ async def test_two_executors_share_the_work(processes: Processes, settings: Sett
     assert len(nodes) == 2, f"one executor did all the work: {nodes}"
     terminal = [e for e in events if e["type"] in ("execution_complete", "execution_error")]
     assert sorted(e["request_id"] for e in terminal) == sorted(request_ids)
+
+
+def test_relay_dev_runs_the_seed_and_sigterm_stops_everything_it_started(
+        tmp_path: Path) -> None:
+    """The README's one command, as a real process on its own embedded Redis: the seed execute
+    answers 8; then SIGTERM (docker stop, systemd, Kubernetes) stops the gateway, its executor
+    and the embedded Redis, not just the gateway."""
+    port = free_port()
+    socket_path = tmp_path / "data" / "redis" / "redis.sock"
+    embedded = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1)
+    children: list[int] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_") and k != "REDIS_URL"}
+    env.update(RELAY_DATA_DIR=str(tmp_path / "data"), RELAY_LOG_LEVEL="WARNING")
+    dev = subprocess.Popen([sys.executable, "-m", "relay", "dev", "--port", str(port)],
+                           env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           text=True)
+    try:
+        assert dev.stdout is not None
+        key = _dev_key_from(dev.stdout)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key},
+                          timeout=30) as http:
+            _wait_until(lambda: _serves(http), "the gateway to listen")
+            seed = http.post("/intent/execute-wasm", json={
+                "cid": "glyph://calculator@quantum", "inputs": [5, 3]})
+        assert seed.status_code == 200 and seed.json()["output"] == 8
+        children += [int(pid) for pid in subprocess.run(
+            ["pgrep", "-P", str(dev.pid)], capture_output=True, text=True).stdout.split()]
+        assert children, "the executor runs as a child process"
+        assert _answers(embedded)
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(30) == -signal.SIGTERM
+        _wait_until(lambda: not any(map(_alive, children)), "the executor to exit")
+        _wait_until(lambda: not _answers(embedded), "the embedded Redis to stop")
+    finally:  # whatever failed, leave nothing running
+        if dev.poll() is None:
+            dev.kill()
+        for pid in filter(_alive, children):
+            os.kill(pid, signal.SIGKILL)
+        if _answers(embedded):
+            with contextlib.suppress(redis.RedisError):
+                embedded.shutdown(nosave=True)
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _dev_key_from(stdout: IO[str]) -> str:
+    for line in stdout:
+        if "API key" in line:
+            return line.rsplit(": ", 1)[1].strip()
+    raise AssertionError("relay dev printed no API key")
+
+
+def _serves(http: httpx.Client) -> bool:
+    try:
+        return http.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is gone
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
