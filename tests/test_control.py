@@ -27,6 +27,9 @@ from tests.conftest import (
 )
 
 FIB_WAT = (ROOT / "examples" / "fib.wat").read_text()
+# fib(40) runs 0.6 s on a fast machine: long enough for progress (every 250 ms of running) and
+# to be paused while it runs. (fib(38) can end within 250 ms.)
+FIB_40 = 102_334_155
 LOOP_WAT = '(module (func (export "main") (loop br 0)))'
 ASYNC = {"Prefer": "respond-async"}
 LONG = {"max_gas": 10**11, "max_time": 60_000}
@@ -60,7 +63,7 @@ async def start(http: httpx.AsyncClient, wat: str, inputs: list[Any],
 
 async def test_pause_then_resume_gives_the_right_answer(
         http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
-    request_id = await start(http, FIB_WAT, [38])
+    request_id = await start(http, FIB_WAT, [40])
     paused = await http.post(f"/executions/{request_id}/pause")
     assert paused.status_code == 200, paused.text
     assert paused.json()["status"] == "paused"
@@ -82,7 +85,7 @@ async def test_pause_then_resume_gives_the_right_answer(
         return state if state["status"] == "completed" else None
 
     state = await wait_for(finished, timeout_s=30)
-    assert state["output"] == 39088169
+    assert state["output"] == FIB_40
     types = [e["type"] for e in await events_of(settings, request_id)]
     assert types.index("execution_paused") < types.index("execution_resumed")
     assert types[-2:] == ["execution_complete", "wasm_exec_completed"]
@@ -92,8 +95,8 @@ async def test_progress_reports_gas_used_that_never_decreases(
         http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
     module = await upload(http, FIB_WAT)
     result = await http.post("/intent/execute-wasm", json={
-        "cid": module["cid"], "inputs": [38], "policy": LONG})
-    assert result.json()["output"] == 39088169
+        "cid": module["cid"], "inputs": [40], "policy": LONG})
+    assert result.json()["output"] == FIB_40
     progress = [e for e in await events_of(settings, result.json()["request_id"])
                 if e["type"] == "execution_progress"]
     assert progress, "a run of several hundred ms reports progress"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import wasmtime
 
-from executor.sandbox import INLINE_GAS, Prepared, Sandbox
+from executor.sandbox import INLINE_GAS, Outcome, Prepared, Sandbox
 from executor.worker import Executor
 from relay.schemas import EffectivePolicy
 from tests.conftest import ADD_WAT, upload
@@ -24,6 +24,7 @@ COUNT_WAT = """(module (func (export "main") (param i32) (result i32) (local i32
 FILL_WAT = """(module (memory 1024)
   (func (export "main") (loop (memory.fill (i32.const 0) (i32.const 7)
                                            (i32.const 67108864)) (br 0))))"""
+ATTEMPTS = 5
 
 
 def policy(*, max_gas: int = 10**9) -> EffectivePolicy:
@@ -41,8 +42,20 @@ def prepare(sandbox: Sandbox, wat: str) -> Prepared:
     return sandbox.prepare(bytes(wasmtime.wat2wasm(wat)))
 
 
+def inline(sandbox: Sandbox, prepared: Prepared, inputs: list[int],
+           limits: EffectivePolicy) -> Outcome | None:
+    """`try_inline` of a call that ends well within the inline budget: an attempt ends early
+    (None) when an epoch tick (every 10 ms) falls inside it, which a loaded machine makes
+    happen now and then, so a few attempts are made; the first one that ends is the answer."""
+    for _ in range(ATTEMPTS):
+        outcome = sandbox.try_inline(prepared, "main", inputs, limits)
+        if outcome is not None:
+            return outcome
+    return None
+
+
 def test_a_short_call_runs_inline(sandbox: Sandbox) -> None:
-    outcome = sandbox.try_inline(prepare(sandbox, ADD_WAT), "main", [2, 3], policy())
+    outcome = inline(sandbox, prepare(sandbox, ADD_WAT), [2, 3], policy())
     assert outcome is not None and outcome.error is None and outcome.output == 5
 
 
@@ -52,7 +65,7 @@ def test_a_long_call_is_left_to_a_thread_and_costs_the_same_there(sandbox: Sandb
     moved = sandbox.run(counter, "main", [INLINE_GAS], policy(), command=False,
                         max_output_bytes=1)
     assert moved.error is None and moved.output == INLINE_GAS
-    short = sandbox.try_inline(counter, "main", [100], policy())
+    short = inline(sandbox, counter, [100], policy())
     assert short is not None and short.output == 100
     # The gas of the attempt is not counted: a run costs what it costs, wherever it ran.
     assert moved.gas_used > INLINE_GAS > short.gas_used
@@ -61,8 +74,7 @@ def test_a_long_call_is_left_to_a_thread_and_costs_the_same_there(sandbox: Sandb
 
 
 def test_running_out_of_a_small_budget_inline_is_the_answer(sandbox: Sandbox) -> None:
-    outcome = sandbox.try_inline(prepare(sandbox, COUNT_WAT), "main", [10**6],
-                                 policy(max_gas=1000))
+    outcome = inline(sandbox, prepare(sandbox, COUNT_WAT), [10**6], policy(max_gas=1000))
     assert outcome is not None and outcome.error is not None
     assert outcome.error.code == "out_of_gas" and "1000" in outcome.error.message
     assert outcome.gas_used == 1000
@@ -70,7 +82,7 @@ def test_running_out_of_a_small_budget_inline_is_the_answer(sandbox: Sandbox) ->
 
 def test_traps_inline_are_the_answer(sandbox: Sandbox) -> None:
     trap = prepare(sandbox, '(module (func (export "main") unreachable))')
-    outcome = sandbox.try_inline(trap, "main", [], policy())
+    outcome = inline(sandbox, trap, [], policy())
     assert outcome is not None and outcome.error is not None and outcome.error.code == "trap"
 
 
