@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from relay import connection, openapi
 from relay.apikeys import StoredKeys
@@ -75,7 +76,7 @@ from relay.schemas import (
     response_from_completed,
 )
 from relay.settings import Settings
-from relay.streams import mint_token, sse, websocket
+from relay.streams import SERVER_SEND, Sse, mint_token, websocket
 from relay.tokens import AccessTokens
 
 log = logging.getLogger("relay.gateway")
@@ -514,7 +515,7 @@ def by_method(**handlers: Callable[[Request], Awaitable[Response]],
 ROUTES = [
     Route("/intent/execute-wasm", execute, methods=["POST"]),
     Route("/intent/execute-wasm/health", health, methods=["GET"]),
-    Route("/intent/execute-wasm/events", sse, methods=["GET"]),
+    Route("/intent/execute-wasm/events", Sse(), methods=["GET"]),
     Route("/auth/tokens", mint_token, methods=["POST"]),
     Route("/executions/{request_id}", by_method(GET=get_execution, DELETE=cancel_execution),
           methods=["GET", "DELETE"]),
@@ -532,6 +533,14 @@ ROUTES = [
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
 ]
+
+
+class RelayApp(Starlette):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Event streams write caught-up events to the server's connection (streams.Wire),
+        # which they find through the server's own `send`, not the middleware's wrappers.
+        scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -571,7 +580,7 @@ def create_app(settings: Settings) -> Starlette:
             CORSMiddleware, allow_origins=list(settings.cors_origins),
             allow_methods=["*"], allow_headers=["*"],
             expose_headers=["Location", "X-Request-Id", "Idempotent-Replayed", "Retry-After"]))
-    return Starlette(
+    return RelayApp(
         routes=ROUTES,
         middleware=middleware,
         lifespan=lifespan,

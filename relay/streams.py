@@ -18,7 +18,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import redis
@@ -103,11 +103,12 @@ async def _events_lost(gw: Gateway, after: str) -> bytes | None:
     return None
 
 
-async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
-                  until: float) -> AsyncIterator[list[Entry | bytes | None]]:
+async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None, until: float,
+                  wire: Wire | None = None) -> AsyncIterator[list[Entry | bytes | None]]:
     """Replay (if `after`), then live events, until the stream must end. Yields batches of
     entries, the JSON of an `events_lost` notice, or None for a keep-alive: a live batch is
-    everything queued for the stream, so one send carries it all under load."""
+    everything queued for the stream, so one send carries it all under load. Once the replay
+    has caught up, `wire` (if any) takes live events straight from the fan-in."""
     replayed: tuple[int, int] | None = None
     """The id the client has: live entries up to it were sent already (the fan-in may be
     behind the replay)."""
@@ -120,6 +121,8 @@ async def _follow(gw: Gateway, subscriber: Subscriber, after: str | None,
             replayed = _parse_id(old.id.decode())
             yield [old]
     while True:
+        if replayed is None:
+            subscriber.wire = wire
         if until == float("inf"):  # header credentials: no deadline, no timer per event
             queued = await subscriber.take(SEND_BATCH)
         else:
@@ -166,6 +169,50 @@ _HEADERS = [
 ]
 
 
+SERVER_SEND = "relay.server_send"
+"""Scope key of the HTTP server's own `send` (`relay.app.RelayApp` puts it there)."""
+
+
+class Wire:
+    """The connection under an event stream served by uvicorn's httptools protocol (what
+    `relay gateway` runs), for the fan-in to write a caught-up stream's events straight to it.
+
+    Waking a stream's task and passing each event down four layers of ASGI `send` cost about
+    three times the `write()` itself, for every event and every stream; at 5,000 streams that
+    was most of a core (see the README's SSE figures). The bytes are those uvicorn would write
+    for the same body message (one chunk of its chunked encoding), and they go out only when
+    uvicorn would write them at once too: the response started chunked and is not complete, the
+    client is connected, and the transport is not paused by flow control. Any other server (an
+    in-process test client, h11) has no Wire: streams then send everything through ASGI."""
+
+    __slots__ = ("_cycle", "_transport")
+
+    def __init__(self, cycle: Any, transport: asyncio.WriteTransport) -> None:
+        self._cycle = cycle
+        self._transport = transport
+
+    @classmethod
+    def of(cls, scope: Scope) -> Wire | None:
+        """The stream's Wire, once its response has started; None when it has none."""
+        cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
+        if getattr(cycle, "chunked_encoding", None) is not True or not all(
+                hasattr(cycle, name) for name in ("flow", "disconnected", "response_complete")):
+            return None
+        transport = getattr(cycle, "transport", None)
+        # Duck-typed: uvloop's transports are no subclasses of asyncio's.
+        if not (hasattr(transport, "write") and hasattr(transport, "is_closing")):
+            return None
+        return cls(cycle, cast(asyncio.WriteTransport, transport))
+
+    def write(self, chunk: bytes) -> bool:
+        cycle = self._cycle
+        if (cycle.disconnected or cycle.response_complete or cycle.flow.write_paused
+                or self._transport.is_closing()):
+            return False
+        self._transport.write(chunk)
+        return True
+
+
 class EventStream:
     """`text/event-stream`: a subscriber's events (after a replay from `after`) until it ends,
     written in the server's own task for the request. One small task watches for the client
@@ -189,7 +236,7 @@ class EventStream:
             subscriber.task = asyncio.current_task()
             watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
             try:
-                await self._stream(send)
+                await self._stream(scope, send)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -197,15 +244,17 @@ class EventStream:
         finally:
             self.gw.fan_in.unsubscribe(subscriber)
 
-    async def _stream(self, send: Send) -> None:
+    async def _stream(self, scope: Scope, send: Send) -> None:
         def body(chunk: bytes) -> Message:
             return {"type": "http.response.body", "body": chunk, "more_body": True}
 
         try:
             await send(body(b"retry: %d\n\n" % RETRY_MS))
-            async for batch in _follow(self.gw, self.subscriber, self.after, self.until):
+            wire = Wire.of(scope)
+            async for batch in _follow(self.gw, self.subscriber, self.after, self.until, wire):
                 await send(body(_frame(batch[0]) if len(batch) == 1
                                 else b"".join(map(_frame, batch))))
+            self.subscriber.wire = None  # what follows ends the body: nothing may come after
             if self.gw.fan_in.shutting_down:
                 # This gateway is stopping: come back soon (to another replica), from the
                 # last id seen.
@@ -231,8 +280,18 @@ async def _until_disconnect(receive: Receive, subscriber: Subscriber) -> None:
     subscriber.end()
 
 
-async def sse(request: Request) -> Response | EventStream:
-    """`GET /intent/execute-wasm/events`."""
+class Sse:
+    """`GET /intent/execute-wasm/events`, routed as a plain ASGI app (Starlette routes an
+    instance so) rather than as a request handler, whose wrappers would keep three more frames
+    alive for as long as each of thousands of streams lasts. Errors raised before the stream
+    starts reach the app's exception handlers all the same."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = await _open(Request(scope, receive))
+        await stream(scope, receive, send)
+
+
+async def _open(request: Request) -> EventStream:
     gw = _gateway(request)
     principal, until = await subscriber_principal(gw, request)
     gw.authorize(principal, "subscribe", None)
