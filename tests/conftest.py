@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import socket
@@ -259,17 +260,27 @@ class Served:
         return self.app.state.gateway
 
 
-@pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[Served]:
+@contextlib.asynccontextmanager
+async def serve(settings: Settings, http: str = "auto") -> AsyncIterator[Served]:
+    """The app served by uvicorn in this loop, with the HTTP implementation `http` (auto:
+    httptools, which `relay gateway` runs; or h11)."""
     import uvicorn
 
     application = create_app(settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on",
+                                           log_level="warning", lifespan="on", http=http,
                                            timeout_graceful_shutdown=2))
     task = asyncio.create_task(server.serve())
     await wait_for(lambda: server.started, timeout_s=10, interval_s=0.01)
-    yield Served(application, f"http://127.0.0.1:{port}")
-    server.should_exit = True
-    await asyncio.wait_for(task, 10)
+    try:
+        yield Served(application, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[Served]:
+    async with serve(settings) as served:
+        yield served

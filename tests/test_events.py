@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
-from relay.events import EventFanIn
+from relay.events import EventFanIn, for_clients
 from relay.keys import Keys
 from relay.settings import Settings
 from relay.tokens import AccessTokens
@@ -26,6 +27,7 @@ from tests.conftest import (
     BOB_KEY,
     Served,
     assert_problem,
+    serve,
     upload,
     wait_for,
 )
@@ -169,6 +171,94 @@ async def test_replay_then_live_without_gap_or_duplicate(served: Served,
     ids = [m.id for m in messages]
     assert len(ids) == len(set(ids)), "no duplicate"
     assert [m.json["request_id"] for m in messages] == [first] * 3 + [second] * 3
+
+
+class ChunkedReader:
+    """A raw HTTP/1.1 client of one event stream that checks the chunked framing strictly:
+    events written straight to the connection (streams.Wire) must be chunks like any other."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.body = b""
+
+    async def head(self) -> dict[str, str]:
+        status = await self.reader.readline()
+        assert status.startswith(b"HTTP/1.1 200"), status
+        headers: dict[str, str] = {}
+        while (line := await self.reader.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return headers
+
+    async def chunk(self) -> None:
+        size_line = await self.reader.readline()
+        assert size_line.endswith(b"\r\n") and size_line[:-2], size_line
+        size = int(size_line[:-2], 16)
+        assert size > 0, "the response ended"
+        self.body += await self.reader.readexactly(size)
+        assert await self.reader.readexactly(2) == b"\r\n", "a chunk must end with CRLF"
+
+    def events(self) -> list[tuple[str, str]]:
+        """(id, data) of every event message so far."""
+        found = []
+        for message in self.body.decode().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in message.splitlines()
+                          if line.startswith(("id: ", "data: ")))
+            if "data" in fields:
+                found.append((fields["id"], fields["data"]))
+        return found
+
+    async def until(self, done: Any, timeout_s: float = 15) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not done(self.events()):
+                await self.chunk()
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+async def test_live_events_are_the_same_written_straight_or_through_asgi(
+        settings: Settings, executor: Executor, http_impl: str) -> None:
+    """Over httptools (what `relay gateway` runs) a caught-up stream's events are written
+    straight to its connection; over h11 they go through ASGI. Either way the client gets
+    well-formed chunks carrying exactly the retained events, in order, replay then live."""
+    def ended(count: int) -> Any:
+        return lambda events: sum(json.loads(data)["type"] in TERMINAL
+                                  for _, data in events) >= count
+
+    async with serve(settings, http=http_impl) as served, client(served) as http:
+        module = await upload(http, ADD_WAT)
+        first = await submit(http, module["cid"], [1, 1])
+        await wait_for(lambda: _status(http, first, "completed"), timeout_s=10)
+        address = urlsplit(served.url)
+        reader, writer = await asyncio.open_connection(address.hostname, address.port)
+        try:
+            writer.write(f"GET {EVENTS}?last_event_id=0 HTTP/1.1\r\nHost: x\r\n"
+                         f"X-API-Key: {ALICE_KEY}\r\n\r\n".encode())
+            stream = ChunkedReader(reader)
+            assert (await stream.head())["transfer-encoding"] == "chunked"
+            await stream.until(ended(1))  # the replay
+            second = await submit(http, module["cid"], [2, 2])
+            await stream.until(ended(2))  # live
+            # Caught up (the first live event past the replay went through the stream's task,
+            # which drops what the replay sent already): the rest may take the wire.
+            fan_in: EventFanIn = served.gateway.fan_in
+            (subscriber,) = fan_in._subscribers["alice"]
+            assert (subscriber.wire is not None) == (http_impl == "httptools")
+        finally:
+            writer.close()
+    retained = await _client_events(settings, "alice")
+    assert stream.events() == retained
+    assert [json.loads(data)["request_id"] for _, data in retained] == [first] * 3 + [second] * 3
+
+
+async def _client_events(settings: Settings, principal: str) -> list[tuple[str, str]]:
+    """(id, data) of `principal`'s client events in the stream, as SSE should carry them."""
+    redis_client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        entries = await redis_client.xrange(Keys(settings.prefix).events)
+    finally:
+        await redis_client.aclose()
+    return [(entry_id.decode(), fields[b"data"].decode()) for entry_id, fields in entries
+            if fields[b"user"] == principal.encode() and for_clients(fields[b"data"])]
 
 
 async def _status(http: httpx.AsyncClient, request_id: str, status: str) -> bool:
