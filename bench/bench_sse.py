@@ -756,6 +756,21 @@ def print_report(points: list[Point], args: argparse.Namespace, redis_what: str)
     return all(verdicts)
 
 
+def print_floor(points: list[Point]) -> None:
+    """The gateway's CPU per delivery beside the kernel's for one bare send() (write_floor.py),
+    measured in the same run: a ratio that the machine's speed and noise move far less than
+    the latencies."""
+    from write_floor import send_floor_us
+
+    floor = send_floor_us()
+    print(f"\nCPU per delivery, beside one bare send() to a loopback socket measured now "
+          f"({floor:.2f} µs):")
+    for p in points:
+        if p.delivered:
+            per = p.cpu.get("gateway", 0) * (p.window_s or 1) / p.delivered * 1e6
+            print(f"  N={p.subscribers}: gateway {per:.2f} µs = {per / floor:.2f}x the floor")
+
+
 # --- main ---
 
 
@@ -867,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{point.kib_per_subscriber:.1f} KiB/sub  gateway CPU "
                   f"{point.cpu.get('gateway', 0):.0%}", flush=True)
         passed = print_report(points, args, redis_what)
+        print_floor(points)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         return 130

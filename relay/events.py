@@ -46,7 +46,7 @@ def entry(entry_id: bytes, data: bytes) -> Entry:
 
 class Wire(Protocol):
     """Where a stream that is caught up can have an event written at once, without waking its
-    task (`relay.streams.Wire`)."""
+    task (`relay.streams.UvicornWire`)."""
 
     def write(self, chunk: bytes) -> bool:
         """Write one chunk now; False if it cannot be (the stream's task must send it)."""

@@ -8,7 +8,9 @@ SSE is written by `EventStream`, a plain ASGI response rather than sse-starlette
 open streams are what one gateway holds, and sse-starlette spends three tasks, a task group and
 a timeout scope per send on each; `bench/bench_sse.py` measured 42 KiB and, at 5,000 streams,
 a p99 of 0.8 s with it (see the README). Here a stream is the server's own task for the
-request plus one small task watching for the client to leave.
+request plus one small task watching for the client to leave, and once a stream has caught up,
+the fan-in writes each event straight to its connection (`UvicornWire`) rather than waking
+that task.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.errors import InvalidRequest, RelayError, Unauthenticated
-from relay.events import PING, Entry, Subscriber, entry, for_clients
+from relay.events import PING, Entry, Subscriber, Wire, entry, for_clients
 from relay.http import json_response
 from relay.schemas import TERMINAL_TYPES, AccessToken, Action, EventsLost, decode_head
 
@@ -173,7 +175,7 @@ SERVER_SEND = "relay.server_send"
 """Scope key of the HTTP server's own `send` (`relay.app.RelayApp` puts it there)."""
 
 
-class Wire:
+class UvicornWire:
     """The connection under an event stream served by uvicorn's httptools protocol (what
     `relay gateway` runs), for the fan-in to write a caught-up stream's events straight to it.
 
@@ -192,7 +194,7 @@ class Wire:
         self._transport = transport
 
     @classmethod
-    def of(cls, scope: Scope) -> Wire | None:
+    def of(cls, scope: Scope) -> UvicornWire | None:
         """The stream's Wire, once its response has started; None when it has none."""
         cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
         if getattr(cycle, "chunked_encoding", None) is not True or not all(
@@ -250,11 +252,13 @@ class EventStream:
 
         try:
             await send(body(b"retry: %d\n\n" % RETRY_MS))
-            wire = Wire.of(scope)
-            async for batch in _follow(self.gw, self.subscriber, self.after, self.until, wire):
-                await send(body(_frame(batch[0]) if len(batch) == 1
-                                else b"".join(map(_frame, batch))))
-            self.subscriber.wire = None  # what follows ends the body: nothing may come after
+            try:
+                async for batch in _follow(self.gw, self.subscriber, self.after, self.until,
+                                           UvicornWire.of(scope)):
+                    await send(body(_frame(batch[0]) if len(batch) == 1
+                                    else b"".join(map(_frame, batch))))
+            finally:
+                self.subscriber.wire = None  # nothing may follow what ends the body, or an error
             if self.gw.fan_in.shutting_down:
                 # This gateway is stopping: come back soon (to another replica), from the
                 # last id seen.
