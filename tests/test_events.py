@@ -175,7 +175,8 @@ async def test_replay_then_live_without_gap_or_duplicate(served: Served,
 
 class ChunkedReader:
     """A raw HTTP/1.1 client of one event stream that checks the chunked framing strictly:
-    events written straight to the connection (streams.UvicornWire) must be chunks like any other."""
+    events written straight to the connection (streams.UvicornWire) must be chunks like any
+    other."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         self.reader = reader
