@@ -247,6 +247,21 @@ def raw_exchange(url: str, head: bytes, body_start: bytes) -> tuple[int, dict[st
     return int(status_line.split()[1]), headers, body
 
 
+async def event_entries(settings: Settings) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of the events stream (`relay:events` under the test's prefix), oldest first."""
+    import redis.asyncio as aioredis
+
+    from relay.keys import Keys
+
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(
+            Keys(settings.prefix).events)
+    finally:
+        await client.aclose()
+    return entries
+
+
 class Served:
     """The in-process app behind a real socket (uvicorn in this event loop): streaming over
     real HTTP, while the test can still look inside the gateway."""

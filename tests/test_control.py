@@ -8,12 +8,10 @@ import time
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
-from relay.keys import Keys
 from relay.settings import Settings
 from tests.conftest import (
     ALICE_KEY,
@@ -22,6 +20,7 @@ from tests.conftest import (
     ROOT,
     Served,
     assert_problem,
+    event_entries,
     upload,
     wait_for,
 )
@@ -36,12 +35,7 @@ LONG = {"max_gas": 10**11, "max_time": 60_000}
 
 
 async def events_of(settings: Settings, request_id: str) -> list[dict[str, Any]]:
-    client = aioredis.Redis.from_url(settings.redis_url or "")
-    try:
-        entries = await client.xrange(Keys(settings.prefix).events)
-    finally:
-        await client.aclose()
-    events = [json.loads(fields[b"data"]) for _, fields in entries]
+    events = [json.loads(fields[b"data"]) for _, fields in await event_entries(settings)]
     return [e for e in events if e["request_id"] == request_id]
 
 

@@ -27,6 +27,7 @@ from tests.conftest import (
     BOB_KEY,
     Served,
     assert_problem,
+    event_entries,
     serve,
     upload,
     wait_for,
@@ -253,12 +254,8 @@ async def test_live_events_are_the_same_written_straight_or_through_asgi(
 
 async def _client_events(settings: Settings, principal: str) -> list[tuple[str, str]]:
     """(id, data) of `principal`'s client events in the stream, as SSE should carry them."""
-    redis_client = aioredis.Redis.from_url(settings.redis_url or "")
-    try:
-        entries = await redis_client.xrange(Keys(settings.prefix).events)
-    finally:
-        await redis_client.aclose()
-    return [(entry_id.decode(), fields[b"data"].decode()) for entry_id, fields in entries
+    return [(entry_id.decode(), fields[b"data"].decode())
+            for entry_id, fields in await event_entries(settings)
             if fields[b"user"] == principal.encode() and for_clients(fields[b"data"])]
 
 
