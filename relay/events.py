@@ -41,7 +41,19 @@ class Entry(NamedTuple):
 def entry(entry_id: bytes, data: bytes) -> Entry:
     # Event JSON has no newline: one `data:` line.
     frame = b"id: " + entry_id + b"\ndata: " + data + b"\n\n"
-    return Entry(entry_id, data, frame, b"%x\r\n%b\r\n" % (len(frame), frame))
+    return Entry(entry_id, data, frame, _chunk(frame))
+
+
+def _chunk(body: bytes) -> bytes:
+    """`body` as one chunk of a chunked HTTP/1.1 body."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
+def chunk_of(entries: list[Entry]) -> bytes:
+    """The frames of `entries` as one body chunk."""
+    if len(entries) == 1:
+        return entries[0].chunk
+    return _chunk(b"".join(entry.frame for entry in entries))
 
 
 class Wire(Protocol):
@@ -89,24 +101,27 @@ class Subscriber:
         self.wire: Wire | None = None
         """Set while the stream is caught up (replay done) and can be written to directly."""
 
-    def offer(self, entry: Entry) -> None:
+    def offer(self, entries: list[Entry], chunk: bytes) -> None:
+        """Take `entries`, in order; `chunk` is all of them as one body chunk (`chunk_of`)."""
         if self.ended:
             return
-        # When the stream's task waits with nothing queued, everything before this event is on
-        # the wire already, so this one can follow it there now: a fraction of the cost of
-        # waking the task to send it, and thousands of streams take every event.
+        # When the stream's task waits with nothing queued, everything before these events is
+        # on the wire already, so they can follow it there now: a fraction of the cost of
+        # waking the task to send them, and thousands of streams take every event.
         if (self.wire is not None and self._waiter is not None and not self._items
-                and self.wire.write(entry.chunk)):
+                and self.wire.write(chunk)):
             self.quiet_since = self._loop.time()
             return
-        if len(self._items) >= self.capacity:
-            # Its client reconnects from the last id it saw; the replay from Redis fills the gap.
-            self.end()
-            # A stream blocked in a send (its client reads nothing) would never see that: a
-            # timer per dropped stream, rather than a timeout around every send.
-            self._loop.call_later(STUCK_S, self._abort)
-            return
-        self._put(entry)
+        for entry in entries:
+            if len(self._items) >= self.capacity:
+                # Its client reconnects from the last id it saw; the replay from Redis fills
+                # the gap.
+                self.end()
+                # A stream blocked in a send (its client reads nothing) would never see that:
+                # a timer per dropped stream, rather than a timeout around every send.
+                self._loop.call_later(STUCK_S, self._abort)
+                return
+            self._put(entry)
 
     def ping(self) -> None:
         """Ask the stream for a keep-alive."""
@@ -277,35 +292,43 @@ class EventFanIn:
                 await asyncio.sleep(0.2)
                 continue
             for _, entries in reply or ():
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    self._dispatch(entry_id, fields)
+                last_id = entries[-1][0]
+                self._dispatch(entries)
 
-    def _dispatch(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        data = fields[b"data"]
-        request_id: str | None = None
-        if self._watchers or data.startswith(COMPLETED_PREFIX):
-            head = decode_head(data)
-            request_id = head.request_id
-            for types, future in self._watchers.get(request_id, ()):
-                if head.type in types and not future.done():
+    def _dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Route one read's entries: to waiters, then to each principal's streams, all of a
+        principal's entries at once, so a stream taking them all gets them in one write (a
+        fan-in that fell behind reads several per call, and so catches up: the write to each
+        socket, not the event, is what costs)."""
+        by_user: dict[str, list[Entry]] = {}
+        for entry_id, fields in entries:
+            data = fields[b"data"]
+            if self._watchers or data.startswith(COMPLETED_PREFIX):
+                head = decode_head(data)
+                self._notify(head.request_id, head.type, data)
+            user = fields.get(b"user", b"").decode()
+            if user in self._subscribers and for_clients(data):
+                by_user.setdefault(user, []).append(entry(entry_id, data))
+        for user, events in by_user.items():
+            subscribers = self._subscribers[user]
+            chunk = chunk_of(events)
+            for subscriber in tuple(subscribers):
+                if subscriber.request_ids is None:
+                    subscriber.offer(events, chunk)
+                else:
+                    wanted = [event for event in events
+                              if decode_head(event.data).request_id in subscriber.request_ids]
+                    if wanted:
+                        subscriber.offer(wanted, chunk_of(wanted))
+
+    def _notify(self, request_id: str, event_type: str, data: bytes) -> None:
+        for types, future in self._watchers.get(request_id, ()):
+            if event_type in types and not future.done():
+                future.set_result(data)
+        if event_type == "wasm_exec_completed":
+            for future in self._completions.pop(request_id, ()):
+                if not future.done():
                     future.set_result(data)
-            if head.type == "wasm_exec_completed":
-                for future in self._completions.pop(request_id, ()):
-                    if not future.done():
-                        future.set_result(data)
-        user = fields.get(b"user")
-        subscribers = self._subscribers.get(user.decode()) if user else None
-        if not subscribers or not for_clients(data):
-            return
-        event = entry(entry_id, data)
-        for subscriber in tuple(subscribers):
-            if subscriber.request_ids is not None:
-                if request_id is None:
-                    request_id = decode_head(data).request_id
-                if request_id not in subscriber.request_ids:
-                    continue
-            subscriber.offer(event)
 
 
 def for_clients(data: bytes) -> bool:
