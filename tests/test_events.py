@@ -182,6 +182,7 @@ class ChunkedReader:
     def __init__(self, reader: asyncio.StreamReader) -> None:
         self.reader = reader
         self.body = b""
+        self.chunks = 0
 
     async def head(self) -> dict[str, str]:
         status = await self.reader.readline()
@@ -198,6 +199,7 @@ class ChunkedReader:
         size = int(size_line[:-2], 16)
         assert size > 0, "the response ended"
         self.body += await self.reader.readexactly(size)
+        self.chunks += 1
         assert await self.reader.readexactly(2) == b"\r\n", "a chunk must end with CRLF"
 
     def events(self) -> list[tuple[str, str]]:
@@ -250,6 +252,38 @@ async def test_live_events_are_the_same_written_straight_or_through_asgi(
     retained = await _client_events(settings, "alice")
     assert stream.events() == retained
     assert [json.loads(data)["request_id"] for _, data in retained] == [first] * 3 + [second] * 3
+
+
+async def test_events_read_together_go_out_in_one_write(served: Served,
+                                                        settings: Settings) -> None:
+    """Entries the fan-in reads in one go reach a caught-up stream as one chunk (so a fan-in
+    that fell behind catches up), in order, each its own SSE message."""
+    address = urlsplit(served.url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    redis_client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        writer.write(f"GET {EVENTS} HTTP/1.1\r\nHost: x\r\nX-API-Key: {ALICE_KEY}\r\n\r\n"
+                     .encode())
+        stream = ChunkedReader(reader)
+        await stream.head()
+        await stream.chunk()  # retry:
+        fan_in: EventFanIn = served.gateway.fan_in
+        await wait_for(lambda: any(s.wire for s in fan_in._subscribers.get("alice", ())),
+                       timeout_s=5)
+        async with redis_client.pipeline(transaction=True) as burst:  # appended at once
+            for n in range(5):
+                data = (f'{{"type":"execution_progress","request_id":"{n:064x}",'
+                        f'"progress":{n},"gas_used":{n},"timestamp":"2026-01-01T00:00:00.000Z"}}')
+                burst.xadd(Keys(settings.prefix).events, {"data": data, "user": "alice"})
+            await burst.execute()
+        chunks_before = stream.chunks
+        await stream.until(lambda events: len(events) == 5)
+    finally:
+        writer.close()
+        await redis_client.aclose()
+    assert stream.chunks - chunks_before == 1
+    assert stream.events() == await _client_events(settings, "alice")
+    assert [json.loads(data)["progress"] for _, data in stream.events()] == list(range(5))
 
 
 async def _client_events(settings: Settings, principal: str) -> list[tuple[str, str]]:
