@@ -29,31 +29,23 @@ READ_COUNT = 1000
 COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
 
 class Entry(NamedTuple):
-    """An event for clients, with its SSE frame encoded once for all the streams it goes to,
-    and that frame as one chunk of a chunked HTTP/1.1 body (for streams written directly)."""
+    """An event for clients, with its SSE frame encoded once for all the streams it goes to."""
 
     id: bytes
     data: bytes
     frame: bytes
-    chunk: bytes
 
 
 def entry(entry_id: bytes, data: bytes) -> Entry:
     # Event JSON has no newline: one `data:` line.
-    frame = b"id: " + entry_id + b"\ndata: " + data + b"\n\n"
-    return Entry(entry_id, data, frame, _chunk(frame))
-
-
-def _chunk(body: bytes) -> bytes:
-    """`body` as one chunk of a chunked HTTP/1.1 body."""
-    return b"%x\r\n%b\r\n" % (len(body), body)
+    return Entry(entry_id, data, b"id: " + entry_id + b"\ndata: " + data + b"\n\n")
 
 
 def chunk_of(entries: list[Entry]) -> bytes:
-    """The frames of `entries` as one body chunk."""
-    if len(entries) == 1:
-        return entries[0].chunk
-    return _chunk(b"".join(entry.frame for entry in entries))
+    """The frames of `entries` as one chunk of a chunked HTTP/1.1 body (what a stream written
+    directly gets)."""
+    body = entries[0].frame if len(entries) == 1 else b"".join(e.frame for e in entries)
+    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 class Wire(Protocol):
@@ -312,14 +304,17 @@ class EventFanIn:
         for user, events in by_user.items():
             subscribers = self._subscribers[user]
             chunk = chunk_of(events)
+            request_ids: list[str] | None = None  # decoded once, if a stream filters by them
             for subscriber in tuple(subscribers):
                 if subscriber.request_ids is None:
                     subscriber.offer(events, chunk)
-                else:
-                    wanted = [event for event in events
-                              if decode_head(event.data).request_id in subscriber.request_ids]
-                    if wanted:
-                        subscriber.offer(wanted, chunk_of(wanted))
+                    continue
+                if request_ids is None:
+                    request_ids = [decode_head(event.data).request_id for event in events]
+                wanted = [event for event, request_id in zip(events, request_ids, strict=True)
+                          if request_id in subscriber.request_ids]
+                if wanted:
+                    subscriber.offer(wanted, chunk_of(wanted))
 
     def _notify(self, request_id: str, event_type: str, data: bytes) -> None:
         for types, future in self._watchers.get(request_id, ()):

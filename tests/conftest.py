@@ -25,11 +25,13 @@ import httpx
 import msgspec
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from executor.worker import Executor
 from relay import connection
 from relay.app import create_app
 from relay.connection import EmbeddedRedis
+from relay.keys import Keys
 from relay.settings import Settings, load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,10 +251,6 @@ def raw_exchange(url: str, head: bytes, body_start: bytes) -> tuple[int, dict[st
 
 async def event_entries(settings: Settings) -> list[tuple[bytes, dict[bytes, bytes]]]:
     """Every entry of the events stream (`relay:events` under the test's prefix), oldest first."""
-    import redis.asyncio as aioredis
-
-    from relay.keys import Keys
-
     client = aioredis.Redis.from_url(settings.redis_url or "")
     try:
         entries: list[tuple[bytes, dict[bytes, bytes]]] = await client.xrange(
