@@ -289,6 +289,12 @@ def run_client(argv: list[str]) -> None:
     parser.add_argument("--first-seq", type=int, required=True)
     parser.add_argument("--measured", type=int, required=True)
     parser.add_argument("--stride", type=int, default=1)
+    parser.add_argument("--client", choices=("c", "python"), default="c",
+                        help="subscriber processes: c (sse_client.c, built with cc; the "
+                             "default) or python (asyncio on uvloop)")
+    parser.add_argument("--poll-ms", type=float, default=1.0,
+                        help="the C client reads its streams every POLL_MS instead of sleeping "
+                             "until the gateway's write wakes it (0: sleep; default 1)")
     parser.add_argument("--connect-concurrency", type=int, default=100)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -527,6 +533,8 @@ class Setup:
     work_dir: Path
     base_env: dict[str, str]
     args: argparse.Namespace
+    client: list[str]
+    """The subscriber process's command, before its flags."""
 
 
 def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Point:
@@ -561,8 +569,8 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
         client_children = []
         offset = 0
         for i, count in enumerate(share):
-            argv = [setup.python, str(Path(__file__).resolve()), "_client", "--port", str(port),
-                    "--key", key, "--count", str(count), "--index-offset", str(offset),
+            argv = [*setup.client, "--port", str(port), "--key", key, "--count", str(count),
+                    "--index-offset", str(offset),
                     "--first-seq", str(first_seq), "--measured", str(point.expected),
                     "--stride", str(stride), "--connect-concurrency",
                     str(args.connect_concurrency), "--out", str(outs[i])]
@@ -789,6 +797,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to wait for late events after the last one (default 3)")
     parser.add_argument("--per-client", type=int, default=2500,
                         help="connections per client process at most (default 2500)")
+    parser.add_argument("--client", choices=("c", "python"), default="c",
+                        help="subscriber processes: c (sse_client.c, built with cc; the "
+                             "default) or python (asyncio on uvloop)")
+    parser.add_argument("--poll-ms", type=float, default=1.0,
+                        help="the C client reads its streams every POLL_MS instead of sleeping "
+                             "until the gateway's write wakes it (0: sleep; default 1)")
     parser.add_argument("--connect-concurrency", type=int, default=100,
                         help="connections a client process opens at once (default 100)")
     parser.add_argument("--max-samples", type=int, default=2_000_000,
@@ -807,9 +821,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="hard bound on the whole run in seconds (default: computed)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
     args = parser.parse_args(argv)
+    if args.poll_ms < 0:
+        parser.error("--poll-ms must be 0 or more")
     if args.rate <= 0 or args.duration <= 0 or args.per_client < 1:
         parser.error("--rate, --duration and --per-client must be positive")
     return args
+
+
+def subscriber_command(args: argparse.Namespace, python: str,
+                       work_dir: Path) -> tuple[list[str], str]:
+    """The command of a subscriber process and what it is: the C client built into `work_dir`
+    (the Python one when no compiler is found or the build fails), or the Python client."""
+    python_client = [python, str(Path(__file__).resolve()), "_client"]
+    if args.client == "python":
+        return python_client, "python (asyncio on uvloop)"
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return python_client, "python (no C compiler found for sse_client.c)"
+    binary = work_dir / "sse_client"
+    build = subprocess.run([compiler, "-O2", "-o", str(binary),
+                            str(Path(__file__).with_name("sse_client.c"))],
+                           capture_output=True, text=True, check=False)
+    if build.returncode != 0:
+        print(f"warning: building sse_client.c failed, using the Python client:\n"
+              f"{build.stderr.strip()[-2000:]}", file=sys.stderr)
+        return python_client, "python (sse_client.c did not build)"
+    poll_us = round(args.poll_ms * 1000)
+    return ([str(binary), "--poll-us", str(poll_us)],
+            f"c (sse_client.c, reading every {args.poll_ms:g} ms)" if poll_us
+            else "c (sse_client.c, woken by each write)")
 
 
 def delete_keys(url: str, prefix: str) -> int:
@@ -870,8 +910,10 @@ def main(argv: list[str] | None = None) -> int:
             redis_what = "embedded Redis"
         base_env = clean_env()
         base_env["PYTHONUNBUFFERED"] = "1"
-        setup = Setup(python, redis_url, prefix, redis_pid, work_dir, base_env, args)
-        print(f"python {python}; {redis_what}; RLIMIT_NOFILE {soft}; time budget {budget:.0f} s; "
+        client, client_what = subscriber_command(args, python, work_dir)
+        setup = Setup(python, redis_url, prefix, redis_pid, work_dir, base_env, args, client)
+        print(f"python {python}; subscribers: {client_what}; {redis_what}; "
+              f"RLIMIT_NOFILE {soft}; time budget {budget:.0f} s; "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
         points = []
         for n in counts:
