@@ -9,12 +9,13 @@ For each N (default 1,000 then 5,000), on a fresh `relay gateway` process:
   then the gateway's RSS is read: the RSS with 0 subscribers;
 - N subscribers connect to `GET /intent/execute-wasm/events` (header `X-API-Key`, all the
   principal `bench`), from client processes of at most `--per-client` connections each
-  (asyncio Protocols on uvloop, no HTTP library: the client must not be the bottleneck); a
-  subscriber counts as connected once it has its `retry:` line. Then the RSS again;
+  (`sse_client.c`, or asyncio Protocols on uvloop with `--client python`; no HTTP library:
+  the client must not be the bottleneck); a subscriber counts as connected once it has its
+  `retry:` line. Then the RSS again;
 - a publisher XADDs `execution_progress` entries (`user` = `bench`) to `<prefix>:events` at a
   steady `--rate`, for `--warmup` s, then for the measured `--duration` s, then waits `--drain`
   s. Each entry's JSON carries `seq` and `sent_ns` (time.time_ns() just before its XADD); a
-  client stamps every event with time.time_ns() when its bytes arrive: latency = receipt −
+  client stamps every event with its wall clock when its bytes arrive: latency = receipt −
   sent_ns (one machine, one clock). Every subscriber should get every event;
 - the run prints, for each N: p50/p99/max latency, events received against expected per
   subscriber (drops), connections the server closed, errors, the gateway's RSS (0 subscribers,
@@ -289,12 +290,6 @@ def run_client(argv: list[str]) -> None:
     parser.add_argument("--first-seq", type=int, required=True)
     parser.add_argument("--measured", type=int, required=True)
     parser.add_argument("--stride", type=int, default=1)
-    parser.add_argument("--client", choices=("c", "python"), default="c",
-                        help="subscriber processes: c (sse_client.c, built with cc; the "
-                             "default) or python (asyncio on uvloop)")
-    parser.add_argument("--poll-ms", type=float, default=1.0,
-                        help="the C client reads its streams every POLL_MS instead of sleeping "
-                             "until the gateway's write wakes it (0: sleep; default 1)")
     parser.add_argument("--connect-concurrency", type=int, default=100)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)

@@ -181,6 +181,10 @@ static void scan_events(conn_t *c, const char *buf, size_t len, int64_t now) {
 
 /* Until the `retry:` line: a 200 response head, then the SSE preamble. */
 static void on_head(conn_t *c, const char *data, size_t len, int64_t now) {
+    if (c->carry_len + len > MAX_CARRY) {
+        fail(c, "no retry: line in the first 64 KiB");
+        return;
+    }
     char *head = c->carry = grow(c->carry, &c->carry_cap, c->carry_len + len + 1, 1);
     memcpy(head + c->carry_len, data, len);
     c->carry_len += len;
@@ -205,8 +209,9 @@ static void on_head(conn_t *c, const char *data, size_t len, int64_t now) {
 }
 
 static void on_readable(conn_t *c, char *buf) {
-    if (c->carry_len) memcpy(buf, c->carry, c->carry_len);
-    ssize_t n = read(c->fd, buf + c->carry_len, READ_SIZE);
+    size_t kept = c->state == LIVE ? c->carry_len : 0; /* an incomplete line goes first */
+    if (kept) memcpy(buf, c->carry, kept);
+    ssize_t n = read(c->fd, buf + kept, READ_SIZE);
     int64_t now = now_ns();
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
     if (n <= 0) { /* EOF or reset */
@@ -214,8 +219,8 @@ static void on_readable(conn_t *c, char *buf) {
         else ended_by_server(c);
         return;
     }
-    if (c->state == HEAD) on_head(c, buf + c->carry_len, (size_t)n, now);
-    else scan_events(c, buf, c->carry_len + (size_t)n, now);
+    if (c->state == HEAD) on_head(c, buf, (size_t)n, now);
+    else scan_events(c, buf, kept + (size_t)n, now);
 }
 
 static void start_connect(conn_t *c) {
@@ -228,7 +233,10 @@ static void start_connect(conn_t *c) {
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opt.port)};
-    inet_pton(AF_INET, opt.host, &addr.sin_addr);
+    if (inet_pton(AF_INET, opt.host, &addr.sin_addr) != 1) {
+        fail(c, "--host is not an IPv4 address");
+        return;
+    }
     if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
         fail(c, "connect failed");
         return;
