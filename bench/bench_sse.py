@@ -565,10 +565,9 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
         offset = 0
         for i, count in enumerate(share):
             argv = [*setup.client, "--port", str(port), "--key", key, "--count", str(count),
-                    "--index-offset", str(offset),
-                    "--first-seq", str(first_seq), "--measured", str(point.expected),
-                    "--stride", str(stride), "--connect-concurrency",
-                    str(args.connect_concurrency), "--out", str(outs[i])]
+                    "--index-offset", str(offset), "--first-seq", str(first_seq),
+                    "--measured", str(point.expected), "--stride", str(stride),
+                    "--connect-concurrency", str(args.connect_concurrency), "--out", str(outs[i])]
             client_children.append(start_child(f"client-{n}-{i}", argv, setup.base_env,
                                                setup.work_dir, children, talk=True))
             offset += count
