@@ -199,13 +199,14 @@ static void on_head(conn_t *c, const char *data, size_t len, int64_t now) {
     char *line_end = at ? memchr(at, '\n', c->carry_len - (size_t)(at - head)) : NULL;
     if (!line_end) return;
     c->state = LIVE;
-    size_t rest = c->carry_len - (size_t)(line_end + 1 - head);
-    char *copy = malloc(rest + 1);
-    if (!copy) die("malloc");
-    memcpy(copy, line_end + 1, rest);
-    c->carry_len = 0; /* the buffer stays, for incomplete lines */
-    if (rest) scan_events(c, copy, rest, now);
-    free(copy);
+    /* What follows the `retry:` line is events: scan it from the head's buffer, which the
+     * stream then no longer owns (scan_events keeps the incomplete last line in a new one). */
+    char *events = line_end + 1;
+    size_t rest = c->carry_len - (size_t)(events - head);
+    c->carry = NULL;
+    c->carry_len = c->carry_cap = 0;
+    if (rest) scan_events(c, events, rest, now);
+    free(head);
 }
 
 static void on_readable(conn_t *c, char *buf) {
