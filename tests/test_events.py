@@ -376,7 +376,8 @@ async def test_access_token_in_the_url(served: Served, executor: Executor) -> No
 
 async def test_expired_token_is_refused_and_ends_the_stream(served: Served) -> None:
     tokens: AccessTokens = served.gateway.tokens
-    short = AccessTokens(tokens._secret, ttl_s=1)
+    # `exp` is whole seconds from a truncated now: a 1 s token may live under a millisecond.
+    short = AccessTokens(tokens._secret, ttl_s=3)
     token, _ = short.mint("alice")
     async with client(served, None) as browser:
         async with browser.stream("GET", EVENTS, params={"access_token": token}) as stream:
