@@ -537,7 +537,7 @@ ROUTES = [
 
 class RelayApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Event streams write caught-up events to the server's connection (streams.UvicornWire),
+        # Event streams write caught-up events to the server's connection (streams.uvicorn_wire),
         # which they find through the server's own `send`, not the middleware's wrappers.
         scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)

@@ -49,11 +49,15 @@ def chunk_of(entries: list[Entry]) -> bytes:
 
 
 class Wire(Protocol):
-    """Where a stream that is caught up can have an event written at once, without waking its
-    task (`relay.streams.UvicornWire`)."""
+    """The connection under a caught-up stream, for its events to be written at once without
+    waking its task: the HTTP server's transport (`relay.streams.uvicorn_wire`)."""
 
-    def write(self, chunk: bytes) -> bool:
-        """Write one chunk now; False if it cannot be (the stream's task must send it)."""
+    def is_closing(self) -> bool: ...
+
+    def get_write_buffer_size(self) -> int:
+        """Bytes the transport holds that the socket has not taken yet."""
+
+    def write(self, data: bytes) -> None: ...
 
 
 PING = "ping"
@@ -74,8 +78,8 @@ class Subscriber:
     """One event stream's bounded mailbox (a list and one waiter: thousands of these are fed
     for every event, so it costs less than an asyncio.Queue)."""
 
-    __slots__ = ("_items", "_loop", "_waiter", "aborted", "capacity", "ended", "principal",
-                 "quiet_since", "request_ids", "task", "wire")
+    __slots__ = ("_items", "_loop", "_waiter", "aborted", "armed", "capacity", "ended",
+                 "principal", "quiet_since", "request_ids", "task", "wire")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
         self.principal = principal
@@ -92,17 +96,13 @@ class Subscriber:
         self.aborted = False
         self.wire: Wire | None = None
         """Set while the stream is caught up (replay done) and can be written to directly."""
+        self.armed: Wire | None = None
+        """The wire, while the stream's task waits with nothing queued: everything before
+        the next events is on it already, so they may follow there at once."""
 
-    def offer(self, entries: list[Entry], chunk: bytes) -> None:
-        """Take `entries`, in order; `chunk` is all of them as one body chunk (`chunk_of`)."""
+    def offer(self, entries: list[Entry]) -> None:
+        """Queue `entries`, in order, for the stream's task."""
         if self.ended:
-            return
-        # When the stream's task waits with nothing queued, everything before these events is
-        # on the wire already, so they can follow it there now: a fraction of the cost of
-        # waking the task to send them, and thousands of streams take every event.
-        if (self.wire is not None and self._waiter is not None and not self._items
-                and self.wire.write(chunk)):
-            self.quiet_since = self._loop.time()
             return
         for entry in entries:
             if len(self._items) >= self.capacity:
@@ -130,16 +130,18 @@ class Subscriber:
         """What is queued, up to `limit` items, once there is something."""
         while not self._items:
             self._waiter = self._loop.create_future()
+            self.armed = self.wire
             try:
                 await self._waiter
             finally:
-                self._waiter = None
+                self._waiter = self.armed = None
         taken = self._items[:limit]
         del self._items[:limit]
         self.quiet_since = self._loop.time()
         return taken
 
     def _put(self, item: Item) -> None:
+        self.armed = None  # what follows must wait its turn behind this
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -301,20 +303,33 @@ class EventFanIn:
             user = fields.get(b"user", b"").decode()
             if user in self._subscribers and for_clients(data):
                 by_user.setdefault(user, []).append(entry(entry_id, data))
+        now = asyncio.get_running_loop().time()
         for user, events in by_user.items():
-            subscribers = self._subscribers[user]
-            chunk = chunk_of(events)
+            all_chunk = chunk_of(events)
             request_ids: list[str] | None = None  # decoded once, if a stream filters by them
-            for subscriber in tuple(subscribers):
+            # Thousands of streams take every event: this loop runs per event per stream, so
+            # it calls no Python function on the way to the wire (and iterates the set itself:
+            # nothing here adds or removes a stream).
+            for subscriber in self._subscribers[user]:
                 if subscriber.request_ids is None:
-                    subscriber.offer(events, chunk)
-                    continue
-                if request_ids is None:
-                    request_ids = [decode_head(event.data).request_id for event in events]
-                wanted = [event for event, request_id in zip(events, request_ids, strict=True)
-                          if request_id in subscriber.request_ids]
-                if wanted:
-                    subscriber.offer(wanted, chunk_of(wanted))
+                    wanted, chunk = events, all_chunk
+                else:
+                    if request_ids is None:
+                        request_ids = [decode_head(event.data).request_id for event in events]
+                    wanted = [event for event, request_id
+                              in zip(events, request_ids, strict=True)
+                              if request_id in subscriber.request_ids]
+                    if not wanted:
+                        continue
+                    chunk = chunk_of(wanted)
+                wire = subscriber.armed
+                # A transport holding bytes back is one whose client reads slowly: the
+                # stream's bounded queue takes over (and drops it if it stays behind).
+                if wire is not None and not wire.get_write_buffer_size() and not wire.is_closing():
+                    wire.write(chunk)
+                    subscriber.quiet_since = now
+                else:
+                    subscriber.offer(wanted)
 
     def _notify(self, request_id: str, event_type: str, data: bytes) -> None:
         for types, future in self._watchers.get(request_id, ()):

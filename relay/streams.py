@@ -9,7 +9,7 @@ open streams are what one gateway holds, and sse-starlette spends three tasks, a
 a timeout scope per send on each; `bench/bench_sse.py` measured 42 KiB and, at 5,000 streams,
 a p99 of 0.8 s with it (see the README). Here a stream is the server's own task for the
 request plus one small task watching for the client to leave, and once a stream has caught up,
-the fan-in writes each event straight to its connection (`UvicornWire`) rather than waking
+the fan-in writes each event straight to its connection (`uvicorn_wire`) rather than waking
 that task.
 """
 
@@ -175,44 +175,28 @@ SERVER_SEND = "relay.server_send"
 """Scope key of the HTTP server's own `send` (`relay.app.RelayApp` puts it there)."""
 
 
-class UvicornWire:
-    """The connection under an event stream served by uvicorn's httptools protocol (what
-    `relay gateway` runs), for the fan-in to write a caught-up stream's events straight to it.
+def uvicorn_wire(scope: Scope) -> Wire | None:
+    """The transport under an event stream served by uvicorn's httptools protocol (what
+    `relay gateway` runs), once its response has started: the fan-in writes a caught-up
+    stream's events straight to it. None under any other server (an in-process test client,
+    h11): streams then send everything through ASGI.
 
     Waking a stream's task and passing each event down four layers of ASGI `send` cost about
     three times the `write()` itself, for every event and every stream; at 5,000 streams that
     was most of a core (see the README's SSE figures). The bytes are those uvicorn would write
-    for the same body message (one chunk of its chunked encoding), and they go out only when
-    uvicorn would write them at once too: the response started chunked and is not complete, the
-    client is connected, and the transport is not paused by flow control. Any other server (an
-    in-process test client, h11) has no Wire: streams then send everything through ASGI."""
-
-    __slots__ = ("_cycle", "_transport")
-
-    def __init__(self, cycle: Any, transport: asyncio.WriteTransport) -> None:
-        self._cycle = cycle
-        self._transport = transport
-
-    @classmethod
-    def of(cls, scope: Scope) -> UvicornWire | None:
-        """The stream's Wire, once its response has started; None when it has none."""
-        cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
-        if getattr(cycle, "chunked_encoding", None) is not True or not all(
-                hasattr(cycle, name) for name in ("flow", "disconnected", "response_complete")):
-            return None
-        transport = getattr(cycle, "transport", None)
-        # Duck-typed: uvloop's transports are no subclasses of asyncio's.
-        if not (hasattr(transport, "write") and hasattr(transport, "is_closing")):
-            return None
-        return cls(cycle, cast(asyncio.WriteTransport, transport))
-
-    def write(self, chunk: bytes) -> bool:
-        cycle = self._cycle
-        if (cycle.disconnected or cycle.response_complete or cycle.flow.write_paused
-                or self._transport.is_closing()):
-            return False
-        self._transport.write(chunk)
-        return True
+    for the same body message (one chunk of its chunked encoding). uvicorn would write them at
+    once too while its transport holds nothing back, is not closing (the client is
+    connected) and the response is not complete (a stream's task ends its body only after it
+    stopped waiting, when the fan-in no longer writes to it)."""
+    cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
+    if getattr(cycle, "chunked_encoding", None) is not True:
+        return None
+    transport = getattr(cycle, "transport", None)
+    # Duck-typed: uvloop's transports are no subclasses of asyncio's.
+    if not all(hasattr(transport, name)
+               for name in ("write", "is_closing", "get_write_buffer_size")):
+        return None
+    return cast(Wire, transport)
 
 
 class EventStream:
@@ -254,7 +238,7 @@ class EventStream:
             await send(body(b"retry: %d\n\n" % RETRY_MS))
             try:
                 async for batch in _follow(self.gw, self.subscriber, self.after, self.until,
-                                           UvicornWire.of(scope)):
+                                           uvicorn_wire(scope)):
                     await send(body(_frame(batch[0]) if len(batch) == 1
                                     else b"".join(map(_frame, batch))))
             finally:

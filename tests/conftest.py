@@ -44,6 +44,16 @@ ADD_WAT = """(module (func (export "main") (param i32 i32) (result i32)
   local.get 0 local.get 1 i32.add))"""
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, Any]:
+    """Async tests run on asyncio's event loop; those marked `both_loops` on uvloop's too."""
+    import uvloop
+
+    if item.get_closest_marker("both_loops"):
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("REDIS_URL")

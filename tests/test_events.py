@@ -33,6 +33,10 @@ from tests.conftest import (
     wait_for,
 )
 
+# Streams write caught-up events straight to the server's transport, and uvloop's (which
+# `relay gateway` runs) is not asyncio's.
+pytestmark = pytest.mark.both_loops
+
 EVENTS = "/intent/execute-wasm/events"
 TERMINAL = {"execution_complete", "execution_error"}
 
@@ -176,7 +180,7 @@ async def test_replay_then_live_without_gap_or_duplicate(served: Served,
 
 class ChunkedReader:
     """A raw HTTP/1.1 client of one event stream that checks the chunked framing strictly:
-    events written straight to the connection (streams.UvicornWire) must be chunks like any
+    events written straight to the connection (streams.uvicorn_wire) must be chunks like any
     other."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
