@@ -20,7 +20,10 @@ For each N (default 1,000 then 5,000), on a fresh `relay gateway` process:
 - the run prints, for each N: p50/p99/max latency, events received against expected per
   subscriber (drops), connections the server closed, errors, the gateway's RSS (0 subscribers,
   all connected, after the load) and memory per subscriber, and the CPU of the gateway, the
-  client processes, Redis and the publisher during the measured window.
+  client processes, Redis and the publisher during the measured window;
+- then (unless `--no-reference`) the same subscribers and publisher against `bare_fanout.py`,
+  the least a Python process can do to fan the events out (XREAD, then one send() per
+  socket), and the gateway's p50, p99 and CPU beside its, as ratios.
 
 Target (a 2-core machine): 5,000 subscribers, p99 <= 100 ms, <= 20 KiB per subscriber (RSS
 all connected − RSS with 0 subscribers, over N), and every subscriber connected and got every
@@ -532,7 +535,9 @@ class Setup:
     """The subscriber process's command, before its flags."""
 
 
-def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Point:
+def measure(setup: Setup, n: int, children: list[Child], profile_s: float,
+            bare: bool = False) -> Point:
+    """One point: N subscribers of a fresh gateway (of `bare_fanout.py` if `bare`)."""
     import redis
 
     args = setup.args
@@ -544,8 +549,11 @@ def measure(setup: Setup, n: int, children: list[Child], profile_s: float) -> Po
            "RELAY_API_KEYS": f"{PRINCIPAL}:{key}", "RELAY_ACCESS_LOG": "0",
            "RELAY_LOG_LEVEL": "WARNING", "RELAY_LOG_FORMAT": "text",
            "RELAY_DATA_DIR": str(setup.work_dir / "data")}
-    gateway = start_child(f"gateway-{n}", [setup.python, "-m", "relay", "gateway", "--port",
-                                           str(port)], env, setup.work_dir, children)
+    server = ([setup.python, str(Path(__file__).with_name("bare_fanout.py")), "--port",
+               str(port), "--redis-url", setup.redis_url, "--stream", f"{setup.prefix}:events"]
+              if bare else [setup.python, "-m", "relay", "gateway", "--port", str(port)])
+    gateway = start_child(f"{'bare' if bare else 'gateway'}-{n}", server, env, setup.work_dir,
+                          children)
     mine = [gateway]
     publisher_client = redis.Redis.from_url(setup.redis_url, socket_timeout=5)
     try:
@@ -758,6 +766,27 @@ def print_report(points: list[Point], args: argparse.Namespace, redis_what: str)
     return all(verdicts)
 
 
+def print_reference(points: list[Point], references: list[Point]) -> None:
+    """The gateway beside the least a Python process can do to fan the same events out to the
+    same subscribers (`bare_fanout.py`), measured right after it: ratios that the machine's
+    speed and noise move far less than the latencies themselves."""
+    if not references:
+        return
+    print("\nBeside the bare fan-out (bare_fanout.py: XREAD, then one send() per socket; the "
+          "same subscribers and rate, right after):")
+    header = (f"{'subs':>5} {'p50 ms':>7} {'bare':>7} {'p99 ms':>7} {'bare':>7} {'p99 ×':>6} "
+              f"{'CPU':>5} {'bare':>5} {'CPU ×':>6} {'missing':>8}")
+    print(header)
+    print("-" * len(header))
+    for p, bare in zip(points, references, strict=True):
+        cpu, bare_cpu = p.cpu.get("gateway", 0), bare.cpu.get("gateway", 0)
+        print(f"{p.subscribers:>5} {p.p50_ms:>7.1f} {bare.p50_ms:>7.1f} {p.p99_ms:>7.1f} "
+              f"{bare.p99_ms:>7.1f} {p.p99_ms / (bare.p99_ms or 1):>6.2f} {cpu:>5.0%} "
+              f"{bare_cpu:>5.0%} {cpu / (bare_cpu or 1):>6.2f} {bare.missing:>8}")
+    print("(CPU: the gateway's, and the bare fan-out's, share of one core during the window; "
+          "missing: events the bare fan-out's subscribers lacked)")
+
+
 def print_floor(points: list[Point]) -> None:
     """The gateway's CPU per delivery beside the kernel's for one bare send() (write_floor.py),
     measured in the same run: a ratio that the machine's speed and noise move far less than
@@ -814,6 +843,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-time", type=float, default=None,
                         help="hard bound on the whole run in seconds (default: computed)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the bare fan-out (bare_fanout.py) measured after the gateway "
+                             "at each N")
     args = parser.parse_args(argv)
     if args.poll_ms < 0:
         parser.error("--poll-ms must be 0 or more")
@@ -872,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     if not counts or min(counts) < 1:
         raise SystemExit("--subscribers: give positive counts, e.g. 1000,5000")
     per_point = 90 + args.warmup + args.duration + 2 * args.drain
-    budget = args.max_time or (60 + sum(per_point + n / 25 for n in counts)
+    runs = 1 if args.no_reference else 2  # the gateway, then the bare fan-out, at each N
+    budget = args.max_time or (60 + runs * sum(per_point + n / 25 for n in counts)
                                + (args.profile + 40 if args.profile else 0))
     python = pick_python(args.python)
     # The gateway holds one descriptor per subscriber, a client process one per connection:
@@ -909,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python {python}; subscribers: {client_what}; {redis_what}; "
               f"RLIMIT_NOFILE {soft}; time budget {budget:.0f} s; "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
-        points = []
+        points, references = [], []
         for n in counts:
             profile_s = args.profile if args.profile and n == max(counts) else 0.0
             point = measure(setup, n, children, profile_s)
@@ -918,7 +951,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{point.missing} missing  {point.closed_by_server} closed  "
                   f"{point.kib_per_subscriber:.1f} KiB/sub  gateway CPU "
                   f"{point.cpu.get('gateway', 0):.0%}", flush=True)
+            if not args.no_reference:
+                reference = measure(setup, n, children, 0.0, bare=True)
+                references.append(reference)
+                print(f"  N={n}, bare fan-out: p50 {reference.p50_ms:.1f} ms  p99 "
+                      f"{reference.p99_ms:.1f} ms  {reference.missing} missing  CPU "
+                      f"{reference.cpu.get('gateway', 0):.0%}", flush=True)
         passed = print_report(points, args, redis_what)
+        print_reference(points, references)
         print_floor(points)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
