@@ -3,10 +3,11 @@
 measures the gateway beside, with the same subscribers, rate and machine, in the same run.
 
 It reads the events stream (XREAD BLOCK, as the gateway's fan-in does) and sends each read's
-entries, framed as the gateway frames them (one chunk of SSE messages), to every connected
-socket with one `send()` each. No framework, no credentials, no filter, no mailbox, no flow
-control: what is left of a fan-out once the gateway's own work is gone. Any GET gets the event
-stream (a 200 head and a `retry:` line), but `/healthz`, which gets a 200 with `{}` and a close.
+entries, framed by the gateway's own `relay.events.chunk_of` (one chunk of SSE messages), to
+every connected socket with one `send()` each. No framework, no credentials, no filter, no
+mailbox, no flow control: what is left of a fan-out once the gateway's own work is gone. Any
+GET gets the event stream (a 200 head and a `retry:` line), but `/healthz`, which gets a 200
+with `{}` and a close.
 
 Run:  python bench/bare_fanout.py --port P --redis-url URL --stream PREFIX:events
 """
@@ -20,13 +21,11 @@ import threading
 
 import redis
 
+from relay.events import chunk_of, entry
+
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
         b"cache-control: no-store\r\ntransfer-encoding: chunked\r\n\r\n")
 RETRY = b"retry: 3000\n\n"
-
-
-def chunk(body: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(body), body)
 
 
 def serve(listener: socket.socket, streams: list[socket.socket]) -> None:
@@ -45,7 +44,7 @@ def serve(listener: socket.socket, streams: list[socket.socket]) -> None:
             connection.close()
             continue
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as uvicorn sets it
-        connection.sendall(HEAD + chunk(RETRY))
+        connection.sendall(HEAD + b"%x\r\n%b\r\n" % (len(RETRY), RETRY))
         connection.setblocking(False)  # a full socket must not stall the others
         streams.append(connection)  # one append: atomic under the GIL
 
@@ -57,8 +56,7 @@ def fan_out(client: redis.Redis, stream: str, streams: list[socket.socket]) -> N
         reply = client.xread({stream: last}, count=1000, block=1000)
         for _, entries in reply or ():
             last = entries[-1][0]
-            data = chunk(b"".join(b"id: " + entry_id + b"\ndata: " + fields[b"data"] + b"\n\n"
-                                  for entry_id, fields in entries))
+            data = chunk_of([entry(entry_id, fields[b"data"]) for entry_id, fields in entries])
             for connection in tuple(streams):
                 try:
                     if connection.send(data) != len(data):

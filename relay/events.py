@@ -311,9 +311,8 @@ class EventFanIn:
             # it calls no Python function on the way to the wire (and iterates the set itself:
             # nothing here adds or removes a stream).
             for subscriber in self._subscribers[user]:
-                if subscriber.request_ids is None:
-                    wanted, chunk = events, all_chunk
-                else:
+                wanted = events
+                if subscriber.request_ids is not None:
                     if request_ids is None:
                         request_ids = [decode_head(event.data).request_id for event in events]
                     wanted = [event for event, request_id
@@ -321,12 +320,11 @@ class EventFanIn:
                               if request_id in subscriber.request_ids]
                     if not wanted:
                         continue
-                    chunk = chunk_of(wanted)
                 wire = subscriber.armed
                 # A transport holding bytes back is one whose client reads slowly: the
                 # stream's bounded queue takes over (and drops it if it stays behind).
                 if wire is not None and not wire.get_write_buffer_size() and not wire.is_closing():
-                    wire.write(chunk)
+                    wire.write(all_chunk if wanted is events else chunk_of(wanted))
                     subscriber.quiet_since = now
                 else:
                     subscriber.offer(wanted)

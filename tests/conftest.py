@@ -26,6 +26,7 @@ import msgspec
 import pytest
 import redis
 import redis.asyncio as aioredis
+import uvloop
 
 from executor.worker import Executor
 from relay import connection
@@ -47,8 +48,6 @@ ADD_WAT = """(module (func (export "main") (param i32 i32) (result i32)
 def pytest_asyncio_loop_factories(config: pytest.Config,
                                   item: pytest.Item) -> dict[str, Any]:
     """Async tests run on asyncio's event loop; those marked `both_loops` on uvloop's too."""
-    import uvloop
-
     if item.get_closest_marker("both_loops"):
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
