@@ -22,12 +22,9 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
 COPY executor/ executor/
+# Not editable: the example modules `relay dev` registers and the default policies are package
+# data (relay/examples, relay/policies), installed with the code.
 RUN /opt/venv/bin/pip install --no-cache-dir .
-
-# `relay dev` looks for examples/ beside the installed package (relay.cli.EXAMPLES_DIR), which
-# is site-packages once the project is installed.
-COPY examples/ examples/
-RUN cp -r examples "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/examples"
 
 # --- runtime: slim, non-root, nothing but the virtualenv and the shipped policies ---
 FROM ${PYTHON_IMAGE} AS runtime
@@ -47,8 +44,9 @@ RUN groupadd --system --gid 10001 relay \
     && chown 10001:10001 /var/lib/relay
 
 COPY --from=builder /opt/venv /opt/venv
-# The default policy set; in Kubernetes a ConfigMap is mounted over this directory.
-COPY policies/ /etc/relay/policies/
+# The default policy set (the package's own, relay/policies) at a fixed path, so an operator
+# mounts their own over it; in Kubernetes a ConfigMap is.
+COPY relay/policies/ /etc/relay/policies/
 
 # RELAY_DATA_DIR is only used without REDIS_URL (`relay dev`, embedded Redis).
 WORKDIR /var/lib/relay

@@ -73,7 +73,7 @@ from common import (
     wait_until,
 )
 
-CALCULATOR_WAT = ROOT / "examples" / "calculator.wat"
+CALCULATOR_WAT = ROOT / "relay" / "examples" / "calculator.wat"
 CID = "glyph://calculator@quantum"
 EXECUTE_PATH = "/intent/execute-wasm"
 REFERENCE_PATH = "/execute"

@@ -24,7 +24,8 @@ from relay import settings as settings_module
 from relay.connection import EmbeddedRedis
 from relay.settings import Settings, SettingsError
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+# Package data (pyproject.toml), so an installed Relay has them wherever site-packages is.
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 # (file, name, tags): what `relay dev` registers so the README's first curl works.
 EXAMPLES = (
     ("calculator.wat", "calculator", ("quantum", "latest")),

@@ -14,6 +14,8 @@ from typing import Any
 import msgspec
 
 MIB = 1024 * 1024
+# Package data (pyproject.toml): the policies a plain `pip install .` starts with.
+DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "policies"
 
 
 class SettingsError(ValueError):
@@ -78,7 +80,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """`RELAY_RATE_LIMIT`: requests per window and principal; 0 turns the default limit off
     (principals with their own `rate_limit` in principals.toml are still limited)."""
     rate_window_ms: int = 60_000
-    policy_dir: str = str(Path(__file__).resolve().parent.parent / "policies")
+    policy_dir: str = str(DEFAULT_POLICY_DIR)
     access_log: bool = True
     log_format: str = "json"
 

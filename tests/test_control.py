@@ -25,7 +25,7 @@ from tests.conftest import (
     wait_for,
 )
 
-FIB_WAT = (ROOT / "examples" / "fib.wat").read_text()
+FIB_WAT = (ROOT / "relay" / "examples" / "fib.wat").read_text()
 # fib(40) runs 0.6 s on a fast machine: long enough for progress (every 250 ms of running) and
 # to be paused while it runs. (fib(38) can end within 250 ms.)
 FIB_40 = 102_334_155

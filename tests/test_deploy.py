@@ -651,15 +651,15 @@ def test_references_resolve() -> None:
 
 def test_policies_config_map_mirrors_the_repository_and_is_mounted_at_the_policy_dir() -> None:
     policies = find("ConfigMap", "relay-policies")
-    repository = {path.name: path.read_text() for path in (ROOT / "policies").iterdir()
+    repository = {path.name: path.read_text() for path in (ROOT / "relay" / "policies").iterdir()
                   if path.is_file()}
     assert data_of(policies) == repository, (
-        "k8s/policies.yaml must carry policies/ as it is (regenerate it from policies/)")
+        "k8s/policies.yaml must carry relay/policies/ as it is (regenerate it from there)")
 
     policy_dir = image_env()["RELAY_POLICY_DIR"]
     copies = [rest.split() for keyword, rest in final_stage() if keyword == "COPY"]
-    assert ["policies/", policy_dir.rstrip("/") + "/"] in copies, (
-        "the image must ship policies/ at RELAY_POLICY_DIR")
+    assert ["relay/policies/", policy_dir.rstrip("/") + "/"] in copies, (
+        "the image must ship relay/policies/ at RELAY_POLICY_DIR")
     gateway = only_container(find("Deployment", GATEWAY))
     assert container_env(gateway)["RELAY_POLICY_DIR"] == policy_dir
     volumes = {volume["name"]: volume for volume in pod_spec(find("Deployment", GATEWAY))
@@ -812,8 +812,11 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
         "the runtime stage copies the built virtualenv from the builder")
     text = DOCKERFILE.read_text()
     assert "--no-cache-dir" in text or "PIP_NO_CACHE_DIR=1" in text, "no pip cache in layers"
-    # `relay dev` finds the examples beside the installed package.
-    assert "COPY examples/" in text
+    # `relay dev` finds the examples in the installed package (package data), which an editable
+    # install would leave behind in /src.
+    (install,) = [rest for keyword, rest in dockerfile_instructions()
+                  if keyword == "RUN" and "pip install" in rest]
+    assert install.split()[-1] == "." and " -e " not in f" {install} ", install
 
 
 def test_image_entrypoint_and_default_command() -> None:

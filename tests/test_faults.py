@@ -47,8 +47,8 @@ from tests.conftest import (
 )
 from tests.test_execute import run
 
-FIB_WAT = (ROOT / "examples" / "fib.wat").read_text()
-CALCULATOR_WAT = (ROOT / "examples" / "calculator.wat").read_text()
+FIB_WAT = (ROOT / "relay" / "examples" / "fib.wat").read_text()
+CALCULATOR_WAT = (ROOT / "relay" / "examples" / "calculator.wat").read_text()
 FIB_40 = 102_334_155
 LONG = {"max_gas": 10**11, "max_time": 60_000}
 ASYNC = {"Prefer": "respond-async"}

@@ -116,8 +116,8 @@ CHECKS: list[Callable[..., bool | None]] = [
 
 SPIN_WAT = '(module (func (export "main") (loop $spin (br $spin))))'
 SEED_MODULES = {  # glyph name (tag `latest`) -> WAT; names `relay dev` does not use
-    "fuzz-calc": (ROOT / "examples" / "calculator.wat").read_text(),
-    "fuzz-echo": (ROOT / "examples" / "echo.wat").read_text(),
+    "fuzz-calc": (ROOT / "relay" / "examples" / "calculator.wat").read_text(),
+    "fuzz-echo": (ROOT / "relay" / "examples" / "echo.wat").read_text(),
     "fuzz-spin": SPIN_WAT,
 }
 SEED_BINARIES = [bytes(wasmtime.wat2wasm(wat)) for wat in SEED_MODULES.values()]

@@ -43,7 +43,7 @@ when { resource.name == "calculator" };
 def policy_dir(tmp_path: Path) -> Path:
     """A copy of the shipped policies that a test may edit while the gateway runs."""
     directory = tmp_path / "policies"
-    shutil.copytree(ROOT / "policies", directory)
+    shutil.copytree(ROOT / "relay" / "policies", directory)
     return directory
 
 
@@ -261,7 +261,7 @@ async def test_concurrent_duplicates_across_two_gateway_processes_run_once(
     clients = [httpx.AsyncClient(base_url=url, headers={"X-API-Key": ALICE_KEY}, timeout=60,
                                  limits=httpx.Limits(max_connections=100)) for url in urls]
     try:
-        module = await upload(clients[0], (ROOT / "examples" / "fib.wat").read_text())
+        module = await upload(clients[0], (ROOT / "relay" / "examples" / "fib.wat").read_text())
         body = {"cid": module["cid"], "inputs": [24], "idempotency_key": "only-once"}
         answers = await asyncio.gather(*(clients[i % 2].post(EXECUTE, json=body)
                                          for i in range(200)))

@@ -62,7 +62,7 @@ def policies_with(directory: Path, *cedar: str, principals: str | None = None) -
 def test_shipped_default_lets_any_principal_execute_upload_subscribe_but_not_admin(
     principal: str,
 ) -> None:
-    policies = Policies(ROOT / "policies")
+    policies = Policies(ROOT / "relay" / "policies")
     assert policies.error is None
     for resource in (BOBS, UNNAMED, None):
         for action in ("execute", "upload", "subscribe"):
@@ -72,8 +72,8 @@ def test_shipped_default_lets_any_principal_execute_upload_subscribe_but_not_adm
 
 
 def test_shipped_principals_example_is_all_comments() -> None:
-    assert (ROOT / "policies" / "principals.toml").is_file()
-    assert Policies(ROOT / "policies").caps("alice") == PrincipalCaps()
+    assert (ROOT / "relay" / "policies" / "principals.toml").is_file()
+    assert Policies(ROOT / "relay" / "policies").caps("alice") == PrincipalCaps()
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ async def test_gateway_and_executor_processes_serve_a_sync_execute(
         processes: Processes) -> None:
     async with client_for(processes.gateway()) as http:
         processes.start("executor")
-        module = await upload(http, (ROOT / "examples" / "calculator.wat").read_text())
+        module = await upload(http, (ROOT / "relay" / "examples" / "calculator.wat").read_text())
         response = await http.post("/intent/execute-wasm",
                                    json={"cid": module["cid"], "inputs": [5, 3]})
         assert response.status_code == 200, response.text
@@ -49,7 +49,7 @@ async def test_two_executors_share_the_work(processes: Processes, settings: Sett
             return bool(health["executors"] == 2)
 
         await wait_for(both_alive, timeout_s=20)
-        module = await upload(http, (ROOT / "examples" / "fib.wat").read_text())
+        module = await upload(http, (ROOT / "relay" / "examples" / "fib.wat").read_text())
         request_ids = []
         for n in range(24):
             response = await http.post(
