@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         # At a terminal, text reads better; services default to JSON lines for collectors.
         os.environ["RELAY_LOG_FORMAT"] = "text"
         settings = msgspec.structs.replace(settings, log_format="text")
-    logs.configure(os.environ.get("RELAY_LOG_LEVEL", "INFO"), settings.log_format)
+    logs.configure(settings.log_level, settings.log_format)
     # SIGTERM must unwind like Ctrl-C does, so what a command started (the embedded Redis, the
     # executor of `relay dev`) is stopped: uvicorn, once it has shut down, re-raises the
     # SIGTERM it caught, which by default would end the process on the spot.

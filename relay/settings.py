@@ -1,5 +1,11 @@
 """One frozen Settings object, read from the environment once at start.
 
+Each setting is declared once, as a field of `Settings`: its type and default as usual, and in
+its `Annotated` metadata a `Variable` giving the environment variable, the parser, the unit and a
+one-line meaning. `load()` reads the environment by it, and `relay.settings_doc` writes the
+README's configuration table and docs/configuration.md from it (tests/test_settings.py checks both
+documents against it).
+
 A bad value stops the start with the variable's name (`SettingsError`), so a typo never turns
 into a silent default at run time.
 """
@@ -7,82 +13,27 @@ into a silent default at run time.
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
 MIB = 1024 * 1024
+CPUS = max(os.cpu_count() or 1, 1)
 # Package data (pyproject.toml): the policies a plain `pip install .` starts with.
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "policies"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
     """A configuration variable has a value Relay cannot use."""
 
 
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    redis_url: str | None = None
-    """`REDIS_URL`; None means an embedded Redis under `data_dir`."""
-    data_dir: str = "./.relay"
-    prefix: str = "relay"
-    """`RELAY_STREAM_PREFIX`: every Redis key Relay writes starts with it."""
-    api_keys: tuple[tuple[str, str], ...] = ()
-    """`RELAY_API_KEYS`: (principal, key) pairs."""
+# --- parsers: (variable name, raw text) -> value, or SettingsError naming the variable ---
 
-    max_request_bytes: int = MIB
-    max_module_bytes: int = 16 * MIB
-
-    default_max_gas: int = 1_000_000_000
-    default_max_memory_bytes: int = 64 * MIB
-    default_max_time_ms: int = 5_000
-    max_gas: int = 1_000_000_000_000
-    max_memory_bytes: int = 1024 * MIB
-    max_time_ms: int = 300_000
-
-    sync_wait_ms: int = 30_000
-    idempotency_ttl_ms: int = 300_000
-    events_retention: int = 100_000
-    """`RELAY_EVENTS_RETENTION`: approximate number of entries `relay:events` keeps."""
-    requests_retention: int = 100_000
-
-    executor_concurrency: int = max(os.cpu_count() or 1, 1)
-    """Modules one executor runs at once (worker threads)."""
-    executor_prefetch: int = 3 * max(os.cpu_count() or 1, 1)
-    """Entries an executor takes beyond those running, so its Redis I/O goes out in batches.
-    They wait for a free thread; their `max_time` only counts once they run."""
-    max_output_bytes: int = MIB
-    """Cap on the stdout/stderr a WASI module may produce (more is cut off)."""
-    cors_origins: tuple[str, ...] = ()
-    heartbeat_ttl_ms: int = 5_000
-
-    jwt_secret: str | None = None
-    """`RELAY_JWT_SECRET`: accept HS256 bearer tokens signed with it."""
-    jwt_public_key: str | None = None
-    """`RELAY_JWT_PUBLIC_KEY`: PEM (or a path to one); accept RS256/ES256 tokens it verifies."""
-    jwt_audience: str | None = None
-    token_secret: str | None = None
-    """`RELAY_TOKEN_SECRET`: signs access tokens; unset, a secret kept in Redis is used."""
-    sse_queue: int = 256
-    """Events queued for one event stream before it is dropped as too slow."""
-    max_pause_ms: int = 600_000
-    lease_ms: int = 3_000
-    """An entry whose executor has not renewed it for this long is taken over by a peer."""
-    max_deliveries: int = 3
-    drain_grace_ms: int = 30_000
-    max_queue: int = 100_000
-    """Accepted executions waiting for an executor; past it, execute answers 503."""
-    stored_key_cache_ms: int = 5_000
-    """How long a gateway trusts a stored API key it looked up: revocation takes this long."""
-
-    rate_limit: int = 10
-    """`RELAY_RATE_LIMIT`: requests per window and principal; 0 turns the default limit off
-    (principals with their own `rate_limit` in principals.toml are still limited)."""
-    rate_window_ms: int = 60_000
-    policy_dir: str = str(DEFAULT_POLICY_DIR)
-    access_log: bool = True
-    log_format: str = "json"
+Parser = Callable[[str, str], Any]
 
 
 def _integer(minimum: int) -> Callable[[str, str], int]:
@@ -99,6 +50,7 @@ def _integer(minimum: int) -> Callable[[str, str], int]:
 
 
 _int = _integer(1)
+_count_or_zero = _integer(0)
 
 
 def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
@@ -116,6 +68,7 @@ def _csv(name: str, raw: str) -> tuple[str, ...]:
 
 
 def _whole_seconds_ms(name: str, raw: str) -> int:
+    """Milliseconds that are whole seconds: the rate limiter's windows are counted in seconds."""
     value = _int(name, raw)
     if value % 1000:
         raise SettingsError(f"{name} is in milliseconds and must be whole seconds, got {value}")
@@ -136,6 +89,11 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
         return raw.strip()
 
     return parse
+
+
+def _log_level(name: str, raw: str) -> str:
+    # `logging` accepts only upper-case names; `info` is what people type.
+    return _choice(*LOG_LEVELS)(name, raw.upper())
 
 
 def _directory(name: str, raw: str) -> str:
@@ -164,63 +122,224 @@ def _str(name: str, raw: str) -> str:
     return raw.strip()
 
 
-# Environment variable -> (field, parser). The contract names the variables; fields carry units.
-_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-    "REDIS_URL": ("redis_url", _str),
-    "RELAY_DATA_DIR": ("data_dir", _str),
-    "RELAY_STREAM_PREFIX": ("prefix", _str),
-    "RELAY_API_KEYS": ("api_keys", _api_keys),
-    "RELAY_MAX_REQUEST_BYTES": ("max_request_bytes", _int),
-    "RELAY_MAX_MODULE_BYTES": ("max_module_bytes", _int),
-    "RELAY_DEFAULT_MAX_GAS": ("default_max_gas", _int),
-    "RELAY_DEFAULT_MAX_MEMORY": ("default_max_memory_bytes", _int),
-    "RELAY_DEFAULT_MAX_TIME": ("default_max_time_ms", _int),
-    "RELAY_MAX_GAS": ("max_gas", _int),
-    "RELAY_MAX_MEMORY": ("max_memory_bytes", _int),
-    "RELAY_MAX_TIME": ("max_time_ms", _int),
-    "RELAY_SYNC_WAIT": ("sync_wait_ms", _int),
-    "RELAY_IDEMPOTENCY_TTL": ("idempotency_ttl_ms", _int),
-    "RELAY_EVENTS_RETENTION": ("events_retention", _int),
-    "RELAY_REQUESTS_RETENTION": ("requests_retention", _int),
-    "RELAY_EXECUTOR_CONCURRENCY": ("executor_concurrency", _int),
-    "RELAY_EXECUTOR_PREFETCH": ("executor_prefetch", _integer(0)),
-    "RELAY_MAX_OUTPUT_BYTES": ("max_output_bytes", _int),
-    "RELAY_CORS_ORIGINS": ("cors_origins", _csv),
-    "RELAY_HEARTBEAT_TTL": ("heartbeat_ttl_ms", _int),
-    "RELAY_JWT_SECRET": ("jwt_secret", _str),
-    "RELAY_JWT_PUBLIC_KEY": ("jwt_public_key", _pem),
-    "RELAY_JWT_AUDIENCE": ("jwt_audience", _str),
-    "RELAY_STORED_KEY_CACHE": ("stored_key_cache_ms", _integer(0)),
-    "RELAY_TOKEN_SECRET": ("token_secret", _str),
-    "RELAY_SSE_QUEUE": ("sse_queue", _int),
-    "RELAY_MAX_PAUSE": ("max_pause_ms", _int),
-    "RELAY_LEASE": ("lease_ms", _int),
-    "RELAY_MAX_DELIVERIES": ("max_deliveries", _int),
-    "RELAY_DRAIN_GRACE": ("drain_grace_ms", _integer(0)),
-    "RELAY_MAX_QUEUE": ("max_queue", _int),
-    "RELAY_RATE_LIMIT": ("rate_limit", _integer(0)),
-    "RELAY_RATE_WINDOW": ("rate_window_ms", _whole_seconds_ms),
-    "RELAY_POLICY_DIR": ("policy_dir", _directory),
-    "RELAY_ACCESS_LOG": ("access_log", _bool),
-    "RELAY_LOG_FORMAT": ("log_format", _choice("json", "text")),
-}
+# --- the declaration ---
+
+# Groups, in the order the documentation shows them (relay.settings_doc says what each means).
+REDIS, LIMITS, AUTH = "redis", "limits", "auth"
+EXECUTOR, EVENTS, LOGS = "executor", "events", "logs"
+GROUPS = (REDIS, LIMITS, AUTH, EXECUTOR, EVENTS, LOGS)
+
+
+class Variable(NamedTuple):
+    """How a setting is read from the environment and documented."""
+
+    name: str
+    """The environment variable, as the contract names it."""
+    parse: Parser
+    group: str
+    unit: str
+    """What a number counts (`ms`, `bytes`, ...); "" for what is not a quantity."""
+    doc: str
+    """One line: what the setting means to a user."""
+    shown_default: str | None = None
+    """The default as the documentation shows it, when it is no value the variable could be
+    set to (unset, computed at start). Otherwise the default is shown as the variable's text."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting: a field's default is the setting's default; its `Variable` says the rest.
+    Field names carry the unit (`*_ms`, `*_bytes`); variable names are the contract's."""
+
+    redis_url: Annotated[str | None, Variable(
+        "REDIS_URL", _str, REDIS, "URL",
+        "`redis://`, `rediss://` or `unix://` URL of Redis 6.2+ or Valkey",
+        "unset: an embedded Redis")] = None
+    data_dir: Annotated[str, Variable(
+        "RELAY_DATA_DIR", _str, REDIS, "path",
+        "where the embedded Redis keeps its data and `relay dev` its key")] = "./.relay"
+    prefix: Annotated[str, Variable(
+        "RELAY_STREAM_PREFIX", _str, REDIS, "",
+        "start of every Redis key and stream Relay writes")] = "relay"
+
+    max_request_bytes: Annotated[int, Variable(
+        "RELAY_MAX_REQUEST_BYTES", _int, LIMITS, "bytes",
+        "largest JSON body (413 above)")] = MIB
+    max_module_bytes: Annotated[int, Variable(
+        "RELAY_MAX_MODULE_BYTES", _int, LIMITS, "bytes",
+        "largest module upload (413 above)")] = 16 * MIB
+    default_max_gas: Annotated[int, Variable(
+        "RELAY_DEFAULT_MAX_GAS", _int, LIMITS, "fuel",
+        "gas of an execution that asks for none")] = 1_000_000_000
+    max_gas: Annotated[int, Variable(
+        "RELAY_MAX_GAS", _int, LIMITS, "fuel",
+        "most gas an execution may ask for")] = 1_000_000_000_000
+    default_max_memory_bytes: Annotated[int, Variable(
+        "RELAY_DEFAULT_MAX_MEMORY", _int, LIMITS, "bytes",
+        "linear memory (and tables) of an execution that asks for no limit")] = 64 * MIB
+    max_memory_bytes: Annotated[int, Variable(
+        "RELAY_MAX_MEMORY", _int, LIMITS, "bytes",
+        "most linear memory (and tables) an execution may ask for")] = 1024 * MIB
+    default_max_time_ms: Annotated[int, Variable(
+        "RELAY_DEFAULT_MAX_TIME", _int, LIMITS, "ms",
+        "running time of an execution that asks for no limit")] = 5_000
+    max_time_ms: Annotated[int, Variable(
+        "RELAY_MAX_TIME", _int, LIMITS, "ms",
+        "most running time an execution may ask for")] = 300_000
+    max_output_bytes: Annotated[int, Variable(
+        "RELAY_MAX_OUTPUT_BYTES", _int, LIMITS, "bytes",
+        "stdout (and stderr) a WASI command may produce; the rest is cut off")] = MIB
+    max_queue: Annotated[int, Variable(
+        "RELAY_MAX_QUEUE", _int, LIMITS, "executions",
+        "accepted executions waiting for an executor before execute answers 503")] = 100_000
+    rate_limit: Annotated[int, Variable(
+        "RELAY_RATE_LIMIT", _count_or_zero, LIMITS, "requests",
+        "execute requests per window and principal; 0 turns the default limit off "
+        "(principals with a `rate_limit` of their own in `principals.toml` stay limited)")] = 10
+    rate_window_ms: Annotated[int, Variable(
+        "RELAY_RATE_WINDOW", _whole_seconds_ms, LIMITS, "ms",
+        "the rate limit's window, in whole seconds")] = 60_000
+
+    api_keys: Annotated[tuple[tuple[str, str], ...], Variable(
+        "RELAY_API_KEYS", _api_keys, AUTH, "",
+        "`principal:key,principal:key`; `relay dev` makes a dev key when unset",
+        "none")] = ()
+    jwt_secret: Annotated[str | None, Variable(
+        "RELAY_JWT_SECRET", _str, AUTH, "",
+        "accept HS256 bearer tokens signed with it", "none")] = None
+    jwt_public_key: Annotated[str | None, Variable(
+        "RELAY_JWT_PUBLIC_KEY", _pem, AUTH, "PEM",
+        "PEM text, or a path to one: accept RS256/ES256 bearer tokens it verifies",
+        "none")] = None
+    jwt_audience: Annotated[str | None, Variable(
+        "RELAY_JWT_AUDIENCE", _str, AUTH, "",
+        "the `aud` bearer tokens must carry", "none")] = None
+    token_secret: Annotated[str | None, Variable(
+        "RELAY_TOKEN_SECRET", _str, AUTH, "",
+        "signs the access tokens of `POST /auth/tokens`",
+        "made once, kept in Redis")] = None
+    stored_key_cache_ms: Annotated[int, Variable(
+        "RELAY_STORED_KEY_CACHE", _count_or_zero, AUTH, "ms",
+        "how long a gateway trusts a stored key it looked up, so a revocation takes this "
+        "long (0: ask Redis every time)")] = 5_000
+    policy_dir: Annotated[str, Variable(
+        "RELAY_POLICY_DIR", _directory, AUTH, "path",
+        "directory of the Cedar policies (`*.cedar`) and `principals.toml`",
+        "`relay/policies/` in the package")] = str(DEFAULT_POLICY_DIR)
+
+    executor_concurrency: Annotated[int, Variable(
+        "RELAY_EXECUTOR_CONCURRENCY", _int, EXECUTOR, "executions",
+        "executions one executor runs at once (threads)", "CPU count")] = CPUS
+    # Taken entries wait for a free thread; their max_time only counts once they run.
+    executor_prefetch: Annotated[int, Variable(
+        "RELAY_EXECUTOR_PREFETCH", _count_or_zero, EXECUTOR, "entries",
+        "entries an executor takes beyond those it runs, so its Redis I/O is batched; "
+        "0 for long-running work", "3 × CPU count")] = 3 * CPUS
+    heartbeat_ttl_ms: Annotated[int, Variable(
+        "RELAY_HEARTBEAT_TTL", _int, EXECUTOR, "ms",
+        "an executor not heard from for this long is no longer counted in health")] = 5_000
+    lease_ms: Annotated[int, Variable(
+        "RELAY_LEASE", _int, EXECUTOR, "ms",
+        "time without renewal after which a peer takes over an executor's entry")] = 3_000
+    max_deliveries: Annotated[int, Variable(
+        "RELAY_MAX_DELIVERIES", _int, EXECUTOR, "deliveries",
+        "deliveries of one request entry before it is dead-lettered")] = 3
+    drain_grace_ms: Annotated[int, Variable(
+        "RELAY_DRAIN_GRACE", _count_or_zero, EXECUTOR, "ms",
+        "how long a stopping executor lets its runs finish before handing them back")] = 30_000
+    max_pause_ms: Annotated[int, Variable(
+        "RELAY_MAX_PAUSE", _int, EXECUTOR, "ms",
+        "how long an execution may stay paused before it is cancelled")] = 600_000
+
+    sync_wait_ms: Annotated[int, Variable(
+        "RELAY_SYNC_WAIT", _int, EVENTS, "ms",
+        "how long a sync caller waits for the result before getting a 202 instead")] = 30_000
+    idempotency_ttl_ms: Annotated[int, Variable(
+        "RELAY_IDEMPOTENCY_TTL", _int, EVENTS, "ms",
+        "how long an execution's record and result are kept after it ends")] = 300_000
+    events_retention: Annotated[int, Variable(
+        "RELAY_EVENTS_RETENTION", _int, EVENTS, "entries",
+        "entries the events stream (`relay:events`) keeps, approximately")] = 100_000
+    requests_retention: Annotated[int, Variable(
+        "RELAY_REQUESTS_RETENTION", _int, EVENTS, "entries",
+        "entries the requests stream (`relay:requests`) keeps, approximately")] = 100_000
+    sse_queue: Annotated[int, Variable(
+        "RELAY_SSE_QUEUE", _int, EVENTS, "events",
+        "events one event stream may fall behind before it is dropped as too slow")] = 256
+
+    cors_origins: Annotated[tuple[str, ...], Variable(
+        "RELAY_CORS_ORIGINS", _csv, LOGS, "",
+        "comma-separated origins allowed to call the API from a browser", "none")] = ()
+    access_log: Annotated[bool, Variable(
+        "RELAY_ACCESS_LOG", _bool, LOGS, "",
+        "one log line per HTTP request")] = True
+    log_format: Annotated[str, Variable(
+        "RELAY_LOG_FORMAT", _choice("json", "text"), LOGS, "",
+        "`json` lines or plain `text` (`relay dev` defaults to `text`)")] = "json"
+    log_level: Annotated[str, Variable(
+        "RELAY_LOG_LEVEL", _log_level, LOGS, "",
+        f"least severe log records written: {', '.join(LOG_LEVELS)}")] = "INFO"
+
+
+class Setting(NamedTuple):
+    """One setting as declared: the `Settings` field, its default and its `Variable`."""
+
+    field: str
+    default: Any
+    variable: Variable
+
+
+def declared(struct: type[msgspec.Struct]) -> tuple[Setting, ...]:
+    """The settings `struct` declares, in order. Raises TypeError for a field without exactly
+    one `Variable`, an unknown group or a variable named twice: run on `Settings` at import, so
+    the declaration cannot go half-written."""
+    hints = typing.get_type_hints(struct, include_extras=True)
+    found = []
+    for field in msgspec.structs.fields(struct):
+        variables = [meta for meta in getattr(hints[field.name], "__metadata__", ())
+                     if isinstance(meta, Variable)]
+        if len(variables) != 1:
+            raise TypeError(f"{struct.__name__}.{field.name} needs exactly one Variable")
+        if variables[0].group not in GROUPS:
+            raise TypeError(f"{struct.__name__}.{field.name}: unknown group "
+                            f"{variables[0].group!r}")
+        found.append(Setting(field.name, field.default, variables[0]))
+    names = [setting.variable.name for setting in found]
+    if len(set(names)) != len(names):
+        raise TypeError(f"a variable is declared twice: {sorted(names)}")
+    return tuple(found)
+
+
+SETTINGS = declared(Settings)
+VARIABLES = {setting.variable.name: setting for setting in SETTINGS}
+"""Each setting by its environment variable."""
+CEILINGS = (
+    ("default_max_gas", "max_gas"),
+    ("default_max_memory_bytes", "max_memory_bytes"),
+    ("default_max_time_ms", "max_time_ms"),
+)
 
 
 def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Build Settings from `environ` (default: `os.environ`); `overrides` win (tests, CLI)."""
+    """Build Settings from `environ` (default: `os.environ`); `overrides` win (tests, CLI).
+
+    An empty variable counts as unset. Raises SettingsError naming the variable whose value
+    cannot be used, or the default that is above its ceiling.
+    """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for variable, (field, parse) in _VARIABLES.items():
-        raw = env.get(variable)
+    for setting in SETTINGS:
+        raw = env.get(setting.variable.name)
         if raw is not None and raw != "":
-            values[field] = parse(variable, raw)
+            values[setting.field] = setting.variable.parse(setting.variable.name, raw)
     values.update(overrides)
     settings = Settings(**values)
-    for default, ceiling in (
-        ("default_max_gas", "max_gas"),
-        ("default_max_memory_bytes", "max_memory_bytes"),
-        ("default_max_time_ms", "max_time_ms"),
-    ):
+    for default, ceiling in CEILINGS:
         if getattr(settings, default) > getattr(settings, ceiling):
-            raise SettingsError(f"the default {default} is above its ceiling {ceiling}")
+            raise SettingsError(
+                f"{_variable_of(default)} ({getattr(settings, default)}) is above its ceiling "
+                f"{_variable_of(ceiling)} ({getattr(settings, ceiling)})")
     return settings
+
+
+def _variable_of(field: str) -> str:
+    return next(setting.variable.name for setting in SETTINGS if setting.field == field)

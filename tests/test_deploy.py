@@ -619,7 +619,7 @@ def test_settings_in_the_manifests_are_valid() -> None:
     """Literal values parse with Relay's own settings loader (a bad one would crash-loop)."""
     for workload, container in relay_containers():
         env = {name: value for name, value in container_env(container).items()
-               if value is not None and name in settings_module._VARIABLES
+               if value is not None and name in settings_module.VARIABLES
                and name != "RELAY_POLICY_DIR"}  # a path inside the image, not on this machine
         settings_module.load(env)
         assert container_env(container).get("RELAY_LOG_FORMAT") == "json", (
