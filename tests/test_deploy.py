@@ -130,7 +130,7 @@ def container_env(container: dict[str, Any]) -> dict[str, str | None]:
 
 def variables_relay_reads() -> set[str]:
     """The settings' variables plus any read straight from os.environ in the code."""
-    names = set(settings_module._VARIABLES)
+    names = set(settings_module.VARIABLES)
     lookup = re.compile(r"""os\.environ(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]*)["']""")
     for package in ("relay", "executor"):
         for source in (ROOT / package).rglob("*.py"):
