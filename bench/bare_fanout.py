@@ -3,7 +3,7 @@
 measures the gateway beside, with the same subscribers, rate and machine, in the same run.
 
 It reads the events stream (XREAD BLOCK, as the gateway's fan-in does) and sends each read's
-entries, framed by the gateway's own `relay.events.chunk_of` (one chunk of SSE messages), to
+entries, framed by the gateway's own `relay.gateway.fanin.chunk_of` (one chunk of SSE messages), to
 every connected socket with one `send()` each. No framework, no credentials, no filter, no
 mailbox, no flow control: what is left of a fan-out once the gateway's own work is gone. Any
 GET gets the event stream (a 200 head and a `retry:` line), but `/healthz`, which gets a 200
@@ -21,7 +21,7 @@ import threading
 
 import redis
 
-from relay.events import chunk_of, entry
+from relay.gateway.fanin import chunk_of, entry
 
 HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
         b"cache-control: no-store\r\ntransfer-encoding: chunked\r\n\r\n")

@@ -218,6 +218,11 @@ class Accepted(NamedTuple):
     def full(self) -> bool:
         return self.status == "full"
 
+    @property
+    def existing(self) -> bool:
+        """A record of this request id exists already: the request is a repeat."""
+        return self.status not in ("new", "moved", "forbidden", "full")
+
 
 
 class Bus:

@@ -15,6 +15,8 @@ from multiformats import CID, multihash
 
 GLYPH_SCHEME = "glyph://"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+"""What a glyph name, and a tag, must match (whole)."""
+NAME_RULE = "[a-z0-9][a-z0-9._-]{0,63}"
 
 
 class InvalidCid(ValueError):
@@ -44,6 +46,11 @@ def normalize(text: str) -> str:
     return str(CID("base32", 1, "raw", cid.digest))
 
 
+def is_name(text: str) -> bool:
+    """Whether `text` is a valid glyph name or tag: the one check of both."""
+    return NAME_PATTERN.fullmatch(text) is not None
+
+
 def parse_reference(text: str) -> str | GlyphName:
     """A module reference from a request: a canonical CID, or a glyph name to resolve.
 
@@ -52,7 +59,7 @@ def parse_reference(text: str) -> str | GlyphName:
     if text.startswith(GLYPH_SCHEME):
         name, at, tag = text[len(GLYPH_SCHEME) :].partition("@")
         tag = tag if at else "latest"
-        if not NAME_PATTERN.fullmatch(name) or not NAME_PATTERN.fullmatch(tag):
-            raise InvalidCid("a glyph name is glyph://NAME@TAG, each [a-z0-9][a-z0-9._-]{0,63}")
+        if not is_name(name) or not is_name(tag):
+            raise InvalidCid(f"a glyph name is glyph://NAME@TAG, each {NAME_RULE}")
         return GlyphName(name, tag)
     return normalize(text)

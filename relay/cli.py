@@ -107,7 +107,7 @@ def redis_for(settings: Settings) -> Iterator[Settings]:
 def serve_gateway(settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
-    from relay.app import create_app
+    from relay.gateway.app import create_app
 
     app = create_app(settings)
     # Thousands of open event streams are hundreds of thousands of long-lived objects: keep

@@ -1,4 +1,8 @@
-"""One error hierarchy, turned into RFC 9457 problem+json in one place (`problem_response`)."""
+"""One error hierarchy: what a client can act on, each kind with its status and stable slug.
+
+`relay.gateway.problems` is the one place these become responses (problem+json, WebSocket
+close codes and `control_error` messages).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,9 @@ from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
-
-class FieldError(msgspec.Struct):
-    pointer: str
-    detail: str
-
-
-class Problem(msgspec.Struct, omit_defaults=True):
-    type: str
-    title: str
-    status: int
-    detail: str
-    request_id: str | None = None
-    errors: list[FieldError] | None = None
-    retry_after: int | None = None
+# FieldError is re-exported: errors are raised with the field pointers they are about.
+from relay.schemas import FieldError as FieldError
+from relay.schemas import Problem
 
 
 class RelayError(Exception):
@@ -122,13 +115,6 @@ class Unavailable(RelayError):
 
 
 T = TypeVar("T")
-_encode = msgspec.json.Encoder().encode
-
-
-def problem_body(error: RelayError, request_id: str | None) -> bytes:
-    return _encode(error.problem(request_id))
-
-
 _PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 # Messages about one field of an object, pointed at that field rather than at the object.
 _FIELD_MESSAGE = re.compile(r"Object (?:contains unknown|missing required) field `(.*)`")

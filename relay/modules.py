@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import wasmtime
 
 from relay import cid as cids
-from relay.errors import FieldError, Forbidden, InvalidRequest, NotFound
+from relay.errors import FieldError, InvalidRequest, NotFound
 from relay.keys import Keys
 from relay.schemas import (
     FunctionSignature,
@@ -71,6 +71,8 @@ def to_binary(body: bytes) -> bytes:
 def inspect(wasm: bytes) -> ModuleInfo:
     """Validate and describe a binary module. Slow for big modules: call it off the event loop.
 
+    `wasi` says it is a WASI command module: it imports from WASI_MODULE and exports `_start`
+    with no parameters and no results (see `runs_as_command`).
     Raises InvalidModule with wasmtime's reason.
     """
     try:
@@ -94,6 +96,13 @@ def inspect(wasm: bytes) -> ModuleInfo:
     uses_wasi = any(imp.module == WASI_MODULE for imp in imports)
     return ModuleInfo(cid=cids.compute(wasm), size=len(wasm), exports=exports, imports=imports,
                       wasi=is_command and uses_wasi)
+
+
+def runs_as_command(info: ModuleInfo, entrypoint: str) -> bool:
+    """Whether an execution of `entrypoint` runs the module as a WASI command: its inputs as JSON
+    on stdin, its output what it writes to stdout. Otherwise `entrypoint` is called with the
+    inputs as arguments and returns the output (WASI imports, if any, still provided)."""
+    return info.wasi and entrypoint == "_start"
 
 
 class ModuleStore:
@@ -195,28 +204,23 @@ class ModuleStore:
         """Drop a cached name binding found stale."""
         self._names.pop(name, None)
 
-    async def check_bindable(self, name: str, tag: str, principal: str) -> None:
-        """Raise InvalidRequest for a malformed name or tag, Forbidden for another's name."""
-        for what, value in (("name", name), ("tag", tag)):
-            if not cids.NAME_PATTERN.fullmatch(value):
-                raise InvalidRequest(f"a {what} matches [a-z0-9][a-z0-9._-]{{0,63}}")
+    async def name_owner(self, name: str) -> str | None:
+        """The principal that first bound `name`, None for a free name."""
         owner = await self.client.hget(self.keys.name_owners, name)
-        if owner is not None and owner.decode() != principal:
-            raise Forbidden(f"the name {name} belongs to another principal")
+        return None if owner is None else str(owner.decode())
 
-    async def bind(self, name: str, tag: str, cid: str, principal: str) -> None:
-        """Bind (or move) `name@tag` to a stored module. The first principal to bind a name owns
-        it; anyone else gets Forbidden, so nobody can redirect another's name."""
-        await self.check_bindable(name, tag, principal)
+    async def bind(self, name: str, tag: str, cid: str, principal: str) -> bool:
+        """Bind (or move) `name@tag` to a stored module; the first principal to bind a name owns
+        it. False, binding nothing, when the name is another principal's. Raises NotFound."""
         if not await self.client.exists(self.keys.module(cid)):
             raise NotFound(f"no module {cid}", errors=[_cid_error("no module with this CID")])
         # HSETNX settles a race between two first binders: only one becomes the owner.
-        if not await self.client.hsetnx(self.keys.name_owners, name, principal):
-            owner = await self.client.hget(self.keys.name_owners, name)
-            if owner is not None and owner.decode() != principal:
-                raise Forbidden(f"the name {name} belongs to another principal")
+        if (not await self.client.hsetnx(self.keys.name_owners, name, principal)
+                and await self.name_owner(name) != principal):
+            return False
         await self.client.hset(self.keys.name(name), tag, cid)
         self._names[cids.GlyphName(name, tag)] = cid
+        return True
 
     async def tags(self, name: str) -> dict[str, str]:
         found = await self.client.hgetall(self.keys.name(name))

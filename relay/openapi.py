@@ -2,7 +2,7 @@
 
 Schemas come from the msgspec wire types (`relay.schemas`, `relay.errors`); error statuses, slugs
 and headers from the `RelayError` classes; the rest from `OPERATIONS`, one entry per route of
-`relay.app.ROUTES` (tests/test_openapi.py fails when the two differ, so the document never
+`relay.gateway.app.ROUTES` (tests/test_openapi.py fails when the two differ, so the document never
 describes a route that does not exist, nor misses one that does).
 """
 
@@ -25,7 +25,6 @@ from relay.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
-    Problem,
     RateLimited,
     RelayError,
     Unauthenticated,
@@ -48,7 +47,7 @@ REF = "#/components/schemas/{name}"
 
 # Types the document names besides the bodies in OPERATIONS: the problem every error carries,
 # and the bus events (for internal consumers).
-DOCUMENTED: tuple[Any, ...] = (Problem, schemas.Event, schemas.EventsLost)
+DOCUMENTED: tuple[Any, ...] = (schemas.Problem, schemas.Event, schemas.EventsLost)
 NAMED = {schemas.Event: "Event"}
 
 

@@ -148,6 +148,8 @@ class Health(msgspec.Struct, kw_only=True):
     executors: int
     policy_error: str | UnsetType = UNSET
     """Why a policy file was not loaded (the last good set is in force)."""
+    loops_down: list[str] | UnsetType = UNSET
+    """Background loops of this gateway that failed and wait to be restarted."""
 
 
 class Liveness(msgspec.Struct):
@@ -251,11 +253,63 @@ class AccessToken(msgspec.Struct, kw_only=True):
     expires_at: str
 
 
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+
+
 class ResumeRequest(Request):
-    additional_gas: Annotated[int, Meta(ge=0)] = 0
+    additional_gas: NonNegativeInt = 0
 
 
 Action = Literal["pause", "resume", "cancel"]
+
+
+class WsCommand(Request):
+    """A control message a client sends on `/ws/executions/{id}`."""
+
+    action: Action
+    additional_gas: NonNegativeInt = 0
+
+
+class FieldError(msgspec.Struct):
+    """Where in a request body a problem is (a JSON pointer), and what it is."""
+
+    pointer: str
+    detail: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """An RFC 9457 problem document, the body of every error response."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+    errors: list[FieldError] | None = None
+    retry_after: int | None = None
+
+
+class ControlError(msgspec.Struct, tag_field="type", tag="control_error"):
+    """The WebSocket's answer to a control message it refused, shaped like a problem."""
+
+    status: int
+    detail: str
+
+
+class StoredKey(msgspec.Struct):
+    """An API key made by `relay keys create`, as kept in Redis (never the key itself)."""
+
+    principal: str
+    id: str
+    created_at: str
+
+
+class TokenClaims(msgspec.Struct, forbid_unknown_fields=True):
+    """The signed payload of an access token from `POST /auth/tokens`."""
+
+    sub: str
+    exp: int
+    scope: str
 
 
 class ControlMessage(msgspec.Struct, kw_only=True):
@@ -263,7 +317,7 @@ class ControlMessage(msgspec.Struct, kw_only=True):
 
     request_id: str
     action: Action
-    additional_gas: int = 0
+    additional_gas: Annotated[int, Meta(ge=0)] = 0
 
 
 class EventHead(msgspec.Struct):
@@ -284,6 +338,9 @@ decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
 decode_response = msgspec.json.Decoder(ExecuteResponse).decode
 decode_resume = msgspec.json.Decoder(ResumeRequest).decode
 decode_control = msgspec.json.Decoder(ControlMessage).decode
+decode_ws_command = msgspec.json.Decoder(WsCommand).decode
+decode_stored_key = msgspec.json.Decoder(StoredKey).decode
+decode_token_claims = msgspec.json.Decoder(TokenClaims).decode
 
 
 def queued_template(request_id: str, cid: str, timestamp: str) -> bytes:
@@ -311,7 +368,13 @@ def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:
     )
 
 
+def rfc3339(unix_s: float, *, millis: bool = True) -> str:
+    """A Unix time as RFC 3339 UTC, the one time format of every body, event and log line:
+    `2024-01-15T10:30:00.123Z` (or `...:00Z` without `millis`)."""
+    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_s))
+    return f"{whole}.{int(unix_s * 1000) % 1000:03d}Z" if millis else whole + "Z"
+
+
 def now_iso() -> str:
-    """Current UTC time as RFC 3339 with milliseconds, e.g. `2024-01-15T10:30:00.123Z`."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    """The current time, as `rfc3339` writes it."""
+    return rfc3339(time.time())

@@ -30,8 +30,8 @@ import uvloop
 
 from executor.worker import Executor
 from relay import connection
-from relay.app import create_app
 from relay.connection import EmbeddedRedis
+from relay.gateway.app import create_app
 from relay.keys import Keys
 from relay.settings import Settings, load
 

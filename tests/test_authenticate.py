@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from relay import connection
 from relay.apikeys import StoredKeys
-from relay.app import create_app
+from relay.gateway.app import create_app
 from relay.keys import Keys
 from relay.settings import Settings
 from tests.conftest import ROOT, assert_problem, client_for, process_env, with_settings

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from relay import settings as settings_module
-from relay.app import ROUTES
 from relay.cli import main as relay_main
+from relay.gateway.app import ROUTES
 from relay.keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -555,7 +555,7 @@ def test_gateway_probes_hit_health_endpoints_on_the_container_port() -> None:
             continue
         http = spec["httpGet"]
         assert http["path"] == path, f"{probe} probe must GET {path}"
-        assert http["path"] in get_routes, f"relay.app serves no GET {path}"
+        assert http["path"] in get_routes, f"relay.gateway.app serves no GET {path}"
         assert http["port"] in (port["containerPort"], port.get("name")), (
             f"{probe} probe must target the container port")
         assert spec.get("timeoutSeconds", 1) < spec.get("periodSeconds", 10)

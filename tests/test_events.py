@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
-from relay.events import EventFanIn, for_clients
+from relay.gateway.fanin import EventFanIn, for_clients
 from relay.keys import Keys
 from relay.settings import Settings
 from relay.tokens import AccessTokens
@@ -410,7 +410,8 @@ async def test_slow_subscriber_is_dropped_while_a_fast_one_keeps_up(settings: Se
     keys = Keys(settings.prefix)
     redis_client = aioredis.Redis.from_url(settings.redis_url or "")
     fan_in = EventFanIn(redis_client, keys, queue_capacity=10)
-    await fan_in.start(b"0-0")
+    fan_in.start(b"0-0")
+    following = asyncio.create_task(fan_in.follow())
     slow = fan_in.subscribe("alice", None)
     fast = fan_in.subscribe("alice", None)
     received: list[bytes] = []
@@ -434,7 +435,9 @@ async def test_slow_subscriber_is_dropped_while_a_fast_one_keeps_up(settings: Se
         assert len(received) == 100
     finally:
         reader.cancel()
-        await fan_in.stop()
+        fan_in.stop()
+        following.cancel()
+        await asyncio.wait({following}, timeout=1.0)
         await redis_client.aclose()
 
 
@@ -499,7 +502,7 @@ async def test_gateway_sigterm_ends_streams_with_a_retry_hint(processes: Any) ->
 
 async def test_quiet_streams_get_keep_alive_comments(served: Served,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from relay import events
+    from relay.gateway import fanin as events
 
     monkeypatch.setattr(events, "PING_S", 0.2)  # the contract's 15 s, shortened for the test
     async with client(served) as http, http.stream("GET", EVENTS) as stream:
@@ -520,7 +523,7 @@ async def test_a_client_that_reads_nothing_is_cut_off(served: Served, settings: 
     import socket
     from urllib.parse import urlsplit
 
-    from relay import events
+    from relay.gateway import fanin as events
 
     monkeypatch.setattr(events, "STUCK_S", 0.5)
     fan_in: EventFanIn = served.gateway.fan_in

@@ -159,6 +159,21 @@ async def test_wasi_text_output_that_is_not_json_is_a_string(http: httpx.AsyncCl
     assert result["output"].splitlines() == ["step 1", "step 2", "done"]
 
 
+async def test_a_wasi_module_whose_start_takes_inputs_is_a_plain_call(
+        http: httpx.AsyncClient, executor: Executor) -> None:
+    """Not a command (its `_start` has a parameter): validated and run as a call, the gateway
+    and the executor agreeing (relay.modules.runs_as_command)."""
+    module = await upload(http, """(module
+      (import "wasi_snapshot_preview1" "proc_exit" (func (param i32)))
+      (func (export "_start") (param i32) (result i32)
+        (i32.mul (local.get 0) (i32.const 2))))""")
+    assert module["wasi"] is False
+    result = await run(http, module["cid"], [21])
+    assert result["error"] is None and result["output"] == 42
+    response = await http.post("/intent/execute-wasm", json={"cid": module["cid"], "inputs": []})
+    assert response.status_code == 400, response.text  # its one input is checked
+
+
 async def test_async_execute_then_poll(http: httpx.AsyncClient, executor: Executor) -> None:
     module = await upload(http, ADD_WAT)
     response = await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
@@ -224,7 +239,7 @@ async def test_module_deleted_after_acceptance_is_module_not_found(
 
 async def test_a_name_moved_through_another_gateway_runs_the_new_module(
         http: httpx.AsyncClient, executor: Executor, settings: Any) -> None:
-    from relay.app import create_app
+    from relay.gateway.app import create_app
 
     first = await upload(http, ADD_WAT, name="moving")
     assert (await run(http, "glyph://moving", [2, 3]))["output"] == 5  # this gateway caches it

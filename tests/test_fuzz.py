@@ -60,7 +60,7 @@ from starlette.applications import Starlette
 
 from executor.worker import Executor
 from relay import connection
-from relay.app import create_app
+from relay.gateway.app import create_app
 from relay.openapi import document
 from relay.settings import Settings
 from tests.conftest import ALICE_KEY

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay.http import RequestIdMiddleware
+from relay.gateway.http import RequestIdMiddleware
 
 
 async def crash(request: Request) -> Response:

@@ -12,7 +12,7 @@ import wasmtime
 from multiformats import CID, multihash
 
 from executor.worker import Executor
-from relay.app import create_app
+from relay.gateway.app import create_app
 from relay.settings import Settings
 from tests.conftest import (
     ADD_WAT,

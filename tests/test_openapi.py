@@ -20,7 +20,7 @@ from openapi_spec_validator import validate as validate_openapi
 from starlette.routing import Route, WebSocketRoute
 
 from executor.worker import Executor
-from relay.app import ROUTES, create_app
+from relay.gateway.app import ROUTES, create_app
 from relay.openapi import document, document_bytes
 from relay.settings import Settings
 from tests.conftest import (

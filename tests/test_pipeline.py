@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from executor.worker import Executor
-from relay.app import create_app
+from relay.gateway.app import create_app
 from relay.keys import Keys
 from relay.settings import Settings
 from tests.conftest import (

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from executor.worker import Executor
-from relay.app import create_app
+from relay.gateway.app import create_app
 from relay.settings import Settings
 from tests.conftest import ADD_WAT, BOB_KEY, assert_problem, client_for, upload, with_settings
 

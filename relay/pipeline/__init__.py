@@ -1,1 +1,2 @@
-"""The execute pipeline's stages, one module each; `relay.app.execute` runs them in order."""
+"""The execute pipeline: one module per stage (authenticate, ratelimit, validate, idempotency,
+authorize), run in the contract's order by `relay.pipeline.run.ExecutePipeline.admit`."""

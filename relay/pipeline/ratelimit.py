@@ -7,6 +7,7 @@ IETF httpapi `RateLimit-Policy` and `RateLimit` fields; a refusal is 429 with `R
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from functools import lru_cache
@@ -18,6 +19,7 @@ from limits.aio.storage import RedisStorage
 
 from relay.errors import RateLimited
 from relay.keys import Keys
+from relay.metrics import Metrics
 from relay.policy import Policies
 from relay.settings import Settings
 
@@ -95,3 +97,37 @@ class RateLimiter:
                 f"over {limit} requests per {window_s} s; retry in {retry_after} s",
                 retry_after_s=retry_after, headers=state.headers())
         return state
+
+
+class RateCheck:
+    """One request's count under way. Started as soon as the caller is known, so its round trip
+    overlaps reading and validating the body; `verdict()` is awaited before anything is accepted,
+    and a refusal wins over any error found meanwhile (the stages still decide in order)."""
+
+    def __init__(self, limiter: RateLimiter, principal: str, metrics: Metrics) -> None:
+        self._counted = asyncio.ensure_future(limiter.hit(principal))
+        self._metrics = metrics
+
+    async def verdict(self) -> RateState | None:
+        """The principal's state, None when unlimited. Raises RateLimited (429)."""
+        try:
+            return await self._counted
+        except RateLimited:
+            self._metrics.count("rate_limited")
+            raise
+
+    async def headers(self) -> dict[str, str]:
+        """The RateLimit fields for the answer. Raises RateLimited."""
+        state = await self.verdict()
+        return {} if state is None else state.headers()
+
+    def abandon(self) -> None:
+        """The request ended (cancelled, crashed) before its verdict was wanted."""
+        if not self._counted.done():
+            self._counted.cancel()
+            self._counted.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future[RateState | None]) -> None:
+    if not future.cancelled():
+        future.exception()  # what it raised, if anything, is of no interest now

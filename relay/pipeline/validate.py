@@ -1,19 +1,22 @@
 """Validation: turn a body into a publishable `wasm_exec_requested`, or a 400 with pointers.
 
-Everything is checked before anything is queued: the JSON shape (msgspec), the CID or name, the
-entrypoint and each input against the module's stored signature, and the policy against the
-defaults and ceilings.
+Everything is checked before anything is queued: the body's size (413, before it is read whole),
+the JSON shape (msgspec), the CID or name, the entrypoint and each input against the module's
+stored signature, and the policy against the defaults and ceilings. Other routes read and check
+their bodies, names and tags here too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from typing import Any, NamedTuple
 
-from relay.cid import GlyphName
-from relay.errors import FieldError, InvalidRequest, NotFound, decode_body
-from relay.modules import ModuleStore
+from starlette.requests import Request
+
+from relay.cid import NAME_RULE, GlyphName, is_name
+from relay.errors import FieldError, InvalidRequest, NotFound, PayloadTooLarge, decode_body
+from relay.modules import ModuleStore, runs_as_command
+from relay.pipeline import idempotency
 from relay.policy import PrincipalCaps
 from relay.schemas import (
     EffectivePolicy,
@@ -21,7 +24,6 @@ from relay.schemas import (
     ModuleInfo,
     WasmExecRequested,
     decode_execute_request,
-    encode,
     now_iso,
 )
 from relay.settings import Settings
@@ -64,13 +66,11 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
     info = stored.info
     entrypoint = _entrypoint(info, request.entrypoint)
-    if not (info.wasi and entrypoint == "_start"):
+    if not runs_as_command(info, entrypoint):
         _check_inputs(info, entrypoint, request.inputs)
     policy = _effective_policy(request, settings, caps)
-    fingerprint = hashlib.sha256(encode(
-        {"cid": cid, "entrypoint": entrypoint, "inputs": request.inputs, "policy": policy}
-    )).hexdigest()
-    request_id = _request_id(principal, key or fingerprint)
+    fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy)
+    request_id = idempotency.request_id(principal, key or fingerprint)
     published = WasmExecRequested(
         request_id=request_id, cid=cid, entrypoint=entrypoint, inputs=request.inputs,
         policy=policy, user_id=principal, timestamp=now_iso(),
@@ -78,9 +78,26 @@ async def validate(body: bytes, header_key: str | None, principal: str,
     return Validated(published, fingerprint, key is not None, name, stored.owner)
 
 
-def _request_id(principal: str, key: str) -> str:
-    # Length-prefixed, so no (principal, key) pair can collide with another.
-    return hashlib.sha256(f"{len(principal)}:{principal}{key}".encode()).hexdigest()
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    """The whole body, refusing with 413 as soon as it is known to exceed `limit_bytes`: from
+    Content-Length before reading anything, or while streaming a body sent without one."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit_bytes:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            raise PayloadTooLarge(f"the body is over the limit of {limit_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def check_name(what: str, value: str) -> None:
+    """Raises InvalidRequest unless `value` is a valid glyph name (or tag: `what`)."""
+    if not is_name(value):
+        raise InvalidRequest(f"a {what} matches {NAME_RULE}")
 
 
 def _entrypoint(info: ModuleInfo, requested: str | None) -> str:

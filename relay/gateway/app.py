@@ -1,0 +1,94 @@
+"""The gateway's ASGI app: its routes, middleware and lifespan (`create_app`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import redis
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from relay import connection
+from relay.gateway import problems
+from relay.gateway.http import RequestIdMiddleware, by_method
+from relay.gateway.routes import execute, executions, health, modules, sse, tokens, websocket
+from relay.gateway.state import Gateway
+from relay.keys import Keys
+from relay.policy import Policies
+from relay.settings import Settings
+from relay.tokens import AccessTokens
+
+ROUTES = [
+    Route("/intent/execute-wasm", execute.execute, methods=["POST"]),
+    Route("/intent/execute-wasm/health", health.health, methods=["GET"]),
+    Route(health.EVENTS_PATH, sse.Sse(), methods=["GET"]),
+    Route("/auth/tokens", tokens.mint_token, methods=["POST"]),
+    Route("/executions/{request_id}", by_method(GET=executions.get_execution,
+                                                DELETE=executions.cancel_execution),
+          methods=["GET", "DELETE"]),
+    Route("/executions/{request_id}/pause", executions.pause_execution, methods=["POST"]),
+    Route("/executions/{request_id}/resume", executions.resume_execution, methods=["POST"]),
+    WebSocketRoute("/ws/executions/{request_id}", websocket.websocket),
+    Route("/modules", by_method(POST=modules.upload_module, GET=modules.list_modules),
+          methods=["POST", "GET"]),
+    Route("/modules/{cid}", by_method(GET=modules.get_module, DELETE=modules.delete_module),
+          methods=["GET", "DELETE"]),
+    Route("/modules/{cid}/wasm", modules.get_module_wasm, methods=["GET"]),
+    Route("/names/{name}/{tag}", modules.bind_name, methods=["PUT"]),
+    Route("/names/{name}", modules.get_name, methods=["GET"]),
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
+    Route("/metrics", health.metrics, methods=["GET"]),
+    Route("/openapi.json", health.openapi_json, methods=["GET"]),
+]
+
+
+class RelayApp(Starlette):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Event streams write caught-up events to the server's connection (sse.uvicorn_wire),
+        # which they find through the server's own `send`, not the middleware's wrappers.
+        scope[sse.SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The gateway ASGI app. `settings.redis_url` must be set (the CLI starts an embedded Redis
+    and fills it in when the environment has none)."""
+    if settings.redis_url is None:
+        raise ValueError("create_app needs settings.redis_url")
+    redis_url = settings.redis_url
+    policies = Policies(settings.policy_dir)  # a broken policy file stops the start here
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = connection.connect(redis_url)
+        secret = await AccessTokens.shared_secret(client, Keys(settings.prefix).token_secret,
+                                                  settings.token_secret)
+        gateway = Gateway(settings, client, policies, secret)
+        await gateway.bus.ensure_group()
+        gateway.fan_in.start(await gateway.bus.last_event_id())
+        gateway.supervisor.start("events fan-in", gateway.fan_in.follow)
+        gateway.supervisor.start("policy watch", policies.watch)
+        gateway.supervisor.start("metrics", gateway.metrics.run)
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            gateway.fan_in.stop()
+            await gateway.supervisor.stop()
+            with contextlib.suppress(redis.RedisError):
+                await gateway.metrics.flush()
+            await client.aclose()
+
+    middleware = [Middleware(RequestIdMiddleware, access_log=settings.access_log)]
+    if settings.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins),
+            allow_methods=["*"], allow_headers=["*"],
+            expose_headers=["Location", "X-Request-Id", "Idempotent-Replayed", "Retry-After"]))
+    return RelayApp(routes=ROUTES, middleware=middleware, lifespan=lifespan,
+                    exception_handlers=problems.HANDLERS)

@@ -1,0 +1,89 @@
+"""HTTP plumbing: correlation ids and access logs, JSON responses, several methods on a path."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from relay import logs
+from relay.gateway.problems import send_internal_error
+from relay.schemas import encode
+
+log = logging.getLogger("relay.gateway")
+access = logging.getLogger("relay.access")
+
+CLIENT_CLOSED = 499  # the status access logs use for "the client went away first"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP response an `X-Request-Id` (the client's, if sane, else a new one),
+    puts it in `scope["state"]["request_id"]` for errors and in the logs' context, and writes
+    one access log line a request. Pure ASGI, so streaming responses pass through untouched."""
+
+    def __init__(self, app: ASGIApp, access_log: bool = True) -> None:
+        self.app = app
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
+            "latin-1")
+        request_id = offered if _CLIENT_REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        logs.request_id.set(request_id)
+        header = (b"x-request-id", request_id.encode())
+        status = 0
+        began = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            status = status or CLIENT_CLOSED  # nobody to answer: not an error of ours
+        except Exception:
+            # Here rather than in Starlette's ServerErrorMiddleware, which sits outside this
+            # one: the 500 then carries the correlation id like every other response.
+            log.exception("unhandled error")
+            if status:
+                raise
+            await send_internal_error(send_with_id, request_id)
+        finally:
+            if self.access_log:
+                access.info("%s %s %d", scope["method"], scope["path"], status, extra={
+                    "method": scope["method"], "path": scope["path"], "status": status,
+                    "duration_ms": round((time.perf_counter() - began) * 1000, 3)})
+
+
+def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None,
+                  ) -> Response:
+    content = body if isinstance(body, bytes) else encode(body)
+    return Response(content, status_code, headers, media_type="application/json")
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def by_method(**handlers: Endpoint) -> Endpoint:
+    """One endpoint for several methods of a path, so that a 405 lists them all in `Allow`
+    (with a route a method, Starlette answers from the first route matching the path)."""
+    async def endpoint(request: Request) -> Response:
+        return await handlers["GET" if request.method == "HEAD" else request.method](request)
+
+    return endpoint

@@ -1,0 +1,85 @@
+"""Health, liveness, readiness, Prometheus metrics and the OpenAPI document: no credentials."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import redis
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay import openapi
+from relay.errors import Unavailable
+from relay.gateway.http import json_response
+from relay.gateway.state import gateway_of
+from relay.keys import Keys
+from relay.schemas import Health, HealthFeatures, HealthLimits, Liveness, Readiness
+
+EVENTS_PATH = "/intent/execute-wasm/events"
+
+
+async def healthz(request: Request) -> Response:
+    return json_response(Liveness())
+
+
+async def readyz(request: Request) -> Response:
+    """Ready: Redis answers and every background loop runs (a gateway whose events reader is
+    down would accept work it cannot answer)."""
+    gw = gateway_of(request)
+    try:
+        await gw.client.ping()
+    except redis.RedisError:
+        raise Unavailable("Redis is unreachable") from None
+    if gw.supervisor.down:
+        raise Unavailable(f"restarting background loops: {', '.join(gw.supervisor.down)}")
+    return json_response(Readiness())
+
+
+async def health(request: Request) -> Response:
+    gw = gateway_of(request)
+    status: Literal["healthy", "degraded", "unhealthy"]
+    try:
+        executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
+    except redis.RedisError:
+        executors, status = 0, "unhealthy"
+    else:
+        # Degraded: it answers, but a policy file is broken (the last good set is in force),
+        # a background loop is being restarted, or no executor is alive to run what it accepts.
+        degraded = gw.policies.error or gw.supervisor.down or not executors
+        status = "degraded" if degraded else "healthy"
+    served = {getattr(route, "path", None) for route in request.app.routes}
+    body = Health(
+        status=status,
+        features=HealthFeatures(idempotency=True, rate_limiting=gw.settings.rate_limit > 0,
+                                authorization=True, sse_events=EVENTS_PATH in served,
+                                bus_events=True),
+        limits=HealthLimits(rate_limit=gw.settings.rate_limit,
+                            rate_window=gw.settings.rate_window_ms,
+                            idempotency_ttl=gw.settings.idempotency_ttl_ms),
+        executors=executors,
+        policy_error=gw.policies.error or msgspec.UNSET,
+        loops_down=gw.supervisor.down or msgspec.UNSET,
+    )
+    return json_response(body, 503 if status == "unhealthy" else 200)
+
+
+async def metrics(request: Request) -> Response:
+    gw = gateway_of(request)
+    pipe = gw.client.pipeline(transaction=False)
+    pipe.get(gw.keys.queued)
+    pipe.xpending(gw.keys.requests, Keys.EXECUTOR_GROUP)
+    queued, pending = await pipe.execute()
+    executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
+    text = await gw.metrics.render({
+        "relay_queue_depth": ("Accepted executions not yet started.",
+                              max(int(queued or 0), 0)),
+        "relay_pending_entries": ("Request entries delivered to executors, not acknowledged.",
+                                  pending["pending"]),
+        "relay_executors": ("Executors with a live heartbeat.", executors),
+    })
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(openapi.document_bytes())

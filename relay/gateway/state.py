@@ -1,0 +1,54 @@
+"""`Gateway`: everything one gateway process shares between requests, built once at start."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from starlette.requests import HTTPConnection
+
+from relay.apikeys import StoredKeys
+from relay.bus import Bus
+from relay.gateway.control import Controller
+from relay.gateway.fanin import EventFanIn
+from relay.keys import Keys
+from relay.metrics import Metrics
+from relay.modules import ModuleStore
+from relay.pipeline.authenticate import Authenticator
+from relay.pipeline.authorize import Authorizer
+from relay.pipeline.ratelimit import RateLimiter
+from relay.pipeline.run import ExecutePipeline
+from relay.policy import Policies
+from relay.settings import Settings
+from relay.supervise import Supervisor
+from relay.tokens import AccessTokens
+
+
+class Gateway:
+    def __init__(self, settings: Settings, client: aioredis.Redis, policies: Policies,
+                 token_secret: bytes) -> None:
+        self.settings = settings
+        self.client = client
+        self.keys = keys = Keys(settings.prefix)
+        self.policies = policies
+        self.bus = Bus(client, keys, events_retention=settings.events_retention,
+                       requests_retention=settings.requests_retention,
+                       max_queue=settings.max_queue)
+        self.modules = ModuleStore(client, keys)
+        self.fan_in = EventFanIn(client, keys, settings.sse_queue)
+        self.metrics = Metrics(client, keys)
+        self.authenticate = Authenticator(settings, StoredKeys(client, keys))
+        self.authorizer = Authorizer(policies, self.modules, self.metrics)
+        self.tokens = AccessTokens(token_secret)
+        self.controller = Controller(client, keys, self.bus, self.fan_in, settings, policies)
+        self.pipeline = ExecutePipeline(
+            settings=settings, policies=policies, authenticate=self.authenticate,
+            rate_limiter=RateLimiter(client, keys, settings, policies), modules=self.modules,
+            authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
+            metrics=self.metrics)
+        self.supervisor = Supervisor("relay.gateway")
+        """Runs the background loops: the events fan-in, the policy watch, metrics."""
+
+
+def gateway_of(connection: HTTPConnection) -> Gateway:
+    """The process's Gateway, from any request or WebSocket."""
+    gateway: Gateway = connection.app.state.gateway
+    return gateway

@@ -1,0 +1,52 @@
+"""Idempotency: one execution per principal and key, and what a repeated request gets.
+
+A request's id is derived from its principal and idempotency key (or, without a key, from the
+request itself), so every gateway finds the same execution record for the same request. The
+accept script (`relay.bus`) claims that record atomically; this stage decides what a request
+that found one already gets: a replay of the stored result, a join of the running execution,
+or 422 when an explicit key comes back with a different request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, NamedTuple
+
+from relay.bus import Accepted
+from relay.errors import IdempotencyKeyReuse
+from relay.metrics import Metrics
+from relay.schemas import EffectivePolicy, encode
+
+REPLAYED = {"Idempotent-Replayed": "true"}
+"""On every answer to a request that did not start its execution."""
+
+
+def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectivePolicy) -> str:
+    """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy."""
+    return hashlib.sha256(encode(
+        {"cid": cid, "entrypoint": entrypoint, "inputs": inputs, "policy": policy}
+    )).hexdigest()
+
+
+def request_id(principal: str, key: str) -> str:
+    """The execution's id: sha256 of the principal and the key (or fingerprint)."""
+    # Length-prefixed, so no (principal, key) pair can collide with another.
+    return hashlib.sha256(f"{len(principal)}:{principal}{key}".encode()).hexdigest()
+
+
+class Repeat(NamedTuple):
+    """A request that found its execution already accepted."""
+
+    result: bytes | None
+    """The stored response once it has finished (a replay), else None (a join)."""
+
+
+def repeat_of(accepted: Accepted, fingerprint: str, explicit_key: bool,
+              metrics: Metrics) -> Repeat | None:
+    """None when the request is new. Raises IdempotencyKeyReuse (422)."""
+    if not accepted.existing:
+        return None
+    if explicit_key and accepted.fingerprint != fingerprint:
+        raise IdempotencyKeyReuse("this idempotency key was used with a different request")
+    metrics.count("idempotent_hit")
+    return Repeat(accepted.result)

@@ -1,0 +1,135 @@
+"""The execute pipeline, in the contract's order, in one function: `ExecutePipeline.admit`.
+
+authenticate (401) → rate limit (429) → validate (413, 400, 404) → idempotency (replay, join,
+422) → authorize (403) → publish (503 while too much is queued). The last three are decided
+together, atomically, by the bus's accept script; what each one decides lives in its stage's
+module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import NamedTuple, Protocol
+
+from starlette.requests import Request
+
+from relay.bus import Bus
+from relay.errors import (
+    Conflict,
+    IdempotencyKeyReuse,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RelayError,
+    Unavailable,
+)
+from relay.metrics import Metrics
+from relay.modules import ModuleStore
+from relay.pipeline import idempotency
+from relay.pipeline.authenticate import Authenticator
+from relay.pipeline.authorize import Authorizer
+from relay.pipeline.ratelimit import RateCheck, RateLimiter
+from relay.pipeline.validate import Validated, read_body, validate
+from relay.policy import ModuleResource, Policies
+from relay.settings import Settings
+
+MAX_NAME_RETRIES = 3
+QUEUE_FULL_RETRY_S = 5
+INVALID = (InvalidRequest, NotFound, PayloadTooLarge, IdempotencyKeyReuse)
+"""Refusals counted as `invalid_request`."""
+
+
+class Completions(Protocol):
+    """Where a sync caller waits for its execution's `wasm_exec_completed` (the gateway's
+    fan-in): registered before publishing, so the result cannot slip past."""
+
+    def completion(self, request_id: str) -> asyncio.Future[bytes]: ...
+
+    def release(self, request_id: str, future: asyncio.Future[bytes] | None) -> None: ...
+
+
+class Admission(NamedTuple):
+    """An accepted request: what to answer with, or wait for."""
+
+    request_id: str
+    headers: dict[str, str]
+    """The RateLimit fields, and `Idempotent-Replayed` for a repeat."""
+    result: bytes | None
+    """A finished execution's stored response (a replay)."""
+    completion: asyncio.Future[bytes] | None
+    """For a sync caller of an unfinished execution; `Completions.release` it when done."""
+
+
+class ExecutePipeline:
+    def __init__(self, *, settings: Settings, policies: Policies, authenticate: Authenticator,
+                 rate_limiter: RateLimiter, modules: ModuleStore, authorizer: Authorizer,
+                 bus: Bus, completions: Completions, metrics: Metrics) -> None:
+        self.settings = settings
+        self.policies = policies
+        self.authenticate = authenticate
+        self.rate_limiter = rate_limiter
+        self.modules = modules
+        self.authorizer = authorizer
+        self.bus = bus
+        self.completions = completions
+        self.metrics = metrics
+
+    async def admit(self, request: Request) -> Admission:
+        """Run the pipeline on one `POST /intent/execute-wasm`. Raises a RelayError for the
+        first stage that refuses it (carrying the RateLimit fields once it was counted)."""
+        principal = await self.authenticate(request)
+        rate = RateCheck(self.rate_limiter, principal, self.metrics)  # its round trip overlaps
+        try:
+            body = await read_body(request, self.settings.max_request_bytes)
+            sync = "respond-async" not in request.headers.get("prefer", "")
+            for _ in range(MAX_NAME_RETRIES):
+                validated = await validate(body, request.headers.get("idempotency-key"),
+                                           principal, self.modules, self.settings,
+                                           self.policies.caps(principal))
+                headers = await rate.headers()  # a 429 wins over everything after validation
+                admission = await self._accept(validated, principal, sync, headers)
+                if admission is not None:
+                    return admission
+                assert validated.name is not None
+                self.modules.forget(validated.name)  # its cached binding was stale
+            raise Conflict("the module's name moved while the request was accepted; retry")
+        except RelayError as error:
+            if not isinstance(error, RateLimited):
+                error.headers.update(await rate.headers())  # raises instead, when over
+            if isinstance(error, INVALID):
+                self.metrics.count("invalid_request")
+            raise
+        finally:
+            rate.abandon()
+
+    async def _accept(self, validated: Validated, principal: str, sync: bool,
+                      headers: dict[str, str]) -> Admission | None:
+        """Idempotency, authorization and publishing, committed atomically by one script;
+        None when the request's glyph name moved meanwhile (resolve it again)."""
+        request = validated.request
+        permitted = self.authorizer.permits(principal, "execute", ModuleResource(
+            request.cid, validated.name.name if validated.name else "", validated.owner))
+        completion = self.completions.completion(request.request_id) if sync else None
+        try:
+            accepted = await self.bus.accept(request, validated.fingerprint, validated.name,
+                                             permitted=permitted)
+            if accepted.name_moved:
+                self.completions.release(request.request_id, completion)
+                return None
+            repeat = idempotency.repeat_of(accepted, validated.fingerprint,
+                                           validated.explicit_key, self.metrics)
+            if repeat is not None:
+                headers = {**headers, **idempotency.REPLAYED}
+                if repeat.result is not None:
+                    self.completions.release(request.request_id, completion)
+                    return Admission(request.request_id, headers, repeat.result, None)
+            elif accepted.forbidden:
+                raise self.authorizer.refusal(principal, "execute", request.cid)
+            elif accepted.full:
+                raise Unavailable("too much work is queued already; retry shortly",
+                                  retry_after_s=QUEUE_FULL_RETRY_S)
+        except BaseException:
+            self.completions.release(request.request_id, completion)
+            raise
+        return Admission(request.request_id, headers, None, completion)
