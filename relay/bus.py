@@ -14,6 +14,7 @@ of gateways and executors:
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
 import time
 from typing import Any, NamedTuple
 
@@ -48,6 +49,11 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
+    @classmethod
+    def named(cls, name: str) -> Script:
+        """The script `relay/lua/<name>.lua` (package data)."""
+        return cls(resources.files("relay").joinpath(f"lua/{name}.lua").read_text())
+
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
@@ -55,144 +61,21 @@ class Script:
 Call = tuple[Script, list[str], list[Any]]
 
 
-# Every entry of relay:events carries, beside `data`, the field `user`: the principal the
-# execution belongs to. The gateways route events to subscribers by it without decoding them.
+# The scripts live in relay/lua/. Every entry of relay:events carries, beside `data`, the field
+# `user`: the principal the execution belongs to. The gateways route events to subscribers by it
+# without decoding them.
 
-_ACCEPT = Script("""
-if ARGV[9] ~= '' then
-  local bound = redis.call('HGET', KEYS[5], ARGV[9])
-  if bound ~= ARGV[3] then
-    return {'moved', '', false}
-  end
-end
-local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'retryable')
-if found[1] and found[4] ~= '1' then
-  return {found[1], found[2], found[3]}
-end
-if ARGV[10] == '1' then
-  return {'forbidden', '', false}
-end
-if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[11]) then
-  return {'full', '', false}
-end
-local position = redis.call('INCR', KEYS[4]) - 1
-if position < 0 then
-  redis.call('SET', KEYS[4], 1)
-  position = 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
-           'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}',
-           'user', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
-return {'new', ARGV[2], false}
-""")
+_ACCEPT = Script.named("accept")
 
-_START = Script("""
-local record = redis.call('HMGET', KEYS[1], 'principal', 'result')
-if not record[1] or record[2] then
-  return 0
-end
-if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
-  redis.call('DECR', KEYS[3])
-end
-redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2], 'user', record[1])
-return 1
-""")
+_START = Script.named("start")
 
-# Settles an execution: the executor when a run ends (with the entry to acknowledge), or the
-# gateway cancelling one still queued (no entry; only while its status is still `queued`).
-_SETTLE = Script("""
-if ARGV[2] ~= '' then
-  -- A run whose lease a peer took over (it stalled) must not write anything.
-  local pending = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1)
-  if not pending[1] or pending[1][2] ~= ARGV[11] then
-    return -1
-  end
-  redis.call('HDEL', KEYS[5], ARGV[2])
-end
-local written = 0
-local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result')
-if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
-  if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
-    redis.call('DECR', KEYS[4])
-    if ARGV[12] ~= '' then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[12], 'user', record[1])
-    end
-  end
-  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6], 'user', record[1])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[7], 'user', record[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[9])
-  written = 1
-end
-if ARGV[2] ~= '' then
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-end
-return written
-""")
+_SETTLE = Script.named("settle")
 
-# Renews the lease on each entry the consumer still owns: XCLAIM with min-idle 0 resets the
-# idle time without counting a delivery. Returns the ids it still owns.
-_RENEW = Script("""
-local kept = {}
-for i = 3, #ARGV do
-  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if pending[1] and pending[1][2] == ARGV[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    table.insert(kept, ARGV[i])
-  end
-end
-return kept
-""")
+_RENEW = Script.named("renew")
 
-# Takes over entries idle past their lease. JUSTID because it behaves alike on Redis 6.2 and 7
-# (without it, 6.2 returns trimmed entries as nils and keeps them pending forever); it counts no
-# delivery and returns no data, so the script counts deliveries itself and reads each entry,
-# acknowledging those trimmed meanwhile. Returns {cursor, {id, takeovers, data}...}.
-_RECLAIM = Script("""
-local reply = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                         'COUNT', ARGV[5], 'JUSTID')
-local out = {reply[1]}
-for _, id in ipairs(reply[2]) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  if #found == 0 then
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-    redis.call('HDEL', KEYS[2], id)
-  else
-    local fields, data = found[1][2], false
-    for i = 1, #fields, 2 do
-      if fields[i] == 'data' then data = fields[i + 1] end
-    end
-    table.insert(out, {id, redis.call('HINCRBY', KEYS[2], id, 1), data})
-  end
-end
-return out
-""")
+_RECLAIM = Script.named("reclaim")
 
-# An event during a run (progress, output, paused, resumed), only while no result exists: a
-# stalled executor that lost its run must not speak after the end. ARGV[3] sets the status.
-_EMIT = Script("""
-local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen')
-if not record[1] or record[2] then
-  return 0
-end
-if ARGV[4] ~= '' then
-  -- Progress: a re-run (after a takeover) starts from zero; publish nothing below the highest
-  -- gas already published, so `gas_used` never goes back.
-  if tonumber(ARGV[4]) <= tonumber(record[3] or '-1') then
-    return 0
-  end
-  redis.call('HSET', KEYS[1], 'gas_seen', ARGV[4])
-end
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'status', ARGV[3])
-end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1], 'user', record[1])
-return 1
-""")
+_EMIT = Script.named("emit")
 
 
 class Accepted(NamedTuple):

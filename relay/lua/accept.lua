@@ -1,0 +1,32 @@
+-- Accepts an execution: claims its record unless a live one exists (a replay or a join),
+-- then emits `execution_queued` and enqueues the request, all or nothing. Refuses when the
+-- glyph name the request used moved (`moved`), when not permitted (`forbidden`, only for a new
+-- execution: a replay needs no new authorization) or when too much is queued (`full`).
+if ARGV[9] ~= '' then
+  local bound = redis.call('HGET', KEYS[5], ARGV[9])
+  if bound ~= ARGV[3] then
+    return {'moved', '', false}
+  end
+end
+local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'retryable')
+if found[1] and found[4] ~= '1' then
+  return {found[1], found[2], found[3]}
+end
+if ARGV[10] == '1' then
+  return {'forbidden', '', false}
+end
+if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[11]) then
+  return {'full', '', false}
+end
+local position = redis.call('INCR', KEYS[4]) - 1
+if position < 0 then
+  redis.call('SET', KEYS[4], 1)
+  position = 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
+           'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}',
+           'user', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
+return {'new', ARGV[2], false}

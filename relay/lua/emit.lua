@@ -1,0 +1,19 @@
+-- An event during a run (progress, output, paused, resumed), only while no result exists: a
+-- stalled executor that lost its run must not speak after the end. ARGV[3] sets the status.
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen')
+if not record[1] or record[2] then
+  return 0
+end
+if ARGV[4] ~= '' then
+  -- Progress: a re-run (after a takeover) starts from zero; publish nothing below the highest
+  -- gas already published, so `gas_used` never goes back.
+  if tonumber(ARGV[4]) <= tonumber(record[3] or '-1') then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'gas_seen', ARGV[4])
+end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[3])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1], 'user', record[1])
+return 1
