@@ -14,8 +14,8 @@ of gateways and executors:
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 import time
+from importlib import resources
 from typing import Any, NamedTuple
 
 import redis
