@@ -6,37 +6,29 @@ Limits map onto wasmtime's own mechanisms:
 - memory is the Store limiter (linear memories and tables) -> `memory_limit`;
 - the wasm stack is capped by `Config.max_wasm_stack` -> `stack_overflow`.
 
-WASI command modules get their inputs as JSON on stdin and nothing else: no preopened
-directories, no environment, no arguments, no network.
+WASI modules get their inputs as JSON on stdin (when run as commands) and nothing else: no
+preopened directories, no environment, no arguments, no network.
 
-Live control (pause, resume, cancel, progress) of an execution run with a `LiveControl` goes
-through wasmtime's epoch deadline callback (C API, reached with ctypes: wasmtime-py has no
-wrapper). The callback runs on the wasm thread at every tick, at function entries and loop
-back-edges: it reads progress, blocks there to pause the module in place, and returns an error to
-end it. Once it is installed wasmtime no longer traps at the deadline, so the callback enforces
-`max_time` itself, counting running time only. Executions without a control keep the plain
-epoch deadline and pay nothing for any of this.
+An execution run with a `LiveControl` (executor.control) hands its Store's epoch deadline to
+it: pause, resume, cancel and `max_time` in running time are enforced there. Executions without
+one keep the plain epoch deadline and pay nothing for it.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
-import shutil
 import tempfile
 import threading
 import time
-import weakref
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import wasmtime
-from wasmtime import _bindings
 
 from executor.binary import export_memory
+from executor.control import TIMEOUT_MESSAGE, LiveControl
 from relay.modules import WASI_MODULE
 from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
 
@@ -51,7 +43,6 @@ MAX_WASM_STACK_BYTES = 1024 * 1024
 PAGE_BYTES = 65536
 TABLE_ELEMENT_BYTES = 8
 _TMP_ROOT = "/dev/shm" if Path("/dev/shm").is_dir() else None
-_I64_MAX = 2**63 - 1
 
 _TRAP_CODES: dict[wasmtime.TrapCode, ErrorCode] = {
     wasmtime.TrapCode.OUT_OF_FUEL: "out_of_gas",
@@ -60,15 +51,11 @@ _TRAP_CODES: dict[wasmtime.TrapCode, ErrorCode] = {
 }
 _TRAP_MESSAGES = {
     "out_of_gas": "the module used all of its gas ({max_gas})",
-    "timeout": "the module ran past its time limit ({max_time} ms)",
+    "timeout": TIMEOUT_MESSAGE,
     "stack_overflow": "the module overflowed its stack",
 }
-CANCELLED_MESSAGE = "the execution was cancelled"
 SHUTDOWN_MESSAGE = "the executor is shutting down"
 CLOSED_MESSAGE = "the sandbox is closed"
-# Ends the text of the error the epoch callback returns (it surfaces as a WasmtimeError, not a
-# Trap): tells the callback's stop from any other error.
-_STOP_MARKER = "relay-live-control-stop:"
 
 
 class Outcome(NamedTuple):
@@ -88,275 +75,6 @@ class Prepared(NamedTuple):
 
 class LinkError(ValueError):
     """The module cannot run here: invalid, or it imports something Relay does not provide."""
-
-
-ControlState = Literal["pending", "running", "paused", "finished"]
-
-
-class LiveControl:
-    """Live control of one execution: pause, resume, cancel, progress. One per execution.
-
-    Every public method and property may be called from any thread. The module only notices a
-    request at its next epoch tick (`TICK_S`, 10 ms) while it runs wasm code: a pause or cancel
-    asked for while it sits in a host call (a WASI write) takes effect when it returns to wasm.
-
-    `max_pause_ms`: a pause longer than this ends the execution with `cancelled`.
-    `on_event`: called on the wasm thread (never the caller's) with "paused" once the module has
-    actually stopped and "resumed" when it continues; it must be quick and thread-safe (the
-    worker hands it to its loop with `call_soon_threadsafe`). Its exceptions are logged, never
-    raised into wasmtime.
-    """
-
-    stdout_path: Path | None
-    """For a WASI module, the file its stdout goes to: set (after `stderr_path`, both files
-    existing) before the module starts, and kept after the run until `release()`, so a reader
-    tailing it can read its end."""
-    stderr_path: Path | None
-
-    def __init__(self, *, max_pause_ms: int,
-                 on_event: Callable[[str], None] | None = None) -> None:
-        if max_pause_ms <= 0:
-            raise ValueError("max_pause_ms must be positive")
-        self.max_pause_ms = max_pause_ms
-        self.stdout_path = None
-        self.stderr_path = None
-        self._on_event = on_event
-        self._cond = threading.Condition(threading.Lock())
-        self._state: ControlState = "pending"
-        # Requests from any thread, read by the wasm thread (under `_cond` when acted upon).
-        self._pause_requested = False
-        self._resume_requested = False
-        self._cancel_message: str | None = None
-        self._grant = 0
-        # Written by the wasm thread only.
-        self._gas_used = 0
-        self._gas_limit = 0
-        self._max_time_s = math.inf
-        self._started = 0.0
-        self._ended = 0.0
-        self._paused_s = 0.0
-        self._paused_at: float | None = None
-        self._stop: ErrorInfo | None = None
-        self._reserve = 0
-        self._fuel = ctypes.c_uint64(0)
-        self._output_cleanup: weakref.finalize[Any, Any] | None = None
-
-    # --- Any thread. ---
-
-    def pause(self) -> bool:
-        """Ask the module to stop in place; False when it is not running (paused or being
-        paused, cancelled, finished). Also accepted before it starts ("pending"): it then stops
-        at its first tick. A module that ends before its next tick ends without pausing."""
-        with self._cond:
-            if (self._state in ("pending", "running") and not self._pause_requested
-                    and self._cancel_message is None):
-                self._pause_requested = True
-                return True
-            return False
-
-    def resume(self, additional_gas: int = 0) -> bool:
-        """Let a paused module continue, its gas budget raised by `additional_gas` (>= 0).
-        False when it is not paused. A resume that overtakes a pause not yet in effect withdraws
-        it (no events), and the gas is added at the next tick. Raises ValueError."""
-        if additional_gas < 0:
-            raise ValueError("additional_gas must not be negative")
-        with self._cond:
-            if self._cancel_message is not None:
-                return False
-            if self._state == "paused" and not self._resume_requested:
-                self._resume_requested = True
-                self._state = "running"
-                self._grant += additional_gas
-                self._cond.notify_all()
-                return True
-            if self._pause_requested:
-                self._pause_requested = False
-                self._grant += additional_gas
-                return True
-            return False
-
-    def cancel(self) -> bool:
-        """End the execution with `cancelled`, paused or not; False once it has finished.
-        When it returns True the Outcome is `cancelled`, even if the module ended meanwhile."""
-        return self._cancel(CANCELLED_MESSAGE)
-
-    @property
-    def state(self) -> ControlState:
-        return self._state
-
-    @property
-    def gas_used(self) -> int:
-        """Gas used as last seen at a tick (exact once finished); never decreases. Fuel is read
-        from where wasm code leaves it at calls and returns, so a call-free loop shows none."""
-        return self._gas_used
-
-    @property
-    def gas_limit(self) -> int:
-        """The gas budget: the policy's `max_gas` plus every `additional_gas` added so far."""
-        return self._gas_limit
-
-    @property
-    def running_ms(self) -> float:
-        """Wall-clock ms spent running (instantiation included), paused time excluded."""
-        with self._cond:
-            if self._state == "pending":
-                return 0.0
-            end = self._ended if self._state == "finished" else time.perf_counter()
-            paused = self._paused_s
-            if self._paused_at is not None:
-                paused += end - self._paused_at
-            return max(end - self._started - paused, 0.0) * 1000
-
-    def release(self) -> None:
-        """Delete the files behind `stdout_path` and `stderr_path` (call it once the output has
-        been read; a control that is garbage collected, or the interpreter's exit, does it too)."""
-        if self._output_cleanup is not None:
-            self._output_cleanup()
-
-    def _cancel(self, message: str) -> bool:
-        with self._cond:
-            if self._state == "finished":
-                return False
-            if self._cancel_message is None:
-                self._cancel_message = message
-            self._pause_requested = False
-            self._cond.notify_all()
-            return True
-
-    # --- The wasm thread (the one running `Sandbox.run`). ---
-
-    def _begin(self, policy: EffectivePolicy) -> bool:
-        """Start counting; False if cancelled before the start."""
-        with self._cond:
-            self._gas_limit = policy.max_gas
-            self._reserve = max(policy.max_gas - _I64_MAX, 0)
-            self._max_time_s = policy.max_time / 1000
-            self._started = time.perf_counter()
-            if self._cancel_message is not None:
-                self._state = "finished"
-                self._ended = self._started
-                return False
-            self._state = "running"
-            return True
-
-    def _adopt_output(self, directory: str) -> None:
-        self._output_cleanup = weakref.finalize(self, shutil.rmtree, directory,
-                                                ignore_errors=True)
-
-    def _finish(self, output: Any, error: ErrorInfo | None, fuel_left: int) -> Outcome:
-        now = time.perf_counter()
-        with self._cond:
-            # A cancel accepted before this point wins, even over a module that just ended:
-            # `cancel()` returning True always means a `cancelled` outcome.
-            if self._cancel_message is not None:
-                output, error = None, ErrorInfo("cancelled", self._cancel_message)
-            # Above i64::MAX the fuel still holds what `_add_gas` put there: the module has
-            # not yet written its own figure back, so the last one seen is the best known.
-            if fuel_left < _I64_MAX:
-                self._gas_used = max(self._gas_used, self._gas_limit - fuel_left)
-            self._ended = now
-            self._paused_at = None
-            self._state = "finished"
-            self._cond.notify_all()
-            duration_ms = max(now - self._started - self._paused_s, 0.0) * 1000
-            return Outcome(output, self._gas_used, round(duration_ms, 3), error)
-
-    def _tick(self, context: Any) -> int:
-        """The epoch callback's body: 0 to continue, or an owned wasmtime_error_t* to stop."""
-        fuel = self._read_fuel(context)
-        if fuel is not None and fuel < _I64_MAX:
-            used = self._gas_limit - fuel
-            if used > self._gas_used:
-                self._gas_used = used
-        if self._cancel_message is not None:
-            return self._stop_with("cancelled", self._cancel_message)
-        if time.perf_counter() - self._started - self._paused_s >= self._max_time_s:
-            return self._stop_with("timeout", _TRAP_MESSAGES["timeout"].format(
-                max_time=round(self._max_time_s * 1000)))
-        if self._pause_requested or self._grant:
-            return self._pause_point(context)
-        return 0
-
-    def _pause_point(self, context: Any) -> int:
-        with self._cond:
-            if not self._pause_requested:  # a resume withdrew the pause: only gas to add
-                grant, self._grant = self._grant, 0
-                self._add_gas(context, grant)
-                return 0
-            self._pause_requested = False
-            self._state = "paused"
-            self._paused_at = paused_at = time.perf_counter()
-        self._emit("paused")
-        with self._cond:
-            deadline = paused_at + self.max_pause_ms / 1000
-            while not self._resume_requested and self._cancel_message is None:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    self._cancel_message = (f"paused longer than the pause limit "
-                                            f"({self.max_pause_ms} ms)")
-                    break
-                self._cond.wait(remaining)
-            self._paused_s += time.perf_counter() - paused_at
-            self._paused_at = None
-            self._resume_requested = False
-            self._state = "running"
-            grant, self._grant = self._grant, 0
-            cancel = self._cancel_message
-        if cancel is not None:
-            return self._stop_with("cancelled", cancel)
-        self._add_gas(context, grant)
-        self._emit("resumed")
-        return 0
-
-    def _add_gas(self, context: Any, gas: int) -> None:
-        """Raise the budget of the running module by `gas`.
-
-        Running code keeps its fuel in a register and writes it back at calls and returns, so a
-        plain `set_fuel` here is overwritten. wasmtime injects at most i64::MAX into the code and
-        keeps the rest in a reserve it refills from when the code runs dry; the reserve is never
-        overwritten. So the fuel is set to i64::MAX + reserve, reserve = what is still reserved
-        plus `gas`. What is still reserved: reading above i64::MAX, the code has not written
-        back since the last grant (reading - i64::MAX); otherwise the code refilled from the
-        reserve exactly when the reading (reserve + fuel left in the code) is at most the
-        reserve, since a fuel check (with a refill when dry) always precedes a tick.
-        Pinned by tests/test_sandbox_control.py against an uncontrolled run's exact budget.
-        """
-        if gas <= 0:
-            return
-        fuel = self._read_fuel(context)
-        if fuel is None:
-            raise RuntimeError("cannot read the fuel of a running module")
-        if fuel >= _I64_MAX:
-            reserve = fuel - _I64_MAX
-        elif fuel > self._reserve:
-            reserve = self._reserve
-        else:
-            reserve = 0
-        error = _BINDING.set_fuel(context, _I64_MAX + reserve + gas)
-        if error:
-            _BINDING.error_delete(error)
-            raise RuntimeError("cannot set the fuel of a running module")
-        self._reserve = reserve + gas
-        self._gas_limit += gas
-
-    def _read_fuel(self, context: Any) -> int | None:
-        error = _BINDING.get_fuel(context, ctypes.byref(self._fuel))
-        if error:
-            _BINDING.error_delete(error)
-            return None
-        return self._fuel.value
-
-    def _stop_with(self, code: ErrorCode, message: str) -> int:
-        self._stop = ErrorInfo(code, message)
-        return _new_error(_STOP_MARKER + code)
-
-    def _emit(self, event: str) -> None:
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(event)
-        except Exception:
-            log.exception("on_event(%r) failed", event)
 
 
 class Sandbox:
@@ -382,7 +100,7 @@ class Sandbox:
         with self._lock:
             controls = list(self._controls)
         for control in controls:
-            control._cancel(SHUTDOWN_MESSAGE)
+            control.cancel(SHUTDOWN_MESSAGE)
 
     def _tick(self) -> None:
         # After `close()`, ticking goes on while controlled runs remain: they see their cancel
@@ -429,10 +147,7 @@ class Sandbox:
                                         max_output_bytes=max_output_bytes, control=control)
         if self._stop.is_set():
             return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
-        store = wasmtime.Store(self.engine)
-        store.set_fuel(policy.max_gas)
-        store.set_limits(memory_size=policy.max_memory,
-                         table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
+        store = self._new_store(policy)
         store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
         if not prepared.uses_wasi:
             return self._call(store, prepared, entrypoint, inputs, policy)
@@ -450,16 +165,13 @@ class Sandbox:
         if prepared.uses_wasi or self._stop.is_set():
             return None
         budget = min(policy.max_gas, INLINE_GAS)
-        store = wasmtime.Store(self.engine)
-        store.set_fuel(budget)
-        store.set_limits(memory_size=policy.max_memory,
-                         table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
+        inline_policy = msgspec.structs.replace(policy, max_gas=budget)
+        store = self._new_store(inline_policy)
         # Bulk memory instructions cost one unit of gas whatever their size: the next epoch
         # tick bounds what a hostile call holds the loop for (TICK_S, plus the one instruction
         # under way: tens of ms for a fill of a 64 MiB memory).
         store.set_epoch_deadline(1)
-        outcome = self._call(store, prepared, entrypoint, inputs,
-                             msgspec.structs.replace(policy, max_gas=budget))
+        outcome = self._call(store, prepared, entrypoint, inputs, inline_policy)
         code = outcome.error.code if outcome.error else None
         if code == "timeout" or (code == "out_of_gas" and budget < policy.max_gas):
             return None
@@ -472,28 +184,34 @@ class Sandbox:
             raise ValueError("a LiveControl serves one execution only")
         with self._lock:
             if self._stop.is_set():
-                control._cancel(CLOSED_MESSAGE)
-                control._begin(policy)
-                return control._finish(None, None, policy.max_gas)
+                control.cancel(CLOSED_MESSAGE)
+                control.begin(policy)
+                return Outcome(*control.finish(None, None, policy.max_gas))
             self._controls.add(control)
         try:
-            store = wasmtime.Store(self.engine)
-            store.set_fuel(policy.max_gas)
-            store.set_limits(memory_size=policy.max_memory,
-                             table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
-            _install_callback(store, control)
+            store = self._new_store(policy)
+            control.attach(store)
             if not prepared.uses_wasi:
                 return self._call(store, prepared, entrypoint, inputs, policy, control)
             # The output outlives the run, so a reader tailing it can read its end (`release()`).
             tmp = tempfile.mkdtemp(dir=_TMP_ROOT, prefix="relay-")
-            control._adopt_output(tmp)
+            control.adopt_output(tmp)
             return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
                                   command=command, max_output_bytes=max_output_bytes,
                                   control=control)
         finally:
             with self._lock:
                 self._controls.discard(control)
-            _CONTROLS.pop(id(control), None)
+            control.detach()
+
+    def _new_store(self, policy: EffectivePolicy) -> wasmtime.Store:
+        """A fresh Store holding the policy's gas and memory limits (its epoch deadline is the
+        caller's to set)."""
+        store = wasmtime.Store(self.engine)
+        store.set_fuel(policy.max_gas)
+        store.set_limits(memory_size=policy.max_memory,
+                         table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
+        return store
 
     def _run_wasi(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
                   inputs: list[Any], policy: EffectivePolicy, tmp: Path, *, command: bool,
@@ -526,8 +244,8 @@ class Sandbox:
     def _call(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
               inputs: list[Any], policy: EffectivePolicy,
               control: LiveControl | None = None) -> Outcome:
-        if control is not None and not control._begin(policy):
-            return control._finish(None, None, policy.max_gas)
+        if control is not None and not control.begin(policy):
+            return Outcome(*control.finish(None, None, policy.max_gas))
         started = time.perf_counter()
         output: Any = None
         error: ErrorInfo | None = None
@@ -545,138 +263,13 @@ class Sandbox:
                 policy = msgspec.structs.replace(policy, max_gas=control.gas_limit)
             error = _trap_error(exc, policy, store, instance)
         except wasmtime.WasmtimeError as exc:
-            if control is not None and control._stop is not None and _STOP_MARKER in str(exc):
-                error = control._stop  # the epoch callback ended it: timeout, cancel, internal
-            else:
-                error = _instantiation_error(exc, policy)
+            stopped = control.stop_of(exc) if control is not None else None
+            error = stopped if stopped is not None else _instantiation_error(exc, policy)
         duration_ms = (time.perf_counter() - started) * 1000
         gas_left = store.get_fuel()
         if control is not None:
-            return control._finish(output, error, gas_left)
+            return Outcome(*control.finish(output, error, gas_left))
         return Outcome(output, policy.max_gas - gas_left, round(duration_ms, 3), error)
-
-
-# --- The epoch deadline callback, through wasmtime's private ctypes bindings. ---
-
-
-class _Binding(NamedTuple):
-    install: Any
-    callback_type: Any
-    finalizer_type: Any
-    get_fuel: Any
-    set_fuel: Any
-    error_new: Any
-    error_delete: Any
-
-
-def _load_binding() -> _Binding:
-    """The C functions live control calls, checked against the signatures it was written for
-    (wasmtime 50's `wasmtime/store.h` and `error.h`). Raises RuntimeError naming what differs."""
-    b: Any = _bindings
-    try:
-        install = b._wasmtime_store_epoch_deadline_callback
-        get_fuel = b._wasmtime_context_get_fuel
-        set_fuel = b._wasmtime_context_set_fuel
-        error_new = b._wasmtime_error_new
-        error_delete = b._wasmtime_error_delete
-        context_p = ctypes.POINTER(b.wasmtime_context_t)
-        store_p = ctypes.POINTER(b.wasmtime_store_t)
-        error_p = ctypes.POINTER(b.wasmtime_error_t)
-    except AttributeError as exc:
-        raise RuntimeError(f"wasmtime._bindings lacks {exc.name}: live control needs it") from None
-    argtypes = list(install.argtypes)
-    callback_type = argtypes[1] if len(argtypes) == 4 else None
-    finalizer_type = argtypes[3] if len(argtypes) == 4 else None
-    checks = {
-        "wasmtime_store_epoch_deadline_callback": (
-            install.restype is None and len(install.argtypes) == 4
-            and install.argtypes[0] is store_p and install.argtypes[2] is ctypes.c_void_p),
-        "its callback type": (
-            _is_function_type(callback_type, (ctypes.c_size_t, ctypes.c_void_p), (
-                context_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64),
-                ctypes.POINTER(ctypes.c_uint8)))
-            and b.wasmtime_update_deadline_kind_t is ctypes.c_uint8),
-        "its finalizer type": _is_function_type(finalizer_type, (None,), (ctypes.c_void_p,)),
-        "wasmtime_context_get_fuel": (
-            get_fuel.restype is error_p
-            and list(get_fuel.argtypes) == [context_p, ctypes.POINTER(ctypes.c_uint64)]),
-        "wasmtime_context_set_fuel": (
-            set_fuel.restype is error_p and list(set_fuel.argtypes) == [context_p,
-                                                                        ctypes.c_uint64]),
-        "wasmtime_error_new": (
-            error_new.restype is error_p
-            and list(error_new.argtypes) == [ctypes.POINTER(ctypes.c_char)]),
-        "wasmtime_error_delete": list(error_delete.argtypes) == [error_p],
-    }
-    changed = [name for name, ok in checks.items() if not ok]
-    if changed:
-        raise RuntimeError(f"wasmtime._bindings changed ({', '.join(changed)}): live control "
-                           f"was written for wasmtime 50's C API")
-    return _Binding(install, callback_type, finalizer_type, get_fuel, set_fuel, error_new,
-                    error_delete)
-
-
-def _is_function_type(kind: Any, restypes: tuple[Any, ...], argtypes: tuple[Any, ...]) -> bool:
-    """Whether `kind` is a C function pointer type (CFUNCTYPE, cdecl) of this signature."""
-    reference: Any = ctypes.CFUNCTYPE(None)
-    return (isinstance(kind, type) and issubclass(kind, reference.__base__)
-            and getattr(kind, "_flags_", None) == reference._flags_
-            and getattr(kind, "_restype_", ()) in restypes
-            and tuple(getattr(kind, "_argtypes_", ())) == argtypes)
-
-
-def check_binding() -> None:
-    """Raise RuntimeError if live control cannot work with the installed wasmtime."""
-    if _BINDING_ERROR is not None:
-        raise RuntimeError(_BINDING_ERROR)
-
-
-def _new_error(text: str) -> int:
-    """An owned wasmtime_error_t*, as the address the callback returns."""
-    pointer = _BINDING.error_new(text.encode())
-    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
-
-
-# The running controls by `id()`, the `data` wasmtime hands back to the callback: a key looked
-# up here, never dereferenced, so a stale one finds nothing instead of freed memory.
-_CONTROLS: dict[int, LiveControl] = {}
-
-
-def _epoch_callback(context: Any, data: int | None, delta: Any, kind: Any) -> int:
-    # An exception escaping a ctypes callback crashes the process: catch everything, and set
-    # the out-parameters first (a delta of 0 would call back again at once, forever).
-    try:
-        delta[0] = 1
-        kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
-        control = _CONTROLS.get(data or 0)
-        if control is None:
-            return 0
-        try:
-            return control._tick(context)
-        except BaseException as exc:
-            control._stop = ErrorInfo("internal", f"live control failed: {exc!r}")
-            log.exception("live control failed")
-            return _new_error(_STOP_MARKER + "internal")
-    except BaseException:
-        return 0
-
-
-def _install_callback(store: wasmtime.Store, control: LiveControl) -> None:
-    check_binding()
-    # No finalizer: the callback and `_CONTROLS` are module-level and outlive every Store, and
-    # the entry is removed when the run returns (the callback never runs after that).
-    _CONTROLS[id(control)] = control
-    _BINDING.install(store.ptr(), _CALLBACK, id(control), _NO_FINALIZER)
-    store.set_epoch_deadline(1)
-
-
-_BINDING_ERROR: str | None = None
-try:
-    _BINDING = _load_binding()
-    _CALLBACK = _BINDING.callback_type(_epoch_callback)
-    _NO_FINALIZER = ctypes.cast(0, _BINDING.finalizer_type)
-except RuntimeError as exc:  # live control refuses to run; everything else still works
-    _BINDING_ERROR = str(exc)
 
 
 def _arguments(func_type: wasmtime.FuncType, inputs: list[Any]) -> list[Any]:

@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aioredis
 
 from executor.cache import CompiledModules, ModuleGone
-from executor.live import LiveRun
+from executor.progress import LiveRun
 from executor.sandbox import LinkError, Outcome, Sandbox
 from relay.bus import Bus
 from relay.keys import Keys

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from executor import live as executor_live
+from executor import progress
 from executor.worker import Executor
 from relay.keys import Keys
 from relay.settings import Settings
@@ -111,7 +111,7 @@ async def test_a_short_run_announces_its_start_before_its_output(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A short run does not announce its start on its own (its settle script does), but what
     it printed is published before that: `execution_started` must still come first."""
-    monkeypatch.setattr(executor_live, "ANNOUNCE_AFTER_S", 60.0)  # every run counts as short
+    monkeypatch.setattr(progress, "ANNOUNCE_AFTER_S", 60.0)  # every run counts as short
     module = await upload(http, (FIXTURES / "json_sum.wasm").read_bytes())
     result = (await http.post("/intent/execute-wasm",
                               json={"cid": module["cid"], "inputs": [1, 2, 3]})).json()

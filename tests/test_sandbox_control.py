@@ -6,8 +6,6 @@ length of a pause, which is what those tests measure.
 
 from __future__ import annotations
 
-import ctypes
-import importlib.metadata
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,17 +13,9 @@ from typing import Any
 
 import pytest
 import wasmtime
-from wasmtime import _bindings
 
-from executor.sandbox import (
-    CANCELLED_MESSAGE,
-    SHUTDOWN_MESSAGE,
-    LiveControl,
-    Outcome,
-    Prepared,
-    Sandbox,
-    check_binding,
-)
+from executor.control import CANCELLED_MESSAGE, LiveControl
+from executor.sandbox import SHUTDOWN_MESSAGE, Outcome, Prepared, Sandbox
 from relay.schemas import EffectivePolicy
 from tests.conftest import ADD_WAT, FIXTURES
 
@@ -89,24 +79,6 @@ def start(threads: ThreadPoolExecutor, sandbox: Sandbox, prepared: Prepared, ent
 def pause_and_wait(control: LiveControl) -> None:
     assert control.pause()
     wait_until(lambda: control.state == "paused", "the module to pause")
-
-
-def test_the_c_binding_is_what_live_control_was_written_for() -> None:
-    """Fails loudly when a wasmtime upgrade moves or changes what live control calls."""
-    check_binding()
-    install = _bindings._wasmtime_store_epoch_deadline_callback
-    assert install.restype is None
-    store_p, callback, data, finalizer = install.argtypes
-    assert store_p is ctypes.POINTER(_bindings.wasmtime_store_t)
-    assert data is ctypes.c_void_p
-    assert callback._restype_ is ctypes.c_size_t
-    assert callback._argtypes_ == (ctypes.POINTER(_bindings.wasmtime_context_t), ctypes.c_void_p,
-                                   ctypes.POINTER(ctypes.c_uint64),
-                                   ctypes.POINTER(ctypes.c_uint8))
-    assert finalizer._restype_ is None and finalizer._argtypes_ == (ctypes.c_void_p,)
-    assert _bindings._wasmtime_context_set_fuel.argtypes[1] is ctypes.c_uint64
-    # The fuel reserve trick behind `additional_gas` is pinned to one major version.
-    assert importlib.metadata.version("wasmtime").split(".")[0] == "50"
 
 
 def test_pause_then_resume_continues_in_place(sandbox: Sandbox, threads: ThreadPoolExecutor,

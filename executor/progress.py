@@ -21,7 +21,7 @@ from io import BufferedReader
 from pathlib import Path
 from typing import Literal
 
-from executor.sandbox import LiveControl
+from executor.control import LiveControl
 from relay.bus import Bus
 from relay.schemas import (
     BusMessage,

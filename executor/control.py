@@ -1,0 +1,317 @@
+"""Live control of one execution: pause, resume, cancel, and what it has used so far.
+
+A `LiveControl` is a state machine shared by the caller's threads and the wasm thread: requests
+come from anywhere, and the wasm thread acts on them at its next epoch tick (see executor.epoch),
+where it also reads the fuel used, enforces `max_time` in running time, blocks to pause the module
+in place, and ends the run when asked to. The sandbox drives it through `attach`, `begin`,
+`finish` and `detach`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import shutil
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import wasmtime
+
+from executor import epoch
+from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
+
+log = logging.getLogger("relay.executor.control")
+
+CANCELLED_MESSAGE = "the execution was cancelled"
+TIMEOUT_MESSAGE = "the module ran past its time limit ({max_time} ms)"
+_I64_MAX = 2**63 - 1
+
+ControlState = Literal["pending", "running", "paused", "finished"]
+
+
+class LiveControl:
+    """Live control of one execution: pause, resume, cancel, progress. One per execution.
+
+    Every public method and property may be called from any thread. The module only notices a
+    request at its next epoch tick (10 ms) while it runs wasm code: a pause or cancel
+    asked for while it sits in a host call (a WASI write) takes effect when it returns to wasm.
+
+    `max_pause_ms`: a pause longer than this ends the execution with `cancelled`.
+    `on_event`: called on the wasm thread (never the caller's) with "paused" once the module has
+    actually stopped and "resumed" when it continues; it must be quick and thread-safe (the
+    worker hands it to its loop with `call_soon_threadsafe`). Its exceptions are logged, never
+    raised into wasmtime.
+    """
+
+    stdout_path: Path | None
+    """For a WASI module, the file its stdout goes to: set (after `stderr_path`, both files
+    existing) before the module starts, and kept after the run until `release()`, so a reader
+    tailing it can read its end."""
+    stderr_path: Path | None
+
+    def __init__(self, *, max_pause_ms: int,
+                 on_event: Callable[[str], None] | None = None) -> None:
+        if max_pause_ms <= 0:
+            raise ValueError("max_pause_ms must be positive")
+        self.max_pause_ms = max_pause_ms
+        self.stdout_path = None
+        self.stderr_path = None
+        self._on_event = on_event
+        self._cond = threading.Condition(threading.Lock())
+        self._state: ControlState = "pending"
+        # Requests from any thread, read by the wasm thread (under `_cond` when acted upon).
+        self._pause_requested = False
+        self._resume_requested = False
+        self._cancel_message: str | None = None
+        self._grant = 0
+        # Written by the wasm thread only.
+        self._gas_used = 0
+        self._gas_limit = 0
+        self._max_time_s = math.inf
+        self._started = 0.0
+        self._ended = 0.0
+        self._paused_s = 0.0
+        self._paused_at: float | None = None
+        self._stop: ErrorInfo | None = None
+        self._tick_key: int | None = None
+        self._reserve = 0
+        self._fuel = ctypes.c_uint64(0)
+        self._output_cleanup: weakref.finalize[Any, Any] | None = None
+
+    # --- Any thread. ---
+
+    def pause(self) -> bool:
+        """Ask the module to stop in place; False when it is not running (paused or being
+        paused, cancelled, finished). Also accepted before it starts ("pending"): it then stops
+        at its first tick. A module that ends before its next tick ends without pausing."""
+        with self._cond:
+            if (self._state in ("pending", "running") and not self._pause_requested
+                    and self._cancel_message is None):
+                self._pause_requested = True
+                return True
+            return False
+
+    def resume(self, additional_gas: int = 0) -> bool:
+        """Let a paused module continue, its gas budget raised by `additional_gas` (>= 0).
+        False when it is not paused. A resume that overtakes a pause not yet in effect withdraws
+        it (no events), and the gas is added at the next tick. Raises ValueError."""
+        if additional_gas < 0:
+            raise ValueError("additional_gas must not be negative")
+        with self._cond:
+            if self._cancel_message is not None:
+                return False
+            if self._state == "paused" and not self._resume_requested:
+                self._resume_requested = True
+                self._state = "running"
+                self._grant += additional_gas
+                self._cond.notify_all()
+                return True
+            if self._pause_requested:
+                self._pause_requested = False
+                self._grant += additional_gas
+                return True
+            return False
+
+    def cancel(self, message: str = CANCELLED_MESSAGE) -> bool:
+        """End the execution with `cancelled` (and `message`), paused or not; False once it has
+        finished. When it returns True the outcome is `cancelled`, even if the module ended
+        meanwhile."""
+        with self._cond:
+            if self._state == "finished":
+                return False
+            if self._cancel_message is None:
+                self._cancel_message = message
+            self._pause_requested = False
+            self._cond.notify_all()
+            return True
+
+    @property
+    def state(self) -> ControlState:
+        return self._state
+
+    @property
+    def gas_used(self) -> int:
+        """Gas used as last seen at a tick (exact once finished); never decreases. Fuel is read
+        from where wasm code leaves it at calls and returns, so a call-free loop shows none."""
+        return self._gas_used
+
+    @property
+    def gas_limit(self) -> int:
+        """The gas budget: the policy's `max_gas` plus every `additional_gas` added so far."""
+        return self._gas_limit
+
+    @property
+    def running_ms(self) -> float:
+        """Wall-clock ms spent running (instantiation included), paused time excluded."""
+        with self._cond:
+            if self._state == "pending":
+                return 0.0
+            end = self._ended if self._state == "finished" else time.perf_counter()
+            paused = self._paused_s
+            if self._paused_at is not None:
+                paused += end - self._paused_at
+            return max(end - self._started - paused, 0.0) * 1000
+
+    def release(self) -> None:
+        """Delete the files behind `stdout_path` and `stderr_path` (call it once the output has
+        been read; a control that is garbage collected, or the interpreter's exit, does it too)."""
+        if self._output_cleanup is not None:
+            self._output_cleanup()
+
+    # --- The sandbox's side, on the wasm thread (the one running `Sandbox.run`). ---
+
+    def attach(self, store: wasmtime.Store) -> None:
+        """Take over `store`'s epoch deadline (from its next tick); `detach()` once the run has
+        returned. Raises RuntimeError if this wasmtime's C API is not the one relied on."""
+        self._tick_key = epoch.install(store, self._tick)
+
+    def detach(self) -> None:
+        if self._tick_key is not None:
+            epoch.uninstall(self._tick_key)
+            self._tick_key = None
+
+    def begin(self, policy: EffectivePolicy) -> bool:
+        """Start counting; False if cancelled before the start."""
+        with self._cond:
+            self._gas_limit = policy.max_gas
+            self._reserve = max(policy.max_gas - _I64_MAX, 0)
+            self._max_time_s = policy.max_time / 1000
+            self._started = time.perf_counter()
+            if self._cancel_message is not None:
+                self._state = "finished"
+                self._ended = self._started
+                return False
+            self._state = "running"
+            return True
+
+    def adopt_output(self, directory: str) -> None:
+        """Delete `directory` on `release()`."""
+        self._output_cleanup = weakref.finalize(self, shutil.rmtree, directory,
+                                                ignore_errors=True)
+
+    def finish(self, output: Any, error: ErrorInfo | None,
+               fuel_left: int) -> tuple[Any, int, float, ErrorInfo | None]:
+        """Stop counting; (output, gas used, running ms, error), as the sandbox's Outcome."""
+        now = time.perf_counter()
+        with self._cond:
+            # A cancel accepted before this point wins, even over a module that just ended:
+            # `cancel()` returning True always means a `cancelled` outcome.
+            if self._cancel_message is not None:
+                output, error = None, ErrorInfo("cancelled", self._cancel_message)
+            # Above i64::MAX the fuel still holds what `_add_gas` put there: the module has
+            # not yet written its own figure back, so the last one seen is the best known.
+            if fuel_left < _I64_MAX:
+                self._gas_used = max(self._gas_used, self._gas_limit - fuel_left)
+            self._ended = now
+            self._paused_at = None
+            self._state = "finished"
+            self._cond.notify_all()
+            duration_ms = max(now - self._started - self._paused_s, 0.0) * 1000
+            return output, self._gas_used, round(duration_ms, 3), error
+
+    def stop_of(self, exc: wasmtime.WasmtimeError) -> ErrorInfo | None:
+        """The error this control ended the run with, if `exc` is that end (timeout, cancel,
+        or internal); None for any other error."""
+        return self._stop if self._stop is not None and epoch.is_stop(exc) else None
+
+    def _tick(self, context: Any) -> int:
+        """At every epoch tick: 0 to continue, or an owned wasmtime_error_t* to stop. Never
+        raises: an exception escaping a ctypes callback crashes the process."""
+        try:
+            return self._act(context)
+        except BaseException as exc:
+            self._stop = ErrorInfo("internal", f"live control failed: {exc!r}")
+            log.exception("live control failed")
+            return epoch.stop_error("internal")
+
+    def _act(self, context: Any) -> int:
+        fuel = epoch.read_fuel(context, self._fuel)
+        if fuel is not None and fuel < _I64_MAX:
+            used = self._gas_limit - fuel
+            if used > self._gas_used:
+                self._gas_used = used
+        if self._cancel_message is not None:
+            return self._stop_with("cancelled", self._cancel_message)
+        if time.perf_counter() - self._started - self._paused_s >= self._max_time_s:
+            return self._stop_with("timeout", TIMEOUT_MESSAGE.format(
+                max_time=round(self._max_time_s * 1000)))
+        if self._pause_requested or self._grant:
+            return self._pause_point(context)
+        return 0
+
+    def _pause_point(self, context: Any) -> int:
+        with self._cond:
+            if not self._pause_requested:  # a resume withdrew the pause: only gas to add
+                grant, self._grant = self._grant, 0
+                self._add_gas(context, grant)
+                return 0
+            self._pause_requested = False
+            self._state = "paused"
+            self._paused_at = paused_at = time.perf_counter()
+        self._emit("paused")
+        with self._cond:
+            deadline = paused_at + self.max_pause_ms / 1000
+            while not self._resume_requested and self._cancel_message is None:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    self._cancel_message = (f"paused longer than the pause limit "
+                                            f"({self.max_pause_ms} ms)")
+                    break
+                self._cond.wait(remaining)
+            self._paused_s += time.perf_counter() - paused_at
+            self._paused_at = None
+            self._resume_requested = False
+            self._state = "running"
+            grant, self._grant = self._grant, 0
+            cancel = self._cancel_message
+        if cancel is not None:
+            return self._stop_with("cancelled", cancel)
+        self._add_gas(context, grant)
+        self._emit("resumed")
+        return 0
+
+    def _add_gas(self, context: Any, gas: int) -> None:
+        """Raise the budget of the running module by `gas`.
+
+        Running code keeps its fuel in a register and writes it back at calls and returns, so a
+        plain `set_fuel` here is overwritten. wasmtime injects at most i64::MAX into the code and
+        keeps the rest in a reserve it refills from when the code runs dry; the reserve is never
+        overwritten. So the fuel is set to i64::MAX + reserve, reserve = what is still reserved
+        plus `gas`. What is still reserved: reading above i64::MAX, the code has not written
+        back since the last grant (reading - i64::MAX); otherwise the code refilled from the
+        reserve exactly when the reading (reserve + fuel left in the code) is at most the
+        reserve, since a fuel check (with a refill when dry) always precedes a tick.
+        Pinned by tests/test_sandbox_control.py against an uncontrolled run's exact budget.
+        """
+        if gas <= 0:
+            return
+        fuel = epoch.read_fuel(context, self._fuel)
+        if fuel is None:
+            raise RuntimeError("cannot read the fuel of a running module")
+        if fuel >= _I64_MAX:
+            reserve = fuel - _I64_MAX
+        elif fuel > self._reserve:
+            reserve = self._reserve
+        else:
+            reserve = 0
+        epoch.set_fuel(context, _I64_MAX + reserve + gas)
+        self._reserve = reserve + gas
+        self._gas_limit += gas
+
+    def _stop_with(self, code: ErrorCode, message: str) -> int:
+        self._stop = ErrorInfo(code, message)
+        return epoch.stop_error(code)
+
+    def _emit(self, event: str) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event)
+        except Exception:
+            log.exception("on_event(%r) failed", event)
+
