@@ -28,7 +28,6 @@ from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore
 from relay.schemas import (
-    ControlMessage,
     ErrorCode,
     ErrorInfo,
     ExecuteResponse,
@@ -38,6 +37,7 @@ from relay.schemas import (
     now_iso,
 )
 from relay.settings import Settings
+from relay.supervise import Supervisor
 
 log = logging.getLogger("relay.executor")
 
@@ -73,6 +73,8 @@ class Executor:
         self._client = client
         self._keys = keys
         self._stopping = asyncio.Event()
+        self.supervisor = Supervisor("relay.executor")
+        """Runs the background loops (heartbeat, metrics, control, leases) while `run` serves."""
 
     def stop(self) -> None:
         """Stop taking work; `run` returns once what runs has finished, or after the drain
@@ -87,10 +89,10 @@ class Executor:
     async def run(self, *, burst: bool = False) -> None:
         """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new."""
         await self.bus.ensure_group()
-        background = [asyncio.create_task(self._heartbeat()),
-                      asyncio.create_task(self.metrics.run()),
-                      asyncio.create_task(self._follow_control()),
-                      asyncio.create_task(self._keep_leases())]
+        self.supervisor.start("heartbeat", self._heartbeat)
+        self.supervisor.start("metrics", self.metrics.run)
+        self.supervisor.start("control", self._follow_control)
+        self.supervisor.start("leases", self._keep_leases)
         next_reclaim = 0.0
         try:
             while not self._stopping.is_set():
@@ -124,10 +126,7 @@ class Executor:
                     await asyncio.sleep(0)
             await self._drain()
         finally:
-            for task in background:
-                task.cancel()
-            # redis-py may swallow a cancellation (see relay.events): do not wait on it forever.
-            await asyncio.wait(background, timeout=1.0)
+            await self.supervisor.stop()
             with contextlib.suppress(redis.RedisError):
                 await self.metrics.flush()
             self._threads.shutdown(wait=False, cancel_futures=True)
@@ -224,26 +223,34 @@ class Executor:
             try:
                 await pubsub.subscribe(self._keys.control)
                 async for message in pubsub.listen():
-                    self._apply(decode_control(message["data"]))
+                    self._apply(message["data"])
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("control channel lost, resubscribing: %s", exc)
                 await asyncio.sleep(0.5)
-            except msgspec.DecodeError as exc:
-                log.error("malformed control message: %s", exc)
             finally:
                 with contextlib.suppress(redis.RedisError):
                     await pubsub.aclose()
 
-    def _apply(self, message: ControlMessage) -> None:
+    def _apply(self, data: bytes) -> None:
+        # One bad message is skipped, never allowed to end the loop: every later pause, resume
+        # and cancel of this executor's runs goes through it.
+        try:
+            message = decode_control(data)
+        except msgspec.DecodeError as exc:
+            log.error("skipping a malformed control message: %s", exc)
+            return
         live = self._live.get(message.request_id)
         if live is None:
             return  # another executor's run
-        if message.action == "pause":
-            live.control.pause()
-        elif message.action == "resume":
-            live.control.resume(message.additional_gas)
-        else:
-            live.control.cancel()
+        try:
+            if message.action == "pause":
+                live.control.pause()
+            elif message.action == "resume":
+                live.control.resume(message.additional_gas)
+            else:
+                live.control.cancel()
+        except Exception:
+            log.exception("skipping control message %s that failed", message)
 
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
