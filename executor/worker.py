@@ -26,7 +26,7 @@ from executor.sandbox import LinkError, Outcome, Sandbox
 from relay.bus import Bus
 from relay.keys import Keys
 from relay.metrics import Metrics
-from relay.modules import ModuleStore
+from relay.modules import ModuleStore, runs_as_command
 from relay.schemas import (
     ErrorCode,
     ErrorInfo,
@@ -294,8 +294,9 @@ class Executor:
         control = live.control
         self._live[request.request_id] = live
         try:
-            prepared = await self.modules.get(request.cid)
-            command = prepared.uses_wasi and request.entrypoint == "_start"
+            module = await self.modules.get(request.cid)
+            prepared = module.prepared
+            command = runs_as_command(module.info, request.entrypoint)
             inline = self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
                                              request.policy)
             if inline is not None:
