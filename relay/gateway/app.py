@@ -89,6 +89,7 @@ def create_app(settings: Settings) -> Starlette:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins),
             allow_methods=["*"], allow_headers=["*"],
-            expose_headers=["Location", "X-Request-Id", "Idempotent-Replayed", "Retry-After"]))
+            expose_headers=["Location", "X-Request-Id", "Idempotent-Replayed", "Retry-After",
+                            "RateLimit", "RateLimit-Policy"]))
     return RelayApp(routes=ROUTES, middleware=middleware, lifespan=lifespan,
                     exception_handlers=problems.HANDLERS)
