@@ -152,6 +152,13 @@ class Health(msgspec.Struct, kw_only=True):
     """Background loops of this gateway that failed and wait to be restarted."""
 
 
+class Index(msgspec.Struct, kw_only=True):
+    """`GET /`: what this is, and where to go from here."""
+
+    service: Literal["relay"] = "relay"
+    links: dict[str, str]
+
+
 class Liveness(msgspec.Struct):
     status: Literal["ok"] = "ok"
 

@@ -53,6 +53,18 @@ async def _ready(http: httpx.AsyncClient) -> bool:
     return (await http.get("/readyz")).status_code == 200
 
 
+async def test_the_index_links_to_routes_that_exist_without_credentials(
+        app: Any, http: httpx.AsyncClient) -> None:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://relay") as anonymous:
+        index = await anonymous.get("/")
+    assert index.status_code == 200
+    links = index.json()["links"]
+    served = {route.path for route in app.routes}
+    assert set(links.values()) <= served | {"/executions/{id}", "/names/{name}"}
+    assert (await http.get(links["openapi"])).status_code == 200
+
+
 async def test_health_reports_the_event_stream_it_serves(http: httpx.AsyncClient) -> None:
     health = (await http.get("/intent/execute-wasm/health")).json()
     assert health["features"]["sse_events"] is True

@@ -40,6 +40,7 @@ ROUTES = [
     Route("/modules/{cid}/wasm", modules.get_module_wasm, methods=["GET"]),
     Route("/names/{name}/{tag}", modules.bind_name, methods=["PUT"]),
     Route("/names/{name}", modules.get_name, methods=["GET"]),
+    Route("/", health.index, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),

@@ -1,4 +1,5 @@
-"""Health, liveness, readiness, Prometheus metrics and the OpenAPI document: no credentials."""
+"""The index, health, liveness, readiness, Prometheus metrics and the OpenAPI document: none
+needs credentials."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from relay.errors import Unavailable
 from relay.gateway.http import json_response
 from relay.gateway.state import gateway_of
 from relay.keys import Keys
-from relay.schemas import Health, HealthFeatures, HealthLimits, Liveness, Readiness
+from relay.schemas import Health, HealthFeatures, HealthLimits, Index, Liveness, Readiness
 
 EVENTS_PATH = "/intent/execute-wasm/events"
+INDEX = json_response(Index(links={
+    "execute": "/intent/execute-wasm", "events": EVENTS_PATH, "executions": "/executions/{id}",
+    "modules": "/modules", "names": "/names/{name}", "tokens": "/auth/tokens",
+    "health": "/intent/execute-wasm/health", "openapi": "/openapi.json"})).body
+
+
+async def index(request: Request) -> Response:
+    return json_response(INDEX)
+
 
 
 async def healthz(request: Request) -> Response:
