@@ -2,7 +2,7 @@
 
 Each setting is declared once, as a field of `Settings`: its type and default as usual, and in
 its `Annotated` metadata a `Variable` giving the environment variable, the parser, the unit and a
-one-line meaning. `load()` reads the environment by it, and `relay.settings_doc` writes the
+one-line meaning. `load()` reads the environment by it, and scripts/gen_config_docs.py writes the
 README's configuration table and docs/configuration.md from it (tests/test_settings.py checks both
 documents against it).
 
@@ -124,7 +124,8 @@ def _str(name: str, raw: str) -> str:
 
 # --- the declaration ---
 
-# Groups, in the order the documentation shows them (relay.settings_doc says what each means).
+# Groups, in the order the documentation shows them (scripts/gen_config_docs.py says what
+# each means).
 REDIS, LIMITS, AUTH = "redis", "limits", "auth"
 EXECUTOR, EVENTS, LOGS = "executor", "events", "logs"
 GROUPS = (REDIS, LIMITS, AUTH, EXECUTOR, EVENTS, LOGS)

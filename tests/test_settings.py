@@ -7,11 +7,13 @@ check what a wrong value does at start.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any
 
 import msgspec
@@ -19,7 +21,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay import settings_doc
 from relay.cli import main as relay_main
 from relay.settings import (
     DEFAULT_POLICY_DIR,
@@ -36,6 +37,17 @@ from relay.settings import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+GENERATOR = ROOT / "scripts" / "gen_config_docs.py"
+
+
+@pytest.fixture(scope="module")
+def generator() -> ModuleType:
+    """scripts/gen_config_docs.py, which writes both documents from the declaration."""
+    spec = importlib.util.spec_from_file_location("gen_config_docs", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def readme_table() -> list[str]:
@@ -76,25 +88,30 @@ def test_the_readme_table_lists_every_variable_with_its_default() -> None:
             assert default == setting.variable.shown_default, name
 
 
-def test_the_readme_table_is_the_generated_one() -> None:
-    """Byte for byte what `python -m relay.settings_doc --markdown` prints (its CLI included),
-    so a changed default or meaning cannot be forgotten in the README."""
-    printed = subprocess.run([sys.executable, "-m", "relay.settings_doc", "--markdown"],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert printed == settings_doc.markdown_table()
-    assert "\n".join(readme_table()) + "\n" == printed, (
-        "README.md's configuration table is stale: paste in "
-        "`python -m relay.settings_doc --markdown`")
+def test_the_readme_table_is_the_generated_one(generator: ModuleType) -> None:
+    """Byte for byte what the generator writes, so a changed default or meaning cannot be
+    forgotten in the README."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme == generator.readme_with_table(readme), (
+        "README.md's configuration table is stale: run python scripts/gen_config_docs.py")
+    assert "\n".join(readme_table()) + "\n" == generator.markdown_table()
 
 
-def test_docs_configuration_is_the_generated_one_and_lists_every_variable() -> None:
+def test_docs_configuration_is_the_generated_one_and_lists_every_variable(
+        generator: ModuleType) -> None:
     text = (ROOT / "docs" / "configuration.md").read_text()
-    assert text == settings_doc.configuration_doc(), (
-        "docs/configuration.md is stale: python -m relay.settings_doc --docs "
-        "> docs/configuration.md")
+    assert text == generator.configuration_md(), (
+        "docs/configuration.md is stale: run python scripts/gen_config_docs.py")
     listed = re.findall(r"^\| `([A-Z0-9_]+)` \|", text, re.MULTILINE)
     assert sorted(listed) == sorted(VARIABLES), "each variable once, in its group's table"
     assert "](http" not in text, "the docs link only inside the repository"
+
+
+def test_the_generator_s_check_passes_on_the_repository() -> None:
+    """What a contributor runs after changing a setting; it exits 1 on stale documents."""
+    checked = subprocess.run([sys.executable, str(GENERATOR), "--check"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
 
 
 # --- the declaration itself ---

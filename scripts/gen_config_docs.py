@@ -1,17 +1,39 @@
-"""The configuration documentation, written from the settings' one declaration.
+"""Render the configuration documentation from the settings' one declaration (relay.settings).
 
-`python -m relay.settings_doc --markdown` prints the table of the README's Configuration
-section; `--docs` prints docs/configuration.md. tests/test_settings.py fails when either
-document and `relay.settings` disagree, so regenerate them after changing a setting.
+    python scripts/gen_config_docs.py          # rewrite README.md's table and docs/configuration.md
+    python scripts/gen_config_docs.py --check  # exit 1 when either is out of date
+
+README.md's Configuration section carries the table of every setting between the markers below;
+docs/configuration.md is generated whole: a section per group, its note and its settings. When a
+setting changes, run this and commit the documents with it (tests/test_settings.py fails until
+then).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import textwrap
+from pathlib import Path
 
-from relay.settings import AUTH, EVENTS, EXECUTOR, GROUPS, LIMITS, LOGS, REDIS, SETTINGS, Setting
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from relay.settings import (  # noqa: E402 - the repository's relay, wherever this is run from
+    AUTH,
+    EVENTS,
+    EXECUTOR,
+    GROUPS,
+    LIMITS,
+    LOGS,
+    REDIS,
+    SETTINGS,
+    Setting,
+)
+
+README = ROOT / "README.md"
+CONFIGURATION_MD = ROOT / "docs" / "configuration.md"
+START = "<!-- generated:start (scripts/gen_config_docs.py; do not edit by hand) -->"
+END = "<!-- generated:end -->"
 
 # Each group's title and what a user needs to know about its settings together.
 GROUP_NOTES: dict[str, tuple[str, str]] = {
@@ -41,7 +63,7 @@ GROUP_NOTES: dict[str, tuple[str, str]] = {
            "`relay dev`); a record logged while a request is served carries its request id."),
 }
 if set(GROUP_NOTES) != set(GROUPS):  # a group added to relay.settings needs its note here
-    raise TypeError(f"groups without a note: {set(GROUPS) ^ set(GROUP_NOTES)}")
+    raise SystemExit(f"groups without a note: {set(GROUPS) ^ set(GROUP_NOTES)}")
 
 
 def shown_default(setting: Setting) -> str:
@@ -65,8 +87,8 @@ def markdown_table(group: str | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
-def configuration_doc() -> str:
-    """docs/configuration.md: a section per group, its note and its settings."""
+def configuration_md() -> str:
+    """docs/configuration.md, whole."""
     parts = [
         "# Configuration",
         _paragraph(
@@ -76,8 +98,9 @@ def configuration_doc() -> str:
             "it, so one set can serve both. Numbers are integers (`_` may group digits, as in "
             "`1_000_000`); durations are milliseconds, sizes bytes, gas is wasmtime fuel."),
         _paragraph(
-            "This file is generated from `relay/settings.py` by `python -m relay.settings_doc "
-            "--docs`; `tests/test_settings.py` fails when the file and the code disagree."),
+            "This file is generated from `relay/settings.py` by `python "
+            "scripts/gen_config_docs.py`; `tests/test_settings.py` fails when the file and the "
+            "code disagree."),
     ]
     for group in GROUPS:
         title, note = GROUP_NOTES[group]
@@ -85,21 +108,32 @@ def configuration_doc() -> str:
     return "\n\n".join(part.rstrip("\n") for part in parts) + "\n"
 
 
+def readme_with_table(text: str) -> str:
+    """README.md's `text` with the region between START and END replaced by the table."""
+    head, start, rest = text.partition(START)
+    _, end, tail = rest.partition(END)
+    if not start or not end:
+        raise SystemExit(f"{README}: the markers {START!r} and {END!r} are missing")
+    return f"{head}{START}\n\n{markdown_table()}\n{END}{tail}"
+
+
 def _paragraph(text: str) -> str:
     # Breaking only at spaces keeps `code` and paths whole in the source.
     return textwrap.fill(text, width=100, break_long_words=False, break_on_hyphens=False)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m relay.settings_doc",
-                                     description="Print the configuration documentation.")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--markdown", action="store_true",
-                       help="the table of the README's Configuration section")
-    which.add_argument("--docs", action="store_true", help="docs/configuration.md")
-    args = parser.parse_args(argv)
-    sys.stdout.write(markdown_table() if args.markdown else configuration_doc())
+def main(argv: list[str]) -> int:
+    wanted = {README: readme_with_table(README.read_text()), CONFIGURATION_MD: configuration_md()}
+    stale = [path for path, text in wanted.items()
+             if not path.exists() or path.read_text() != text]
+    if "--check" in argv:
+        for path in stale:
+            print(f"{path} is out of date: run python scripts/gen_config_docs.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(wanted[path])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))
