@@ -10,28 +10,18 @@ import hashlib
 import secrets
 from typing import NamedTuple
 
-import msgspec
 import redis.asyncio as aioredis
 
 from relay.keys import Keys
-from relay.schemas import now_iso
+from relay.schemas import StoredKey, decode_stored_key, encode, now_iso
 
 KEY_PREFIX = "relay_"
 ID_LENGTH = 12
 
 
-class StoredKey(msgspec.Struct):
-    principal: str
-    id: str
-    created_at: str
-
-
 class NewKey(NamedTuple):
     key: str
     id: str
-
-
-_decode = msgspec.json.Decoder(StoredKey).decode
 
 
 class StoredKeys:
@@ -43,21 +33,22 @@ class StoredKeys:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         key_digest = hashlib.sha256(key.encode()).hexdigest()
         record = StoredKey(principal=principal, id=key_digest[:ID_LENGTH], created_at=now_iso())
-        await self.client.hset(self.hash, key_digest, msgspec.json.encode(record))
+        await self.client.hset(self.hash, key_digest, encode(record))
         return NewKey(key, record.id)
 
     async def principal(self, key_digest: bytes) -> str | None:
         raw = await self.client.hget(self.hash, key_digest.hex())
-        return None if raw is None else _decode(raw).principal
+        return None if raw is None else decode_stored_key(raw).principal
 
     async def list(self) -> list[StoredKey]:
-        records = [_decode(raw) for raw in (await self.client.hgetall(self.hash)).values()]
+        stored = await self.client.hgetall(self.hash)
+        records = [decode_stored_key(raw) for raw in stored.values()]
         return sorted(records, key=lambda record: (record.principal, record.created_at))
 
     async def revoke(self, key_id: str) -> StoredKey | None:
         """Delete the key with this id; None when there is none."""
         for field, raw in (await self.client.hgetall(self.hash)).items():
-            record = _decode(raw)
+            record = decode_stored_key(raw)
             if record.id == key_id:
                 await self.client.hdel(self.hash, field)
                 return record

@@ -9,14 +9,12 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
-import time
 from typing import Any
 
-import msgspec
+from relay.schemas import encode, rfc3339
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                          default=None)
-_encode = msgspec.json.Encoder().encode
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged too.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -24,8 +22,7 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -36,7 +33,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return _encode(entry).decode("utf-8", "replace")
+        return encode(entry).decode("utf-8", "replace")
 
 
 def configure(level: str, log_format: str) -> None:

@@ -28,6 +28,7 @@ import cedarpy
 import msgspec
 
 from relay.errors import pointer_from_msgspec
+from relay.schemas import encode
 
 log = logging.getLogger("relay.policy")
 
@@ -209,7 +210,6 @@ class Policies:
 _NO_CAPS: Final = PrincipalCaps()
 _GATEWAY: Final = {"type": "Relay", "id": "gateway"}
 _NO_ENTITIES: Final = cedarpy.Entities.from_json_str("[]")
-_encode = msgspec.json.Encoder().encode
 
 
 # Parsing the one-entity set is about half the cost of a decision, and requests keep naming the
@@ -221,7 +221,7 @@ def _module_entities(cid: str, name: str, owner: str) -> cedarpy.Entities:
         "attrs": {"name": name, "owner": {"__entity": {"type": "User", "id": owner}}},
         "parents": [],
     }
-    return cedarpy.Entities.from_json_str(_encode([entity]).decode())
+    return cedarpy.Entities.from_json_str(encode([entity]).decode())
 
 
 def _is_policy_file(name: str) -> bool:

@@ -20,15 +20,10 @@ import msgspec
 import redis.asyncio as aioredis
 
 from relay.errors import Unauthenticated
+from relay.schemas import TokenClaims, decode_token_claims, encode
 
 PREFIX = "rt1"
 MAX_TTL_S = 300
-
-
-class _Claims(msgspec.Struct, forbid_unknown_fields=True):
-    sub: str
-    exp: int
-    scope: str
 
 
 class Verified(NamedTuple):
@@ -62,7 +57,7 @@ class AccessTokens:
     def mint(self, principal: str) -> tuple[str, int]:
         """A subscribe-only token for `principal`, and when it expires (Unix seconds)."""
         expires_at = int(time.time()) + self.ttl_s
-        payload = _b64(msgspec.json.encode(_Claims(sub=principal, exp=expires_at,
+        payload = _b64(encode(TokenClaims(sub=principal, exp=expires_at,
                                                    scope="subscribe")))
         return f"{PREFIX}.{payload}.{self._sign(payload)}", expires_at
 
@@ -75,7 +70,7 @@ class AccessTokens:
         if not hmac.compare_digest(signature, self._sign(payload)):
             raise Unauthenticated("access_token is not valid")
         try:
-            claims = msgspec.json.decode(_unb64(payload), type=_Claims)
+            claims = decode_token_claims(_unb64(payload))
         except (ValueError, msgspec.DecodeError):
             raise Unauthenticated("access_token is not valid") from None
         if claims.scope != "subscribe" or claims.exp <= time.time():

@@ -13,13 +13,12 @@ import re
 import time
 from collections.abc import AsyncIterator
 
-import msgspec
 from starlette.requests import HTTPConnection, Request
 
 from relay.errors import InvalidRequest
 from relay.gateway.fanin import PING, Entry, Subscriber, Wire, entry, for_clients
 from relay.gateway.state import Gateway
-from relay.schemas import EventsLost, decode_head
+from relay.schemas import EventsLost, decode_head, encode
 
 SEND_BATCH = 64
 REPLAY_PAGE = 500
@@ -94,7 +93,7 @@ async def follow(gw: Gateway, subscriber: Subscriber, after: str | None, until: 
         replayed = parse_id(after)
         oldest = await _events_lost(gw, after)
         if oldest is not None:
-            yield [msgspec.json.encode(EventsLost(oldest_id=oldest.decode()))]
+            yield [encode(EventsLost(oldest_id=oldest.decode()))]
         async for old in _replay(gw, subscriber.principal, subscriber.request_ids, after):
             replayed = parse_id(old.id.decode())
             yield [old]
