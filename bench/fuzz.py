@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Fuzz a running `relay dev` from its own OpenAPI document: many examples per operation.
 
-The same as tests/test_fuzz.py (the same checks, seed modules and generation hooks, imported from
-it), at a larger scale and over a real socket:
+The same as tests/system/test_fuzz.py (the same checks, seed modules and generation hooks,
+imported from it), at a larger scale and over a real socket:
 - starts `relay dev` in its own process group, on its own fresh data directory (so its own
   embedded Redis), port and random API key, with a rate limit it never reaches
   (RELAY_RATE_LIMIT=1000000000: the limiter runs, so the RateLimit headers the document
@@ -13,7 +13,8 @@ it), at a larger scale and over a real socket:
   uploaded (again after a fuzzed delete), the generators lean towards them, and every response
   is counted;
 - prints schemathesis's report (every distinct failure with a curl to reproduce it), then the
-  responses per operation by status class. What it finds belongs in tests/test_fuzz.py's FOUND.
+  responses per operation by status class. What it finds belongs in the FOUND of
+  tests/system/test_fuzz.py.
 
 Bounded: past `--max-time` seconds the run is interrupted (schemathesis still prints what it
 found), and everything it started is stopped, also on error and Ctrl-C.
@@ -62,7 +63,7 @@ def install_in_schemathesis() -> None:
     import requests
     import schemathesis
 
-    from tests.test_fuzz import SEEDS, install_hooks, seed, seed_modules  # + problem_json
+    from tests.system.test_fuzz import SEEDS, install_hooks, seed, seed_modules  # + problem_json
 
     url, key = os.environ["RELAY_FUZZ_URL"], os.environ["RELAY_FUZZ_KEY"]
 

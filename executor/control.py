@@ -286,7 +286,7 @@ class LiveControl:
         back since the last grant (reading - i64::MAX); otherwise the code refilled from the
         reserve exactly when the reading (reserve + fuel left in the code) is at most the
         reserve, since a fuel check (with a refill when dry) always precedes a tick.
-        Pinned by tests/test_sandbox_control.py against an uncontrolled run's exact budget.
+        Pinned by tests/executor/test_sandbox_control.py against an uncontrolled run's exact budget.
         """
         if gas <= 0:
             return

@@ -2,8 +2,8 @@
 
 Schemas come from the msgspec wire types (`relay.schemas`, `relay.errors`); error statuses, slugs
 and headers from the `RelayError` classes; the rest from `OPERATIONS`, one entry per route of
-`relay.gateway.app.ROUTES` (tests/test_openapi.py fails when the two differ, so the document never
-describes a route that does not exist, nor misses one that does).
+`relay.gateway.app.ROUTES` (tests/relay/gateway/test_openapi.py fails when the two differ, so
+the document never describes a route that does not exist, nor misses one that does).
 """
 
 from __future__ import annotations

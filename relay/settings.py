@@ -3,8 +3,8 @@
 Each setting is declared once, as a field of `Settings`: its type and default as usual, and in
 its `Annotated` metadata a `Variable` giving the environment variable, the parser, the unit and a
 one-line meaning. `load()` reads the environment by it, and scripts/gen_config_docs.py writes the
-README's configuration table and docs/configuration.md from it (tests/test_settings.py checks both
-documents against it).
+README's configuration table and docs/configuration.md from it (tests/relay/test_settings.py
+checks both documents against it).
 
 A bad value stops the start with the variable's name (`SettingsError`), so a typo never turns
 into a silent default at run time.

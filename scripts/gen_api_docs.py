@@ -5,7 +5,7 @@
 
 The endpoint table and every field table come from `relay.openapi.document()`, which is built
 from the code's own wire types: when a type changes, run this and commit docs/api.md with it
-(tests/test_docs.py fails until then).
+(tests/system/test_docs.py fails until then).
 """
 
 from __future__ import annotations

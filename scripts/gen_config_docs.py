@@ -5,7 +5,7 @@
 
 README.md's Configuration section carries the table of every setting between the markers below;
 docs/configuration.md is generated whole: a section per group, its note and its settings. When a
-setting changes, run this and commit the documents with it (tests/test_settings.py fails until
+setting changes, run this and commit the documents with it (tests/relay/test_settings.py fails until
 then).
 """
 
@@ -99,8 +99,8 @@ def configuration_md() -> str:
             "`1_000_000`); durations are milliseconds, sizes bytes, gas is wasmtime fuel."),
         _paragraph(
             "This file is generated from `relay/settings.py` by `python "
-            "scripts/gen_config_docs.py`; `tests/test_settings.py` fails when the file and the "
-            "code disagree."),
+            "scripts/gen_config_docs.py`; `tests/relay/test_settings.py` fails when the file "
+            "and the code disagree."),
     ]
     for group in GROUPS:
         title, note = GROUP_NOTES[group]

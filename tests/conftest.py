@@ -67,7 +67,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def settings(redis_url: str) -> Iterator[Settings]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    # A rate limit no test reaches unless it sets its own (tests/test_ratelimit.py).
+    # A rate limit no test reaches unless it sets its own (tests/relay/pipeline/test_ratelimit.py).
     yield load({}, redis_url=redis_url, prefix=prefix, api_keys=API_KEYS, sync_wait_ms=15_000,
                executor_concurrency=2, rate_limit=1_000_000, access_log=False)
     client = redis.Redis.from_url(redis_url)

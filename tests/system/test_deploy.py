@@ -31,8 +31,8 @@ from relay import settings as settings_module
 from relay.cli import main as relay_main
 from relay.gateway.app import ROUTES
 from relay.keys import Keys
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -45,7 +45,7 @@ from tests.conftest import (
     upload,
     wait_for,
 )
-from tests.test_execute import run
+from tests.relay.gateway.test_execute import run
 
 FIB_WAT = (ROOT / "relay" / "examples" / "fib.wat").read_text()
 CALCULATOR_WAT = (ROOT / "relay" / "examples" / "calculator.wat").read_text()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -20,8 +19,8 @@ import yaml
 
 from relay.cli import main as relay_main
 from relay.settings import VARIABLES, load
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 # `${NAME}`, `${NAME:-default}`, `${NAME-default}`: the forms compose.yaml uses.

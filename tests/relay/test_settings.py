@@ -35,8 +35,8 @@ from relay.settings import (
     declared,
     load,
 )
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "scripts" / "gen_config_docs.py"
 
 

@@ -102,7 +102,7 @@ def test_ticks_read_the_fuel_and_end_the_run(engine: wasmtime.Engine) -> None:
 
 def test_fuel_set_at_a_tick_is_the_stores(engine: wasmtime.Engine) -> None:
     """(Running code then overwrites it with what it holds: executor.control adds gas through
-    wasmtime's reserve, above i64::MAX, and tests/test_sandbox_control.py pins that.)"""
+    wasmtime's reserve, above i64::MAX, and tests/executor/test_sandbox_control.py pins that.)"""
     seen: list[int | None] = []
 
     def on_tick(context: Any) -> int:

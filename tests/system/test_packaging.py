@@ -22,7 +22,8 @@ import httpx
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
+
 # What the Dockerfile copies into its build: the project as a user's `pip install .` sees it.
 SOURCES = ("pyproject.toml", "README.md", "relay", "executor")
 
@@ -155,7 +156,7 @@ def _wait_until_serving(http: httpx.Client, dev: subprocess.Popen[str]) -> None:
 
 
 def _stop(dev: subprocess.Popen[str], embedded: redis.Redis) -> None:
-    """SIGTERM stops the executor and the embedded Redis too (tests/test_processes.py proves
+    """SIGTERM stops the executor and the embedded Redis too (tests/system/test_processes.py proves
     it); whatever failed, nothing is left running."""
     children = [int(pid) for pid in subprocess.run(
         ["pgrep", "-P", str(dev.pid)], capture_output=True, text=True).stdout.split()]

@@ -16,8 +16,8 @@ from types import ModuleType
 import pytest
 
 from relay.openapi import document
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 README = ROOT / "README.md"
 

@@ -34,7 +34,6 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -63,9 +62,8 @@ from relay import connection
 from relay.gateway.app import create_app
 from relay.openapi import document
 from relay.settings import Settings
-from tests.conftest import ALICE_KEY
+from tests.conftest import ALICE_KEY, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 FUZZ_EXAMPLES = 12
 """Generated requests per operation in the fuzzing phase (EXECUTE_EXAMPLES for execute)."""
 EXECUTE_EXAMPLES = 40
