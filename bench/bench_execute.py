@@ -24,6 +24,10 @@ the targets of both issues. `--profile N` then samples the gateway and the execu
 (and, to subtract, of `relay-core`) with py-spy for N seconds under load and prints their hot
 spots and what the pipeline adds in the gateway.
 
+`--only relay-core,relay` runs some targets only; `--root DIR` runs relay from another checkout
+of the project (a `git worktree`: its code first on the children's import path, checked);
+`--json FILE` writes the medians. `compare_commits.py` uses all three to compare two commits.
+
 Run from the project root:  .venv/bin/python bench/bench_execute.py [--duration 10]
 The stdlib is enough for this file; the children run with the project's virtualenv.
 """
@@ -817,7 +821,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-time", type=float, default=None,
                         help="hard bound on the whole run in seconds (default: computed)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, profiles)")
-    return parser.parse_args(argv)
+    parser.add_argument("--only", default=",".join(TARGET_NAMES),
+                        help=f"comma-separated targets to run (default {','.join(TARGET_NAMES)})")
+    parser.add_argument("--root", type=Path, default=None, metavar="DIR",
+                        help="run relay from this checkout (e.g. a git worktree): DIR first on "
+                             "the children's PYTHONPATH, checked (default: this project's)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write the medians of every point to FILE")
+    args = parser.parse_args(argv)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(args.only) - set(TARGET_NAMES)
+    if unknown or not args.only:
+        parser.error(f"--only: one or more of {', '.join(TARGET_NAMES)} (got {args.only})")
+    if args.profile and not set(RELAY_TARGETS) <= set(args.only):
+        parser.error(f"--profile needs both {CORE} and {PIPELINE} in --only")
+    return args
+
+
+def root_env(python: str, root: Path) -> dict[str, str]:
+    """The environment that makes `python -m relay` (and the executor it starts, which inherits
+    it) import relay and executor from `root`: `root` first on PYTHONPATH, ahead of the editable
+    install's finder (appended to sys.meta_path, so it loses to sys.path), and PYTHONSAFEPATH so
+    that the working directory does not go first. Bytecode is written, so the children's imports
+    leave `__pycache__` in `root` (checked by `check_root_used`). Raises if a child started so
+    would not import relay and executor from `root`."""
+    env = {"PYTHONPATH": os.pathsep.join([str(root), *filter(None, [
+               os.environ.get("PYTHONPATH")])]), "PYTHONSAFEPATH": "1"}
+    probe = subprocess.run(
+        [python, "-c", "import json, executor, relay; "
+                       "print(json.dumps([relay.__file__, executor.__file__]))"],
+        env={**clean_env(), **env}, capture_output=True, text=True, timeout=60)
+    files = json.loads(probe.stdout) if probe.returncode == 0 else []
+    if len(files) != 2 or not all(Path(f).resolve().is_relative_to(root) for f in files):
+        raise RuntimeError(f"--root {root}: the children would not import relay and executor "
+                           f"from it: {files or probe.stderr}")
+    return env
+
+
+def check_root_used(root: Path) -> None:
+    """After relay dev is up: its gateway imported relay.cli from `root` and its executor some
+    module of `root/executor` beyond the package itself (Python wrote their bytecode there)."""
+    gateway = list((root / "relay" / "__pycache__").glob("cli.*.pyc"))
+    executor = [pyc for pyc in (root / "executor").rglob("*.pyc")
+                if not pyc.name.startswith("__init__.")]
+    if not gateway or not executor:
+        raise RuntimeError(f"--root {root}: no bytecode of relay.cli ({gateway}) or of the "
+                           f"executor ({executor[:3]}) there: the children imported relay from "
+                           "somewhere else")
 
 
 def start_relay(name: str, python: str, base_env: dict[str, str], work_dir: Path,
@@ -846,7 +896,9 @@ def wait_relay(child: Child, port: int, data_dir: Path, key: str) -> Target:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    points = len(concurrencies) * len(TARGET_NAMES) * args.rounds
+    names = [name for name in TARGET_NAMES if name in args.only]
+    relay_names = [name for name in RELAY_TARGETS if name in names]
+    points = len(concurrencies) * len(names) * args.rounds
     budget = args.max_time or (150 + points * (args.warmup + args.duration + 15)
                                + (2 * (args.profile + 40) if args.profile else 0))
     python = pick_python(args.python)
@@ -860,36 +912,45 @@ def main(argv: list[str] | None = None) -> int:
         # The defaults, but for what each target sets: nothing inherited from this shell.
         base_env = clean_env()
         base_env.update(RELAY_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
-        started = {name: start_relay(name, python, base_env, work_dir, children)
-                   for name in RELAY_TARGETS}
-        reference_port = free_port()
-        reference_child = start_child(
-            REFERENCE, [python, str(Path(__file__).resolve()), "_reference", "--port",
-                        str(reference_port)], base_env, work_dir, children)
+        relay_env = base_env
+        if args.root is not None:
+            args.root = args.root.resolve()
+            relay_env = {k: v for k, v in base_env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            relay_env.update(root_env(python, args.root))
+        started = {name: start_relay(name, python, relay_env, work_dir, children)
+                   for name in relay_names}
+        if REFERENCE in names:
+            reference_port = free_port()
+            reference_child = start_child(
+                REFERENCE, [python, str(Path(__file__).resolve()), "_reference", "--port",
+                            str(reference_port)], base_env, work_dir, children)
 
         for name, (child, data_dir, key, port) in started.items():
             targets[name] = wait_relay(child, port, data_dir, key)
-        wait_until(lambda: http_json("GET", f"http://127.0.0.1:{reference_port}/healthz")[0]
-                   == 200, reference_child, "/healthz", 60)
-        targets[REFERENCE] = Target(REFERENCE, "127.0.0.1", reference_port, REFERENCE_PATH, {},
-                                    {"server": reference_child.process.pid})
+        if args.root is not None and started:
+            check_root_used(args.root)
+        if REFERENCE in names:
+            wait_until(lambda: http_json("GET", f"http://127.0.0.1:{reference_port}/healthz")[0]
+                       == 200, reference_child, "/healthz", 60)
+            targets[REFERENCE] = Target(REFERENCE, "127.0.0.1", reference_port, REFERENCE_PATH,
+                                        {}, {"server": reference_child.process.pid})
         for target in targets.values():
             print(f"{target.name} on http://127.0.0.1:{target.port} (pids {target.pids})")
-        print(f"python {python}")
+        print(f"python {python}; relay from {args.root or ROOT}")
         for target in targets.values():
             verify(target)
         # The access log: a line per request from relay, none from relay-core.
         access = b"relay.access"  # the logger's name, in the json and the text format
         for _ in range(20):  # the line is written once the response has gone
             lines = {child.name: child.count_in_log(access) for child, *_ in started.values()}
-            if lines[PIPELINE]:
+            if lines.get(PIPELINE, 1):
                 break
             time.sleep(0.1)
-        if not lines[PIPELINE] or lines[CORE]:
+        if not lines.get(PIPELINE, 1) or lines.get(CORE, 0):
             raise RuntimeError(f"access log lines after one request each: {lines}")
 
         loader = Loader(args.client, work_dir)
-        order = [targets[name] for name in TARGET_NAMES]
+        order = [targets[name] for name in names]
         rounds: dict[tuple[str, int], list[Result]] = collections.defaultdict(list)
         for round_index in range(args.rounds):
             for concurrency in concurrencies:
@@ -901,6 +962,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"errors {result.errors}", flush=True)
         results = {point: aggregate(rs) for point, rs in rounds.items()}
         passed = print_report(results, rounds, concurrencies, args, loader.name)
+        if args.json is not None:
+            args.json.write_text(json.dumps({
+                "root": str(args.root or ROOT), "client": loader.name, "passed": passed,
+                "points": [{"target": r.target, "concurrency": r.concurrency, "rps": r.rps,
+                            "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
+                            "cpu_us_per_request": r.cpu_us_per_request}
+                           for r in results.values()]}, indent=1))
         if args.profile > 0:
             profile_pipeline(loader, targets[PIPELINE], targets[CORE], max(concurrencies),
                              args.profile, work_dir, args.top, native=not args.no_native)
@@ -912,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         begin_cleanup(children)
-        for name in RELAY_TARGETS:
+        for name in relay_names:
             shutdown_redis(work_dir / f"{name}-data" / "redis" / "redis.sock")
         for target in targets.values():
             if "redis" in target.pids:
