@@ -3,8 +3,9 @@
 A `LiveControl` is a state machine shared by the caller's threads and the wasm thread: requests
 come from anywhere, and the wasm thread acts on them at its next epoch tick (see executor.epoch),
 where it also reads the fuel used, enforces `max_time` in running time, blocks to pause the module
-in place, and ends the run when asked to. The sandbox drives it through `attach`, `begin`,
-`finish` and `detach`.
+in place, and ends the run when asked to. A WASI module sleeping in a host call is served the
+same way, at once rather than at a tick (`sleep`). The sandbox drives it through `attach`,
+`begin`, `finish` and `detach`.
 """
 
 from __future__ import annotations
@@ -12,18 +13,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import shutil
 import threading
 import time
-import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import wasmtime
 
-from executor import epoch
-from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
+from executor import epoch, wasi
+from relay.schemas import EffectivePolicy, ErrorInfo
 
 log = logging.getLogger("relay.executor.control")
 
@@ -37,9 +35,9 @@ ControlState = Literal["pending", "running", "paused", "finished"]
 class LiveControl:
     """Live control of one execution: pause, resume, cancel, progress. One per execution.
 
-    Every public method and property may be called from any thread. The module only notices a
-    request at its next epoch tick (10 ms) while it runs wasm code: a pause or cancel
-    asked for while it sits in a host call (a WASI write) takes effect when it returns to wasm.
+    Every public method and property may be called from any thread. The module notices a
+    request at its next epoch tick (10 ms) while it runs wasm code, and at once while it sleeps
+    in a WASI `poll_oneoff` (`sleep`); the other host calls return within microseconds.
 
     `max_pause_ms`: a pause longer than this ends the execution with `cancelled`.
     `on_event`: called on the wasm thread (never the caller's) with "paused" once the module has
@@ -48,19 +46,16 @@ class LiveControl:
     raised into wasmtime.
     """
 
-    stdout_path: Path | None
-    """For a WASI module, the file its stdout goes to: set (after `stderr_path`, both files
-    existing) before the module starts, and kept after the run until `release()`, so a reader
-    tailing it can read its end."""
-    stderr_path: Path | None
+    output: wasi.Output | None
+    """For a WASI module, what it writes to stdout and stderr: set before the module starts,
+    and kept after the run until `release()`, so a reader tailing it can read its end."""
 
     def __init__(self, *, max_pause_ms: int,
                  on_event: Callable[[str], None] | None = None) -> None:
         if max_pause_ms <= 0:
             raise ValueError("max_pause_ms must be positive")
         self.max_pause_ms = max_pause_ms
-        self.stdout_path = None
-        self.stderr_path = None
+        self.output = None
         self._on_event = on_event
         self._cond = threading.Condition(threading.Lock())
         self._state: ControlState = "pending"
@@ -81,7 +76,6 @@ class LiveControl:
         self._tick_key: int | None = None
         self._reserve = 0
         self._fuel = ctypes.c_uint64(0)
-        self._output_cleanup: weakref.finalize[Any, Any] | None = None
 
     # --- Any thread. ---
 
@@ -93,6 +87,7 @@ class LiveControl:
             if (self._state in ("pending", "running") and not self._pause_requested
                     and self._cancel_message is None):
                 self._pause_requested = True
+                self._cond.notify_all()  # a module sleeping in a host call pauses at once
                 return True
             return False
 
@@ -158,10 +153,8 @@ class LiveControl:
             return max(end - self._started - paused, 0.0) * 1000
 
     def release(self) -> None:
-        """Delete the files behind `stdout_path` and `stderr_path` (call it once the output has
-        been read; a control that is garbage collected, or the interpreter's exit, does it too)."""
-        if self._output_cleanup is not None:
-            self._output_cleanup()
+        """Let go of `output` (call it once the output has been read)."""
+        self.output = None
 
     # --- The sandbox's side, on the wasm thread (the one running `Sandbox.run`). ---
 
@@ -189,11 +182,6 @@ class LiveControl:
             self._state = "running"
             return True
 
-    def adopt_output(self, directory: str) -> None:
-        """Delete `directory` on `release()`."""
-        self._output_cleanup = weakref.finalize(self, shutil.rmtree, directory,
-                                                ignore_errors=True)
-
     def finish(self, output: Any, error: ErrorInfo | None,
                fuel_left: int) -> tuple[Any, int, float, ErrorInfo | None]:
         """Stop counting; (output, gas used, running ms, error), as the sandbox's Outcome."""
@@ -216,8 +204,34 @@ class LiveControl:
 
     def stop_of(self, exc: wasmtime.WasmtimeError) -> ErrorInfo | None:
         """The error this control ended the run with, if `exc` is that end (timeout, cancel,
-        or internal); None for any other error."""
-        return self._stop if self._stop is not None and epoch.is_stop(exc) else None
+        or internal, at a tick or in a host call); None for any other error."""
+        ended = epoch.is_stop(exc) or wasi.is_stop(exc)
+        return self._stop if self._stop is not None and ended else None
+
+    def sleep(self, seconds: float, context: Any) -> ErrorInfo | None:
+        """Inside a host call, on the wasm thread (`context` its Store's): let `seconds` of
+        running time pass, acting meanwhile on cancel, pause and `max_time` as a tick would,
+        but at once. None once the time has passed; else the error to end the run with
+        (`end_in_call` it).
+
+        A pause stops the module in place, inside the call: paused time does not count as
+        sleep, so once resumed it sleeps what was left, as its running time says it should.
+        """
+        left = seconds
+        while True:
+            stop = self._check(context)
+            if stop is not None or left <= 0:
+                return stop
+            with self._cond:
+                if self._cancel_message is None and not self._pause_requested:
+                    began = time.perf_counter()
+                    running = began - self._started - self._paused_s
+                    self._cond.wait(max(min(left, self._max_time_s - running), 0.0))
+                    left -= time.perf_counter() - began
+
+    def end_in_call(self, error: ErrorInfo) -> None:
+        """A host call ends the run with `error` (its trap is then told apart by `stop_of`)."""
+        self._stop = error
 
     def _tick(self, context: Any) -> int:
         """At every epoch tick: 0 to continue, or an owned wasmtime_error_t* to stop. Never
@@ -230,26 +244,35 @@ class LiveControl:
             return epoch.stop_error("internal")
 
     def _act(self, context: Any) -> int:
+        stop = self._check(context)
+        if stop is None:
+            return 0
+        self._stop = stop
+        return epoch.stop_error(stop.code)
+
+    def _check(self, context: Any) -> ErrorInfo | None:
+        """What a tick does: note the fuel used; the error to end the run with, if any;
+        block while paused."""
         fuel = epoch.read_fuel(context, self._fuel)
         if fuel is not None and fuel < _I64_MAX:
             used = self._gas_limit - fuel
             if used > self._gas_used:
                 self._gas_used = used
         if self._cancel_message is not None:
-            return self._stop_with("cancelled", self._cancel_message)
+            return ErrorInfo("cancelled", self._cancel_message)
         if time.perf_counter() - self._started - self._paused_s >= self._max_time_s:
-            return self._stop_with("timeout", TIMEOUT_MESSAGE.format(
+            return ErrorInfo("timeout", TIMEOUT_MESSAGE.format(
                 max_time=round(self._max_time_s * 1000)))
         if self._pause_requested or self._grant:
             return self._pause_point(context)
-        return 0
+        return None
 
-    def _pause_point(self, context: Any) -> int:
+    def _pause_point(self, context: Any) -> ErrorInfo | None:
         with self._cond:
             if not self._pause_requested:  # a resume withdrew the pause: only gas to add
                 grant, self._grant = self._grant, 0
                 self._add_gas(context, grant)
-                return 0
+                return None
             self._pause_requested = False
             self._state = "paused"
             self._paused_at = paused_at = time.perf_counter()
@@ -270,10 +293,10 @@ class LiveControl:
             grant, self._grant = self._grant, 0
             cancel = self._cancel_message
         if cancel is not None:
-            return self._stop_with("cancelled", cancel)
+            return ErrorInfo("cancelled", cancel)
         self._add_gas(context, grant)
         self._emit("resumed")
-        return 0
+        return None
 
     def _add_gas(self, context: Any, gas: int) -> None:
         """Raise the budget of the running module by `gas`.
@@ -302,10 +325,6 @@ class LiveControl:
         epoch.set_fuel(context, _I64_MAX + reserve + gas)
         self._reserve = reserve + gas
         self._gas_limit += gas
-
-    def _stop_with(self, code: ErrorCode, message: str) -> int:
-        self._stop = ErrorInfo(code, message)
-        return epoch.stop_error(code)
 
     def _emit(self, event: str) -> None:
         if self._on_event is None:

@@ -17,11 +17,10 @@ import asyncio
 import codecs
 import contextlib
 import logging
-from io import BufferedReader
-from pathlib import Path
 from typing import Literal
 
 from executor.control import LiveControl
+from executor.wasi import Output
 from relay.bus import Bus
 from relay.schemas import (
     BusMessage,
@@ -47,29 +46,24 @@ Stream = Literal["stdout", "stderr"]
 
 
 class _Tail:
-    """Reads what a file gained since the last read, as text (split characters kept whole)."""
+    """Reads what a stream of a run's output gained since the last read, as text (split
+    characters kept whole)."""
 
-    def __init__(self, path: Path, budget_bytes: int) -> None:
-        self.path = path
+    def __init__(self, output: Output, stream: Stream, budget_bytes: int) -> None:
+        self.output = output
+        self.stream: Stream = stream
         self.budget_bytes = budget_bytes
-        self._file: BufferedReader | None = None
+        self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def read(self, final: bool = False) -> str:
         if self.budget_bytes <= 0:
             return ""
-        if self._file is None:
-            try:
-                self._file = self.path.open("rb")
-            except FileNotFoundError:
-                return ""
-        data = self._file.read(min(OUTPUT_CHUNK_BYTES, self.budget_bytes))
+        data = self.output.read(self.stream, self._offset,
+                                min(OUTPUT_CHUNK_BYTES, self.budget_bytes))
+        self._offset += len(data)
         self.budget_bytes -= len(data)
         return self._decoder.decode(data, final=final)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 class LiveRun:
@@ -162,14 +156,14 @@ class LiveRun:
                                         gas_used=gas_used, timestamp=now_iso()))
 
     def _output(self, final: bool = False) -> None:
+        output = self.control.output
+        if output is None:
+            return
+        stream: Stream
         for stream in ("stdout", "stderr"):
-            path = (self.control.stdout_path if stream == "stdout"
-                    else self.control.stderr_path)
-            if path is None:
-                continue
             tail = self._tails.get(stream)
             if tail is None:
-                tail = self._tails[stream] = _Tail(path, self._max_output_bytes)
+                tail = self._tails[stream] = _Tail(output, stream, self._max_output_bytes)
             while text := tail.read(final):
                 self._publish(ExecutionOutput(request_id=self.request.request_id,
                                               stream=stream, data=text, timestamp=now_iso()))
@@ -196,7 +190,5 @@ class LiveRun:
         self._timer = self._progress_timer = None
         with contextlib.suppress(Exception):
             self._output(final=True)
-        for tail in self._tails.values():
-            tail.close()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)

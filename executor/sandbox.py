@@ -3,11 +3,16 @@
 Limits map onto wasmtime's own mechanisms:
 - gas is fuel (`Store.set_fuel`), exhausted -> trap OUT_OF_FUEL -> `out_of_gas`;
 - time is an epoch deadline; a ticker thread advances the epoch every `TICK_S` -> `timeout`;
-- memory is the Store limiter (linear memories and tables) -> `memory_limit`;
+- memory is the Store limiter -> `memory_limit`. Multi-memory is off, so a module has one
+  linear memory at most and `max_memory` is all it gets. Tables are capped apart, at
+  `max_table_elements` in all: a module's tables share it equally (the limiter caps each table,
+  not their sum);
 - the wasm stack is capped by `Config.max_wasm_stack` -> `stack_overflow`.
 
 WASI modules get their inputs as JSON on stdin (when run as commands) and nothing else: no
-preopened directories, no environment, no arguments, no network.
+preopened directories, no environment, no arguments, no network. Their output and sleeps go
+through executor.wasi, which bounds them; a WASI run always has a `LiveControl` (one is made
+when the caller gives none), which its sleeps need.
 
 An execution run with a `LiveControl` (executor.control) hands its Store's epoch deadline to
 it: pause, resume, cancel and `max_time` in running time are enforced there. Executions without
@@ -18,15 +23,14 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
 import wasmtime
 
+from executor import wasi
 from executor.binary import export_memory
 from executor.control import TIMEOUT_MESSAGE, LiveControl
 from relay.modules import WASI_MODULE
@@ -41,8 +45,9 @@ TICK_S = 0.01
 INLINE_GAS = 250_000
 MAX_WASM_STACK_BYTES = 1024 * 1024
 PAGE_BYTES = 65536
-TABLE_ELEMENT_BYTES = 8
-_TMP_ROOT = "/dev/shm" if Path("/dev/shm").is_dir() else None
+MAX_TABLE_ELEMENTS = 100_000
+_TABLE_SECTION = 4
+STDERR_IN_MESSAGE_BYTES = 1000
 
 _TRAP_CODES: dict[wasmtime.TrapCode, ErrorCode] = {
     wasmtime.TrapCode.OUT_OF_FUEL: "out_of_gas",
@@ -71,6 +76,8 @@ class Prepared(NamedTuple):
     module: wasmtime.Module
     instance_pre: wasmtime.InstancePre
     uses_wasi: bool
+    tables: int
+    """How many tables it defines: they share the table cap."""
 
 
 class LinkError(ValueError):
@@ -78,14 +85,19 @@ class LinkError(ValueError):
 
 
 class Sandbox:
-    def __init__(self) -> None:
+    def __init__(self, *, max_table_elements: int = MAX_TABLE_ELEMENTS) -> None:
+        """`max_table_elements`: table elements an execution may hold, all tables together."""
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
         config.max_wasm_stack = MAX_WASM_STACK_BYTES
+        # The limiter caps each memory, not their sum: one memory, and `max_memory` holds.
+        config.wasm_multi_memory = False
         self.engine = wasmtime.Engine(config)
+        self.max_table_elements = max_table_elements
         self._linker = wasmtime.Linker(self.engine)
         self._linker.define_wasi()
+        wasi.shadow(self._linker)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._controls: set[LiveControl] = set()
@@ -118,7 +130,7 @@ class Sandbox:
         try:
             module = wasmtime.Module(self.engine, export_memory(wasm))
         except wasmtime.WasmtimeError as exc:
-            raise LinkError(f"invalid WebAssembly: {exc}") from None
+            raise LinkError(f"invalid WebAssembly: {_reason(str(exc))}") from None
         unknown = [
             f"{imp.module}.{imp.name}" for imp in module.imports if imp.module != WASI_MODULE
         ]
@@ -129,7 +141,7 @@ class Sandbox:
         except wasmtime.WasmtimeError as exc:
             raise LinkError(f"cannot link the module: {exc}") from None
         uses_wasi = any(imp.module == WASI_MODULE for imp in module.imports)
-        return Prepared(module, instance_pre, uses_wasi)
+        return Prepared(module, instance_pre, uses_wasi, _table_count(wasm))
 
     def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
             policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
@@ -142,19 +154,16 @@ class Sandbox:
         (raises RuntimeError if this wasmtime's C API does not match what it relies on).
         After `close()` every run ends at once with `cancelled`.
         """
+        if control is None and prepared.uses_wasi:
+            control = LiveControl(max_pause_ms=1)  # never paused: its sleeps need one
         if control is not None:
             return self._run_controlled(prepared, entrypoint, inputs, policy, command=command,
                                         max_output_bytes=max_output_bytes, control=control)
         if self._stop.is_set():
             return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
-        store = self._new_store(policy)
+        store = self._new_store(policy, prepared)
         store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
-        if not prepared.uses_wasi:
-            return self._call(store, prepared, entrypoint, inputs, policy)
-        with tempfile.TemporaryDirectory(dir=_TMP_ROOT, prefix="relay-") as tmp:
-            return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
-                                  command=command, max_output_bytes=max_output_bytes,
-                                  control=None)
+        return self._call(store, prepared, entrypoint, inputs, policy)
 
     def try_inline(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
                    policy: EffectivePolicy) -> Outcome | None:
@@ -166,7 +175,7 @@ class Sandbox:
             return None
         budget = min(policy.max_gas, INLINE_GAS)
         inline_policy = msgspec.structs.replace(policy, max_gas=budget)
-        store = self._new_store(inline_policy)
+        store = self._new_store(inline_policy, prepared)
         # Bulk memory instructions cost one unit of gas whatever their size: the next epoch
         # tick bounds what a hostile call holds the loop for (TICK_S, plus the one instruction
         # under way: tens of ms for a fill of a 64 MiB memory).
@@ -189,14 +198,11 @@ class Sandbox:
                 return Outcome(*control.finish(None, None, policy.max_gas))
             self._controls.add(control)
         try:
-            store = self._new_store(policy)
+            store = self._new_store(policy, prepared)
             control.attach(store)
             if not prepared.uses_wasi:
                 return self._call(store, prepared, entrypoint, inputs, policy, control)
-            # The output outlives the run, so a reader tailing it can read its end (`release()`).
-            tmp = tempfile.mkdtemp(dir=_TMP_ROOT, prefix="relay-")
-            control.adopt_output(tmp)
-            return self._run_wasi(store, prepared, entrypoint, inputs, policy, Path(tmp),
+            return self._run_wasi(store, prepared, entrypoint, inputs, policy,
                                   command=command, max_output_bytes=max_output_bytes,
                                   control=control)
         finally:
@@ -204,38 +210,32 @@ class Sandbox:
                 self._controls.discard(control)
             control.detach()
 
-    def _new_store(self, policy: EffectivePolicy) -> wasmtime.Store:
-        """A fresh Store holding the policy's gas and memory limits (its epoch deadline is the
-        caller's to set)."""
+    def _new_store(self, policy: EffectivePolicy, prepared: Prepared) -> wasmtime.Store:
+        """A fresh Store holding the policy's gas and memory limits and the table cap (its
+        epoch deadline is the caller's to set)."""
         store = wasmtime.Store(self.engine)
         store.set_fuel(policy.max_gas)
         store.set_limits(memory_size=policy.max_memory,
-                         table_elements=max(policy.max_memory // TABLE_ELEMENT_BYTES, 1))
+                         table_elements=self.max_table_elements // max(prepared.tables, 1))
         return store
 
     def _run_wasi(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
-                  inputs: list[Any], policy: EffectivePolicy, tmp: Path, *, command: bool,
-                  max_output_bytes: int, control: LiveControl | None) -> Outcome:
-        stdout, stderr = tmp / "stdout", tmp / "stderr"
-        stdin = tmp / "stdin"
-        stdin.write_bytes(msgspec.json.encode(inputs) if command else b"")
-        if control is not None:  # stdout last: once it is set, both files exist
-            stdout.touch()
-            stderr.touch()
-            control.stderr_path = stderr
-            control.stdout_path = stdout
-        wasi = wasmtime.WasiConfig()
-        wasi.stdin_file = str(stdin)
-        wasi.stdout_file = str(stdout)
-        wasi.stderr_file = str(stderr)
-        store.set_wasi(wasi)
-        outcome = self._call(store, prepared, entrypoint, [] if command else inputs, policy,
-                             control)
+                  inputs: list[Any], policy: EffectivePolicy, *, command: bool,
+                  max_output_bytes: int, control: LiveControl) -> Outcome:
+        output = wasi.Output(max_output_bytes)
+        control.output = output
+        config = wasmtime.WasiConfig()  # no stdout or stderr: the shadowed fd_write takes them
+        wasi.set_stdin(config, msgspec.json.encode(inputs) if command else b"")
+        store.set_wasi(config)
+        host = wasi.Host(output, control)
+        with wasi.running(host):
+            outcome = self._call(store, prepared, entrypoint, [] if command else inputs,
+                                 policy, control)
         if outcome.error is None and command:
-            output = _decode_stdout(_read_capped(stdout, max_output_bytes))
-            return outcome._replace(output=output)
+            return outcome._replace(output=_decode_stdout(output.read("stdout")))
         if outcome.error is not None and outcome.error.code == "exit_nonzero":
-            tail = _read_capped(stderr, 1000).decode("utf-8", "replace").strip()
+            tail = output.read("stderr", 0, STDERR_IN_MESSAGE_BYTES).decode(
+                "utf-8", "replace").strip()
             if tail:
                 message = f"{outcome.error.message}: {tail}"
                 return outcome._replace(error=ErrorInfo("exit_nonzero", message))
@@ -307,6 +307,11 @@ def _memory_at_limit(store: wasmtime.Store, instance: wasmtime.Instance, limit: 
 
 def _instantiation_error(exc: wasmtime.WasmtimeError, policy: EffectivePolicy) -> ErrorInfo:
     message = str(exc)
+    if message.startswith("table minimum size"):
+        return ErrorInfo("memory_limit",
+                         f"the module's tables need more elements than Relay allows "
+                         f"(RELAY_MAX_TABLE_ELEMENTS, shared by all of a module's tables): "
+                         f"{message.splitlines()[0]}")
     if "memory" in message and ("limit" in message or "exceed" in message):
         return ErrorInfo("memory_limit",
                          f"the module needs more memory than its limit ({policy.max_memory} "
@@ -314,12 +319,28 @@ def _instantiation_error(exc: wasmtime.WasmtimeError, policy: EffectivePolicy) -
     return ErrorInfo("trap", message.splitlines()[0] if message else "instantiation failed")
 
 
-def _read_capped(path: Path, limit: int) -> bytes:
-    try:
-        with path.open("rb") as file:
-            return file.read(limit)
-    except FileNotFoundError:
-        return b""
+def _table_count(wasm: bytes) -> int:
+    """How many tables a valid module defines: the count that opens its table section. (Its
+    imports are WASI's functions or it does not link, so it imports none.)"""
+    position = 8
+    while position < len(wasm):
+        size, start = _uleb(wasm, position + 1)
+        if wasm[position] == _TABLE_SECTION:
+            return _uleb(wasm, start)[0]
+        position = start + size
+    return 0
+
+
+def _uleb(data: bytes, position: int) -> tuple[int, int]:
+    """(the unsigned LEB128 number at `position`, the position after it)."""
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        shift += 7
+        if not byte & 0x80:
+            return value, position
 
 
 def _decode_stdout(data: bytes) -> Any:

@@ -55,7 +55,7 @@ class Executor:
         keys = Keys(settings.prefix)
         self.bus = Bus(client, keys, events_retention=settings.events_retention,
                        requests_retention=settings.requests_retention)
-        self.sandbox = Sandbox()
+        self.sandbox = Sandbox(max_table_elements=settings.max_table_elements)
         self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
         self.metrics = Metrics(client, keys)
         self._threads = ThreadPoolExecutor(settings.executor_concurrency,

@@ -35,7 +35,17 @@ _KINDS = {
     wasmtime.TableType: "table",
     wasmtime.GlobalType: "global",
 }
-_INSPECTOR = wasmtime.Engine()
+
+
+def _inspector() -> wasmtime.Engine:
+    # What the executors' engine accepts (executor.sandbox): no multi-memory, since the Store's
+    # limiter caps each memory and `max_memory` must cap them all.
+    config = wasmtime.Config()
+    config.wasm_multi_memory = False
+    return wasmtime.Engine(config)
+
+
+_INSPECTOR = _inspector()
 
 
 class StoredModule(NamedTuple):

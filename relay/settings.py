@@ -176,10 +176,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "most gas an execution may ask for")] = 1_000_000_000_000
     default_max_memory_bytes: Annotated[int, Variable(
         "RELAY_DEFAULT_MAX_MEMORY", _int, LIMITS, "bytes",
-        "linear memory (and tables) of an execution that asks for no limit")] = 64 * MIB
+        "linear memory of an execution that asks for no limit")] = 64 * MIB
     max_memory_bytes: Annotated[int, Variable(
         "RELAY_MAX_MEMORY", _int, LIMITS, "bytes",
-        "most linear memory (and tables) an execution may ask for")] = 1024 * MIB
+        "most linear memory an execution may ask for")] = 1024 * MIB
     default_max_time_ms: Annotated[int, Variable(
         "RELAY_DEFAULT_MAX_TIME", _int, LIMITS, "ms",
         "running time of an execution that asks for no limit")] = 5_000
@@ -188,7 +188,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "most running time an execution may ask for")] = 300_000
     max_output_bytes: Annotated[int, Variable(
         "RELAY_MAX_OUTPUT_BYTES", _int, LIMITS, "bytes",
-        "stdout (and stderr) a WASI command may produce; the rest is cut off")] = MIB
+        "stdout and stderr together a WASI module may write; writes past it fail in the "
+        "module (`EFBIG`)")] = MIB
+    max_table_elements: Annotated[int, Variable(
+        "RELAY_MAX_TABLE_ELEMENTS", _int, LIMITS, "elements",
+        "table elements an execution may hold, all its tables together (each of a module's "
+        "n tables gets 1/n of it)")] = 100_000
     max_queue: Annotated[int, Variable(
         "RELAY_MAX_QUEUE", _int, LIMITS, "executions",
         "accepted executions waiting for an executor before execute answers 503")] = 100_000

@@ -359,24 +359,24 @@ def test_a_wasi_module_paused_mid_output(sandbox: Sandbox, threads: ThreadPoolEx
     ticker = sandbox.prepare((FIXTURES / "ticker.wasm").read_bytes())
     control = LiveControl(max_pause_ms=10_000)
     future = start(threads, sandbox, ticker, "_start", [60], policy(), control)
-    wait_until(lambda: control.stdout_path is not None, "the output paths")
-    stdout = control.stdout_path
-    assert stdout is not None and control.stderr_path is not None
-    wait_until(lambda: stdout.read_bytes().count(b"\n") >= 3, "some output")
+    wait_until(lambda: control.output is not None, "the output")
+    output = control.output
+    assert output is not None
+    wait_until(lambda: output.read("stdout").count(b"\n") >= 3, "some output")
     pause_and_wait(control)
-    size = stdout.stat().st_size
+    size = output.size
     time.sleep(0.3)  # the pause being measured: the ticker writes a line every ~15 ms
-    assert stdout.stat().st_size == size
+    assert output.size == size
     assert not future.done()
     assert control.resume()
     outcome = future.result(timeout=30)
     expected = "".join(f"step {i}\n" for i in range(1, 61)) + "done\n"
     assert outcome.error is None
     assert outcome.output == expected
-    # The file outlives the run, so a tailer can read its end; `release()` deletes it.
-    assert stdout.read_text() == expected
+    # The output outlives the run, so a tailer can read its end, until `release()`.
+    assert output.read("stdout") == expected.encode()
     control.release()
-    assert not stdout.exists()
+    assert control.output is None
 
 
 def test_close_wakes_and_cancels_a_paused_run(fib: Prepared,
