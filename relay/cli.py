@@ -166,12 +166,15 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
     from relay.apikeys import StoredKeys
     from relay.connection import connect
     from relay.keys import Keys
+    from relay.principals import RULE, is_principal
 
     assert settings.redis_url is not None
     client = connect(settings.redis_url)
     stored = StoredKeys(client, Keys(settings.prefix))
     try:
         if args.keys_command == "create":
+            if not is_principal(args.principal):
+                raise SystemExit(f"relay: {args.principal!r} is not a principal name: {RULE}")
             new = await stored.create(args.principal)
             print(f"{new.key}\n\nkey id {new.id} for principal {args.principal!r}: keep the key "
                   "now, it is not shown again; `relay keys revoke ID` revokes it.",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -16,9 +18,11 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-# redis-py's default socket timeout is None; Relay's blocking reads use BLOCK 1000 ms, so 5 s
-# separates "Redis is slow" from "Redis is gone" without cutting a blocking read short.
-SOCKET_TIMEOUT_S = 5.0
+# A command Redis does not answer within this long fails, and the caller gets 503: a stalled
+# Redis (SIGSTOP, a frozen VM, a partition that drops packets) must not hold callers for long.
+# Blocking reads (`XREAD`/`XREADGROUP ... BLOCK ms`) get their block time on top (see
+# `_BlockAware`), so cutting a stall short never cuts a long poll short.
+SOCKET_TIMEOUT_S = 0.8
 CONNECT_TIMEOUT_S = 1.0
 
 
@@ -29,7 +33,9 @@ MAX_CONNECTIONS = 256
 
 def connect(url: str) -> aioredis.Redis:
     """An asyncio client with its own pool. `from_url` sets no retry policy; we set a short one
-    so a blip is absorbed while an outage surfaces as an error within about a second."""
+    so a blip (a dropped connection: Redis restarted) is absorbed, while an outage surfaces as
+    an error within about a second. A timeout is not retried: a stalled Redis would only stall
+    the caller once more per retry."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
@@ -37,11 +43,72 @@ def connect(url: str) -> aioredis.Redis:
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         # The asyncio client needs the asyncio Retry: the sync one never awaits the attempt.
-        retry=AsyncRetry(ExponentialBackoff(cap=0.25, base=0.02), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry=AsyncRetry(ExponentialBackoff(cap=0.25, base=0.02), retries=3,
+                         supported_errors=(redis.ConnectionError,)),
         decode_responses=False,
     )
+    pool.connection_class = _block_aware(pool.connection_class)
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+MEMORY_FULL_RATIO = 0.95
+"""Health reports Redis full from this share of its `maxmemory` on, before writes fail."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether Redis refused a write for being at its `maxmemory` (with `noeviction`). Inside a
+    Lua script the refusal comes back as a script error carrying the OOM message."""
+    return isinstance(error, redis.exceptions.OutOfMemoryError) or (
+        isinstance(error, redis.ResponseError) and "OOM command not allowed" in str(error))
+
+
+async def memory_full(client: aioredis.Redis) -> bool:
+    """Whether Redis uses MEMORY_FULL_RATIO of its `maxmemory` or more (False without one)."""
+    info = await client.info("memory")
+    limit = int(info.get("maxmemory", 0))
+    return bool(limit) and int(info.get("used_memory", 0)) >= MEMORY_FULL_RATIO * limit
+
+
+class _BlockAware:
+    """A connection whose read timeout, for a command that blocks on the server (`BLOCK ms`),
+    is the socket timeout plus the block time (none at all for `BLOCK 0`, which waits forever).
+
+    redis-py has one socket timeout per connection; a per-call timeout makes a read that runs
+    out return None instead of raising. A connection runs one command at a time, so the timeout
+    is set for the command just sent and restored before the next one."""
+
+    socket_timeout: float | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._usual_timeout = self.socket_timeout
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self.socket_timeout = self._usual_timeout  # pipelines send here directly
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    async def send_command(self, *args: Any, **kwargs: Any) -> None:
+        await super().send_command(*args, **kwargs)  # type: ignore[misc]
+        block_ms = _block_ms(args)
+        if block_ms is not None and self._usual_timeout is not None:
+            self.socket_timeout = self._usual_timeout + block_ms / 1000 if block_ms else None
+
+
+def _block_ms(args: tuple[Any, ...]) -> int | None:
+    """The `BLOCK` argument of a command, None when it has none."""
+    for index, arg in enumerate(args[:-1]):
+        if isinstance(arg, (bytes, str)) and str(arg if isinstance(arg, str) else arg.decode(
+                "latin-1")).upper() == "BLOCK":
+            try:
+                return int(args[index + 1])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+@functools.cache
+def _block_aware(connection_class: type) -> type:
+    return type(f"BlockAware{connection_class.__name__}", (_BlockAware, connection_class), {})
 
 
 class EmbeddedRedis:

@@ -68,6 +68,12 @@ class Forbidden(RelayError):
     status, slug, title = 403, "forbidden", "Forbidden"
 
 
+class QuotaExceeded(RelayError):
+    """The principal has as many modules, or bytes of modules, stored as it may."""
+
+    status, slug, title = 403, "quota-exceeded", "Quota exceeded"
+
+
 class NotFound(RelayError):
     status, slug, title = 404, "not-found", "Not found"
 
@@ -115,6 +121,8 @@ class Unavailable(RelayError):
 
 
 T = TypeVar("T")
+MAX_JSON_DEPTH = 64
+"""Levels of nesting a JSON body may have (the contract's "Sandbox guarantees")."""
 _PATH_PART = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 # Messages about one field of an object, pointed at that field rather than at the object.
 _FIELD_MESSAGE = re.compile(r"Object (?:contains unknown|missing required) field `(.*)`")
@@ -141,6 +149,10 @@ def decode_body(decode: Callable[[bytes], T], body: bytes) -> T:
     problem (a JSON pointer, `""` for the whole body)."""
     try:
         return decode(body)
+    except RecursionError:
+        # msgspec gives up (about 1,000 levels) before Python's stack would.
+        raise InvalidRequest.at("", f"the body is nested deeper than {MAX_JSON_DEPTH} levels"
+                                ) from None
     except msgspec.ValidationError as exc:
         pointer, detail = pointer_from_msgspec(str(exc))
         raise InvalidRequest.at(pointer, detail) from None

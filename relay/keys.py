@@ -51,6 +51,14 @@ class Keys:
         """Hash holding one module's binary (`wasm`), metadata (`meta`) and `owner`."""
         return f"{self.prefix}:module:{cid}"
 
+    def module_usage(self, principal: str) -> str:
+        """Hash `count`, `bytes`: the modules the principal owns (its quota's use)."""
+        return f"{self.prefix}:module-usage:{principal}"
+
+    def module_names(self, cid: str) -> str:
+        """Set of the `name@tag`s bound to a module (a module with names is not deleted)."""
+        return f"{self.prefix}:module-names:{cid}"
+
     def name(self, name: str) -> str:
         """Hash tag -> CID for one glyph name."""
         return f"{self.prefix}:name:{name}"

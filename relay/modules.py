@@ -1,7 +1,9 @@
 """Modules: inspecting uploads with wasmtime, storing them by CID, and naming them.
 
-A module's bytes never change under its CID, so its metadata is cached in-process for good
-(evicted only when this process deletes it). Names can move, so they are always read from Redis.
+A module's bytes never change under its CID, so its metadata is cached in-process; its owner
+can change (deleted, then uploaded again by another), so it is read again after OWNER_TTL_S.
+Storing, deleting and binding are each one Lua script, so quotas and the names that keep a
+module from being deleted hold under any number of gateways.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from importlib import resources
 from typing import NamedTuple
 
 import redis.asyncio as aioredis
 import wasmtime
 
 from relay import cid as cids
-from relay.errors import FieldError, InvalidRequest, NotFound
+from relay import wasmtypes
+from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, QuotaExceeded
 from relay.keys import Keys
 from relay.schemas import (
     FunctionSignature,
@@ -29,12 +33,6 @@ from relay.schemas import (
 WASI_MODULE = "wasi_snapshot_preview1"
 MAX_PAGE_SIZE = 200
 WASM_MAGIC = b"\0asm"
-_KINDS = {
-    wasmtime.FuncType: "func",
-    wasmtime.MemoryType: "memory",
-    wasmtime.TableType: "table",
-    wasmtime.GlobalType: "global",
-}
 
 
 def _inspector() -> wasmtime.Engine:
@@ -79,29 +77,26 @@ def to_binary(body: bytes) -> bytes:
 
 
 def inspect(wasm: bytes) -> ModuleInfo:
-    """Validate and describe a binary module. Slow for big modules: call it off the event loop.
+    """Validate and describe a binary module, without compiling it (validation takes
+    milliseconds where a compile takes seconds). CPU-bound for big modules: call it off the
+    event loop.
 
     `wasi` says it is a WASI command module: it imports from WASI_MODULE and exports `_start`
     with no parameters and no results (see `runs_as_command`).
     Raises InvalidModule with wasmtime's reason.
     """
     try:
-        module = wasmtime.Module(_INSPECTOR, wasm)
+        wasmtime.Module.validate(_INSPECTOR, wasm)
     except wasmtime.WasmtimeError as exc:
         raise InvalidModule(f"invalid WebAssembly: {exc}") from None
-    exports = [
-        FunctionSignature(
-            name=export.name,
-            params=[str(t) for t in export.type.params],
-            results=[str(t) for t in export.type.results],
-        )
-        for export in module.exports
-        if isinstance(export.type, wasmtime.FuncType)
-    ]
-    imports = [
-        ImportInfo(module=imp.module, name=imp.name or "", kind=_KINDS.get(type(imp.type), "other"))
-        for imp in module.imports
-    ]
+    try:
+        described = wasmtypes.describe(wasm)
+    except (IndexError, ValueError) as exc:  # valid for wasmtime, beyond what we can read
+        raise InvalidModule(f"unsupported WebAssembly: {exc}") from None
+    exports = [FunctionSignature(name=name, params=signature.params, results=signature.results)
+               for name, signature in described.exports]
+    imports = [ImportInfo(module=imp.module, name=imp.name, kind=imp.kind)
+               for imp in described.imports]
     is_command = any(e.name == "_start" and not e.params and not e.results for e in exports)
     uses_wasi = any(imp.module == WASI_MODULE for imp in imports)
     return ModuleInfo(cid=cids.compute(wasm), size=len(wasm), exports=exports, imports=imports,
@@ -115,39 +110,70 @@ def runs_as_command(info: ModuleInfo, entrypoint: str) -> bool:
     return info.wasi and entrypoint == "_start"
 
 
+OWNER_TTL_S = 1.0
+"""How long a process trusts a module's owner it read: a module deleted and uploaded again by
+another principal (through another gateway) has a new owner, which authorization needs."""
+
+
 class ModuleStore:
     """Modules and glyph names in Redis, shared by every gateway and executor."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys, cache_size: int = 1024) -> None:
         self.client = client
         self.keys = keys
-        self._cache: OrderedDict[str, StoredModule] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[StoredModule, float]] = OrderedDict()
+        """By CID: the module and when its owner was read (monotonic seconds)."""
         self._names: OrderedDict[cids.GlyphName, str] = OrderedDict()
         self._cache_size = cache_size
+        self._store = client.register_script(_script("store"))
+        self._unstore = client.register_script(_script("unstore"))
+        self._bind = client.register_script(_script("bind"))
 
-    async def put(self, info: ModuleInfo, wasm: bytes, owner: str) -> bool:
-        """Store a module; False when it was stored already (the first owner stays)."""
-        key = self.keys.module(info.cid)
-        created = await self.client.hsetnx(key, "owner", owner)
-        if created:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.hset(key, mapping={"wasm": wasm, "meta": encode(info)})
-            pipe.zadd(self.keys.modules, {info.cid: time.time()})
-            await pipe.execute()
-        return bool(created)
+    async def put(self, info: ModuleInfo, wasm: bytes, owner: str, *,
+                  max_modules: int = 2**62, max_bytes: int = 2**62) -> bool:
+        """Store a module, counted against its owner's quota, in one atomic step; False when it
+        was stored already (the first owner stays). Raises QuotaExceeded."""
+        stored = await self._store(
+            keys=[self.keys.module(info.cid), self.keys.modules, self.keys.module_usage(owner)],
+            args=[owner, wasm, encode(info), time.time(), info.cid, max_modules, max_bytes])
+        if isinstance(stored, list):
+            count, size = stored
+            raise quota_exceeded(count, size, max_modules, max_bytes)
+        return bool(stored)
+
+    async def usage(self, principal: str) -> tuple[int, int]:
+        """How many modules the principal owns, and their bytes."""
+        count, size = await self.client.hmget(self.keys.module_usage(principal),
+                                              ["count", "bytes"])
+        return int(count or 0), int(size or 0)
 
     async def stored(self, cid: str) -> StoredModule | None:
+        """The module (from this process's cache when its owner was read lately); None when
+        there is none."""
         cached = self._cache.get(cid)
+        now = time.monotonic()
         if cached is not None:
-            return cached
+            stored, read_at = cached
+            if now - read_at < OWNER_TTL_S:
+                return stored
+            owner = await self.client.hget(self.keys.module(cid), "owner")
+            if owner is not None and owner.decode() == stored.owner:
+                self._cache[cid] = (stored, now)
+                return stored
         raw, owner = await self.client.hmget(self.keys.module(cid), ["meta", "owner"])
         if raw is None:
+            self._cache.pop(cid, None)
             return None
         stored = StoredModule(decode_module_info(raw), owner.decode())
-        self._cache[cid] = stored
+        self._cache[cid] = (stored, now)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return stored
+
+    async def owner(self, cid: str) -> str | None:
+        """The module's owner as Redis has it now (never cached); None when there is none."""
+        owner = await self.client.hget(self.keys.module(cid), "owner")
+        return None if owner is None else str(owner.decode())
 
     async def info(self, cid: str) -> ModuleInfo | None:
         stored = await self.stored(cid)
@@ -176,13 +202,23 @@ class ModuleStore:
         next_cursor = str(cursor + limit) if len(found) > limit else None
         return ModulePage(modules=shown, next_cursor=next_cursor)
 
-    async def delete(self, cid: str) -> None:
-        """Delete a module. Names bound to it then resolve to nothing."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.keys.module(cid))
-        pipe.zrem(self.keys.modules, cid)
-        await pipe.execute()
+    async def delete(self, cid: str, owner: str) -> str | None:
+        """Delete a module while `owner` owns it and no name points at it, giving its bytes
+        back to the owner's quota. Returns None when deleted, else the owner it has now (the
+        caller authorized against a stale one). Raises NotFound, or Conflict listing the
+        `name@tag`s bound to it."""
+        outcome = [part.decode() for part in await self._unstore(
+            keys=[self.keys.module(cid), self.keys.modules, self.keys.module_names(cid),
+                  self.keys.module_usage(owner)],
+            args=[owner, cid])]
         self._cache.pop(cid, None)
+        if outcome[0] == "missing":
+            raise NotFound(f"no module {cid}")
+        if outcome[0] == "named":
+            names = ", ".join(outcome[1:])
+            raise Conflict(f"glyph names point at the module: {names}; bind them to another "
+                           "module first")
+        return outcome[1] if outcome[0] == "owner" else None
 
     async def resolve(self, reference: str) -> Resolved:
         """The canonical CID a request's `cid` names. Raises InvalidRequest or NotFound.
@@ -222,15 +258,20 @@ class ModuleStore:
     async def bind(self, name: str, tag: str, cid: str, principal: str) -> bool:
         """Bind (or move) `name@tag` to a stored module; the first principal to bind a name owns
         it. False, binding nothing, when the name is another principal's. Raises NotFound."""
-        if not await self.client.exists(self.keys.module(cid)):
-            raise NotFound(f"no module {cid}", errors=[_cid_error("no module with this CID")])
-        # HSETNX settles a race between two first binders: only one becomes the owner.
-        if (not await self.client.hsetnx(self.keys.name_owners, name, principal)
-                and await self.name_owner(name) != principal):
-            return False
-        await self.client.hset(self.keys.name(name), tag, cid)
-        self._names[cids.GlyphName(name, tag)] = cid
-        return True
+        while True:  # the tag moved between reading it and binding: read it again
+            current = await self.client.hget(self.keys.name(name), tag)
+            previous = current.decode() if current is not None else ""
+            outcome = (await self._bind(
+                keys=[self.keys.module(cid), self.keys.name_owners, self.keys.name(name),
+                      self.keys.module_names(cid), self.keys.module_names(previous or cid)],
+                args=[name, tag, cid, principal, previous])).decode()
+            if outcome == "missing":
+                raise NotFound(f"no module {cid}", errors=[_cid_error("no module with this CID")])
+            if outcome == "taken":
+                return False
+            if outcome == "bound":
+                self._names[cids.GlyphName(name, tag)] = cid
+                return True
 
     async def tags(self, name: str) -> dict[str, str]:
         found = await self.client.hgetall(self.keys.name(name))
@@ -241,3 +282,14 @@ class ModuleStore:
 
 def _cid_error(detail: str) -> FieldError:
     return FieldError("/cid", detail)
+
+
+def quota_exceeded(count: int, size: int, max_modules: int, max_bytes: int) -> QuotaExceeded:
+    """The refusal of one more module to a principal that has `count` of `size` bytes."""
+    return QuotaExceeded(f"you have {count} modules of {size} bytes stored; the quota is "
+                         f"{max_modules} modules and {max_bytes} bytes: delete some first")
+
+
+def _script(name: str) -> str:
+    """The Lua script `relay/lua/<name>.lua` (package data)."""
+    return resources.files("relay").joinpath(f"lua/{name}.lua").read_text()

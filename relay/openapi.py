@@ -25,6 +25,7 @@ from relay.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    QuotaExceeded,
     RateLimited,
     RelayError,
     Unauthenticated,
@@ -159,10 +160,11 @@ OPERATIONS = (
         "POST", "/modules", "uploadModule", "Validate and store a module, optionally naming it",
         (Reply(201, "Stored.", schemas.ModuleInfo, headers=("Location",)),
          Reply(200, "Already stored.", schemas.ModuleInfo, headers=("Location",))),
-        (*STORE, InvalidRequest, Forbidden, PayloadTooLarge),
+        (*STORE, InvalidRequest, Forbidden, QuotaExceeded, PayloadTooLarge, RateLimited),
         body=((WASM, {"type": "string", "format": "binary", "contentMediaType": WASM}),
               ("text/plain", {"type": "string", "description": "WebAssembly text (WAT)"})),
         parameters=("name_query", "tag_query"),
+        rate_limited=True,
     ),
     Operation(
         "GET", "/modules", "listModules", "Stored modules, newest first",
@@ -176,9 +178,10 @@ OPERATIONS = (
         (*STORE, InvalidRequest, Forbidden, NotFound),
     ),
     Operation(
-        "DELETE", "/modules/{cid}", "deleteModule", "Delete a module (its uploader only)",
+        "DELETE", "/modules/{cid}", "deleteModule",
+        "Delete a module (its uploader only; not while glyph names point at it)",
         (Reply(204, "Deleted."),),
-        (*STORE, InvalidRequest, Forbidden, NotFound),
+        (*STORE, InvalidRequest, Forbidden, NotFound, Conflict),
     ),
     Operation(
         "GET", "/modules/{cid}/wasm", "getModuleWasm", "A module's binary",

@@ -61,6 +61,10 @@ class PrincipalCaps(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Bytes."""
     max_time: _Positive | None = None
     """Milliseconds."""
+    max_modules: _Positive | None = None
+    """Modules stored at once."""
+    max_module_storage: _Positive | None = None
+    """Bytes of the modules stored at once."""
 
 
 class ModuleResource(NamedTuple):

@@ -150,6 +150,8 @@ class Health(msgspec.Struct, kw_only=True):
     """Why a policy file was not loaded (the last good set is in force)."""
     loops_down: list[str] | UnsetType = UNSET
     """Background loops of this gateway that failed and wait to be restarted."""
+    redis_memory_full: bool | UnsetType = UNSET
+    """True while Redis is at (95 % or more of) its `maxmemory`: writes are refused (503)."""
 
 
 class Index(msgspec.Struct, kw_only=True):

@@ -20,11 +20,15 @@ from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
+from relay.principals import RULE as PRINCIPAL_RULE
+from relay.principals import is_principal
+
 MIB = 1024 * 1024
 CPUS = max(os.cpu_count() or 1, 1)
 # Package data (pyproject.toml): the policies a plain `pip install .` starts with.
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "policies"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MIN_HMAC_SECRET_BYTES = 32
 
 
 class SettingsError(ValueError):
@@ -59,6 +63,9 @@ def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
         principal, sep, key = item.partition(":")
         if not sep or not principal or not key:
             raise SettingsError(f"{name} must be comma-separated principal:key pairs")
+        if not is_principal(principal):
+            raise SettingsError(f"{name}: the principal {principal!r} is not a principal name "
+                                f"({PRINCIPAL_RULE})")
         pairs.append((principal, key))
     return tuple(pairs)
 
@@ -122,6 +129,16 @@ def _str(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _hmac_secret(name: str, raw: str) -> str:
+    """A secret an HMAC is keyed with: HS256 is only as strong as its key, and RFC 7518 (3.2)
+    asks for at least as many bits as the hash has."""
+    secret = _str(name, raw)
+    if len(secret.encode()) < MIN_HMAC_SECRET_BYTES:
+        raise SettingsError(f"{name} must be at least {MIN_HMAC_SECRET_BYTES} bytes long, got "
+                            f"{len(secret.encode())}")
+    return secret
+
+
 # --- the declaration ---
 
 # Groups, in the order the documentation shows them (scripts/gen_config_docs.py says what
@@ -168,6 +185,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_module_bytes: Annotated[int, Variable(
         "RELAY_MAX_MODULE_BYTES", _int, LIMITS, "bytes",
         "largest module upload (413 above)")] = 16 * MIB
+    # Parsing and validating are CPU work on the gateway: half its CPUs at most, so that the
+    # other half keeps answering everyone else.
+    max_uploads: Annotated[int, Variable(
+        "RELAY_MAX_UPLOADS", _int, LIMITS, "uploads",
+        "module uploads one gateway reads and validates at once; one more is 503",
+        "half the CPU count, at least 1")] = max(CPUS // 2, 1)
+    max_modules: Annotated[int, Variable(
+        "RELAY_MAX_MODULES", _int, LIMITS, "modules",
+        "modules one principal may have stored (`max_modules` in `principals.toml` "
+        "overrides it)")] = 1_000
+    max_module_storage_bytes: Annotated[int, Variable(
+        "RELAY_MAX_MODULE_STORAGE_BYTES", _int, LIMITS, "bytes",
+        "total size of the modules one principal may have stored (`max_module_storage` in "
+        "`principals.toml` overrides it)")] = 1024 * MIB
     default_max_gas: Annotated[int, Variable(
         "RELAY_DEFAULT_MAX_GAS", _int, LIMITS, "fuel",
         "gas of an execution that asks for none")] = 1_000_000_000
@@ -210,8 +241,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "`principal:key,principal:key`; `relay dev` makes a dev key when unset",
         "none")] = ()
     jwt_secret: Annotated[str | None, Variable(
-        "RELAY_JWT_SECRET", _str, AUTH, "",
-        "accept HS256 bearer tokens signed with it", "none")] = None
+        "RELAY_JWT_SECRET", _hmac_secret, AUTH, "",
+        "accept HS256 bearer tokens signed with it (at least 32 bytes)", "none")] = None
     jwt_public_key: Annotated[str | None, Variable(
         "RELAY_JWT_PUBLIC_KEY", _pem, AUTH, "PEM",
         "PEM text, or a path to one: accept RS256/ES256 bearer tokens it verifies",
@@ -339,6 +370,13 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
             values[setting.field] = setting.variable.parse(setting.variable.name, raw)
     values.update(overrides)
     settings = Settings(**values)
+    if settings.max_queue > settings.requests_retention:
+        # Queued entries trimmed from the stream would never run, and their records would stay
+        # `queued`, holding their idempotency keys, until they expire.
+        raise SettingsError(
+            f"RELAY_MAX_QUEUE ({settings.max_queue}) is above RELAY_REQUESTS_RETENTION "
+            f"({settings.requests_retention}): queued requests would be trimmed from the "
+            "stream before they run")
     for default, ceiling in CEILINGS:
         if getattr(settings, default) > getattr(settings, ceiling):
             raise SettingsError(

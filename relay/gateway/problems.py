@@ -1,7 +1,8 @@
 """The one place errors become what a client receives.
 
 - HTTP: RFC 9457 `application/problem+json`, with the correlation id, from a `RelayError`, from
-  Starlette's own HTTP errors (unknown route, wrong method) and from Redis being unreachable;
+  Starlette's own HTTP errors (unknown route, wrong method) and from Redis being unreachable,
+  stalled or full;
   an unexpected exception is a 500 problem (`send_internal_error`, called by the middleware
   that logs it: it sits inside Starlette's own error middleware, so the 500 carries the
   correlation id like every other response).
@@ -25,6 +26,7 @@ from starlette.responses import Response
 from starlette.types import Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from relay.connection import out_of_memory
 from relay.errors import (
     Conflict,
     InvalidRequest,
@@ -79,6 +81,21 @@ async def redis_error(request: Request, exc: Exception) -> Response:
     return problem_response(Unavailable("the store is unreachable; retry shortly"), request)
 
 
+STORE_FULL_RETRY_S = 5
+
+
+async def redis_refusal(request: Request, exc: Exception) -> Response:
+    """Redis answered with an error. Out of memory: 503, nothing was written (a script refused
+    at its first write), retry once memory is freed. Anything else is a bug of ours: 500."""
+    if out_of_memory(exc):
+        log.warning("redis is out of memory: %s", exc)
+        return problem_response(Unavailable("the store is full; retry later",
+                                            retry_after_s=STORE_FULL_RETRY_S), request)
+    log.error("redis refused a command", exc_info=exc)
+    return problem_response(RelayError("an internal error occurred; it has been logged"),
+                            request)
+
+
 async def send_internal_error(send: Send, request_id: str) -> None:
     error = RelayError("an internal error occurred; it has been logged")
     await send({"type": "http.response.start", "status": error.status,
@@ -91,6 +108,7 @@ HANDLERS: dict[type[Exception], Callable[[Request, Exception], Awaitable[Respons
     HTTPException: http_error,
     redis.ConnectionError: redis_error,
     redis.TimeoutError: redis_error,
+    redis.ResponseError: redis_refusal,
 }
 """The app's exception handlers."""
 

@@ -20,6 +20,7 @@ from starlette.requests import HTTPConnection
 
 from relay.apikeys import StoredKeys
 from relay.errors import Unauthenticated
+from relay.principals import RULE, is_principal
 from relay.settings import Settings
 
 _HMAC_ALGORITHMS = ("HS256",)
@@ -94,4 +95,6 @@ class Authenticator:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("the bearer token has no subject")
+        if not is_principal(subject):
+            raise Unauthenticated(f"the bearer token's subject is not a principal name ({RULE})")
         return subject

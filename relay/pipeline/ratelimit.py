@@ -1,8 +1,10 @@
 """Rate limiting: per principal, shared by every gateway replica through Redis (`limits`).
 
 A fixed window of `RELAY_RATE_WINDOW` ms allowing `RELAY_RATE_LIMIT` requests, or the
-principal's own numbers from principals.toml. Every response of a limited route carries the
-IETF httpapi `RateLimit-Policy` and `RateLimit` fields; a refusal is 429 with `Retry-After`.
+principal's own numbers from principals.toml. Uploads are counted apart, under the same
+numbers (their policy is named `upload-default` or `upload-principal`). Every response of a
+limited route carries the IETF httpapi `RateLimit-Policy` and `RateLimit` fields; a refusal is
+429 with `Retry-After`.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ class RateLimiter:
         self._window_ends: dict[str, float] = {}
         """When each window this gateway has seen ends (Unix time)."""
 
-    async def hit(self, principal: str) -> RateState | None:
+    async def hit(self, principal: str, scope: str = "") -> RateState | None:
         """Count one request. Raises RateLimited (with the RateLimit fields) when over; None
-        when this principal is not limited."""
+        when this principal is not limited. A `scope` ("upload") counts apart from execute,
+        under the same numbers."""
         caps = self._policies.caps(principal)
         own = caps.rate_limit is not None or caps.rate_window is not None
         limit = caps.rate_limit or self._settings.rate_limit
@@ -73,7 +76,7 @@ class RateLimiter:
             return None
         window_s = (caps.rate_window or self._settings.rate_window_ms) // 1000
         item = _item(limit, window_s)
-        key = item.key_for(principal)
+        key = item.key_for(scope, principal) if scope else item.key_for(principal)
         # The library's hit() then get_window_stats() would be three round trips in a row. The
         # count comes back from the increment; when the window ends is read once per window
         # (or learned, when this increment opened it), then remembered.
@@ -89,7 +92,8 @@ class RateLimiter:
             self._window_ends.clear()
         self._window_ends[key] = window_end
         reset_s = min(max(math.ceil(window_end - now), 0), window_s)
-        state = RateState("principal" if own else "default", limit, window_s,
+        policy = "principal" if own else "default"
+        state = RateState(f"{scope}-{policy}" if scope else policy, limit, window_s,
                           max(limit - count, 0), reset_s)
         if count > limit:
             retry_after = max(reset_s, 1)
@@ -104,8 +108,9 @@ class RateCheck:
     overlaps reading and validating the body; `verdict()` is awaited before anything is accepted,
     and a refusal wins over any error found meanwhile (the stages still decide in order)."""
 
-    def __init__(self, limiter: RateLimiter, principal: str, metrics: Metrics) -> None:
-        self._counted = asyncio.ensure_future(limiter.hit(principal))
+    def __init__(self, limiter: RateLimiter, principal: str, metrics: Metrics,
+                 scope: str = "") -> None:
+        self._counted = asyncio.ensure_future(limiter.hit(principal, scope))
         self._metrics = metrics
 
     async def verdict(self) -> RateState | None:

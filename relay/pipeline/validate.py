@@ -14,7 +14,14 @@ from typing import Any, NamedTuple
 from starlette.requests import Request
 
 from relay.cid import NAME_RULE, GlyphName, is_name
-from relay.errors import FieldError, InvalidRequest, NotFound, PayloadTooLarge, decode_body
+from relay.errors import (
+    MAX_JSON_DEPTH,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    decode_body,
+)
 from relay.modules import ModuleStore, runs_as_command
 from relay.pipeline import idempotency
 from relay.policy import PrincipalCaps
@@ -65,8 +72,10 @@ async def validate(body: bytes, header_key: str | None, principal: str,
     if stored is None:
         raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
     info = stored.info
+    _check_depth(request.inputs)
     entrypoint = _entrypoint(info, request.entrypoint)
     if not runs_as_command(info, entrypoint):
+        _check_results(info, entrypoint)
         _check_inputs(info, entrypoint, request.inputs)
     policy = _effective_policy(request, settings, caps)
     fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy)
@@ -129,6 +138,34 @@ def _check_inputs(info: ModuleInfo, entrypoint: str, inputs: list[Any]) -> None:
     ]
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors)
+
+
+def _check_depth(inputs: list[Any]) -> None:
+    """Raises InvalidRequest for inputs nested deeper than the body may be (MAX_JSON_DEPTH: the
+    body's object and its `inputs` array are two of those levels). Walked without recursion,
+    so no depth can overflow a stack here or later, when the request is encoded again."""
+    level: list[Any] = [inputs]
+    depth = 2
+    while level:
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest.at("/inputs", f"the body is nested deeper than "
+                                    f"{MAX_JSON_DEPTH} levels")
+        level = [child for value in level
+                 for child in (value.values() if isinstance(value, dict) else value)
+                 if isinstance(child, (list, dict))]
+        depth += 1
+
+
+def _check_results(info: ModuleInfo, entrypoint: str) -> None:
+    """Raises InvalidRequest unless every result of `entrypoint` can be written as JSON:
+    numbers can; references (`funcref`, `externref`) and `v128` cannot."""
+    signature = next(export for export in info.exports if export.name == entrypoint)
+    unfit = [kind for kind in signature.results if kind not in _INT_RANGES and
+             kind not in _FLOATS]
+    if unfit:
+        raise InvalidRequest.at("/entrypoint", f"{entrypoint} returns {', '.join(unfit)}, "
+                                "which cannot be returned as JSON; only i32, i64, f32 and f64 "
+                                "results can")
 
 
 def _input_problem(kind: str, value: Any) -> str | None:

@@ -143,8 +143,9 @@ def test_a_half_written_declaration_fails_at_import() -> None:
     pytest.param(setting, id=setting.variable.name) for setting in SETTINGS
     if type(setting.default) is int])
 def test_each_numeric_variable_sets_its_own_field(setting: Any) -> None:
-    # Twice the default stays under every ceiling (and is whole seconds where it must be).
-    value = setting.default * 2
+    # Twice the default stays under every ceiling (and is whole seconds where it must be);
+    # the queue may not outgrow the requests stream's retention, so it gets half.
+    value = setting.default // 2 if setting.field == "max_queue" else setting.default * 2
     loaded = load({setting.variable.name: f"{value:_}"})  # `_` groups digits, as in Python
     assert getattr(loaded, setting.field) == value
     others = {s.field for s in SETTINGS} - {setting.field}
@@ -277,3 +278,30 @@ def test_a_bad_variable_stops_the_relay_command_before_it_starts(
         relay_main(["executor"])
     assert stopped.value.code == 2
     assert "relay: configuration error: RELAY_LOG_LEVEL must be one of" in capsys.readouterr().err
+
+
+# --- combinations and values that would be unsafe (issue 13, item 11) ---
+
+
+def test_a_queue_longer_than_the_requests_stream_keeps_stops_the_start() -> None:
+    with pytest.raises(SettingsError) as refused:
+        load({"RELAY_MAX_QUEUE": "200000"})
+    assert "RELAY_MAX_QUEUE" in str(refused.value)
+    assert "RELAY_REQUESTS_RETENTION" in str(refused.value)
+    assert load({"RELAY_MAX_QUEUE": "50", "RELAY_REQUESTS_RETENTION": "50"}).max_queue == 50
+
+
+def test_an_hs256_secret_under_32_bytes_stops_the_start() -> None:
+    with pytest.raises(SettingsError) as refused:
+        load({"RELAY_JWT_SECRET": "x" * 31})
+    assert "RELAY_JWT_SECRET" in str(refused.value) and "32" in str(refused.value)
+    assert load({"RELAY_JWT_SECRET": "é" * 16}).jwt_secret == "é" * 16  # 32 bytes in UTF-8
+
+
+@pytest.mark.parametrize("principal", ["a b", "tab\there", "x" * 129])
+def test_a_configured_key_needs_a_principal_name(principal: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load({"RELAY_API_KEYS": f"{principal}:key"})
+    assert "RELAY_API_KEYS" in str(refused.value)
+    assert load({"RELAY_API_KEYS": "auth0|5f1e@x.example:key"}).api_keys == (
+        ("auth0|5f1e@x.example", "key"),)

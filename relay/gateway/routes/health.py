@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay import openapi
+from relay.connection import memory_full, out_of_memory
 from relay.errors import Unavailable
 from relay.gateway.http import json_response
 from relay.gateway.state import gateway_of
@@ -49,14 +50,21 @@ async def readyz(request: Request) -> Response:
 async def health(request: Request) -> Response:
     gw = gateway_of(request)
     status: Literal["healthy", "degraded", "unhealthy"]
+    full = False
     try:
         executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
+        full = await memory_full(gw.client)
+    except redis.ResponseError as exc:
+        if not out_of_memory(exc):  # the executors' count prunes first: a write
+            raise
+        executors, full, status = 0, True, "degraded"
     except redis.RedisError:
         executors, status = 0, "unhealthy"
     else:
         # Degraded: it answers, but a policy file is broken (the last good set is in force),
-        # a background loop is being restarted, or no executor is alive to run what it accepts.
-        degraded = gw.policies.error or gw.supervisor.down or not executors
+        # a background loop is being restarted, no executor is alive to run what it accepts,
+        # or Redis is (nearly) out of memory and refuses writes.
+        degraded = gw.policies.error or gw.supervisor.down or not executors or full
         status = "degraded" if degraded else "healthy"
     served = {getattr(route, "path", None) for route in request.app.routes}
     body = Health(
@@ -70,6 +78,7 @@ async def health(request: Request) -> Response:
         executors=executors,
         policy_error=gw.policies.error or msgspec.UNSET,
         loops_down=gw.supervisor.down or msgspec.UNSET,
+        redis_memory_full=full or msgspec.UNSET,
     )
     return json_response(body, 503 if status == "unhealthy" else 200)
 

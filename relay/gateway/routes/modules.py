@@ -2,49 +2,145 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.cid import InvalidCid, compute, normalize
-from relay.errors import FieldError, InvalidRequest, NotFound, PayloadTooLarge, decode_body
+from relay.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RelayError,
+    Unavailable,
+    decode_body,
+)
 from relay.gateway.http import json_response
 from relay.gateway.state import Gateway, gateway_of
 from relay.modules import MAX_PAGE_SIZE, InvalidModule, StoredModule, inspect, to_binary
+from relay.pipeline.ratelimit import RateCheck
 from relay.pipeline.validate import check_name, read_body
 from relay.policy import ModuleResource
 from relay.schemas import NameBound, NameTags, decode_name_binding
 
+T = TypeVar("T")
 DIGITS = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", which int() refuses
 
 
+UPLOAD_BUSY_RETRY_S = 1
+
+
+PARSER_NICENESS = 10
+
+
+class UploadSlots:
+    """Uploads one gateway reads and validates at once: each holds up to RELAY_MAX_MODULE_BYTES
+    in memory (several copies) and a parser thread. One more is refused (503) rather than
+    queued, so a flood of uploads holds nothing while it waits.
+
+    Parsing and validating run on threads of their own at a lower CPU priority (nice +10,
+    where the system allows it): when CPUs are short, the event loop, and so everyone else's
+    requests, win them."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._parsers = ThreadPoolExecutor(total, "relay-upload", initializer=_yield_cpu)
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[None]:
+        """Raises Unavailable when every slot is taken."""
+        if self.free <= 0:
+            raise Unavailable("too many uploads at once; retry shortly",
+                              retry_after_s=UPLOAD_BUSY_RETRY_S)
+        self.free -= 1
+        try:
+            yield
+        finally:
+            self.free += 1
+
+    async def run(self, work: Callable[[bytes], T], data: bytes) -> T:
+        """`work(data)` on a parser thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._parsers, work, data)
+
+
+def _yield_cpu() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not on every platform
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PARSER_NICENESS)
+
+
+_SLOTS: weakref.WeakKeyDictionary[Gateway, UploadSlots] = weakref.WeakKeyDictionary()
+
+
+def _slots(gw: Gateway) -> UploadSlots:
+    slots = _SLOTS.get(gw)
+    if slots is None:
+        slots = _SLOTS[gw] = UploadSlots(gw.settings.max_uploads)
+    return slots
+
+
 async def upload_module(request: Request) -> Response:
+    """authenticate (401) → rate limit (429, counted apart from execute) → name and tag (400) →
+    may the caller upload at all (403) → a free upload slot (503) → the body (413) → parse and
+    validate, off the event loop (400) → may it upload this module (403) → store within its
+    quota (403) → bind the name."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    body = await read_body(request, gw.settings.max_module_bytes)
+    limits = await RateCheck(gw.pipeline.rate_limiter, principal, gw.metrics,
+                             scope="upload").headers()
+    try:
+        response = await _upload(request, gw, principal)
+    except RelayError as error:
+        error.headers.update(limits)
+        raise
+    response.headers.update(limits)
+    return response
+
+
+async def _upload(request: Request, gw: Gateway, principal: str) -> Response:
+    settings = gw.settings
     name = request.query_params.get("name")
     tag = request.query_params.get("tag") or "latest"
     if name is None and "tag" in request.query_params:
         raise InvalidRequest("a tag needs a name")
     if name is not None:  # refuse before storing anything
         await _check_bindable(gw, name, tag, principal)
-    try:
-        wasm = to_binary(body)
-    except InvalidModule as exc:
-        raise InvalidRequest(str(exc)) from None
-    if len(wasm) > gw.settings.max_module_bytes:
-        raise PayloadTooLarge(f"the compiled module is over {gw.settings.max_module_bytes} bytes")
-    cid = compute(wasm)
-    existing = await gw.modules.stored(cid)
-    owner = existing.owner if existing else principal
-    gw.authorizer.require(principal, "upload", ModuleResource(cid, name or "", owner))
-    try:
-        info = existing.info if existing else await anyio.to_thread.run_sync(inspect, wasm)
-    except InvalidModule as exc:
-        raise InvalidRequest(str(exc)) from None
-    created = await gw.modules.put(info, wasm, principal)
+    # Before reading or parsing anything: may the caller upload a module of its own (its CID is
+    # not known yet, so the resource has none)? Checked again on the module below.
+    gw.authorizer.require(principal, "upload", ModuleResource("", name or "", principal))
+    slots = _slots(gw)
+    with slots.take():
+        body = await read_body(request, settings.max_module_bytes)
+        try:
+            wasm = await slots.run(to_binary, body)
+        except InvalidModule as exc:
+            raise InvalidRequest(str(exc)) from None
+        del body  # a WAT text can be several times its binary's size
+        if len(wasm) > settings.max_module_bytes:
+            raise PayloadTooLarge(f"the compiled module is over {settings.max_module_bytes} "
+                                  "bytes")
+        cid = compute(wasm)
+        existing = await gw.modules.stored(cid)
+        owner = existing.owner if existing else principal
+        gw.authorizer.require(principal, "upload", ModuleResource(cid, name or "", owner))
+        try:
+            info = existing.info if existing else await slots.run(inspect, wasm)
+        except InvalidModule as exc:
+            raise InvalidRequest(str(exc)) from None
+        caps = gw.policies.caps(principal)
+        created = await gw.modules.put(
+            info, wasm, principal, max_modules=caps.max_modules or settings.max_modules,
+            max_bytes=caps.max_module_storage or settings.max_module_storage_bytes)
     if name is not None:
         await _bind(gw, name, tag, info.cid, principal)
     return json_response(info, 201 if created else 200, {"Location": f"/modules/{info.cid}"})
@@ -82,14 +178,18 @@ async def get_module_wasm(request: Request) -> Response:
 
 
 async def delete_module(request: Request) -> Response:
-    """Its owner may delete a module, and whoever the policies grant `admin` on it."""
+    """Its owner may delete a module, and whoever the policies grant `admin` on it; not while a
+    glyph name points at it (409, naming them)."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
     cid = _path_cid(request)
-    resource = await gw.authorizer.module(cid)
-    if resource.owner != principal:
-        gw.authorizer.require(principal, "admin", resource)
-    await gw.modules.delete(cid)
+    owner = await gw.modules.owner(cid)  # never a cached one: it may have been re-uploaded
+    if owner is None:
+        raise NotFound(f"no module {cid}")
+    if owner != principal:
+        gw.authorizer.require(principal, "admin", ModuleResource(cid, "", owner))
+    if await gw.modules.delete(cid, owner) is not None:
+        raise Conflict("the module was deleted and uploaded again meanwhile; retry")
     return Response(status_code=204)
 
 

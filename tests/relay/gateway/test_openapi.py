@@ -252,6 +252,12 @@ async def test_module_and_name_responses_are_documented(http: httpx.AsyncClient,
     assert_documented(await http.get("/names/nobody"), "/names/{name}")
 
     assert_documented(await bob.delete(f"/modules/{cid}"), "/modules/{cid}")
+    named = await http.delete(f"/modules/{cid}")
+    assert_problem(named, 409, "conflict")  # adder@latest and adder@v1 point at it
+    assert_documented(named, "/modules/{cid}")
+    other = (await upload(http, '(module (func (export "main")))'))["cid"]
+    for tag in ("latest", "v1"):
+        assert (await http.put(f"/names/adder/{tag}", json={"cid": other})).status_code == 200
     deleted = await http.delete(f"/modules/{cid}")
     assert deleted.status_code == 204
     assert_documented(deleted, "/modules/{cid}")

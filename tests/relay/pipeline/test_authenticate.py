@@ -145,6 +145,15 @@ async def test_token_subject_is_the_principal(jwt_app: Any) -> None:
         assert (await client.delete(f"/modules/{cid}", headers=headers)).status_code == 204
 
 
+@pytest.mark.parametrize("subject", ["has space", "team:alice", "x" * 129])
+async def test_a_subject_that_is_no_principal_name_is_401(jwt_app: Any, subject: str) -> None:
+    async with client_for(jwt_app, None) as client:
+        headers = {"Authorization": f"Bearer {token(SECRET, 'HS256', sub=subject)}"}
+        refused = await client.get("/modules", headers=headers)
+    assert refused.status_code == 401
+    assert "principal name" in refused.json()["detail"]
+
+
 async def test_stored_key_works_until_revoked(settings: Settings) -> None:
     assert settings.redis_url is not None
     client = connection.connect(settings.redis_url)
