@@ -54,6 +54,7 @@ _ABSTIME = 1
 _IOVEC = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _U32_MASK = 0xFFFFFFFF
+_YIELD_EVERY_S = 0.001
 
 
 class Output:
@@ -96,6 +97,8 @@ class Host:
         self.monotonic_origin_ns = time.monotonic_ns()
         """Where wasmtime's WASI monotonic clock starts (at `Store.set_wasi`): an absolute
         monotonic sleep is measured from it: make the Host right after `set_wasi`."""
+        self.yielded_at = 0.0
+        """When a call last let other threads take the GIL (perf_counter seconds)."""
         self.memory: wasmtime.Memory | None = None
         """The module's memory, found at its first call (looking it up costs more than the
         rest of a write)."""
@@ -278,6 +281,12 @@ def _trampoline(key: int | None, caller_p: Any, args: Any, nargs: int, results: 
             answer = EFAULT
         finally:
             caller._invalidate()
+        now = time.perf_counter()
+        if now - host.yielded_at > _YIELD_EVERY_S:
+            # Host calls hold the GIL, and a module making nothing else would keep the
+            # executor's event loop waiting for it: let other threads in now and then.
+            time.sleep(0)
+            host.yielded_at = now
         if isinstance(answer, ErrorInfo):
             host.control.end_in_call(answer)
             return _trap(_STOP_MARKER + answer.code)

@@ -328,3 +328,24 @@ def test_a_command_that_ignores_efbig_succeeds_with_its_output_cut(sandbox: Sand
     assert cut.error is None and cut.output == "[1,2,3][1,"
     one = sandbox.run(prepared, "_start", [], policy(), command=True, max_output_bytes=7)
     assert one.error is None and one.output == [1, 2, 3]
+
+
+def test_the_c_functions_the_calls_are_registered_with_are_the_expected_ones() -> None:
+    """Fails loudly when a wasmtime upgrade changes what executor.wasi calls through ctypes."""
+    import ctypes
+
+    from wasmtime import _bindings
+
+    callback: Any = _bindings.wasmtime_func_callback_t
+    assert callback._restype_ is ctypes.c_size_t
+    assert callback._argtypes_ == (
+        ctypes.c_void_p, ctypes.POINTER(_bindings.wasmtime_caller_t),
+        ctypes.POINTER(_bindings.wasmtime_val_t), ctypes.c_size_t,
+        ctypes.POINTER(_bindings.wasmtime_val_t), ctypes.c_size_t)
+    define: Any = _bindings._wasmtime_linker_define_func
+    assert define.argtypes[6] is callback and len(define.argtypes) == 9
+    trap: Any = _bindings._wasmtime_trap_new
+    assert trap.argtypes == [ctypes.POINTER(ctypes.c_char), ctypes.c_size_t]
+    stdin: Any = _bindings._wasi_config_set_stdin_bytes
+    assert stdin.argtypes == [ctypes.POINTER(_bindings.wasi_config_t),
+                              ctypes.POINTER(_bindings.wasm_byte_vec_t)]
