@@ -53,7 +53,7 @@ async def test_concurrent_gets_share_one_compile(sandbox: Sandbox, store: Module
 
 async def test_a_deleted_module_is_gone(sandbox: Sandbox, store: ModuleStore) -> None:
     cid = await put(store, returning(2))
-    await store.delete(cid)
+    assert await store.delete(cid, "alice") is None
     modules = CompiledModules(sandbox, store)
     waiters = await asyncio.gather(*(modules.get(cid) for _ in range(3)),
                                    return_exceptions=True)
