@@ -40,6 +40,12 @@ class StoredKeys:
         raw = await self.client.hget(self.hash, key_digest.hex())
         return None if raw is None else decode_stored_key(raw).principal
 
+    async def kept(self, key_digests: list[bytes]) -> set[bytes]:
+        """Those of `key_digests` still stored (not revoked), in one round trip."""
+        found = await self.client.hmget(self.hash, [key_digest.hex() for key_digest in key_digests])
+        return {key_digest for key_digest, raw in zip(key_digests, found, strict=True)
+                if raw is not None}
+
     async def list(self) -> list[StoredKey]:
         stored = await self.client.hgetall(self.hash)
         records = [decode_stored_key(raw) for raw in stored.values()]

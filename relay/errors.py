@@ -98,6 +98,13 @@ class IdempotencyKeyReuse(RelayError):
     status, slug, title = 422, "idempotency-key-reuse", "Idempotency key reused"
 
 
+class TooManyStreams(RelayError):
+    """One event stream more than the principal may hold open (`RELAY_MAX_STREAMS`). No
+    Retry-After: a place frees as soon as the principal closes one of its streams."""
+
+    status, slug, title = 429, "too-many-streams", "Too many open event streams"
+
+
 class RateLimited(RelayError):
     status, slug, title = 429, "rate-limited", "Too many requests"
 

@@ -47,6 +47,17 @@ class Keys:
         """Hash holding one execution's owner, status and result."""
         return f"{self.prefix}:exec:{request_id}"
 
+    def execution_events(self, request_id: str) -> str:
+        """List of the `relay:events` entry ids of one execution's client events, in order, so
+        its history is read without scanning the stream; it expires with the record. The Lua
+        scripts that append those events name it as the record's key + `:events`."""
+        return f"{self.execution(request_id)}:events"
+
+    def streams(self, principal: str) -> str:
+        """Sorted set of the principal's open event streams on every gateway, each scored by
+        when its lease ends (Redis time, ms): `relay.gateway.slots`."""
+        return f"{self.prefix}:streams:{principal}"
+
     def module(self, cid: str) -> str:
         """Hash holding one module's binary (`wasm`), metadata (`meta`) and `owner`."""
         return f"{self.prefix}:module:{cid}"

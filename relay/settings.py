@@ -302,6 +302,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sse_queue: Annotated[int, Variable(
         "RELAY_SSE_QUEUE", _int, EVENTS, "events",
         "events one event stream may fall behind before it is dropped as too slow")] = 256
+    max_streams: Annotated[int, Variable(
+        "RELAY_MAX_STREAMS", _int, EVENTS, "streams",
+        "event streams (SSE and WebSocket together) one principal may hold open at once, "
+        "counted across all gateways; one more is 429 `too-many-streams`")] = 64
 
     cors_origins: Annotated[tuple[str, ...], Variable(
         "RELAY_CORS_ORIGINS", _csv, LOGS, "",

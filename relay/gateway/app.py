@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 import redis
@@ -17,6 +18,7 @@ from relay.gateway import problems
 from relay.gateway.http import RequestIdMiddleware, by_method
 from relay.gateway.routes import execute, executions, health, modules, sse, tokens, websocket
 from relay.gateway.state import Gateway
+from relay.gateway.subscription import end_revoked
 from relay.keys import Keys
 from relay.policy import Policies
 from relay.settings import Settings
@@ -75,6 +77,8 @@ def create_app(settings: Settings) -> Starlette:
         gateway.supervisor.start("events fan-in", gateway.fan_in.follow)
         gateway.supervisor.start("policy watch", policies.watch)
         gateway.supervisor.start("metrics", gateway.metrics.run)
+        gateway.supervisor.start("stream leases", gateway.streams.renew)
+        gateway.supervisor.start("stream credentials", functools.partial(end_revoked, gateway))
         app.state.gateway = gateway
         try:
             yield

@@ -50,7 +50,7 @@ def chunk_of(entries: list[Entry]) -> bytes:
 
 class Wire(Protocol):
     """The connection under a caught-up stream, for its events to be written at once without
-    waking its task: the HTTP server's transport (`relay.streams.uvicorn_wire`)."""
+    waking its task: the HTTP server's transport (`routes.sse.uvicorn_wire`)."""
 
     def is_closing(self) -> bool: ...
 
@@ -79,12 +79,16 @@ class Subscriber:
     for every event, so it costs less than an asyncio.Queue)."""
 
     __slots__ = ("_items", "_loop", "_waiter", "aborted", "armed", "capacity", "ended",
-                 "principal", "quiet_since", "request_ids", "task", "wire")
+                 "principal", "quiet_since", "request_ids", "stored_key", "task", "wire")
 
-    def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int) -> None:
+    def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int,
+                 stored_key: bytes | None = None) -> None:
         self.principal = principal
         self.request_ids = request_ids
         self.capacity = capacity
+        self.stored_key = stored_key
+        """The digest of the stored API key the stream was opened with (its revocation ends
+        the stream), or None."""
         self._items: list[Item] = []
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future[None] | None = None
@@ -248,9 +252,10 @@ class EventFanIn:
 
     # --- event streams ---
 
-    def subscribe(self, principal: str, request_ids: frozenset[str] | None) -> Subscriber:
+    def subscribe(self, principal: str, request_ids: frozenset[str] | None,
+                  stored_key: bytes | None = None) -> Subscriber:
         """Start queueing `principal`'s events (of `request_ids` only, if given)."""
-        subscriber = Subscriber(principal, request_ids, self.queue_capacity)
+        subscriber = Subscriber(principal, request_ids, self.queue_capacity, stored_key)
         self._subscribers.setdefault(principal, set()).add(subscriber)
         if self.shutting_down:
             subscriber.end()
@@ -266,6 +271,11 @@ class EventFanIn:
     @property
     def subscriber_count(self) -> int:
         return sum(len(subscribers) for subscribers in self._subscribers.values())
+
+    def subscribers(self) -> list[Subscriber]:
+        """Every open stream's subscriber (a copy: the caller may end them)."""
+        return [subscriber for subscribers in self._subscribers.values()
+                for subscriber in subscribers]
 
     # --- the reader ---
 

@@ -9,6 +9,7 @@ from relay.apikeys import StoredKeys
 from relay.bus import Bus
 from relay.gateway.control import Controller
 from relay.gateway.fanin import EventFanIn
+from relay.gateway.slots import StreamSlots
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore
@@ -34,8 +35,11 @@ class Gateway:
                        max_queue=settings.max_queue)
         self.modules = ModuleStore(client, keys)
         self.fan_in = EventFanIn(client, keys, settings.sse_queue)
+        self.streams = StreamSlots(client, keys, settings.max_streams)
+        """Each principal's places for open event streams, across gateways."""
         self.metrics = Metrics(client, keys)
-        self.authenticate = Authenticator(settings, StoredKeys(client, keys))
+        self.stored_keys = StoredKeys(client, keys)
+        self.authenticate = Authenticator(settings, self.stored_keys)
         self.authorizer = Authorizer(policies, self.modules, self.metrics)
         self.tokens = AccessTokens(token_secret)
         self.controller = Controller(client, keys, self.bus, self.fan_in, settings, policies)
@@ -45,7 +49,8 @@ class Gateway:
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
             metrics=self.metrics)
         self.supervisor = Supervisor("relay.gateway")
-        """Runs the background loops: the events fan-in, the policy watch, metrics."""
+        """Runs the background loops: the events fan-in, the policy watch, metrics, stream
+        leases and the check of open streams' stored keys."""
 
 
 def gateway_of(connection: HTTPConnection) -> Gateway:

@@ -4,6 +4,13 @@ Redis, then live events from the process's fan-in, with no gap and no duplicate.
 A stream subscribes to the fan-in *before* it replays history from Redis, then drops from the
 live queue whatever the replay already sent, even for events appended while the replay runs.
 The SSE and WebSocket routes both stream what `follow` yields.
+
+The history of named executions (a WebSocket's, an SSE stream's with `?request_id=`) comes from
+each execution's index of its entry ids, not from a scan of the whole stream, whose retained
+entries are mostly other executions' (and include `wasm_exec_completed`, up to 1 MiB each).
+
+A stream ends when its credential does: an access token's or a JWT's expiry (`follow`), or the
+revocation of the stored API key it was opened with (`end_revoked`).
 """
 
 from __future__ import annotations
@@ -18,23 +25,49 @@ from starlette.requests import HTTPConnection, Request
 from relay.errors import InvalidRequest
 from relay.gateway.fanin import PING, Entry, Subscriber, Wire, entry, for_clients
 from relay.gateway.state import Gateway
+from relay.pipeline.authenticate import Credential
 from relay.schemas import EventsLost, decode_head, encode
 
 SEND_BATCH = 64
 REPLAY_PAGE = 500
 _EVENT_ID = re.compile(r"\d+(-\d+)?")
+RECHECK_MIN_MS = 100
+"""How often, at most, open streams' stored keys are checked (RELAY_STORED_KEY_CACHE may be 0)."""
 
 
-async def subscriber_principal(gw: Gateway, connection: HTTPConnection) -> tuple[str, float]:
-    """Who is subscribing, and until when (Unix time; `inf` for header credentials).
+async def subscriber_credential(gw: Gateway, connection: HTTPConnection) -> Credential:
+    """Who is subscribing, and what ends the stream: its expiry (Unix time; `inf` for API
+    keys), the stored key it may be revoked with, and whether it may control executions.
 
-    `?access_token=` takes only tokens from `POST /auth/tokens`, never a key or a JWT.
+    `?access_token=` takes only tokens from `POST /auth/tokens`, never a key or a JWT; those
+    only subscribe.
     """
     token = connection.query_params.get("access_token")
     if token is not None:
         verified = gw.tokens.verify(token)
-        return verified.principal, verified.expires_at
-    return await gw.authenticate(connection), float("inf")
+        return Credential(verified.principal, verified.expires_at, controls=False)
+    return await gw.authenticate.credential(connection)
+
+
+async def end_revoked(gw: Gateway) -> None:
+    """End the streams whose stored API key was revoked, until cancelled (run by the gateway's
+    supervisor). Once per RELAY_STORED_KEY_CACHE, one HMGET of the distinct keys that open
+    streams were opened with: thousands of streams cost one round trip, not one each."""
+    interval_s = max(gw.settings.stored_key_cache_ms, RECHECK_MIN_MS) / 1000
+    while True:
+        await asyncio.sleep(interval_s)
+        by_key: dict[bytes, list[Subscriber]] = {}
+        for subscriber in gw.fan_in.subscribers():
+            if subscriber.stored_key is not None:
+                by_key.setdefault(subscriber.stored_key, []).append(subscriber)
+        if not by_key:
+            continue
+        kept = await gw.stored_keys.kept(list(by_key))
+        for key_digest, subscribers in by_key.items():
+            if key_digest not in kept:
+                gw.authenticate.forget(key_digest)
+                for subscriber in subscribers:
+                    subscriber.end()  # the client reconnects, and is refused
 
 
 def parse_id(text: str) -> tuple[int, int]:
@@ -53,7 +86,12 @@ def start_id(request: Request) -> str | None:
 
 async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | None,
                   after: str) -> AsyncIterator[Entry]:
-    """Retained events after `after` (exclusive) that belong to `principal`."""
+    """Retained events after `after` (exclusive) that belong to `principal` (and to
+    `request_ids`, if given)."""
+    if request_ids is not None:
+        async for found in _replay_indexed(gw, principal, request_ids, after):
+            yield found
+        return
     cursor = "-" if after in ("0", "0-0") else f"({after}"
     while True:
         page = await gw.client.xrange(gw.keys.events, cursor, "+", count=REPLAY_PAGE)
@@ -67,6 +105,27 @@ async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | Non
         if len(page) < REPLAY_PAGE:
             return
         cursor = f"({page[-1][0].decode()}"
+
+
+async def _replay_indexed(gw: Gateway, principal: str, request_ids: frozenset[str],
+                          after: str) -> AsyncIterator[Entry]:
+    """The events of `request_ids` after `after`, read by their ids from each execution's
+    index: the cost is their number, not the stream's length."""
+    pipe = gw.client.pipeline(transaction=False)
+    for request_id in sorted(request_ids):
+        pipe.lrange(gw.keys.execution_events(request_id), 0, -1)
+    start = parse_id(after)
+    ids = sorted(entry_id for listed in await pipe.execute() for entry_id
+                 in map(parse_id, map(bytes.decode, listed)) if entry_id > start)
+    for first in range(0, len(ids), REPLAY_PAGE):
+        pipe = gw.client.pipeline(transaction=False)
+        for ms, seq in ids[first:first + REPLAY_PAGE]:
+            pipe.xrange(gw.keys.events, f"{ms}-{seq}", f"{ms}-{seq}")
+        for found in await pipe.execute():
+            # Empty when trimmed from the stream; another principal's when it guessed an id.
+            for entry_id, fields in found:
+                if fields.get(b"user", b"").decode() == principal:
+                    yield entry(entry_id, fields[b"data"])
 
 
 async def _events_lost(gw: Gateway, after: str) -> bytes | None:

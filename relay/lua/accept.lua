@@ -26,7 +26,12 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
            'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[6] .. position .. '}',
-           'user', ARGV[1])
+local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
+                          ARGV[6] .. position .. '}', 'user', ARGV[1])
+-- The execution's index of its client events (relay.keys.Keys.execution_events), so its
+-- history is read without scanning the stream. It lives as long as the record (an earlier
+-- attempt's events stay listed, as they stay in the stream).
+redis.call('RPUSH', KEYS[1] .. ':events', queued)
+redis.call('PERSIST', KEYS[1] .. ':events')
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
 return {'new', ARGV[2], false}

@@ -15,5 +15,7 @@ end
 if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1], 'user', record[1])
+redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
+           redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'data', ARGV[1], 'user',
+                      record[1]))
 return 1

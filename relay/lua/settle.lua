@@ -14,13 +14,19 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
     redis.call('DECR', KEYS[4])
     if ARGV[12] ~= '' then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[12], 'user', record[1])
+      redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
+                 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[12],
+                            'user', record[1]))
     end
   end
   redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6], 'user', record[1])
+  redis.call('RPUSH', KEYS[1] .. ':events',
+             redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[6], 'user',
+                        record[1]))
+  -- wasm_exec_completed is for bus consumers, not clients: not in the index.
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[7], 'user', record[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
+  redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[9])
   written = 1
 end
 if ARGV[2] ~= '' then

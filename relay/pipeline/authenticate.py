@@ -8,12 +8,18 @@ Three kinds of credentials:
 
 Keys are looked up by their digest, never compared as text: the lookup's timing does not depend
 on how much of a guessed key is right, and no plain key is kept anywhere.
+
+An event stream outlives the moment its credentials were checked, so `credential` also says
+what ends them: a stored key's digest (it can be revoked while the stream is open) or a JWT's
+`exp`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
+from typing import NamedTuple
 
 import jwt
 from starlette.requests import HTTPConnection
@@ -31,6 +37,19 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+class Credential(NamedTuple):
+    """Who a caller is, and what ends that while a stream it opened stays open."""
+
+    principal: str
+    expires_at: float = math.inf
+    """Unix time (s) the credential expires: a JWT's `exp`, an access token's; inf for keys."""
+    stored_key: bytes | None = None
+    """The sha256 digest of a key made by `relay keys create`, which may be revoked at run
+    time; None for every other credential (`RELAY_API_KEYS` cannot be revoked while running)."""
+    controls: bool = True
+    """Whether it may pause, resume and cancel: an access token only subscribes."""
+
+
 class Authenticator:
     def __init__(self, settings: Settings, stored: StoredKeys) -> None:
         self._configured = {digest(key): principal for principal, key in settings.api_keys}
@@ -46,19 +65,23 @@ class Authenticator:
 
     async def __call__(self, connection: HTTPConnection) -> str:
         """The caller's principal. Raises Unauthenticated."""
+        return (await self.credential(connection)).principal
+
+    async def credential(self, connection: HTTPConnection) -> Credential:
+        """The caller's principal and what ends its credential. Raises Unauthenticated."""
         key = connection.headers.get("x-api-key")
         if key is not None:
-            return await self._api_key(key)
+            key_digest = digest(key)
+            principal = self._configured.get(key_digest)
+            if principal is not None:
+                return Credential(principal)
+            return Credential(await self._stored_key(key_digest), stored_key=key_digest)
         scheme, _, token = connection.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return self._bearer(token.strip())
         raise Unauthenticated("send an API key in X-API-Key, or a bearer token in Authorization")
 
-    async def _api_key(self, key: str) -> str:
-        key_digest = digest(key)
-        principal = self._configured.get(key_digest)
-        if principal is not None:
-            return principal
+    async def _stored_key(self, key_digest: bytes) -> str:
         cached = self._cache.get(key_digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
@@ -72,7 +95,12 @@ class Authenticator:
             self._cache[key_digest] = (principal, time.monotonic() + self._cache_s)
         return principal
 
-    def _bearer(self, token: str) -> str:
+    def forget(self, key_digest: bytes) -> None:
+        """Drop a stored key from the cache: it was found revoked, so the next request with it
+        asks Redis (and is refused) rather than trusting the cache until it expires."""
+        self._cache.pop(key_digest, None)
+
+    def _bearer(self, token: str) -> Credential:
         if not self._jwt_keys:
             raise Unauthenticated("bearer tokens are not accepted here (no JWT key configured)")
         try:
@@ -97,4 +125,4 @@ class Authenticator:
             raise Unauthenticated("the bearer token has no subject")
         if not is_principal(subject):
             raise Unauthenticated(f"the bearer token's subject is not a principal name ({RULE})")
-        return subject
+        return Credential(subject, expires_at=float(claims["exp"]))

@@ -122,3 +122,28 @@ async def test_a_short_run_announces_its_start_before_its_output(
                                            "execution_output", "execution_complete",
                                            "wasm_exec_completed"]
     assert events[1]["timestamp"] == result["executed_at"]
+
+
+async def test_each_execution_lists_its_client_events_and_the_list_expires_with_it(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
+    """The scripts that append an execution's events also list their ids under the execution
+    (its history is read from there, not by scanning the stream), and the list expires with
+    the record."""
+    module = await upload(http, ADD_WAT)
+    result = (await http.post("/intent/execute-wasm",
+                              json={"cid": module["cid"], "inputs": [3, 4]})).json()
+    keys = Keys(settings.prefix)
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        listed = await client.lrange(keys.execution_events(result["request_id"]), 0, -1)
+        ttl_ms = await client.pttl(keys.execution_events(result["request_id"]))
+        record_ttl_ms = await client.pttl(keys.execution(result["request_id"]))
+        retained = [(entry_id, json.loads(fields[b"data"])["type"])
+                    for entry_id, fields in await client.xrange(keys.events)
+                    if json.loads(fields[b"data"])["request_id"] == result["request_id"]]
+    finally:
+        await client.aclose()
+    assert [entry_id for entry_id, _ in retained[:-1]] == listed  # wasm_exec_completed: no
+    assert retained[-1][1] == "wasm_exec_completed"
+    assert 0 < ttl_ms <= settings.idempotency_ttl_ms
+    assert abs(ttl_ms - record_ttl_ms) < 1000

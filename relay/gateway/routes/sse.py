@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from relay.errors import InvalidRequest
 from relay.gateway.fanin import Entry, Subscriber, Wire
 from relay.gateway.state import Gateway, gateway_of
-from relay.gateway.subscription import follow, start_id, subscriber_principal
+from relay.gateway.subscription import follow, start_id, subscriber_credential
 
 RETRY_MS = 3000
 SHUTDOWN_RETRY_MS = 500
@@ -81,11 +81,13 @@ class EventStream:
     than at the next keep-alive."""
 
     def __init__(self, gw: Gateway, subscriber: Subscriber, after: str | None,
-                 until: float) -> None:
+                 until: float, slot: str) -> None:
         self.gw = gw
         self.subscriber = subscriber
         self.after = after
         self.until = until
+        self.slot = slot
+        """Its place among its principal's open streams (`Gateway.streams`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self.subscriber
@@ -104,6 +106,7 @@ class EventStream:
                     await watcher
         finally:
             self.gw.fan_in.unsubscribe(subscriber)
+            await self.gw.streams.release(subscriber.principal, self.slot)
 
     async def _stream(self, scope: Scope, send: Send) -> None:
         def body(chunk: bytes) -> Message:
@@ -156,11 +159,14 @@ class Sse:
 
 async def _open(request: Request) -> EventStream:
     gw = gateway_of(request)
-    principal, until = await subscriber_principal(gw, request)
+    credential = await subscriber_credential(gw, request)
+    principal = credential.principal
     gw.authorizer.require(principal, "subscribe", None)
     request_ids = _request_id_filter(request.query_params.getlist("request_id"))
     after = start_id(request)
-    return EventStream(gw, gw.fan_in.subscribe(principal, request_ids), after, until)
+    slot = await gw.streams.acquire(principal)  # last: nothing after it may fail
+    return EventStream(gw, gw.fan_in.subscribe(principal, request_ids, credential.stored_key),
+                       after, credential.expires_at, slot)
 
 
 def _request_id_filter(values: list[str]) -> frozenset[str] | None:

@@ -2,8 +2,10 @@
 
 The events are replayed from the first one retained, then live, until the terminal event. The
 client may send `{"action": "pause" | "resume" | "cancel", "additional_gas"?: N}`; a refusal is
-answered with a `control_error` message, an effect by the events it causes. Close codes: 4401
-unauthenticated, 4403 forbidden, 4404 no such execution (of this principal).
+answered with a `control_error` message, an effect by the events it causes; a socket opened
+with an access token only subscribes (its control messages are refused with 403). Close codes:
+4401 unauthenticated, 4403 forbidden, 4404 no such execution (of this principal), 4429 too many
+open streams.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import msgspec
 import redis
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from relay.errors import RelayError
+from relay.errors import Forbidden, RelayError
 from relay.gateway.fanin import Entry
 from relay.gateway.problems import close_with, send_control_error
 from relay.gateway.state import Gateway, gateway_of
-from relay.gateway.subscription import follow, subscriber_principal
+from relay.gateway.subscription import follow, subscriber_credential
+from relay.pipeline.authenticate import Credential
 from relay.schemas import TERMINAL_TYPES, decode_head, decode_ws_command
 
 
@@ -28,16 +31,21 @@ async def websocket(ws: WebSocket) -> None:
     request_id = ws.path_params["request_id"]
     await ws.accept()
     try:
-        principal, until = await subscriber_principal(gw, ws)
+        credential = await subscriber_credential(gw, ws)
+        principal = credential.principal
         gw.authorizer.require(principal, "subscribe", None)
         await gw.controller.state(principal, request_id)
+        slot = await gw.streams.acquire(principal)
     except RelayError as error:
         await close_with(ws, error)
         return
-    subscriber = gw.fan_in.subscribe(principal, frozenset({request_id}))
-    commands = asyncio.create_task(_commands(gw, ws, principal, request_id))
+    subscriber = gw.fan_in.subscribe(principal, frozenset({request_id}), credential.stored_key)
+    commands = asyncio.create_task(_commands(gw, ws, credential, request_id))
+    # The client left (its messages end): stop streaming at once, rather than at the next event
+    # of an execution that may publish none for long, so its place frees.
+    commands.add_done_callback(lambda _: subscriber.end())
     try:
-        async for batch in follow(gw, subscriber, "0", until):
+        async for batch in follow(gw, subscriber, "0", credential.expires_at):
             if await _send_batch(ws, batch):
                 break
         await ws.close(1000)
@@ -48,6 +56,7 @@ async def websocket(ws: WebSocket) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await commands
         gw.fan_in.unsubscribe(subscriber)
+        await gw.streams.release(principal, slot)
 
 
 async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
@@ -62,7 +71,8 @@ async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
     return False
 
 
-async def _commands(gw: Gateway, ws: WebSocket, principal: str, request_id: str) -> None:
+async def _commands(gw: Gateway, ws: WebSocket, credential: Credential,
+                    request_id: str) -> None:
     """Control messages from the client, until it goes."""
     while True:
         try:
@@ -71,7 +81,10 @@ async def _commands(gw: Gateway, ws: WebSocket, principal: str, request_id: str)
             return
         try:
             command = decode_ws_command(raw)
-            await gw.controller.act(principal, request_id, command.action,
+            if not credential.controls:
+                raise Forbidden("an access token only subscribes: pause, resume and cancel "
+                                "need an API key or a JWT")
+            await gw.controller.act(credential.principal, request_id, command.action,
                                     command.additional_gas)
         except (msgspec.DecodeError, RelayError) as error:
             await send_control_error(ws, error)

@@ -560,3 +560,44 @@ async def test_a_client_that_reads_nothing_is_cut_off(served: Served, settings: 
 
     await asyncio.to_thread(read_to_the_end)
     stuck.close()
+
+
+async def test_a_request_id_stream_resumes_from_the_executions_index(
+        served: Served, executor: Executor, settings: Settings) -> None:
+    """With `?request_id=`, the replay reads each named execution's own list of events: the
+    same events, in order, after the given id, as a scan would find."""
+    async with client(served) as http:
+        module = await upload(http, ADD_WAT)
+        first = await submit(http, module["cid"], [30, 1])
+        second = await submit(http, module["cid"], [30, 2])
+        await submit(http, module["cid"], [30, 3])  # not asked for
+        for request_id in (first, second):
+            await wait_for(lambda r=request_id: _status(http, r, "completed"), timeout_s=10)
+        wanted = [(entry_id, data) for entry_id, data in await _client_events(settings, "alice")
+                  if json.loads(data)["request_id"] in (first, second)]
+        params = {"request_id": [first, second], "last_event_id": wanted[0][0]}
+        async with http.stream("GET", EVENTS, params=params) as stream:
+            messages = [m for m in await collect(stream, data_messages(len(wanted) - 1))
+                        if m.data]
+    assert [(m.id, m.data) for m in messages] == wanted[1:]
+
+
+async def test_a_closed_websocket_frees_its_place_at_once(served: Served,
+                                                         executor: Executor) -> None:
+    """An execution may publish nothing for long (a loop that makes no calls): the socket's
+    stream ends when the client leaves, not at the execution's next event."""
+    fan_in: EventFanIn = served.gateway.fan_in
+    async with client(served) as http:
+        module = await upload(http, '(module (func (export "main") (loop br 0)))')
+        accepted = await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
+                                   json={"cid": module["cid"],
+                                         "policy": {"max_gas": 10**11, "max_time": 60_000}})
+        request_id = accepted.json()["request_id"]
+        await wait_for(lambda: _status(http, request_id, "running"), timeout_s=10)
+        async with ws_connect(ws_url(served, request_id),
+                              additional_headers={"X-API-Key": ALICE_KEY}) as ws:
+            await ws.recv()
+            assert served.gateway.streams.held == fan_in.subscriber_count == 1
+        await wait_for(lambda: served.gateway.streams.held == fan_in.subscriber_count == 0,
+                       timeout_s=2)
+        await http.delete(f"/executions/{request_id}")
