@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import subprocess
 import sys
 import time
@@ -15,11 +16,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from starlette.requests import HTTPConnection
 
 from relay import connection
 from relay.apikeys import StoredKeys
 from relay.gateway.app import create_app
 from relay.keys import Keys
+from relay.pipeline.authenticate import Authenticator, Credential
 from relay.settings import Settings
 from tests.conftest import ROOT, assert_problem, client_for, process_env, with_settings
 
@@ -167,6 +170,32 @@ async def test_stored_key_works_until_revoked(settings: Settings) -> None:
                        "unauthenticated")
     raw = await client.hgetall(Keys(settings.prefix).api_keys)
     assert new.key.encode() not in b"".join([*raw.keys(), *raw.values()])
+    await client.aclose()
+
+
+async def test_a_credential_says_what_ends_it(settings: Settings) -> None:
+    """What an event stream needs to end with its credential: a stored key's digest (it may be
+    revoked), a JWT's `exp`; a configured key has neither."""
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    stored = StoredKeys(client, Keys(settings.prefix))
+    new = await stored.create("frank")
+    authenticate = Authenticator(with_settings(settings, jwt_secret=SECRET), stored)
+    exp = int(time.time()) + 60
+
+    async def credential(headers: dict[str, str]) -> Credential:
+        scope = {"type": "http", "headers": [(k.lower().encode(), v.encode())
+                                             for k, v in headers.items()]}
+        return await authenticate.credential(HTTPConnection(scope))
+
+    assert await credential({"X-API-Key": "alice-secret-key"}) == Credential("alice")
+    frank = await credential({"X-API-Key": new.key})
+    assert frank.principal == "frank" and frank.stored_key == hashlib.sha256(
+        new.key.encode()).digest() and frank.expires_at == math.inf
+    bearer = await credential({"Authorization": f"Bearer {token(SECRET, 'HS256', exp=exp)}"})
+    assert bearer == Credential("carol", expires_at=exp)
+    assert all(c.controls for c in (frank, bearer))
+    assert await stored.kept([frank.stored_key or b"", b"\0" * 32]) == {frank.stored_key}
     await client.aclose()
 
 
