@@ -130,6 +130,12 @@ class LiveControl:
         return self._state
 
     @property
+    def pausing(self) -> bool:
+        """Paused, or asked to pause and not yet stopped: it holds (or will hold) its thread
+        without running (the executor caps how many may: RELAY_EXECUTOR_MAX_PAUSED)."""
+        return self._state == "paused" or self._pause_requested
+
+    @property
     def gas_used(self) -> int:
         """Gas used as last seen at a tick (exact once finished); never decreases. Fuel is read
         from where wasm code leaves it at calls and returns, so a call-free loop shows none."""

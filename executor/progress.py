@@ -8,7 +8,9 @@ before the run's terminal event.
 
 `execution_started` is announced lazily: once the run has lasted `ANNOUNCE_AFTER_S`, or before
 anything else it publishes. Most runs end sooner, and their settle script emits it right before
-the terminal event: one round trip and one wake-up of every gateway fewer per execution.
+the terminal event: one round trip and one wake-up of every gateway fewer per execution. The
+announcement also takes one of the principal's places (`max_active`); a run that gets none is
+not run here (its entry is parked), so the worker announces before it gives a run a thread.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Literal
 
 from executor.control import LiveControl
 from executor.wasi import Output
-from relay.bus import Bus
+from relay.bus import Bus, Verdict
 from relay.schemas import (
     BusMessage,
     ExecutionOutput,
@@ -67,10 +69,13 @@ class _Tail:
 
 
 class LiveRun:
-    def __init__(self, bus: Bus, request: WasmExecRequested, *, executor_node: str,
-                 max_pause_ms: int, max_output_bytes: int) -> None:
+    def __init__(self, bus: Bus, request: WasmExecRequested, entry_id: bytes, *,
+                 executor_node: str, max_pause_ms: int, max_output_bytes: int) -> None:
         self.bus = bus
         self.request = request
+        self.entry_id = entry_id
+        self.verdict: Verdict | None = None
+        """The start script's, once announced."""
         self.started = ExecutionStarted(request_id=request.request_id,
                                         executor_node=executor_node, timestamp=now_iso())
         self._announced: asyncio.Task[bool] | None = None
@@ -94,12 +99,19 @@ class LiveRun:
 
     def announce(self) -> asyncio.Task[bool]:
         """Publish `execution_started` (once). The task's result says whether the execution is
-        still ours to run: if not (finished or cancelled meanwhile), the run is stopped."""
+        still ours to run: if not (finished or cancelled meanwhile, parked, or taken over; see
+        `verdict`), the run is stopped."""
         if self._announced is None:
             self._announce_timer.cancel()
-            self._announced = asyncio.create_task(self.bus.start(self.started))
+            self._announced = asyncio.create_task(self._start())
             self._announced.add_done_callback(self._on_announced)
         return self._announced
+
+    async def _start(self) -> bool:
+        # The executor's node name is its consumer name in the group.
+        self.verdict = await self.bus.start(self.started, self.request, self.entry_id,
+                                            self.started.executor_node)
+        return self.verdict == "started"
 
     def _on_announced(self, task: asyncio.Task[bool]) -> None:
         if not task.cancelled() and task.exception() is None and not task.result():

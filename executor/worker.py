@@ -28,6 +28,7 @@ from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore, runs_as_command
 from relay.schemas import (
+    ControlRefused,
     ErrorCode,
     ErrorInfo,
     ExecuteResponse,
@@ -61,6 +62,10 @@ class Executor:
         self._threads = ThreadPoolExecutor(settings.executor_concurrency,
                                            thread_name_prefix="wasm")
         self.slots = settings.executor_concurrency + settings.executor_prefetch
+        self.max_paused = (settings.executor_concurrency - 1
+                           if settings.executor_max_paused is None
+                           else settings.executor_max_paused)
+        """Paused runs held at once: by default one thread always stays free for other work."""
         self._running: set[asyncio.Task[None]] = set()
         self._live: dict[str, LiveRun] = {}
         """The executions this executor is running, for the control channel."""
@@ -70,6 +75,8 @@ class Executor:
         """Entry id -> request id, for the entries held."""
         self._abandoned: set[bytes] = set()
         """Entries held but no longer to be settled here (taken over, or handed back)."""
+        self._replies: set[asyncio.Task[None]] = set()
+        """Refusals of control requests being published."""
         self._client = client
         self._keys = keys
         self._stopping = asyncio.Event()
@@ -244,13 +251,28 @@ class Executor:
             return  # another executor's run
         try:
             if message.action == "pause":
-                live.control.pause()
+                self._pause(live)
             elif message.action == "resume":
                 live.control.resume(message.additional_gas)
             else:
                 live.control.cancel()
         except Exception:
             log.exception("skipping control message %s that failed", message)
+
+    def _pause(self, live: LiveRun) -> None:
+        """Pause a run, unless `max_paused` runs are paused (or pausing) here already: each
+        holds its thread, and a principal pausing and resuming forever would hold them all."""
+        held = sum(other.control.pausing for other in self._live.values())
+        if held < self.max_paused or live.control.pausing:
+            live.control.pause()
+            return
+        refusal = ControlRefused(
+            request_id=live.request.request_id, action="pause", timestamp=now_iso(),
+            detail=f"its executor holds {held} paused executions already, its limit; "
+                   "resume or cancel one first")
+        task = asyncio.create_task(self.bus.refuse(refusal))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
 
     async def _handle(self, entry_id: bytes, data: bytes) -> None:
         try:
@@ -266,7 +288,7 @@ class Executor:
             del self._requests[entry_id]
 
     async def _run_entry(self, entry_id: bytes, request: WasmExecRequested) -> None:
-        live = LiveRun(self.bus, request, executor_node=self.name,
+        live = LiveRun(self.bus, request, entry_id, executor_node=self.name,
                        max_pause_ms=self.settings.max_pause_ms,
                        max_output_bytes=self.settings.max_output_bytes)
         try:
@@ -277,8 +299,10 @@ class Executor:
             # by the settle script), and only if the execution was still ours to run: a
             # redelivered duplicate at worst ran once more in the dark and publishes nothing.
             if live.announced and not await live.announce():
-                await self.bus.ack(entry_id)  # finished already, or cancelled while queued
-                return
+                if live.verdict == "finished":  # finished already, or cancelled while queued
+                    await self.bus.ack(entry_id)
+                return  # parked (the script acknowledged it) or a peer's now: nothing to do
+            assert response is not None
             if await self.bus.finish(entry_id, request, response,
                                      self.settings.idempotency_ttl_ms, self.name,
                                      started=None if live.announced else live.started):
@@ -289,7 +313,9 @@ class Executor:
             # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
 
-    async def _execute(self, request: WasmExecRequested, live: LiveRun) -> ExecuteResponse:
+    async def _execute(self, request: WasmExecRequested,
+                       live: LiveRun) -> ExecuteResponse | None:
+        """Run it; None when it is not to run here after all (`live.verdict` says why)."""
         executed_at = live.started.timestamp
         control = live.control
         self._live[request.request_id] = live
@@ -297,10 +323,17 @@ class Executor:
             module = await self.modules.get(request.cid)
             prepared = module.prepared
             command = runs_as_command(module.info, request.entrypoint)
+            if live.announced and not await live.announce():
+                return None  # announced while the module was fetched, and not ours to run
+            # Tried inline (at most 10 ms on this loop) without a place: most runs end there.
             inline = self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
                                              request.policy)
             if inline is not None:
                 outcome = inline
+            elif not await live.announce():
+                # No place: its principal has `max_active` running or paused already, so the
+                # entry waits parked and the thread stays free for others' work.
+                return None
             else:
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self._threads,

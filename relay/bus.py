@@ -4,10 +4,11 @@ Each step that must be atomic is one Lua script, so its order guarantees hold un
 of gateways and executors:
 
 - accept: claim the execution record, emit `execution_queued`, then enqueue the request;
-- start: emit `execution_started` only while no result exists;
+- start: emit `execution_started` only while no result exists, and only while the principal has
+  a place (`max_active`); over its cap, park the entry on the principal's waiting list;
 - settle: write the result once (first writer wins), emit the terminal event and
   `wasm_exec_completed` (after `execution_started`, for a run so short it never called start),
-  acknowledge the entry;
+  give the place back and move parked entries back to the stream, acknowledge the entry;
 - emit: an event of a running execution, only while it has no result.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import time
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
@@ -28,6 +29,7 @@ from relay.cid import GlyphName
 from relay.keys import Keys
 from relay.schemas import (
     BusMessage,
+    ControlRefused,
     ExecuteResponse,
     ExecutionComplete,
     ExecutionError,
@@ -108,6 +110,13 @@ class Accepted(NamedTuple):
 
 
 
+Verdict = Literal["started", "finished", "parked", "lost"]
+"""What the start script decided: run it; nothing to run (it has a result); parked, as its
+principal has no place free (the entry went to its waiting list); or not this consumer's entry
+any more (a peer took it over)."""
+_VERDICTS: dict[int, Verdict] = {1: "started", 0: "finished", 2: "parked", -1: "lost"}
+
+
 class Bus:
     """Publish, read and settle executions on the two streams.
 
@@ -148,12 +157,15 @@ class Bus:
     # --- gateway ---
 
     async def accept(self, request: WasmExecRequested, fingerprint: str,
-                     name: GlyphName | None = None, *, permitted: bool = True) -> Accepted:
+                     name: GlyphName | None = None, *, permitted: bool = True,
+                     max_active: int = 2**62) -> Accepted:
         """Claim `request.request_id` and enqueue it, unless a live record exists already.
 
         With `name`, only while that name still points at `request.cid`; otherwise the status
         is `moved` and nothing happened. Not `permitted`: an existing record is still reported
         (a replay needs no new authorization) but nothing new is queued: status `forbidden`.
+        `max_active`: the principal's cap on executions running or paused at once, kept in the
+        record for the start script.
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
@@ -173,6 +185,7 @@ class Bus:
                 tag,
                 "0" if permitted else "1",
                 self.max_queue,
+                max_active,
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result)
@@ -204,15 +217,21 @@ class Bus:
         return [(entry_id, fields[b"data"]) for _, entries in reply or () for entry_id, fields
                 in entries]
 
-    async def start(self, started: ExecutionStarted) -> bool:
-        """Mark the execution running and emit `execution_started`; False if it needs no run."""
+    async def start(self, started: ExecutionStarted, request: WasmExecRequested,
+                    entry_id: bytes, consumer: str) -> Verdict:
+        """Mark the execution running and emit `execution_started`, taking one of its
+        principal's places; or park the entry `consumer` holds, if the principal has none free
+        (see `Verdict`)."""
         keys = self.keys
-        ran = await self._starts((
+        verdict = await self._starts((
             _START,
-            [keys.execution(started.request_id), keys.events, keys.queued],
-            [started.executor_node, encode(started), self.events_retention],
+            [keys.execution(started.request_id), keys.events, keys.queued,
+             keys.active(request.user_id), keys.waiting(request.user_id), keys.requests,
+             keys.deliveries],
+            [started.executor_node, encode(started), self.events_retention, request.request_id,
+             entry_id, Keys.EXECUTOR_GROUP, consumer],
         ))
-        return bool(ran)
+        return _VERDICTS[int(verdict)]
 
     async def finish(self, entry_id: bytes, request: WasmExecRequested,
                      response: ExecuteResponse, ttl_ms: int, consumer: str,
@@ -256,10 +275,11 @@ class Bus:
         written = await self._finishes((
             _SETTLE,
             [keys.execution(request.request_id), keys.events, keys.requests, keys.queued,
-             keys.deliveries],
+             keys.deliveries, keys.active(request.user_id), keys.waiting(request.user_id)],
             [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
              encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if,
-             consumer, encode(started) if started else b""],
+             consumer, encode(started) if started else b"", request.request_id,
+             self.requests_retention],
         ))
         return bool(written == 1)
 
@@ -272,6 +292,12 @@ class Bus:
             [encode(event), self.events_retention, status, gas],
         ))
         return bool(emitted)
+
+    async def refuse(self, refusal: ControlRefused) -> None:
+        """Tell the gateway waiting on a control request that this executor refused it. Its
+        `user` is empty, so no client stream carries it: it is an answer, not an event."""
+        await self.client.xadd(self.keys.events, {"data": encode(refusal), "user": ""},
+                               maxlen=self.events_retention, approximate=True)
 
     async def ack(self, entry_id: bytes) -> None:
         await self.client.xack(self.keys.requests, Keys.EXECUTOR_GROUP, entry_id)

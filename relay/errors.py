@@ -86,6 +86,13 @@ class Conflict(RelayError):
     status, slug, title = 409, "conflict", "Conflict"
 
 
+class TooManyPaused(RelayError):
+    """A pause the executor running the execution refused: it holds as many paused executions
+    as it may (`RELAY_EXECUTOR_MAX_PAUSED`). The execution goes on running."""
+
+    status, slug, title = 409, "too-many-paused", "Too many paused executions"
+
+
 class PayloadTooLarge(RelayError):
     status, slug, title = 413, "payload-too-large", "Payload too large"
 

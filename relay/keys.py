@@ -58,6 +58,16 @@ class Keys:
         when its lease ends (Redis time, ms): `relay.gateway.slots`."""
         return f"{self.prefix}:streams:{principal}"
 
+    def active(self, principal: str) -> str:
+        """Set of the principal's executions that hold a place: running or paused (at most its
+        `max_active`). Added by the start script, removed by the settle script."""
+        return f"{self.prefix}:active:{principal}"
+
+    def waiting(self, principal: str) -> str:
+        """List of the principal's parked request entries (`data`), started while it had no
+        place free; the settle script moves them back to `relay:requests` as places free."""
+        return f"{self.prefix}:waiting:{principal}"
+
     def module(self, cid: str) -> str:
         """Hash holding one module's binary (`wasm`), metadata (`meta`) and `owner`."""
         return f"{self.prefix}:module:{cid}"

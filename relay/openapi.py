@@ -28,6 +28,7 @@ from relay.errors import (
     QuotaExceeded,
     RateLimited,
     RelayError,
+    TooManyPaused,
     TooManyStreams,
     Unauthenticated,
     Unavailable,
@@ -131,7 +132,7 @@ OPERATIONS = (
         "POST", "/executions/{request_id}/pause", "pauseExecution",
         "Suspend a running execution in place",
         _control_replies("Paused: its state."),
-        (*STORE, NotFound, Conflict),
+        (*STORE, NotFound, Conflict, TooManyPaused),
     ),
     Operation(
         "POST", "/executions/{request_id}/resume", "resumeExecution",

@@ -65,6 +65,8 @@ class PrincipalCaps(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Modules stored at once."""
     max_module_storage: _Positive | None = None
     """Bytes of the modules stored at once."""
+    max_active: _Positive | None = None
+    """Executions running or paused at once; the rest wait queued."""
 
 
 class ModuleResource(NamedTuple):

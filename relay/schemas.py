@@ -329,6 +329,15 @@ class ControlMessage(msgspec.Struct, kw_only=True):
     additional_gas: Annotated[int, Meta(ge=0)] = 0
 
 
+class ControlRefused(BusMessage, tag="control_refused", kw_only=True):
+    """An executor's answer to a control request it refused (a pause beyond
+    `RELAY_EXECUTOR_MAX_PAUSED`), for the gateway waiting on it: an entry of `relay:events`
+    with an empty `user`, so no client stream carries it."""
+
+    action: Action
+    detail: str
+
+
 class EventHead(msgspec.Struct):
     """The two fields the gateway's fan-in needs to route an event, decoded cheaply."""
 
@@ -347,6 +356,7 @@ decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
 decode_response = msgspec.json.Decoder(ExecuteResponse).decode
 decode_resume = msgspec.json.Decoder(ResumeRequest).decode
 decode_control = msgspec.json.Decoder(ControlMessage).decode
+decode_control_refused = msgspec.json.Decoder(ControlRefused).decode
 decode_ws_command = msgspec.json.Decoder(WsCommand).decode
 decode_stored_key = msgspec.json.Decoder(StoredKey).decode
 decode_token_claims = msgspec.json.Decoder(TokenClaims).decode

@@ -228,6 +228,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_queue: Annotated[int, Variable(
         "RELAY_MAX_QUEUE", _int, LIMITS, "executions",
         "accepted executions waiting for an executor before execute answers 503")] = 100_000
+    max_active: Annotated[int, Variable(
+        "RELAY_MAX_ACTIVE", _int, LIMITS, "executions",
+        "executions of one principal running or paused at once; the rest wait queued "
+        "(`max_active` in `principals.toml` overrides it)")] = 16
     rate_limit: Annotated[int, Variable(
         "RELAY_RATE_LIMIT", _count_or_zero, LIMITS, "requests",
         "execute requests per window and principal; 0 turns the default limit off "
@@ -283,6 +287,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drain_grace_ms: Annotated[int, Variable(
         "RELAY_DRAIN_GRACE", _count_or_zero, EXECUTOR, "ms",
         "how long a stopping executor lets its runs finish before handing them back")] = 30_000
+    # None: concurrency - 1, so that pauses never hold every thread.
+    executor_max_paused: Annotated[int | None, Variable(
+        "RELAY_EXECUTOR_MAX_PAUSED", _count_or_zero, EXECUTOR, "executions",
+        "paused executions one executor holds at once; a pause beyond is 409 "
+        "`too-many-paused`", "concurrency − 1")] = None
     max_pause_ms: Annotated[int, Variable(
         "RELAY_MAX_PAUSE", _int, EXECUTOR, "ms",
         "how long an execution may stay paused before it is cancelled")] = 600_000

@@ -2,8 +2,9 @@
 
 A request for a running execution goes out on the pub/sub channel `relay:control`; the executor
 running it acts on it and emits `execution_paused`, `execution_resumed` or the terminal event,
-which the gateway waits for (briefly) so the answer says what happened. An execution still
-queued is cancelled by the gateway itself, atomically, so no executor ever starts it.
+which the gateway waits for (briefly) so the answer says what happened; an executor that refuses
+a pause (it holds as many paused runs as it may) answers `control_refused` instead. An execution
+still queued is cancelled by the gateway itself, atomically, so no executor ever starts it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from relay.bus import Bus
-from relay.errors import Conflict, FieldError, InvalidRequest, NotFound
+from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyPaused
 from relay.gateway.fanin import EventFanIn
 from relay.keys import Keys
 from relay.policy import Policies
@@ -25,6 +26,8 @@ from relay.schemas import (
     ErrorInfo,
     ExecuteResponse,
     ExecutionState,
+    decode_control_refused,
+    decode_head,
     decode_requested,
     decode_response,
     encode,
@@ -35,7 +38,7 @@ from relay.settings import Settings
 CONFIRM_WAIT_S = 5.0
 FINISHED = frozenset({"completed", "failed", "cancelled"})
 _EXPECTED: dict[str, frozenset[str]] = {
-    "pause": frozenset({"execution_paused"}) | TERMINAL_TYPES,
+    "pause": frozenset({"execution_paused", "control_refused"}) | TERMINAL_TYPES,
     "resume": frozenset({"execution_resumed"}) | TERMINAL_TYPES,
     "cancel": TERMINAL_TYPES,
 }
@@ -72,8 +75,9 @@ class Controller:
                   additional_gas: int = 0) -> tuple[bool, ExecutionState]:
         """Do `action`; returns whether its effect was confirmed, and the state after it.
 
-        Raises NotFound, Conflict (409: finished, or not in a state the action applies to) or
-        InvalidRequest (additional gas over the ceiling or the principal's cap).
+        Raises NotFound, Conflict (409: finished, or not in a state the action applies to),
+        TooManyPaused (409: its executor refused the pause) or InvalidRequest (additional gas
+        over the ceiling or the principal's cap).
         """
         key = self.keys.execution(request_id)
         owner, status_raw, request_raw, extra_raw = await self.client.hmget(
@@ -107,12 +111,14 @@ class Controller:
                 request_id=request_id, action=action, additional_gas=additional_gas)))
             try:
                 async with asyncio.timeout(CONFIRM_WAIT_S):
-                    await confirmation
+                    answer = await confirmation
                 confirmed = True
             except TimeoutError:
                 confirmed = False
         finally:
             self.fan_in.unwatch(request_id, confirmation)
+        if confirmed and decode_head(answer).type == "control_refused":
+            raise TooManyPaused(decode_control_refused(answer).detail)
         return confirmed, await self.state(principal, request_id)
 
     def _check_gas(self, principal: str, total: int) -> None:

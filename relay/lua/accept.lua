@@ -26,6 +26,8 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
            'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
+-- The principal's cap on running and paused executions, as it was at accept (start.lua).
+redis.call('HSET', KEYS[1], 'max_active', ARGV[12])
 local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
                           ARGV[6] .. position .. '}', 'user', ARGV[1])
 -- The execution's index of its client events (relay.keys.Keys.execution_events), so its

@@ -9,7 +9,8 @@ if ARGV[2] ~= '' then
   redis.call('HDEL', KEYS[5], ARGV[2])
 end
 local written = 0
-local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result')
+local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result', 'max_active',
+                          'request')
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
   if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
     redis.call('DECR', KEYS[4])
@@ -28,6 +29,22 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[9])
   written = 1
+end
+-- Places (see start.lua). Once the execution has a result its place is given back, whoever
+-- settles it, exactly once (SREM); the principal's parked entries then go back to the stream,
+-- as many as places are free, and at least one (records accepted under other caps may differ).
+-- A settle refused above (lease lost) or a queued-only cancel of a started run frees nothing.
+if written == 1 or record[3] or not record[1] then
+  if redis.call('SREM', KEYS[6], ARGV[13]) == 1 then
+    local free = tonumber(record[4] or '1') - redis.call('SCARD', KEYS[6])
+    for _ = 1, math.max(free, 1) do
+      local parked = redis.call('LPOP', KEYS[7])
+      if not parked then break end
+      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[14], '*', 'data', parked)
+    end
+  elseif written == 1 and ARGV[10] == 'queued' and record[5] then
+    redis.call('LREM', KEYS[7], 1, record[5])  -- cancelled while it may have been parked
+  end
 end
 if ARGV[2] ~= '' then
   redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])

@@ -112,8 +112,9 @@ class ExecutePipeline:
             request.cid, validated.name.name if validated.name else "", validated.owner))
         completion = self.completions.completion(request.request_id) if sync else None
         try:
+            max_active = self.policies.caps(principal).max_active or self.settings.max_active
             accepted = await self.bus.accept(request, validated.fingerprint, validated.name,
-                                             permitted=permitted)
+                                             permitted=permitted, max_active=max_active)
             if accepted.name_moved:
                 self.completions.release(request.request_id, completion)
                 return None

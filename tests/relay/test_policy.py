@@ -262,6 +262,7 @@ rate_window = 60_000
 max_gas = 10_000_000_000
 max_memory = 268435456
 max_time = 30000
+max_active = 4
 
 [principals."ci@example.com"]
 rate_limit = 1000
@@ -276,6 +277,7 @@ max_time = 1000
         max_gas=10_000_000_000,
         max_memory=268_435_456,
         max_time=30_000,
+        max_active=4,
     )
     assert policies.caps("ci@example.com") == PrincipalCaps(rate_limit=1000)
     assert policies.caps('quote " and \\ and ü') == PrincipalCaps(max_time=1000)

@@ -466,12 +466,13 @@ async def test_a_result_written_but_not_acknowledged_is_not_run_again(
         keys = Keys(settings.prefix)
         reply = await bus.client.xreadgroup(Keys.EXECUTOR_GROUP, "ghost",
                                             {keys.requests: ">"}, count=1)
-        [(_, [(_, fields)])] = reply
+        [(_, [(entry_id, fields)])] = reply
         request = decode_requested(fields[b"data"])
         ghost = Bus(bus.client, keys, events_retention=settings.events_retention,
                     requests_retention=settings.requests_retention)
-        assert await ghost.start(ExecutionStarted(request_id=request_id, executor_node="ghost",
-                                                  timestamp=now_iso()))
+        started = ExecutionStarted(request_id=request_id, executor_node="ghost",
+                                   timestamp=now_iso())
+        assert await ghost.start(started, request, entry_id, "ghost") == "started"
         response = ExecuteResponse(success=True, request_id=request_id, cid=request.cid,
                                    output=5, gas_used=4, duration=0.1, executed_at=now_iso(),
                                    error=None)

@@ -230,3 +230,39 @@ async def test_bob_cannot_control_over_websocket(served: Served, executor: Execu
         assert ws.close_code == 4404
         assert (await http.get(f"/executions/{request_id}")).json()["status"] == "running"
         await http.delete(f"/executions/{request_id}")
+
+
+async def test_a_pause_over_the_executors_paused_cap_is_refused_over_websocket(
+        served: Served, executor: Executor) -> None:
+    """The executor runs 2 at once, so it holds 1 paused: a second pause is `control_error`
+    409, and the refusal (an answer for the gateway) is never sent to a client as an event."""
+    async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": ALICE_KEY},
+                                 timeout=30) as http:
+        held = await start(http, LOOP_WAT, [])
+        assert (await http.post(f"/executions/{held}/pause")).status_code == 200
+        module = await upload(http, LOOP_WAT)
+        response = await http.post("/intent/execute-wasm", headers=ASYNC, json={
+            "cid": module["cid"], "policy": LONG, "idempotency_key": "second"})
+        second = response.json()["request_id"]
+        await wait_for(lambda: _running(http, second))
+        url = served.url.replace("http", "ws", 1) + f"/ws/executions/{second}"
+        seen: list[dict[str, Any]] = []
+        async with ws_connect(url, additional_headers={"X-API-Key": ALICE_KEY}) as ws:
+            await ws.send(json.dumps({"action": "pause"}))
+            async for message in ws:
+                event = json.loads(message)
+                seen.append(event)
+                if event["type"] == "control_error":
+                    await ws.send(json.dumps({"action": "cancel"}))
+        assert_problem(await http.post(f"/executions/{held}/pause"), 409, "conflict")
+        await http.delete(f"/executions/{held}")
+    types = [e["type"] for e in seen]
+    refusal = next(e for e in seen if e["type"] == "control_error")
+    assert refusal["status"] == 409 and "paused" in refusal["detail"]
+    assert "execution_paused" not in types and "control_refused" not in types
+    assert seen[-1]["type"] == "execution_error" and seen[-1]["error"]["code"] == "cancelled"
+
+
+async def _running(http: httpx.AsyncClient, request_id: str) -> bool:
+    state = (await http.get(f"/executions/{request_id}")).json()
+    return bool(state["status"] == "running")
