@@ -189,7 +189,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # other half keeps answering everyone else.
     max_uploads: Annotated[int, Variable(
         "RELAY_MAX_UPLOADS", _int, LIMITS, "uploads",
-        "module uploads one gateway reads and validates at once; one more is 503",
+        "module uploads one gateway reads and validates at once; more wait up to 5 s, then 503",
         "half the CPU count, at least 1")] = max(CPUS // 2, 1)
     max_modules: Annotated[int, Variable(
         "RELAY_MAX_MODULES", _int, LIMITS, "modules",

@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             gateway.fan_in.stop()
             await gateway.supervisor.stop()
+            gateway.uploads.close()
             with contextlib.suppress(redis.RedisError):
                 await gateway.metrics.flush()
             await client.aclose()

@@ -10,6 +10,7 @@ from relay.bus import Bus
 from relay.gateway.control import Controller
 from relay.gateway.fanin import EventFanIn
 from relay.gateway.slots import StreamSlots
+from relay.gateway.uploads import UploadSlots
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore
@@ -48,6 +49,7 @@ class Gateway:
             rate_limiter=RateLimiter(client, keys, settings, policies), modules=self.modules,
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
             metrics=self.metrics)
+        self.uploads = UploadSlots(settings.max_uploads)
         self.supervisor = Supervisor("relay.gateway")
         """Runs the background loops: the events fan-in, the policy watch, metrics, stream
         leases and the check of open streams' stored keys."""

@@ -27,6 +27,7 @@ import pytest
 import wasmtime
 
 from executor.worker import Executor
+from relay.gateway import uploads
 from relay.gateway.app import create_app
 from relay.settings import Settings
 from tests.conftest import (
@@ -198,7 +199,9 @@ async def _ran(http: httpx.AsyncClient, cid: str) -> bool:
     return response.status_code == 200
 
 
-async def test_concurrent_uploads_over_the_bound_are_503(settings: Settings) -> None:
+async def test_concurrent_uploads_over_the_bound_wait_then_are_503(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploads, "WAIT_S", 0.3)  # how long an upload waits for a slot
     release = asyncio.Event()
 
     async def slow_body() -> AsyncIterator[bytes]:
@@ -208,8 +211,9 @@ async def test_concurrent_uploads_over_the_bound_are_503(settings: Settings) -> 
 
     async with gateway(settings, max_uploads=1) as app, client_for(app, ALICE_KEY) as alice, \
             client_for(app, BOB_KEY) as bob:
+        slots = app.state.gateway.uploads
         first = asyncio.create_task(alice.post("/modules", content=slow_body()))
-        await asyncio.sleep(0.2)  # no event tells that the first upload holds its slot
+        await wait_for(lambda: slots.free == 0)
         second = await bob.post("/modules", content=ADD_WAT.encode())
         release.set()
         done = await first
@@ -220,6 +224,13 @@ async def test_concurrent_uploads_over_the_bound_are_503(settings: Settings) -> 
     assert int(second.headers["retry-after"]) >= 1
     assert done.status_code == 201, done.text
     assert third.status_code == 201, third.text
+
+
+async def test_uploads_at_once_within_the_wait_are_all_served(settings: Settings) -> None:
+    async with gateway(settings, max_uploads=1) as app, client_for(app, ALICE_KEY) as alice:
+        answers = await asyncio.gather(*(alice.post("/modules", content=const_wat(n).encode())
+                                         for n in range(4)))
+    assert [answer.status_code for answer in answers] == [201] * 4
 
 
 async def test_module_quota_counts_modules_and_bytes_atomically(settings: Settings) -> None:

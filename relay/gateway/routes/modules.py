@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import re
-import threading
-import weakref
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,7 +15,6 @@ from relay.errors import (
     NotFound,
     PayloadTooLarge,
     RelayError,
-    Unavailable,
     decode_body,
 )
 from relay.gateway.http import json_response
@@ -34,59 +25,7 @@ from relay.pipeline.validate import check_name, read_body
 from relay.policy import ModuleResource
 from relay.schemas import NameBound, NameTags, decode_name_binding
 
-T = TypeVar("T")
 DIGITS = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", which int() refuses
-
-
-UPLOAD_BUSY_RETRY_S = 1
-
-
-PARSER_NICENESS = 10
-
-
-class UploadSlots:
-    """Uploads one gateway reads and validates at once: each holds up to RELAY_MAX_MODULE_BYTES
-    in memory (several copies) and a parser thread. One more is refused (503) rather than
-    queued, so a flood of uploads holds nothing while it waits.
-
-    Parsing and validating run on threads of their own at a lower CPU priority (nice +10,
-    where the system allows it): when CPUs are short, the event loop, and so everyone else's
-    requests, win them."""
-
-    def __init__(self, total: int) -> None:
-        self.free = total
-        self._parsers = ThreadPoolExecutor(total, "relay-upload", initializer=_yield_cpu)
-
-    @contextlib.contextmanager
-    def take(self) -> Iterator[None]:
-        """Raises Unavailable when every slot is taken."""
-        if self.free <= 0:
-            raise Unavailable("too many uploads at once; retry shortly",
-                              retry_after_s=UPLOAD_BUSY_RETRY_S)
-        self.free -= 1
-        try:
-            yield
-        finally:
-            self.free += 1
-
-    async def run(self, work: Callable[[bytes], T], data: bytes) -> T:
-        """`work(data)` on a parser thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._parsers, work, data)
-
-
-def _yield_cpu() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # not on every platform
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PARSER_NICENESS)
-
-
-_SLOTS: weakref.WeakKeyDictionary[Gateway, UploadSlots] = weakref.WeakKeyDictionary()
-
-
-def _slots(gw: Gateway) -> UploadSlots:
-    slots = _SLOTS.get(gw)
-    if slots is None:
-        slots = _SLOTS[gw] = UploadSlots(gw.settings.max_uploads)
-    return slots
 
 
 async def upload_module(request: Request) -> Response:
@@ -118,8 +57,8 @@ async def _upload(request: Request, gw: Gateway, principal: str) -> Response:
     # Before reading or parsing anything: may the caller upload a module of its own (its CID is
     # not known yet, so the resource has none)? Checked again on the module below.
     gw.authorizer.require(principal, "upload", ModuleResource("", name or "", principal))
-    slots = _slots(gw)
-    with slots.take():
+    slots = gw.uploads
+    async with slots.take():
         body = await read_body(request, settings.max_module_bytes)
         try:
             wasm = await slots.run(to_binary, body)
