@@ -118,7 +118,10 @@ SEED_MODULES = {  # glyph name (tag `latest`) -> WAT; names `relay dev` does not
     "fuzz-echo": (ROOT / "relay" / "examples" / "echo.wat").read_text(),
     "fuzz-spin": SPIN_WAT,
 }
-SEED_BINARIES = [bytes(wasmtime.wat2wasm(wat)) for wat in SEED_MODULES.values()]
+LOOSE_WAT = '(module (func (export "main") (result i32) i32.const 7))'
+"""A seed module stored without a name: a named module cannot be deleted (409), this one can."""
+SEED_BINARIES = [bytes(wasmtime.wat2wasm(wat))
+                 for wat in (*SEED_MODULES.values(), LOOSE_WAT)]
 
 
 @dataclass
@@ -128,6 +131,8 @@ class Seeds:
 
     modules: dict[str, str] = field(default_factory=dict)
     """glyph name -> canonical CID."""
+    loose: list[str] = field(default_factory=list)
+    """CIDs of seed modules no name points at."""
     request_ids: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=32))
 
@@ -161,6 +166,10 @@ def seed_modules(client: Any) -> None:
                              headers={"Content-Type": "text/plain"})
         assert stored.status_code in (200, 201), stored.text
         SEEDS.modules[name] = stored.json()["cid"]
+    stored = client.post("/modules", data=LOOSE_WAT.encode(),
+                         headers={"Content-Type": "text/plain"})
+    assert stored.status_code in (200, 201), stored.text
+    SEEDS.loose[:] = [stored.json()["cid"]]
 
 
 def seed(client: Any) -> None:
@@ -251,6 +260,10 @@ def install_hooks(schema: Any) -> None:
         if "cid" in path_parameters:
             real["cid"] = seeded_module().flatmap(
                 lambda name: st.sampled_from(SEEDS.references(name)[:4]))
+        if context.operation.method.upper() == "DELETE" and "cid" in path_parameters:
+            # A named module cannot be deleted (409): a valid delete names the loose one.
+            return st.sampled_from(SEEDS.loose).map(
+                lambda cid: {**path_parameters, "cid": cid})
         if "name" in path_parameters:
             real["name"] = seeded_module()
         if "tag" in path_parameters:
