@@ -8,6 +8,8 @@ executor compiles (the stored module and its CID are untouched).
 
 from __future__ import annotations
 
+from relay.wasmtypes import read_uleb, sections
+
 MEMORY_EXPORT = "__relay_memory"
 _EXPORT, _MEMORY = 7, 5
 _AFTER_EXPORTS = {8, 9, 10, 11, 12}  # start, element, code, data, data count
@@ -23,35 +25,13 @@ def _uleb(value: int) -> bytes:
             return bytes(out)
 
 
-def _read_uleb(data: bytes, pos: int) -> tuple[int, int]:
-    """(value, position after it)."""
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _sections(wasm: bytes) -> list[tuple[int, int, int, int]]:
-    """(id, start of the section, start of its contents, end) of each section."""
-    sections, pos = [], 8
-    while pos < len(wasm):
-        size, start = _read_uleb(wasm, pos + 1)
-        sections.append((wasm[pos], pos, start, start + size))
-        pos = start + size
-    return sections
-
-
 def _exports_a_memory(wasm: bytes, start: int) -> bool:
-    count, pos = _read_uleb(wasm, start)
+    count, pos = read_uleb(wasm, start)
     for _ in range(count):
-        length, pos = _read_uleb(wasm, pos)
+        length, pos = read_uleb(wasm, pos)
         pos += length
         kind = wasm[pos]
-        _, pos = _read_uleb(wasm, pos + 1)
+        _, pos = read_uleb(wasm, pos + 1)
         if kind == _KIND_MEMORY:
             return True
     return False
@@ -60,18 +40,18 @@ def _exports_a_memory(wasm: bytes, start: int) -> bool:
 def export_memory(wasm: bytes) -> bytes:
     """`wasm` with its memory 0 exported as MEMORY_EXPORT, if it defines one and exports none;
     otherwise `wasm` unchanged. Expects a valid module."""
-    sections = _sections(wasm)
-    if not any(sid == _MEMORY for sid, *_ in sections):
+    found = sections(wasm)
+    if not any(sid == _MEMORY for sid, *_ in found):
         return wasm
     entry = _uleb(len(MEMORY_EXPORT)) + MEMORY_EXPORT.encode() + bytes([_KIND_MEMORY, 0])
-    for sid, head, start, end in sections:
+    for sid, head, start, end in found:
         if sid == _EXPORT:
             if _exports_a_memory(wasm, start):
                 return wasm
-            count, rest = _read_uleb(wasm, start)
+            count, rest = read_uleb(wasm, start)
             body = _uleb(count + 1) + wasm[rest:end] + entry
             return wasm[:head] + bytes([_EXPORT]) + _uleb(len(body)) + body + wasm[end:]
     body = _uleb(1) + entry
     section = bytes([_EXPORT]) + _uleb(len(body)) + body
-    at = next((head for sid, head, _, _ in sections if sid in _AFTER_EXPORTS), len(wasm))
+    at = next((head for sid, head, _, _ in found if sid in _AFTER_EXPORTS), len(wasm))
     return wasm[:at] + section + wasm[at:]

@@ -35,6 +35,7 @@ from executor.binary import export_memory
 from executor.control import TIMEOUT_MESSAGE, LiveControl
 from relay.modules import WASI_MODULE
 from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
+from relay.wasmtypes import read_uleb, sections
 
 log = logging.getLogger("relay.executor.sandbox")
 
@@ -322,25 +323,10 @@ def _instantiation_error(exc: wasmtime.WasmtimeError, policy: EffectivePolicy) -
 def _table_count(wasm: bytes) -> int:
     """How many tables a valid module defines: the count that opens its table section. (Its
     imports are WASI's functions or it does not link, so it imports none.)"""
-    position = 8
-    while position < len(wasm):
-        size, start = _uleb(wasm, position + 1)
-        if wasm[position] == _TABLE_SECTION:
-            return _uleb(wasm, start)[0]
-        position = start + size
+    for section, _, start, _ in sections(wasm):
+        if section == _TABLE_SECTION:
+            return read_uleb(wasm, start)[0]
     return 0
-
-
-def _uleb(data: bytes, position: int) -> tuple[int, int]:
-    """(the unsigned LEB128 number at `position`, the position after it)."""
-    value = shift = 0
-    while True:
-        byte = data[position]
-        value |= (byte & 0x7F) << shift
-        position += 1
-        shift += 7
-        if not byte & 0x80:
-            return value, position
 
 
 def _decode_stdout(data: bytes) -> Any:

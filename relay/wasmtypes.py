@@ -1,4 +1,6 @@
-"""The signatures of a module's imports and exports, read from its binary without compiling it.
+"""Reading WebAssembly binaries without compiling them: the one LEB128 reader and section walk
+(`read_uleb`, `sections`, used by the executor's binary rewrite too), and the signatures of a
+module's imports and exports (`describe`).
 
 Describing an upload used to mean compiling it with Cranelift (seconds for a big module, on the
 gateway) and asking wasmtime-py for its types, which aborts the whole process on a `v128` in a
@@ -42,6 +44,28 @@ class Described(NamedTuple):
     imports: list[Import]
 
 
+def read_uleb(data: bytes, pos: int) -> tuple[int, int]:
+    """(the unsigned LEB128 number at `pos`, the position after it)."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def sections(wasm: bytes) -> list[tuple[int, int, int, int]]:
+    """(id, start of the section, start of its contents, end) of each section of a binary."""
+    found, pos = [], 8
+    while pos < len(wasm):
+        size, start = read_uleb(wasm, pos + 1)
+        found.append((wasm[pos], pos, start, start + size))
+        pos = start + size
+    return found
+
+
 class _Reader:
     def __init__(self, data: bytes, pos: int = 0) -> None:
         self.data = data
@@ -53,13 +77,8 @@ class _Reader:
         return value
 
     def uleb(self) -> int:
-        value = shift = 0
-        while True:
-            byte = self.byte()
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return value
+        value, self.pos = read_uleb(self.data, self.pos)
+        return value
 
     def sleb(self) -> int:
         value = shift = 0
