@@ -7,7 +7,7 @@ length of a pause, which is what those tests measure.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,20 +41,6 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)
-
-
-@pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    box = Sandbox()
-    yield box
-    box.close()
-
-
-@pytest.fixture(scope="module")
-def threads() -> Iterator[ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(8, thread_name_prefix="wasm-test")
-    yield pool
-    pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")

@@ -63,20 +63,6 @@ def policy(max_time: int = 10_000) -> EffectivePolicy:
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[Sandbox]:
-    box = Sandbox()
-    yield box
-    box.close()
-
-
-@pytest.fixture(scope="module")
-def threads() -> Iterator[ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(4, thread_name_prefix="wasi-test")
-    yield pool
-    pool.shutdown(wait=True)
-
-
-@pytest.fixture(scope="module")
 def sleeper(sandbox: Sandbox) -> Prepared:
     return sandbox.prepare(wasmtime.wat2wasm(SLEEP_WAT))
 
