@@ -85,9 +85,10 @@ def start_id(request: Request) -> str | None:
 
 
 async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | None,
-                  after: str) -> AsyncIterator[Entry]:
+                  after: str) -> AsyncIterator[Entry | bytes]:
     """Retained events after `after` (exclusive) that belong to `principal` (and to
-    `request_ids`, if given)."""
+    `request_ids`, if given); for those, an `events_lost` notice too when some of their events
+    were trimmed from the stream already."""
     if request_ids is not None:
         async for found in _replay_indexed(gw, principal, request_ids, after):
             yield found
@@ -108,24 +109,30 @@ async def _replay(gw: Gateway, principal: str, request_ids: frozenset[str] | Non
 
 
 async def _replay_indexed(gw: Gateway, principal: str, request_ids: frozenset[str],
-                          after: str) -> AsyncIterator[Entry]:
+                          after: str) -> AsyncIterator[Entry | bytes]:
     """The events of `request_ids` after `after`, read by their ids from each execution's
-    index: the cost is their number, not the stream's length."""
+    index: the cost is their number, not the stream's length. Ids the stream no longer holds
+    (trimmed) end it with an `events_lost` notice: the client re-reads the state instead."""
     pipe = gw.client.pipeline(transaction=False)
     for request_id in sorted(request_ids):
         pipe.lrange(gw.keys.execution_events(request_id), 0, -1)
     start = parse_id(after)
     ids = sorted(entry_id for listed in await pipe.execute() for entry_id
                  in map(parse_id, map(bytes.decode, listed)) if entry_id > start)
+    trimmed = False
     for first in range(0, len(ids), REPLAY_PAGE):
         pipe = gw.client.pipeline(transaction=False)
         for ms, seq in ids[first:first + REPLAY_PAGE]:
             pipe.xrange(gw.keys.events, f"{ms}-{seq}", f"{ms}-{seq}")
         for found in await pipe.execute():
-            # Empty when trimmed from the stream; another principal's when it guessed an id.
+            trimmed = trimmed or not found
+            # Another principal's when it guessed an id.
             for entry_id, fields in found:
                 if fields.get(b"user", b"").decode() == principal:
                     yield entry(entry_id, fields[b"data"])
+    if trimmed:
+        oldest = await gw.client.xrange(gw.keys.events, "-", "+", count=1)
+        yield encode(EventsLost(oldest_id=oldest[0][0].decode() if oldest else "0-0"))
 
 
 async def _events_lost(gw: Gateway, after: str) -> bytes | None:
@@ -154,7 +161,8 @@ async def follow(gw: Gateway, subscriber: Subscriber, after: str | None, until: 
         if oldest is not None:
             yield [encode(EventsLost(oldest_id=oldest.decode()))]
         async for old in _replay(gw, subscriber.principal, subscriber.request_ids, after):
-            replayed = parse_id(old.id.decode())
+            if isinstance(old, Entry):
+                replayed = parse_id(old.id.decode())
             yield [old]
     while True:
         if replayed is None:

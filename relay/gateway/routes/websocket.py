@@ -1,6 +1,8 @@
 """`/ws/executions/{request_id}`: one execution's events, and control messages from the client.
 
-The events are replayed from the first one retained, then live, until the terminal event. The
+The events are replayed from the first one retained, then live, until the terminal event (if
+some were trimmed from the stream already, an `events_lost` notice follows the replay, and the
+socket closes there when the execution has finished: its terminal event will not come). The
 client may send `{"action": "pause" | "resume" | "cancel", "additional_gas"?: N}`; a refusal is
 answered with a `control_error` message, an effect by the events it causes; a socket opened
 with an access token only subscribes (its control messages are refused with 403). Close codes:
@@ -18,6 +20,7 @@ import redis
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.errors import Forbidden, RelayError
+from relay.gateway.control import FINISHED
 from relay.gateway.fanin import Entry
 from relay.gateway.problems import close_with, send_control_error
 from relay.gateway.state import Gateway, gateway_of
@@ -48,6 +51,9 @@ async def websocket(ws: WebSocket) -> None:
         async for batch in follow(gw, subscriber, "0", credential.expires_at):
             if await _send_batch(ws, batch):
                 break
+            lost = any(isinstance(item, bytes) for item in batch)  # an `events_lost` notice
+            if lost and await _finished(gw, principal, request_id):
+                break  # its terminal event was trimmed: it will never come
         await ws.close(1000)
     except (WebSocketDisconnect, RuntimeError, redis.RedisError):
         pass
@@ -57,6 +63,10 @@ async def websocket(ws: WebSocket) -> None:
             await commands
         gw.fan_in.unsubscribe(subscriber)
         await gw.streams.release(principal, slot)
+
+
+async def _finished(gw: Gateway, principal: str, request_id: str) -> bool:
+    return (await gw.controller.state(principal, request_id)).status in FINISHED
 
 
 async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -110,3 +111,24 @@ async def test_negative_additional_gas_over_websocket_is_refused_and_control_goe
     assert types.index("control_error") < types.index("execution_resumed")
     assert seen[-1]["type"] == "execution_error"
     assert seen[-1]["error"]["code"] == "cancelled"
+
+
+async def test_a_websocket_whose_history_was_trimmed_says_so_and_ends(
+        served: Served, executor: Executor, settings: Settings) -> None:
+    async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": ALICE_KEY},
+                                 timeout=30) as http:
+        module = await upload(http, ADD_WAT)
+        done = await http.post("/intent/execute-wasm", json={"cid": module["cid"],
+                                                            "inputs": [1, 2]})
+        request_id = done.json()["request_id"]
+        client = aioredis.Redis.from_url(settings.redis_url or "")
+        try:  # what RELAY_EVENTS_RETENTION does to old events, all at once
+            await client.xtrim(Keys(settings.prefix).events, maxlen=0)
+        finally:
+            await client.aclose()
+        url = served.url.replace("http", "ws", 1) + f"/ws/executions/{request_id}"
+        async with ws_connect(url, additional_headers={"X-API-Key": ALICE_KEY}) as ws, \
+                asyncio.timeout(10):  # it used to wait forever for the trimmed terminal event
+            messages = [json.loads(message) async for message in ws]  # until it closes
+        assert ws.close_code == 1000
+    assert [message["type"] for message in messages] == ["events_lost"]
