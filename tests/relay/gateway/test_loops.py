@@ -14,9 +14,7 @@ from executor.worker import Executor
 from relay.keys import Keys
 from relay.settings import Settings
 from tests.conftest import ADD_WAT, ALICE_KEY, Served, upload, wait_for
-
-LOOP_WAT = '(module (func (export "main") (loop br 0)))'
-LONG = {"max_gas": 10**11, "max_time": 60_000}
+from tests.relay.gateway.test_control import LOOP_WAT, start
 
 
 async def test_a_failed_fan_in_is_restarted_and_readiness_says_so_meanwhile(
@@ -76,16 +74,7 @@ async def test_negative_additional_gas_over_websocket_is_refused_and_control_goe
         served: Served, executor: Executor) -> None:
     async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": ALICE_KEY},
                                  timeout=30) as http:
-        module = await upload(http, LOOP_WAT)
-        accepted = await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
-                                   json={"cid": module["cid"], "policy": LONG})
-        request_id = accepted.json()["request_id"]
-
-        async def running() -> bool:
-            state = (await http.get(f"/executions/{request_id}")).json()
-            return bool(state["status"] == "running")
-
-        await wait_for(running)
+        request_id = await start(http, LOOP_WAT, [])  # running, long limits
         url = served.url.replace("http", "ws", 1) + f"/ws/executions/{request_id}"
         seen: list[dict[str, Any]] = []
         async with ws_connect(url, additional_headers={"X-API-Key": ALICE_KEY}) as ws:
