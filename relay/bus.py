@@ -52,9 +52,13 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     @classmethod
-    def named(cls, name: str) -> Script:
-        """The script `relay/lua/<name>.lua` (package data)."""
-        return cls(resources.files("relay").joinpath(f"lua/{name}.lua").read_text())
+    def named(cls, name: str, libs: tuple[str, ...] = ()) -> Script:
+        """The script `relay/lua/<name>.lua` (package data), after the text of each library
+        `relay/lua/<lib>.lib.lua` in `libs` (Redis scripts cannot call each other: functions
+        several scripts share are prepended to each)."""
+        folder = resources.files("relay").joinpath("lua")
+        parts = [folder.joinpath(f"{lib}.lib.lua").read_text() for lib in libs]
+        return cls("\n".join([*parts, folder.joinpath(f"{name}.lua").read_text()]))
 
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
