@@ -83,3 +83,21 @@ class Keys:
     def name(self, name: str) -> str:
         """Hash tag -> CID for one glyph name."""
         return f"{self.prefix}:name:{name}"
+
+    def state(self, state_cid: str) -> str:
+        """Hash {manifest, size, refs} of one stored session state (relay.states): its
+        manifest's JSON, its memory's bytes, and how many sessions and snapshots hold it. Written
+        with a TTL (an orphan: no `refs`) until the first holder PERSISTs it. The Lua library
+        states.lib.lua builds this key from the prefix too."""
+        return f"{self.prefix}:state:{state_cid}"
+
+    def page(self, sha256: str) -> str:
+        """String: one 64 KiB page of state memory, zstd-compressed, named by the SHA-256 of
+        its raw bytes; shared by every state that has it (states.lib.lua builds it too)."""
+        return f"{self.prefix}:page:{sha256}"
+
+    @property
+    def page_refs(self) -> str:
+        """Hash sha256 -> how many references held states' manifests make to that page; a
+        page is deleted when its count drops to zero (states.lib.lua builds it too)."""
+        return f"{self.prefix}:page-refs"
