@@ -31,7 +31,7 @@ import msgspec
 import wasmtime
 
 from executor import wasi
-from executor.binary import export_memory
+from executor.binary import export_state
 from executor.control import TIMEOUT_MESSAGE, LiveControl
 from relay.modules import WASI_MODULE
 from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
@@ -129,7 +129,7 @@ class Sandbox:
     def prepare(self, wasm: bytes) -> Prepared:
         """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
         try:
-            module = wasmtime.Module(self.engine, export_memory(wasm))
+            module = wasmtime.Module(self.engine, export_state(wasm))
         except wasmtime.WasmtimeError as exc:
             raise LinkError(f"invalid WebAssembly: {_reason(str(exc))}") from None
         unknown = [
