@@ -25,7 +25,8 @@ import logging
 import math
 import threading
 import time
-from typing import Any, NamedTuple
+import weakref
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 import wasmtime
@@ -90,6 +91,24 @@ class Sandbox:
         """`max_table_elements`: table elements an execution may hold, all tables together."""
         config = wasmtime.Config()
         config.consume_fuel = True
+class Refused(Exception):
+    """Raised by `StateHooks` to end a run with `error` (its state could not be restored or
+    kept)."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class StateHooks(Protocol):
+    """A session call's state, on the wasm thread: restored into the fresh instance before the
+    call, captured once it returned successfully. Either may raise Refused."""
+
+    def restore(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None: ...
+
+    def capture(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None: ...
+
+
         config.epoch_interruption = True
         config.max_wasm_stack = MAX_WASM_STACK_BYTES
         # The limiter caps each memory, not their sum: one memory, and `max_memory` holds.
@@ -146,7 +165,7 @@ class Sandbox:
 
     def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
             policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
-            control: LiveControl | None = None) -> Outcome:
+            control: LiveControl | None = None, state: StateHooks | None = None) -> Outcome:
         """Run one execution to its end under `policy`. Blocking: call it off the event loop,
         in a thread that may block for as long as the run is paused (up to max_pause_ms).
 
@@ -159,12 +178,13 @@ class Sandbox:
             control = LiveControl(max_pause_ms=1)  # never paused: its sleeps need one
         if control is not None:
             return self._run_controlled(prepared, entrypoint, inputs, policy, command=command,
-                                        max_output_bytes=max_output_bytes, control=control)
+                                        max_output_bytes=max_output_bytes, control=control,
+                                        state=state)
         if self._stop.is_set():
             return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
         store = self._new_store(policy, prepared)
         store.set_epoch_deadline(math.ceil(policy.max_time / 1000 / TICK_S) + 1)
-        return self._call(store, prepared, entrypoint, inputs, policy)
+        return self._call(store, prepared, entrypoint, inputs, policy, state=state)
 
     def try_inline(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
                    policy: EffectivePolicy) -> Outcome | None:
@@ -189,9 +209,10 @@ class Sandbox:
 
     def _run_controlled(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
                         policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
-                        control: LiveControl) -> Outcome:
+                        control: LiveControl, state: StateHooks | None) -> Outcome:
         if control.state != "pending":
             raise ValueError("a LiveControl serves one execution only")
+        `state`: a session call's (restored after instantiation, captured after success).
         with self._lock:
             if self._stop.is_set():
                 control.cancel(CLOSED_MESSAGE)
@@ -202,10 +223,10 @@ class Sandbox:
             store = self._new_store(policy, prepared)
             control.attach(store)
             if not prepared.uses_wasi:
-                return self._call(store, prepared, entrypoint, inputs, policy, control)
+                return self._call(store, prepared, entrypoint, inputs, policy, control, state)
             return self._run_wasi(store, prepared, entrypoint, inputs, policy,
                                   command=command, max_output_bytes=max_output_bytes,
-                                  control=control)
+                                  control=control, state=state)
         finally:
             with self._lock:
                 self._controls.discard(control)
@@ -222,7 +243,8 @@ class Sandbox:
 
     def _run_wasi(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
                   inputs: list[Any], policy: EffectivePolicy, *, command: bool,
-                  max_output_bytes: int, control: LiveControl) -> Outcome:
+                  max_output_bytes: int, control: LiveControl,
+                  state: StateHooks | None) -> Outcome:
         output = wasi.Output(max_output_bytes)
         control.output = output
         config = wasmtime.WasiConfig()  # no stdout or stderr: the shadowed fd_write takes them
@@ -231,7 +253,7 @@ class Sandbox:
         host = wasi.Host(output, control)
         with wasi.running(host):
             outcome = self._call(store, prepared, entrypoint, [] if command else inputs,
-                                 policy, control)
+                                 policy, control, state)
         if outcome.error is None and command:
             return outcome._replace(output=_decode_stdout(output.read("stdout")))
         if outcome.error is not None and outcome.error.code == "exit_nonzero":
@@ -244,7 +266,7 @@ class Sandbox:
 
     def _call(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
               inputs: list[Any], policy: EffectivePolicy,
-              control: LiveControl | None = None) -> Outcome:
+              control: LiveControl | None = None, state: StateHooks | None = None) -> Outcome:
         if control is not None and not control.begin(policy):
             return Outcome(*control.finish(None, None, policy.max_gas))
         started = time.perf_counter()
@@ -294,9 +316,15 @@ def _trap_error(trap: wasmtime.Trap, policy: EffectivePolicy, store: wasmtime.St
 
 
 def _reason(message: str) -> str:
+            if state is not None:
+                state.restore(store, instance)
     """wasmtime's trap text ends with the reason after a backtrace; keep the reason."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return lines[-1].removeprefix("wasm trap: ") if lines else "trap"
+            if state is not None:
+                state.capture(store, instance)
+        except Refused as exc:
+            output, error = None, exc.error
 
 
 def _memory_at_limit(store: wasmtime.Store, instance: wasmtime.Instance, limit: int) -> bool:

@@ -21,9 +21,11 @@ import redis
 import redis.asyncio as aioredis
 
 from executor.cache import CompiledModules, ModuleGone
+from executor.control import NoPlace, PausePlaces
 from executor.progress import LiveRun
-from executor.sandbox import LinkError, Outcome, Sandbox
-from relay.bus import Bus
+from executor.sandbox import LinkError, Outcome, Refused, Sandbox
+from executor.sessions import SessionCall, SessionStates
+from relay.bus import Bus, Commit
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore, runs_as_command
@@ -58,6 +60,8 @@ class Executor:
                        requests_retention=settings.requests_retention)
         self.sandbox = Sandbox(max_table_elements=settings.max_table_elements)
         self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
+        self.sessions = SessionStates(client, keys, max_state_bytes=settings.max_state_bytes,
+                                      orphan_ttl_ms=settings.idempotency_ttl_ms)
         self.metrics = Metrics(client, keys)
         self._threads = ThreadPoolExecutor(settings.executor_concurrency,
                                            thread_name_prefix="wasm")
@@ -66,6 +70,8 @@ class Executor:
                            if settings.executor_max_paused is None
                            else settings.executor_max_paused)
         """Paused runs held at once: by default one thread always stays free for other work."""
+        self.pause_places = PausePlaces(self.max_paused)
+        """Shared by every run's control: pauses asked for and step pauses alike."""
         self._running: set[asyncio.Task[None]] = set()
         self._live: dict[str, LiveRun] = {}
         """The executions this executor is running, for the control channel."""
@@ -224,7 +230,8 @@ class Executor:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _follow_control(self) -> None:
-        """Pause, resume and cancel requests from any gateway, for the runs that are ours."""
+        """Pause, resume, step and cancel requests from any gateway, for the runs that are
+        ours."""
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -239,8 +246,8 @@ class Executor:
                     await pubsub.aclose()
 
     def _apply(self, data: bytes) -> None:
-        # One bad message is skipped, never allowed to end the loop: every later pause, resume
-        # and cancel of this executor's runs goes through it.
+        # One bad message is skipped, never allowed to end the loop: every later pause, resume,
+        # step and cancel of this executor's runs goes through it.
         try:
             message = decode_control(data)
         except msgspec.DecodeError as exc:
@@ -254,22 +261,29 @@ class Executor:
                 self._pause(live)
             elif message.action == "resume":
                 live.control.resume(message.additional_gas)
+            elif message.action == "step":
+                # The gateway sends the gas, its default filled in; a paused run's step holds
+                # no new place (it gives its own back while it runs).
+                gas = message.gas or live.request.step_gas
+                if gas is not None:
+                    live.control.step(gas)
             else:
                 live.control.cancel()
         except Exception:
             log.exception("skipping control message %s that failed", message)
 
     def _pause(self, live: LiveRun) -> None:
-        """Pause a run, unless `max_paused` runs are paused (or pausing) here already: each
-        holds its thread, and a principal pausing and resuming forever would hold them all."""
-        held = sum(other.control.pausing for other in self._live.values())
-        if held < self.max_paused or live.control.pausing:
+        """Pause a run, unless `max_paused` runs are paused (or pausing) here already
+        (`pause_places`): each holds its thread, and a principal pausing and resuming forever
+        would hold them all. A refusal is answered to the gateway that asked."""
+        try:
             live.control.pause()
             return
+        except NoPlace as exc:
+            detail = str(exc)
         refusal = ControlRefused(
             request_id=live.request.request_id, action="pause", timestamp=now_iso(),
-            detail=f"its executor holds {held} paused executions already, its limit; "
-                   "resume or cancel one first")
+            detail=detail)
         task = asyncio.create_task(self.bus.refuse(refusal))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
@@ -290,9 +304,10 @@ class Executor:
     async def _run_entry(self, entry_id: bytes, request: WasmExecRequested) -> None:
         live = LiveRun(self.bus, request, entry_id, executor_node=self.name,
                        max_pause_ms=self.settings.max_pause_ms,
-                       max_output_bytes=self.settings.max_output_bytes)
+                       max_output_bytes=self.settings.max_output_bytes,
+                       pause_places=self.pause_places)
         try:
-            response = await self._execute(request, live)
+            response, commit = await self._execute(request, live)
             if entry_id in self._abandoned:
                 return  # taken over by a peer, or handed back: theirs to settle
             # The result is only published once `execution_started` was (or along with it,
@@ -305,7 +320,8 @@ class Executor:
             assert response is not None
             if await self.bus.finish(entry_id, request, response,
                                      self.settings.idempotency_ttl_ms, self.name,
-                                     started=None if live.announced else live.started):
+                                     started=None if live.announced else live.started,
+                                     commit=commit):
                 self.metrics.observe_execution(
                     response.error.code if response.error else None, response.duration,
                     response.gas_used)
@@ -313,35 +329,49 @@ class Executor:
             # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
 
-    async def _execute(self, request: WasmExecRequested,
-                       live: LiveRun) -> ExecuteResponse | None:
-        """Run it; None when it is not to run here after all (`live.verdict` says why)."""
+    async def _execute(self, request: WasmExecRequested, live: LiveRun,
+                       ) -> tuple[ExecuteResponse | None, Commit | None]:
+        """Run it, and for a successful session call store its new state; None when it is not
+        to run here after all (`live.verdict` says why)."""
         executed_at = live.started.timestamp
         control = live.control
         self._live[request.request_id] = live
+        session: SessionCall | None = None
+        commit: Commit | None = None
         try:
             module = await self.modules.get(request.cid)
             prepared = module.prepared
             command = runs_as_command(module.info, request.entrypoint)
+            policy = request.policy
+            if request.session_id is not None:
+                session = await self.sessions.begin(request)
+                policy = session.policy
             if live.announced and not await live.announce():
-                return None  # announced while the module was fetched, and not ours to run
+                return None, None  # announced while the module was fetched, and not ours
             # Tried inline (at most 10 ms on this loop) without a place: most runs end there.
-            inline = self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
-                                             request.policy)
+            # Not a session call: its state is restored and captured in a controlled run; nor
+            # a stepped one: it pauses, in a thread.
+            inline = (self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
+                                              policy)
+                      if session is None and request.step_gas is None else None)
             if inline is not None:
                 outcome = inline
             elif not await live.announce():
                 # No place: its principal has `max_active` running or paused already, so the
                 # entry waits parked and the thread stays free for others' work.
-                return None
+                return None, None
             else:
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self._threads,
                     lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
-                                             request.policy, command=command,
+                                             policy, command=command,
                                              max_output_bytes=self.settings.max_output_bytes,
-                                             control=control),
+                                             control=control, state=session),
                 )
+            if session is not None and outcome.error is None:
+                commit = await self.sessions.commit(session)
+        except Refused as exc:
+            outcome = Outcome(None, 0, 0.0, exc.error)
         except ModuleGone as exc:
             outcome = _failed("module_not_found", str(exc))
         except LinkError as exc:
@@ -355,7 +385,7 @@ class Executor:
             del self._live[request.request_id]
             await live.close()
             control.release()
-        return ExecuteResponse(
+        response = ExecuteResponse(
             success=outcome.error is None,
             request_id=request.request_id,
             cid=request.cid,
@@ -365,6 +395,11 @@ class Executor:
             executed_at=executed_at,
             error=outcome.error,
         )
+        if request.session_id is not None:
+            response.session_id = request.session_id
+            base = commit.base if commit else session.base if session else ""
+            response.state_cid = (commit.state_cid if commit else base) or None
+        return response, commit
 
 
 def _failed(code: ErrorCode, message: str) -> Outcome:

@@ -21,6 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 import redis
 import redis.asyncio as aioredis
+from msgspec import UNSET
 from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
@@ -63,6 +64,14 @@ class Script:
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
+    async def run(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+        """Run it on its own (loading it first if the server does not know it yet)."""
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
 
 Call = tuple[Script, list[str], list[Any]]
 
@@ -71,17 +80,21 @@ Call = tuple[Script, list[str], list[Any]]
 # `user`: the principal the execution belongs to. The gateways route events to subscribers by it
 # without decoding them.
 
-_ACCEPT = Script.named("accept")
+_ACCEPT = Script.named("accept", libs=("sessions",))
 
 _START = Script.named("start")
 
-_SETTLE = Script.named("settle")
+_SETTLE = Script.named("settle", libs=("states", "sessions"))
 
 _RENEW = Script.named("renew")
 
 _RECLAIM = Script.named("reclaim")
 
 _EMIT = Script.named("emit")
+
+
+SESSION_REFUSALS = ("no-session", "session-closed", "session-exhausted")
+"""What the accept script answers for a session call it refuses."""
 
 
 class Accepted(NamedTuple):
@@ -110,8 +123,17 @@ class Accepted(NamedTuple):
     @property
     def existing(self) -> bool:
         """A record of this request id exists already: the request is a repeat."""
-        return self.status not in ("new", "moved", "forbidden", "full")
+        return self.status not in ("new", "moved", "forbidden", "full", *SESSION_REFUSALS)
 
+
+
+class Commit(NamedTuple):
+    """A successful session call's new state (stored already: relay.states), for its settle."""
+
+    base: str
+    """The state the call started from ("" for the module's fresh state)."""
+    state_cid: str
+    size: int
 
 
 Verdict = Literal["started", "finished", "parked", "lost"]
@@ -162,34 +184,46 @@ class Bus:
 
     async def accept(self, request: WasmExecRequested, fingerprint: str,
                      name: GlyphName | None = None, *, permitted: bool = True,
-                     max_active: int = 2**62) -> Accepted:
+                     max_active: int = 2**62, explicit: frozenset[str] = frozenset(),
+                     ) -> Accepted:
         """Claim `request.request_id` and enqueue it, unless a live record exists already.
 
         With `name`, only while that name still points at `request.cid`; otherwise the status
         is `moved` and nothing happened. Not `permitted`: an existing record is still reported
         (a replay needs no new authorization) but nothing new is queued: status `forbidden`.
         `max_active`: the principal's cap on executions running or paused at once, kept in the
-        record for the start script.
+        record for the start script. A session call (`request.session_id`) is refused with
+        status `no-session`, `session-closed` or `session-exhausted` (its `explicit` limits
+        over what remains); otherwise it waits behind the session's unfinished calls.
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
+        session = request.session_id or ""
         status, found_fingerprint, result = await self._accepts((
             _ACCEPT,
             [keys.execution(request.request_id), keys.requests, keys.events, keys.queued,
-             name_key],
+             name_key, keys.session(session) if session else keys.queued],
             [
                 request.user_id,
                 fingerprint,
                 request.cid,
                 request.timestamp,
                 encode(request),
-                queued_template(request.request_id, request.cid, request.timestamp),
+                queued_template(request.request_id, request.cid, request.timestamp,
+                                request.session_id),
                 self.events_retention,
                 self.requests_retention,
                 tag,
                 "0" if permitted else "1",
                 self.max_queue,
                 max_active,
+                session,
+                keys.prefix,
+                "1" if "max_gas" in explicit else "0",
+                request.policy.max_gas,
+                "1" if "max_time" in explicit else "0",
+                request.policy.max_time,
+                request.request_id,
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result)
@@ -239,14 +273,17 @@ class Bus:
 
     async def finish(self, entry_id: bytes, request: WasmExecRequested,
                      response: ExecuteResponse, ttl_ms: int, consumer: str,
-                     started: ExecutionStarted | None = None) -> bool:
+                     started: ExecutionStarted | None = None,
+                     commit: Commit | None = None) -> bool:
         """Store the result (first writer wins), emit the terminal events, acknowledge; only
         while `consumer` still holds the entry. True when this call wrote the result.
 
         `started`: the run never called `start`, so this emits `execution_started` first.
+        `commit`: a successful session call's new state, committed with the result only while
+        the session's state is still the one the call started from.
         """
         return await self._settle(request, response, ttl_ms, entry_id=entry_id,
-                                  consumer=consumer, started=started)
+                                  consumer=consumer, started=started, commit=commit)
 
     async def cancel_queued(self, request: WasmExecRequested, response: ExecuteResponse,
                             ttl_ms: int) -> bool:
@@ -256,34 +293,40 @@ class Bus:
 
     async def _settle(self, request: WasmExecRequested, response: ExecuteResponse, ttl_ms: int,
                       *, entry_id: bytes = b"", only_if: str = "", consumer: str = "",
-                      started: ExecutionStarted | None = None) -> bool:
+                      started: ExecutionStarted | None = None,
+                      commit: Commit | None = None) -> bool:
         keys = self.keys
+        session = request.session_id or ""
+        tagged = session or UNSET  # the session a call's events carry
         terminal: ExecutionComplete | ExecutionError
         if response.error is None:
             terminal = ExecutionComplete(request_id=request.request_id, duration=response.duration,
                                          gas_used=response.gas_used, output=response.output,
-                                         timestamp=now_iso())
+                                         timestamp=now_iso(), session_id=tagged)
             status = "completed"
         else:
             terminal = ExecutionError(request_id=request.request_id, error=response.error,
-                                      timestamp=now_iso())
+                                      timestamp=now_iso(), session_id=tagged)
             status = "cancelled" if response.error.code == "cancelled" else "failed"
         completed = WasmExecCompleted(
             **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},
             success=response.success, output=response.output, error=response.error,
             gas_used=response.gas_used, duration=response.duration,
-            executed_at=response.executed_at,
+            executed_at=response.executed_at, state_cid=response.state_cid,
         )
         # Infrastructure failures are not kept as the answer: a retry of the same request runs.
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
         written = await self._finishes((
             _SETTLE,
             [keys.execution(request.request_id), keys.events, keys.requests, keys.queued,
-             keys.deliveries, keys.active(request.user_id), keys.waiting(request.user_id)],
+             keys.deliveries, keys.active(request.user_id), keys.waiting(request.user_id),
+             keys.session(session) if session else keys.queued],
             [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
              encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if,
              consumer, encode(started) if started else b"", request.request_id,
-             self.requests_retention],
+             self.requests_retention, session, keys.prefix,
+             commit.base if commit else "", commit.state_cid if commit else "",
+             commit.size if commit else 0, response.gas_used, response.duration],
         ))
         return bool(written == 1)
 

@@ -86,6 +86,18 @@ class Conflict(RelayError):
     status, slug, title = 409, "conflict", "Conflict"
 
 
+class SessionClosed(RelayError):
+    """A call on a session that was closed (`DELETE /sessions/{id}`)."""
+
+    status, slug, title = 409, "session-closed", "Session closed"
+
+
+class SessionExhausted(RelayError):
+    """A call on a session whose budget is used up, or asking for more than remains."""
+
+    status, slug, title = 409, "session-exhausted", "Session budget exhausted"
+
+
 class TooManyPaused(RelayError):
     """A pause the executor running the execution refused: it holds as many paused executions
     as it may (`RELAY_EXECUTOR_MAX_PAUSED`). The execution goes on running."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 class Keys:
     __slots__ = ("api_keys", "control", "dead", "deliveries", "events", "executors", "metrics",
                  "modules", "name_owners", "prefix", "queued", "rate_limits", "requests",
-                 "token_secret")
+                 "session_expiry", "token_secret")
 
     EXECUTOR_GROUP = "executors"
 
@@ -40,6 +40,8 @@ class Keys:
         """The secret access tokens are signed with, when RELAY_TOKEN_SECRET is not set."""
         self.control = f"{prefix}:control"
         """Pub/sub channel: pause, resume and cancel requests for the executor running one."""
+        self.session_expiry = f"{prefix}:session-expiry"
+        """Sorted set of session ids, scored by when each expires (ms): the sweeper's work."""
         self.rate_limits = f"{prefix}:ratelimit"
         """Prefix the `limits` library puts before its own rate-limit keys."""
 
@@ -67,6 +69,28 @@ class Keys:
         """List of the principal's parked request entries (`data`), started while it had no
         place free; the settle script moves them back to `relay:requests` as places free."""
         return f"{self.prefix}:waiting:{principal}"
+
+    def session(self, session_id: str) -> str:
+        """Hash holding one session: owner, module, budget and use, committed state."""
+        return f"{self.prefix}:session:{session_id}"
+
+    def session_calls(self, session_id: str) -> str:
+        """List of the request ids of a session's unfinished calls, in acceptance order: the
+        head is the one on `relay:requests`, the others wait behind it (relay.lua.accept)."""
+        return f"{self.session(session_id)}:calls"
+
+    def session_history(self, session_id: str) -> str:
+        """List of the request ids of every call a session accepted (its events' replay)."""
+        return f"{self.session(session_id)}:history"
+
+    def sessions(self, principal: str) -> str:
+        """Sorted set of the principal's sessions, scored by creation time (ms)."""
+        return f"{self.prefix}:sessions:{principal}"
+
+    def module_holds(self, cid: str) -> str:
+        """Counter of the live sessions and snapshots that use a module: while above zero the
+        module cannot be deleted."""
+        return f"{self.prefix}:module-holds:{cid}"
 
     def module(self, cid: str) -> str:
         """Hash holding one module's binary (`wasm`), metadata (`meta`) and `owner`."""

@@ -31,6 +31,8 @@ class ExecuteRequest(Request):
     inputs: list[Any] = msgspec.field(default_factory=list)
     policy: Policy = msgspec.field(default_factory=Policy)
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    step_gas: PositiveInt | None = None
+    """Pause in place once this much more gas is used (from the start, then from each step)."""
 
 
 class NameBinding(Request):
@@ -64,6 +66,9 @@ class ExecuteResponse(msgspec.Struct, kw_only=True):
     duration: float
     executed_at: str
     error: ErrorInfo | None
+    session_id: str | UnsetType = UNSET
+    """A session call's: its session, and the state it committed (unchanged when it failed)."""
+    state_cid: str | UnsetType | None = UNSET
 
 
 class Links(msgspec.Struct, rename={"self_": "self"}):
@@ -89,6 +94,8 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     duration: float | UnsetType = UNSET
     executed_at: str | UnsetType = UNSET
     error: ErrorInfo | UnsetType | None = UNSET
+    session_id: str | UnsetType = UNSET
+    state_cid: str | UnsetType | None = UNSET
 
 
 class FunctionSignature(msgspec.Struct, kw_only=True):
@@ -176,6 +183,8 @@ class Readiness(msgspec.Struct):
 class BusMessage(msgspec.Struct, tag_field="type", kw_only=True):
     request_id: str
     timestamp: str
+    session_id: str | UnsetType | None = UNSET
+    """The session a call's events belong to (absent outside sessions)."""
 
 
 class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
@@ -184,7 +193,10 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     inputs: list[Any]
     policy: EffectivePolicy
     user_id: str
-    session_id: str | None = None
+    session_id: str | None = None  # always on the bus (v1), null outside sessions
+    step_gas: int | None = None
+    """Set: the run pauses (reason `step`) once it has used this much gas, then again after
+    each `step` that gives no gas of its own."""
 
 
 class ExecutionQueued(BusMessage, tag="execution_queued", kw_only=True):
@@ -208,8 +220,15 @@ class ExecutionOutput(BusMessage, tag="execution_output", kw_only=True):
     data: str
 
 
+PauseReason = Literal["request", "step"]
+
+
 class ExecutionPaused(BusMessage, tag="execution_paused", kw_only=True):
-    pass
+    reason: PauseReason = "request"
+    """`request`: asked for (pause); `step`: a step used its gas."""
+    gas_used: int = 0
+    """Gas used when it stopped, as seen at the pause (fuel is read where wasm code leaves it,
+    at calls and returns)."""
 
 
 class ExecutionResumed(BusMessage, tag="execution_resumed", kw_only=True):
@@ -234,6 +253,8 @@ class WasmExecCompleted(WasmExecRequested, tag="wasm_exec_completed", kw_only=Tr
     gas_used: int
     duration: float
     executed_at: str
+    state_cid: str | UnsetType | None = UNSET
+    """A session call's state after it (the one it committed, or the one it started from)."""
 
 
 Event = (
@@ -269,7 +290,14 @@ class ResumeRequest(Request):
     additional_gas: NonNegativeInt = 0
 
 
-Action = Literal["pause", "resume", "cancel"]
+class StepRequest(Request):
+    """`POST /executions/{id}/step`: run this much more gas (default: the execution's
+    `step_gas`)."""
+
+    gas: PositiveInt | None = None
+
+
+Action = Literal["pause", "resume", "cancel", "step"]
 
 
 class WsCommand(Request):
@@ -277,6 +305,8 @@ class WsCommand(Request):
 
     action: Action
     additional_gas: NonNegativeInt = 0
+    gas: PositiveInt | None = None
+    """For `step`: as `StepRequest.gas`."""
 
 
 class FieldError(msgspec.Struct):
@@ -327,6 +357,8 @@ class ControlMessage(msgspec.Struct, kw_only=True):
     request_id: str
     action: Action
     additional_gas: Annotated[int, Meta(ge=0)] = 0
+    gas: Annotated[int, Meta(ge=1)] | None = None
+    """For `step`: the gas to run before pausing again (the gateway fills in the default)."""
 
 
 class ControlRefused(BusMessage, tag="control_refused", kw_only=True):
@@ -345,8 +377,74 @@ class EventHead(msgspec.Struct):
     request_id: str = ""
 
 
+class Page(msgspec.Struct, kw_only=True):
+    """One page of a list endpoint (v1.1): `next_cursor` is null on the last."""
+
+    items: list[Any]
+    next_cursor: str | None
+
+
+class SessionBudget(Request):
+    """A session's totals over all its calls; an omitted one is unlimited."""
+
+    max_gas: PositiveInt | None = None
+    max_time: PositiveInt | None = None
+    max_calls: PositiveInt | None = None
+
+
+class CreateSession(Request):
+    cid: Annotated[str, Meta(min_length=1, max_length=512)]
+    environment: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    budget: SessionBudget = msgspec.field(default_factory=SessionBudget)
+    ttl: PositiveInt | None = None
+
+
+class SessionCall(Request):
+    entrypoint: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    inputs: list[Any] = msgspec.field(default_factory=list)
+    policy: Policy = msgspec.field(default_factory=Policy)
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    step_gas: PositiveInt | None = None
+
+
+class PatchSession(Request):
+    budget: SessionBudget
+
+
+class SessionLinks(msgspec.Struct, rename={"self_": "self"}):
+    self_: str
+    calls: str
+    events: str
+
+
+SessionStatus = Literal["idle", "running", "paused", "exhausted", "closed"]
+
+
+class SessionView(msgspec.Struct, kw_only=True):
+    """A session as `GET /sessions/{id}` shows it."""
+
+    session_id: str
+    cid: str
+    environment: str | None
+    status: SessionStatus
+    calls: int
+    gas_used: int
+    time_used: float
+    budget: SessionBudget
+    state_cid: str | None
+    state_size: int
+    current: str | None
+    last_result: ExecuteResponse | None
+    created_at: str
+    expires_at: str
+    links: SessionLinks
+
+
 encode = msgspec.json.Encoder().encode
 decode_execute_request = msgspec.json.Decoder(ExecuteRequest).decode
+decode_create_session = msgspec.json.Decoder(CreateSession).decode
+decode_session_call = msgspec.json.Decoder(SessionCall).decode
+decode_patch_session = msgspec.json.Decoder(PatchSession).decode
 decode_name_binding = msgspec.json.Decoder(NameBinding).decode
 decode_requested = msgspec.json.Decoder(WasmExecRequested).decode
 decode_completed = msgspec.json.Decoder(WasmExecCompleted).decode
@@ -355,6 +453,7 @@ decode_head = msgspec.json.Decoder(EventHead).decode
 decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
 decode_response = msgspec.json.Decoder(ExecuteResponse).decode
 decode_resume = msgspec.json.Decoder(ResumeRequest).decode
+decode_step = msgspec.json.Decoder(StepRequest).decode
 decode_control = msgspec.json.Decoder(ControlMessage).decode
 decode_control_refused = msgspec.json.Decoder(ControlRefused).decode
 decode_ws_command = msgspec.json.Decoder(WsCommand).decode
@@ -362,12 +461,14 @@ decode_stored_key = msgspec.json.Decoder(StoredKey).decode
 decode_token_claims = msgspec.json.Decoder(TokenClaims).decode
 
 
-def queued_template(request_id: str, cid: str, timestamp: str) -> bytes:
+def queued_template(request_id: str, cid: str, timestamp: str,
+                    session_id: str | None = None) -> bytes:
     """`execution_queued` JSON without its position value and closing brace.
 
     The position is only known inside the accept script, which appends `<n>}`.
     """
-    body = encode(ExecutionQueued(request_id=request_id, cid=cid, timestamp=timestamp))
+    body = encode(ExecutionQueued(request_id=request_id, cid=cid, timestamp=timestamp,
+                                  session_id=session_id or UNSET))
     assert body.endswith(b'"position":0}')
     return body[:-2]
 
@@ -384,6 +485,8 @@ def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:
         duration=event.duration,
         executed_at=event.executed_at,
         error=event.error,
+        session_id=UNSET if event.session_id is None else event.session_id,
+        state_cid=event.state_cid,
     )
 
 

@@ -296,6 +296,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "RELAY_MAX_PAUSE", _int, EXECUTOR, "ms",
         "how long an execution may stay paused before it is cancelled")] = 600_000
 
+    session_ttl_ms: Annotated[int, Variable(
+        "RELAY_SESSION_TTL", _int, EXECUTOR, "ms",
+        "how long an idle session lives after its last call (a session's own `ttl` may say "
+        "otherwise)")] = 86_400_000
+    max_state_bytes: Annotated[int, Variable(
+        "RELAY_MAX_STATE_BYTES", _int, EXECUTOR, "bytes",
+        "largest memory a session may keep between calls")] = 268_435_456
+
     sync_wait_ms: Annotated[int, Variable(
         "RELAY_SYNC_WAIT", _int, EVENTS, "ms",
         "how long a sync caller waits for the result before getting a 202 instead")] = 30_000

@@ -16,7 +16,16 @@ from starlette.types import Receive, Scope, Send
 from relay import connection
 from relay.gateway import problems
 from relay.gateway.http import RequestIdMiddleware, by_method
-from relay.gateway.routes import execute, executions, health, modules, sse, tokens, websocket
+from relay.gateway.routes import (
+    execute,
+    executions,
+    health,
+    modules,
+    sessions,
+    sse,
+    tokens,
+    websocket,
+)
 from relay.gateway.state import Gateway
 from relay.gateway.subscription import end_revoked
 from relay.keys import Keys
@@ -42,6 +51,16 @@ ROUTES = [
     Route("/modules/{cid}/wasm", modules.get_module_wasm, methods=["GET"]),
     Route("/names/{name}/{tag}", modules.bind_name, methods=["PUT"]),
     Route("/names/{name}", modules.get_name, methods=["GET"]),
+    Route("/sessions", by_method(POST=sessions.create_session, GET=sessions.list_sessions),
+          methods=["POST", "GET"]),
+    Route("/sessions/{session_id}", by_method(GET=sessions.get_session,
+                                              PATCH=sessions.patch_session,
+                                              DELETE=sessions.close_session),
+          methods=["GET", "PATCH", "DELETE"]),
+    Route("/sessions/{session_id}/state", sessions.get_session, methods=["GET"]),
+    Route("/sessions/{session_id}/calls", sessions.call_session, methods=["POST"]),
+    Route("/sessions/{session_id}/pause", sessions.pause_session, methods=["POST"]),
+    Route("/sessions/{session_id}/resume", sessions.resume_session, methods=["POST"]),
     Route("/", health.index, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
@@ -79,6 +98,7 @@ def create_app(settings: Settings) -> Starlette:
         gateway.supervisor.start("metrics", gateway.metrics.run)
         gateway.supervisor.start("stream leases", gateway.streams.renew)
         gateway.supervisor.start("stream credentials", functools.partial(end_revoked, gateway))
+        gateway.supervisor.start("session expiry", gateway.sessions.expire)
         app.state.gateway = gateway
         try:
             yield

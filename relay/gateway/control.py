@@ -59,17 +59,20 @@ class Controller:
     async def state(self, principal: str, request_id: str) -> ExecutionState:
         """The execution as `GET /executions/{id}` shows it. Raises NotFound (also when it is
         another principal's: their ids are not ours to confirm)."""
-        owner, status, cid, result = await self.client.hmget(
-            self.keys.execution(request_id), ["principal", "status", "cid", "result"])
+        owner, status, cid, result, session = await self.client.hmget(
+            self.keys.execution(request_id), ["principal", "status", "cid", "result", "session"])
         if owner is None or owner.decode() != principal:
             raise NotFound(f"no execution {request_id}")
         view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
+        if session is not None:
+            view.session_id = session.decode()
         if result is None:
             return view
         finished = decode_response(result)
         return msgspec.structs.replace(
             view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
-            duration=finished.duration, executed_at=finished.executed_at, error=finished.error)
+            duration=finished.duration, executed_at=finished.executed_at, error=finished.error,
+            state_cid=finished.state_cid)
 
     async def act(self, principal: str, request_id: str, action: Action,
                   additional_gas: int = 0) -> tuple[bool, ExecutionState]:

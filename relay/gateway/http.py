@@ -14,6 +14,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay import logs
+from relay.errors import InvalidRequest
 from relay.gateway.problems import send_internal_error
 from relay.schemas import encode
 
@@ -87,3 +88,17 @@ def by_method(**handlers: Endpoint) -> Endpoint:
         return await handlers["GET" if request.method == "HEAD" else request.method](request)
 
     return endpoint
+
+
+DIGITS = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", which int() refuses
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    """The query parameter `name` as an integer in [low, high] (`default` when absent).
+    Raises InvalidRequest."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
+    return int(raw)

@@ -19,6 +19,7 @@ from relay.pipeline.authorize import Authorizer
 from relay.pipeline.ratelimit import RateLimiter
 from relay.pipeline.run import ExecutePipeline
 from relay.policy import Policies
+from relay.sessions import Sessions
 from relay.settings import Settings
 from relay.supervise import Supervisor
 from relay.tokens import AccessTokens
@@ -43,12 +44,13 @@ class Gateway:
         self.authenticate = Authenticator(settings, self.stored_keys)
         self.authorizer = Authorizer(policies, self.modules, self.metrics)
         self.tokens = AccessTokens(token_secret)
+        self.sessions = Sessions(client, keys, settings.session_ttl_ms)
         self.controller = Controller(client, keys, self.bus, self.fan_in, settings, policies)
         self.pipeline = ExecutePipeline(
             settings=settings, policies=policies, authenticate=self.authenticate,
             rate_limiter=RateLimiter(client, keys, settings, policies), modules=self.modules,
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
-            metrics=self.metrics)
+            metrics=self.metrics, sessions=self.sessions)
         self.uploads = UploadSlots(settings.max_uploads)
         self.supervisor = Supervisor("relay.gateway")
         """Runs the background loops: the events fan-in, the policy watch, metrics, stream

@@ -15,6 +15,22 @@ end
 if ARGV[10] == '1' then
   return {'forbidden', '', false}
 end
+-- A session's call (sessions.lib.lua): refused when its session is not the caller's, closed or
+-- out of budget; queued behind the session's unfinished calls.
+local session = ARGV[13]
+if session ~= '' then
+  local refusal = session_admit(KEYS[6], ARGV[1], ARGV[16], ARGV[15], ARGV[18], ARGV[17])
+  if refusal then
+    return {refusal, '', false}
+  end
+end
+-- Budgets (budgets.lib.lua): a new execution must fit every budget of its principal; refused
+-- (`budget`), or sent back to have its omitted limits lowered (`lower`). Reserved below.
+local budget_verdict, budget_windows = budgets_check(ARGV[14], ARGV[1], ARGV[16], ARGV[15],
+                                                     ARGV[18], ARGV[17])
+if budget_verdict ~= 'ok' then
+  return {budget_verdict, '', false, budget_windows}
+end
 if tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(ARGV[11]) then
   return {'full', '', false}
 end
@@ -28,6 +44,10 @@ redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'statu
            'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
 -- The principal's cap on running and paused executions, as it was at accept (start.lua).
 redis.call('HSET', KEYS[1], 'max_active', ARGV[12])
+budgets_reserve(KEYS[1], budget_windows, ARGV[16], ARGV[18], true)  -- budgets.lib.lua
+if session ~= '' then
+  redis.call('HSET', KEYS[1], 'session', session)
+end
 local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
                           ARGV[6] .. position .. '}', 'user', ARGV[1])
 -- The execution's index of its client events (relay.keys.Keys.execution_events), so its
@@ -35,5 +55,7 @@ local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
 -- attempt's events stay listed, as they stay in the stream).
 redis.call('RPUSH', KEYS[1] .. ':events', queued)
 redis.call('PERSIST', KEYS[1] .. ':events')
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
+if session == '' or session_enqueue(ARGV[14], KEYS[6], session, ARGV[19]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
+end
 return {'new', ARGV[2], false}

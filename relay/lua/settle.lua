@@ -10,7 +10,14 @@ if ARGV[2] ~= '' then
 end
 local written = 0
 local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result', 'max_active',
-                          'request')
+                          'request', 'budgets')
+-- A session call's new state commits only on the state it started from (sessions.lib.lua),
+-- and only once it holds a reference to it (a stored state whose pages all still exist).
+local session, new_state = ARGV[15], ARGV[18]
+if session ~= '' and new_state ~= '' and record[1] and not record[3]
+    and not (session_fenced(KEYS[8], ARGV[17]) and state_ref(ARGV[16], new_state)) then
+  return -1
+end
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
   if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
     redis.call('DECR', KEYS[4])
@@ -29,6 +36,12 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[9])
   written = 1
+  -- Budgets (budgets.lib.lua): the reservation becomes what the run measured, once.
+  budgets_settle(ARGV[16], record[6], ARGV[20], ARGV[21], ARGV[5])
+  if session ~= '' then
+    session_settled(ARGV[16], KEYS[8], session, ARGV[13], ARGV[20], ARGV[21], ARGV[3],
+                    new_state, ARGV[19], KEYS[3], ARGV[14])
+  end
 end
 -- Places (see start.lua). Once the execution has a result its place is given back, whoever
 -- settles it, exactly once (SREM); the principal's parked entries then go back to the stream,

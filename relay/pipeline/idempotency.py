@@ -21,17 +21,28 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 """On every answer to a request that did not start its execution."""
 
 
-def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectivePolicy) -> str:
-    """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy."""
-    return hashlib.sha256(encode(
-        {"cid": cid, "entrypoint": entrypoint, "inputs": inputs, "policy": policy}
-    )).hexdigest()
+def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectivePolicy,
+                session_id: str | None = None, step_gas: int | None = None) -> str:
+    """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy (and
+    the session of a session call)."""
+    canonical: dict[str, Any] = {"cid": cid, "entrypoint": entrypoint, "inputs": inputs,
+                                 "policy": policy}
+    if session_id is not None:
+        canonical["session_id"] = session_id
+    if step_gas is not None:  # absent when not set: v1 requests keep their fingerprints
+        canonical["step_gas"] = step_gas
+    return hashlib.sha256(encode(canonical)).hexdigest()
 
 
-def request_id(principal: str, key: str) -> str:
-    """The execution's id: sha256 of the principal and the key (or fingerprint)."""
-    # Length-prefixed, so no (principal, key) pair can collide with another.
-    return hashlib.sha256(f"{len(principal)}:{principal}{key}".encode()).hexdigest()
+def request_id(principal: str, key: str, scope: str | None = None) -> str:
+    """The execution's id: sha256 of the principal and the key (or fingerprint); a session
+    call's explicit key is scoped to its session."""
+    # Length-prefixed, so no (principal, key) pair can collide with another; a scoped one starts
+    # with a letter where an unscoped one starts with a digit.
+    text = f"{len(principal)}:{principal}{key}"
+    if scope is not None:
+        text = f"s{len(principal)}:{principal}{len(scope)}:{scope}{key}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Repeat(NamedTuple):

@@ -13,7 +13,7 @@ from typing import NamedTuple, Protocol
 
 from starlette.requests import Request
 
-from relay.bus import Bus
+from relay.bus import SESSION_REFUSALS, Bus
 from relay.errors import (
     Conflict,
     IdempotencyKeyReuse,
@@ -22,6 +22,8 @@ from relay.errors import (
     PayloadTooLarge,
     RateLimited,
     RelayError,
+    SessionClosed,
+    SessionExhausted,
     Unavailable,
 )
 from relay.metrics import Metrics
@@ -32,6 +34,7 @@ from relay.pipeline.authorize import Authorizer
 from relay.pipeline.ratelimit import RateCheck, RateLimiter
 from relay.pipeline.validate import Validated, read_body, validate
 from relay.policy import ModuleResource, Policies
+from relay.sessions import Sessions
 from relay.settings import Settings
 
 MAX_NAME_RETRIES = 3
@@ -61,10 +64,22 @@ class Admission(NamedTuple):
     """For a sync caller of an unfinished execution; `Completions.release` it when done."""
 
 
+def _session_refusal(status: str, session_id: str) -> RelayError:
+    """What the accept script's refusal of a session call means to the caller (it changed since
+    validation read the session)."""
+    if status == "session-closed":
+        return SessionClosed(f"session {session_id} is closed")
+    if status == "session-exhausted":
+        return SessionExhausted(f"session {session_id} has used its budget; raise it with "
+                                "PATCH /sessions/{id}")
+    return NotFound(f"no session {session_id}")
+
+
 class ExecutePipeline:
     def __init__(self, *, settings: Settings, policies: Policies, authenticate: Authenticator,
                  rate_limiter: RateLimiter, modules: ModuleStore, authorizer: Authorizer,
-                 bus: Bus, completions: Completions, metrics: Metrics) -> None:
+                 bus: Bus, completions: Completions, metrics: Metrics,
+                 sessions: Sessions) -> None:
         self.settings = settings
         self.policies = policies
         self.authenticate = authenticate
@@ -74,19 +89,23 @@ class ExecutePipeline:
         self.bus = bus
         self.completions = completions
         self.metrics = metrics
+        self.sessions = sessions
 
-    async def admit(self, request: Request) -> Admission:
-        """Run the pipeline on one `POST /intent/execute-wasm`. Raises a RelayError for the
-        first stage that refuses it (carrying the RateLimit fields once it was counted)."""
+    async def admit(self, request: Request, session_id: str | None = None) -> Admission:
+        """Run the pipeline on one `POST /intent/execute-wasm` (or, with `session_id`, one
+        `POST /sessions/{id}/calls`). Raises a RelayError for the first stage that refuses it
+        (carrying the RateLimit fields once it was counted)."""
         principal = await self.authenticate(request)
         rate = RateCheck(self.rate_limiter, principal, self.metrics)  # its round trip overlaps
         try:
             body = await read_body(request, self.settings.max_request_bytes)
             sync = "respond-async" not in request.headers.get("prefer", "")
             for _ in range(MAX_NAME_RETRIES):
+                session = (None if session_id is None
+                           else await self.sessions.callable(principal, session_id))
                 validated = await validate(body, request.headers.get("idempotency-key"),
                                            principal, self.modules, self.settings,
-                                           self.policies.caps(principal))
+                                           self.policies.caps(principal), session)
                 headers = await rate.headers()  # a 429 wins over everything after validation
                 admission = await self._accept(validated, principal, sync, headers)
                 if admission is not None:
@@ -114,7 +133,8 @@ class ExecutePipeline:
         try:
             max_active = self.policies.caps(principal).max_active or self.settings.max_active
             accepted = await self.bus.accept(request, validated.fingerprint, validated.name,
-                                             permitted=permitted, max_active=max_active)
+                                             permitted=permitted, max_active=max_active,
+                                             explicit=validated.explicit)
             if accepted.name_moved:
                 self.completions.release(request.request_id, completion)
                 return None
@@ -130,6 +150,8 @@ class ExecutePipeline:
             elif accepted.full:
                 raise Unavailable("too much work is queued already; retry shortly",
                                   retry_after_s=QUEUE_FULL_RETRY_S)
+            elif accepted.status in SESSION_REFUSALS:
+                raise _session_refusal(accepted.status, request.session_id or "")
         except BaseException:
             self.completions.release(request.request_id, completion)
             raise

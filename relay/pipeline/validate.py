@@ -8,9 +8,11 @@ their bodies, names and tags here too.
 
 from __future__ import annotations
 
+import secrets
 import sys
 from typing import Any, NamedTuple
 
+import msgspec
 from starlette.requests import Request
 
 from relay.cid import NAME_RULE, GlyphName, is_name
@@ -20,6 +22,7 @@ from relay.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    SessionExhausted,
     decode_body,
 )
 from relay.modules import ModuleStore, runs_as_command
@@ -31,8 +34,10 @@ from relay.schemas import (
     ModuleInfo,
     WasmExecRequested,
     decode_execute_request,
+    decode_session_call,
     now_iso,
 )
+from relay.sessions import Session
 from relay.settings import Settings
 
 _MAX_KEY_LENGTH = 256
@@ -50,16 +55,27 @@ class Validated(NamedTuple):
     """The glyph name the request used; accepting checks it still names `request.cid`."""
     owner: str
     """The module's owner, for authorization."""
+    explicit: frozenset[str] = frozenset()
+    """The policy limits the body set (a session's budget refuses those over what remains,
+    and lowers the others)."""
 
 
 async def validate(body: bytes, header_key: str | None, principal: str,
-                   modules: ModuleStore, settings: Settings, caps: PrincipalCaps) -> Validated:
-    """Raises InvalidRequest (400) or NotFound (404, unknown module).
+                   modules: ModuleStore, settings: Settings, caps: PrincipalCaps,
+                   session: Session | None = None) -> Validated:
+    """Raises InvalidRequest (400) or NotFound (404, unknown module); for a call on `session`
+    also SessionExhausted (409).
 
     `caps` are the principal's own ceilings: a value over them is refused like one over the
     deployment's, never clamped; an omitted value takes the default lowered to them.
     """
-    request = decode_body(decode_execute_request, body)
+    if session is not None:
+        call = decode_body(decode_session_call, body)
+        request = ExecuteRequest(cid=session.cid, entrypoint=call.entrypoint, inputs=call.inputs,
+                                 policy=call.policy, idempotency_key=call.idempotency_key,
+                                 step_gas=call.step_gas)
+    else:
+        request = decode_body(decode_execute_request, body)
     if header_key is not None and not 1 <= len(header_key) <= _MAX_KEY_LENGTH:
         raise InvalidRequest(f"the Idempotency-Key header must have 1 to {_MAX_KEY_LENGTH} "
                              "characters")
@@ -78,13 +94,48 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         _check_results(info, entrypoint)
         _check_inputs(info, entrypoint, request.inputs)
     policy = _effective_policy(request, settings, caps)
-    fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy)
-    request_id = idempotency.request_id(principal, key or fingerprint)
+    explicit = frozenset(field for field in ("max_gas", "max_time")
+                         if getattr(request.policy, field) is not None)
+    session_id = None
+    if session is not None:
+        session_id = session.session_id
+        policy = _within_budget(policy, explicit, session)
+    fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy, session_id,
+                                          request.step_gas)
+    if session is None:
+        request_id = idempotency.request_id(principal, key or fingerprint)
+    else:  # a call without a key is new work, every time
+        request_id = (idempotency.request_id(principal, key, scope=session.session_id)
+                      if key else secrets.token_hex(32))
     published = WasmExecRequested(
         request_id=request_id, cid=cid, entrypoint=entrypoint, inputs=request.inputs,
-        policy=policy, user_id=principal, timestamp=now_iso(),
+        policy=policy, user_id=principal, timestamp=now_iso(), session_id=session_id,
+        step_gas=request.step_gas,
     )
-    return Validated(published, fingerprint, key is not None, name, stored.owner)
+    return Validated(published, fingerprint, key is not None, name, stored.owner, explicit)
+
+
+def _within_budget(policy: EffectivePolicy, explicit: frozenset[str],
+                   session: Session) -> EffectivePolicy:
+    """The policy a session call runs under: omitted gas and time lowered to what the session's
+    budget still allows. Raises SessionExhausted when nothing remains, or an explicit value is
+    over it (the accept script checks again, atomically; the executor clamps at the start)."""
+    if session.exhausted:
+        raise SessionExhausted(f"session {session.session_id} has used its budget; raise it "
+                               "with PATCH /sessions/{id}")
+    remaining = session.remaining
+    lowered = {}
+    for field, left in (("max_gas", remaining.gas), ("max_time", remaining.time)):
+        asked = getattr(policy, field)
+        if left is None or asked <= left:
+            continue
+        if field in explicit:
+            raise SessionExhausted(f"{field} {asked} is over what the session's budget has "
+                                   f"left ({left})",
+                                   errors=[FieldError(f"/policy/{field}",
+                                                      f"at most {left} remains")])
+        lowered[field] = left
+    return msgspec.structs.replace(policy, **lowered) if lowered else policy
 
 
 async def read_body(request: Request, limit_bytes: int) -> bytes:

@@ -13,12 +13,17 @@ from starlette.responses import Response
 
 from relay.gateway.http import json_response
 from relay.gateway.state import Gateway, gateway_of
+from relay.pipeline.run import Admission
 from relay.schemas import Accepted, Links, decode_completed, encode, response_from_completed
 
 
 async def execute(request: Request) -> Response:
     gw = gateway_of(request)
-    admission = await gw.pipeline.admit(request)
+    return await answer(gw, await gw.pipeline.admit(request))
+
+
+async def answer(gw: Gateway, admission: Admission) -> Response:
+    """The answer to an admitted execution (or session call): its result, a replay, or 202."""
     request_id, headers = admission.request_id, admission.headers
     if admission.result is not None:
         return json_response(admission.result, headers=headers)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -17,15 +15,13 @@ from relay.errors import (
     RelayError,
     decode_body,
 )
-from relay.gateway.http import json_response
+from relay.gateway.http import json_response, query_int
 from relay.gateway.state import Gateway, gateway_of
 from relay.modules import MAX_PAGE_SIZE, InvalidModule, StoredModule, inspect, to_binary
 from relay.pipeline.ratelimit import RateCheck
 from relay.pipeline.validate import check_name, read_body
 from relay.policy import ModuleResource
 from relay.schemas import NameBound, NameTags, decode_name_binding
-
-DIGITS = re.compile(r"[0-9]{1,12}")  # str.isdigit() also takes "²", which int() refuses
 
 
 async def upload_module(request: Request) -> Response:
@@ -88,8 +84,8 @@ async def _upload(request: Request, gw: Gateway, principal: str) -> Response:
 async def list_modules(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    cursor = _query_int(request, "cursor", 0, 0, 2**31)
-    limit = _query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+    cursor = query_int(request, "cursor", 0, 0, 2**31)
+    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
 
     def visible(cid: str, stored: StoredModule) -> bool:
         return gw.authorizer.permits(principal, "execute", ModuleResource(cid, "", stored.owner))
@@ -177,12 +173,3 @@ def _path_cid(request: Request) -> str:
         return normalize(request.path_params["cid"])
     except InvalidCid as exc:
         raise InvalidRequest(str(exc)) from None
-
-
-def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
-        raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
-    return int(raw)

@@ -1,0 +1,199 @@
+"""Sessions over HTTP, with a real executor: state that lives between calls, in order,
+committed only by calls that succeed; budgets; closing; isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from executor.worker import Executor
+from tests.conftest import ADD_WAT, assert_problem, upload, wait_for
+
+# A counter kept both in a global the module does not export and in its memory, which it does
+# not export either: both are state.
+COUNTER_WAT = """(module
+  (global $n (mut i64) (i64.const 0))
+  (memory 1)
+  (func (export "add") (param i64) (result i64)
+    (global.set $n (i64.add (global.get $n) (local.get 0)))
+    (i64.store (i32.const 0) (i64.add (i64.load (i32.const 0)) (i64.const 1)))
+    (global.get $n))
+  (func (export "calls") (result i64) (i64.load (i32.const 0)))
+  (func (export "boom") (param i64)
+    (global.set $n (local.get 0))
+    (i64.store (i32.const 0) (i64.const 777))
+    unreachable)
+  (func (export "spin") (param i64) (local $i i64)
+    (global.set $n (i64.const -1))
+    (loop (local.set $i (i64.add (local.get $i) (i64.const 1)))
+          (br_if 0 (i64.lt_u (local.get $i) (local.get 0))))))"""
+
+TABLE_WAT = """(module (table 2 funcref)
+  (func (export "main") (table.set 0 (i32.const 0) (ref.null func))))"""
+
+
+async def make_session(http: httpx.AsyncClient, wat: str = COUNTER_WAT,
+                       **fields: Any) -> dict[str, Any]:
+    module = await upload(http, wat)
+    response = await http.post("/sessions", json={"cid": module["cid"], **fields})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    assert response.headers["location"] == f"/sessions/{body['session_id']}"
+    return body
+
+
+async def call(http: httpx.AsyncClient, session_id: str, entrypoint: str,
+               inputs: list[Any], **fields: Any) -> httpx.Response:
+    return await http.post(f"/sessions/{session_id}/calls",
+                           json={"entrypoint": entrypoint, "inputs": inputs, **fields})
+
+
+async def test_state_lives_on_between_calls(http: httpx.AsyncClient,
+                                            executor: Executor) -> None:
+    session = await make_session(http)
+    assert session["status"] == "idle" and session["state_cid"] is None
+    totals = []
+    for value in (5, 7, 30):
+        response = await call(http, session["session_id"], "add", [value])
+        assert response.status_code == 200, response.text
+        result = response.json()
+        assert result["success"] is True
+        assert result["session_id"] == session["session_id"]
+        assert result["state_cid"].startswith("b")
+        totals.append(result["output"])
+    assert totals == [5, 12, 42]
+    calls = (await call(http, session["session_id"], "calls", [])).json()
+    assert calls["output"] == 3
+    state = (await http.get(f"/sessions/{session['session_id']}")).json()
+    assert state["status"] == "idle"
+    assert state["calls"] == 4
+    assert state["state_cid"] == calls["state_cid"]
+    assert state["state_size"] == 65536
+    assert state["last_result"]["output"] == 3
+    assert state["gas_used"] > 0
+    alias = (await http.get(f"/sessions/{session['session_id']}/state")).json()
+    assert alias["state_cid"] == state["state_cid"]
+
+
+async def test_a_failed_call_commits_nothing(http: httpx.AsyncClient,
+                                             executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    first = (await call(http, sid, "add", [10])).json()
+    failed = (await call(http, sid, "boom", [123])).json()
+    assert failed["success"] is False and failed["error"]["code"] == "trap"
+    assert failed["state_cid"] == first["state_cid"]
+    out_of_gas = (await call(http, sid, "spin", [10**9], policy={"max_gas": 10_000})).json()
+    assert out_of_gas["error"]["code"] == "out_of_gas"
+    state = (await http.get(f"/sessions/{sid}")).json()
+    assert state["state_cid"] == first["state_cid"]
+    assert (await call(http, sid, "add", [1])).json()["output"] == 11
+    assert (await call(http, sid, "calls", [])).json()["output"] == 2
+
+
+async def test_calls_run_one_at_a_time_in_order(http: httpx.AsyncClient,
+                                                executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    responses = await asyncio.gather(*(call(http, sid, "add", [1]) for _ in range(20)))
+    outputs = sorted(response.json()["output"] for response in responses)
+    assert outputs == list(range(1, 21))  # no lost update: each saw the one before
+    assert (await call(http, sid, "calls", [])).json()["output"] == 20
+
+
+async def test_async_call_and_its_events_carry_the_session(http: httpx.AsyncClient,
+                                                           executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    response = await call(http, sid, "add", [2], idempotency_key="k1")
+    assert response.status_code == 200
+    again = await call(http, sid, "add", [2], idempotency_key="k1")
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["output"] == 2
+    plain = await http.post(f"/sessions/{sid}/calls", json={"entrypoint": "add", "inputs": [2]},
+                            headers={"Prefer": "respond-async"})
+    assert plain.status_code == 202
+    rid = plain.json()["request_id"]
+
+    async def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await http.get(f"/executions/{rid}")).json()
+        return body if body["status"] == "completed" else None
+
+    done = await wait_for(finished)
+    assert done["output"] == 4 and done["session_id"] == sid
+
+
+async def test_budget_is_cumulative_and_can_be_raised(http: httpx.AsyncClient,
+                                                      executor: Executor) -> None:
+    session = await make_session(http, budget={"max_calls": 2})
+    sid = session["session_id"]
+    assert (await call(http, sid, "add", [1])).status_code == 200
+    assert (await call(http, sid, "add", [1])).status_code == 200
+    assert_problem(await call(http, sid, "add", [1]), 409, "session-exhausted")
+    assert (await http.get(f"/sessions/{sid}")).json()["status"] == "exhausted"
+    patched = await http.patch(f"/sessions/{sid}", json={"budget": {"max_calls": 3}})
+    assert patched.status_code == 200, patched.text
+    assert (await call(http, sid, "add", [1])).json()["output"] == 3
+
+
+async def test_gas_budget_lowers_omitted_limits_and_refuses_explicit_ones(
+        http: httpx.AsyncClient, executor: Executor) -> None:
+    session = await make_session(http, budget={"max_gas": 50_000})
+    sid = session["session_id"]
+    assert_problem(await call(http, sid, "add", [1], policy={"max_gas": 60_000}), 409,
+                   "session-exhausted")
+    spun = (await call(http, sid, "spin", [10**9])).json()
+    assert spun["error"]["code"] == "out_of_gas"
+    assert spun["gas_used"] <= 50_000
+    state = (await http.get(f"/sessions/{sid}")).json()
+    assert state["gas_used"] == spun["gas_used"]
+    assert state["status"] == "exhausted"
+
+
+async def test_closed_session_refuses_calls(http: httpx.AsyncClient,
+                                            executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    closed = await http.delete(f"/sessions/{sid}")
+    assert closed.status_code == 200 and closed.json()["status"] == "closed"
+    assert_problem(await call(http, sid, "add", [1]), 409, "session-closed")
+
+
+async def test_modules_a_session_cannot_hold_are_refused(http: httpx.AsyncClient) -> None:
+    module = await upload(http, TABLE_WAT)
+    body = assert_problem(await http.post("/sessions", json={"cid": module["cid"]}), 400,
+                          "invalid-request")
+    assert body["errors"][0]["pointer"] == "/cid"
+    assert "table" in body["detail"]
+
+
+async def test_bad_bodies_are_refused(http: httpx.AsyncClient) -> None:
+    module = await upload(http, ADD_WAT)
+    assert_problem(await http.post("/sessions", json={"cid": module["cid"], "ttl": 0}), 400,
+                   "invalid-request")
+    assert_problem(await http.post("/sessions", json={"cid": module["cid"], "x": 1}), 400,
+                   "invalid-request")
+    assert_problem(await http.post("/sessions", json={"cid": "bafkreinope"}), 400,
+                   "invalid-request")
+    session = await make_session(http)
+    assert_problem(await call(http, session["session_id"], "nope", []), 400, "invalid-request")
+    assert_problem(await call(http, session["session_id"], "add", ["x"]), 400,
+                   "invalid-request")
+
+
+async def test_another_principal_sees_nothing(http: httpx.AsyncClient, bob: httpx.AsyncClient,
+                                              executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    for response in (await bob.get(f"/sessions/{sid}"),
+                     await bob.get(f"/sessions/{sid}/state"),
+                     await call(bob, sid, "add", [1]),
+                     await bob.patch(f"/sessions/{sid}", json={"budget": {}}),
+                     await bob.delete(f"/sessions/{sid}"),
+                     await bob.post(f"/sessions/{sid}/pause")):
+        assert_problem(response, 404, "not-found")
+    assert (await bob.get("/sessions")).json() == {"items": [], "next_cursor": None}
+    listed = (await http.get("/sessions")).json()
+    assert [item["session_id"] for item in listed["items"]] == [sid]
