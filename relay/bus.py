@@ -80,11 +80,11 @@ Call = tuple[Script, list[str], list[Any]]
 # `user`: the principal the execution belongs to. The gateways route events to subscribers by it
 # without decoding them.
 
-_ACCEPT = Script.named("accept", libs=("sessions",))
+_ACCEPT = Script.named("accept", libs=("sessions", "budgets"))
 
 _START = Script.named("start")
 
-_SETTLE = Script.named("settle", libs=("states", "sessions"))
+_SETTLE = Script.named("settle", libs=("states", "sessions", "budgets"))
 
 _RENEW = Script.named("renew")
 
@@ -103,6 +103,10 @@ class Accepted(NamedTuple):
     status: str
     fingerprint: str
     result: bytes | None
+    budget: str = ""
+    """Status `budget` (over a budget of the principal's): `<seconds to wait> <budget id>
+    <limit>`; `lower` (fits once its omitted limits are lowered): `<gas> <time>`, -1 for no
+    limit (relay.budgets reads both)."""
 
     @property
     def is_new(self) -> bool:
@@ -123,7 +127,8 @@ class Accepted(NamedTuple):
     @property
     def existing(self) -> bool:
         """A record of this request id exists already: the request is a repeat."""
-        return self.status not in ("new", "moved", "forbidden", "full", *SESSION_REFUSALS)
+        return self.status not in ("new", "moved", "forbidden", "full", "budget", "lower",
+                                   *SESSION_REFUSALS)
 
 
 
@@ -194,12 +199,15 @@ class Bus:
         `max_active`: the principal's cap on executions running or paused at once, kept in the
         record for the start script. A session call (`request.session_id`) is refused with
         status `no-session`, `session-closed` or `session-exhausted` (its `explicit` limits
-        over what remains); otherwise it waits behind the session's unfinished calls.
+        over what remains); otherwise it waits behind the session's unfinished calls. A new
+        execution reserves its `max_gas`, `max_time` and one execution in every budget of its
+        principal (relay.budgets), or is refused: status `budget`, or `lower` when it would fit
+        with the limits it left out (not in `explicit`) lowered (see `Accepted.budget`).
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
         session = request.session_id or ""
-        status, found_fingerprint, result = await self._accepts((
+        status, found_fingerprint, result, *budget = await self._accepts((
             _ACCEPT,
             [keys.execution(request.request_id), keys.requests, keys.events, keys.queued,
              name_key, keys.session(session) if session else keys.queued],
@@ -226,7 +234,8 @@ class Bus:
                 request.request_id,
             ],
         ))
-        return Accepted(status.decode(), found_fingerprint.decode(), result)
+        return Accepted(status.decode(), found_fingerprint.decode(), result,
+                        budget[0].decode() if budget else "")
 
     # --- executor ---
 

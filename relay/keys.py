@@ -125,3 +125,20 @@ class Keys:
         """Hash sha256 -> how many references held states' manifests make to that page; a
         page is deleted when its count drops to zero (states.lib.lua builds it too)."""
         return f"{self.prefix}:page-refs"
+
+    def budget(self, budget_id: str) -> str:
+        """Hash holding one budget's principal, creator, limits and `created_ms` (relay.budgets).
+        Its use of the window that starts at S (ms) is the hash `<this key>:<S>`: `gas_used`,
+        `time_used`, `executions`, `reserved_gas`, `reserved_time`, expiring a window after the
+        window ends. The Lua library budgets.lib.lua builds both from the prefix."""
+        return f"{self.prefix}:budget:{budget_id}"
+
+    def budgets(self, principal: str) -> str:
+        """Set of the ids of the budgets an execution of `principal` counts toward (read by
+        the accept script: empty for most principals, so they pay nothing more)."""
+        return f"{self.prefix}:budgets:{principal}"
+
+    def visible_budgets(self, principal: str) -> str:
+        """Sorted set (every score 0, so ordered by id, which starts with its creation time) of
+        the budgets `principal` may see: those it is the principal of, and those it created."""
+        return f"{self.prefix}:budgets-visible:{principal}"
