@@ -21,7 +21,7 @@ import contextlib
 import logging
 from typing import Literal
 
-from executor.control import LiveControl
+from executor.control import LiveControl, PausePlaces
 from executor.wasi import Output
 from relay.bus import Bus, Verdict
 from relay.schemas import (
@@ -31,6 +31,7 @@ from relay.schemas import (
     ExecutionProgress,
     ExecutionResumed,
     ExecutionStarted,
+    PauseReason,
     WasmExecRequested,
     now_iso,
 )
@@ -70,7 +71,9 @@ class _Tail:
 
 class LiveRun:
     def __init__(self, bus: Bus, request: WasmExecRequested, entry_id: bytes, *,
-                 executor_node: str, max_pause_ms: int, max_output_bytes: int) -> None:
+                 executor_node: str, max_pause_ms: int, max_output_bytes: int,
+                 pause_places: PausePlaces | None = None) -> None:
+        """`pause_places`: the executor's, shared by its runs (RELAY_EXECUTOR_MAX_PAUSED)."""
         self.bus = bus
         self.request = request
         self.entry_id = entry_id
@@ -79,8 +82,9 @@ class LiveRun:
         self.started = ExecutionStarted(request_id=request.request_id,
                                         executor_node=executor_node, timestamp=now_iso())
         self._announced: asyncio.Task[bool] | None = None
-        self.control = LiveControl(max_pause_ms=max_pause_ms, on_event=self.on_event)
-        """Hand it to the sandbox's run; pause, resume and cancel it from the loop."""
+        self.control = LiveControl(max_pause_ms=max_pause_ms, on_event=self.on_event,
+                                   step_gas=request.step_gas, places=pause_places)
+        """Hand it to the sandbox's run; pause, resume, step and cancel it from the loop."""
         self._max_output_bytes = max_output_bytes
         self._tails: dict[Stream, _Tail] = {}
         self._pending: set[asyncio.Task[bool]] = set()
@@ -118,13 +122,18 @@ class LiveRun:
             self.control.cancel()
 
     def on_event(self, kind: str) -> None:
-        """The sandbox's callback, on the wasm thread: hand it to the loop."""
-        self._loop.call_soon_threadsafe(self._state_changed, kind)
+        """The sandbox's callback, on the wasm thread: hand it to the loop, with why and where
+        a pause stopped, read now (by the time the loop runs, the module may have gone on)."""
+        reason = self.control.pause_reason or "request"
+        self._loop.call_soon_threadsafe(self._state_changed, kind, reason,
+                                        self.control.gas_used)
 
-    def _state_changed(self, kind: str) -> None:
+    def _state_changed(self, kind: str, reason: PauseReason = "request",
+                       gas_used: int = 0) -> None:
         rid, now = self.request.request_id, now_iso()
         if kind == "paused":
-            self._publish(ExecutionPaused(request_id=rid, timestamp=now), "paused")
+            self._publish(ExecutionPaused(request_id=rid, timestamp=now, reason=reason,
+                                          gas_used=gas_used), "paused")
         elif kind == "resumed":
             self._publish(ExecutionResumed(request_id=rid, timestamp=now), "running")
             if self._progress_timer is None and not self._closed:
