@@ -1,11 +1,18 @@
-"""Live control of one execution: pause, resume, cancel, and what it has used so far.
+"""Live control of one execution: pause, resume, step, cancel, and what it has used so far.
 
 A `LiveControl` is a state machine shared by the caller's threads and the wasm thread: requests
-come from anywhere, and the wasm thread acts on them at its next epoch tick (see executor.epoch),
-where it also reads the fuel used, enforces `max_time` in running time, blocks to pause the module
-in place, and ends the run when asked to. A WASI module sleeping in a host call is served the
-same way, at once rather than at a tick (`sleep`). The sandbox drives it through `attach`,
-`begin`, `finish` and `detach`.
+come from anywhere, and the wasm thread acts on them at its next check, an epoch tick (see
+executor.epoch), where it also reads the fuel used, enforces `max_time` in running time, blocks
+to pause the module in place, and ends the run when asked to. A WASI module sleeping in a host
+call is served the same way, at once rather than at a tick (`sleep`). The sandbox drives it
+through `attach`, `begin`, `finish` and `detach`.
+
+Stepping: while a step is in force (the run's `step_gas` from its start, or a `step(gas)`), the
+run is checked at every tick (`STEP_CHECK_TICKS`) and pauses, reason `step`, at the first check
+that sees it has used the step's gas; otherwise every `CHECK_TICKS`, which costs what it did
+before there were steps. Fuel is read where wasm code leaves it, at calls and returns: a step
+ends at the first check after the call or return that crossed its gas, so a call-free loop never
+ends one (it runs until it ends, or until `max_time`).
 """
 
 from __future__ import annotations
@@ -21,15 +28,56 @@ from typing import Any, Literal
 import wasmtime
 
 from executor import epoch, wasi
-from relay.schemas import EffectivePolicy, ErrorInfo
+from relay.schemas import EffectivePolicy, ErrorInfo, PauseReason
 
 log = logging.getLogger("relay.executor.control")
 
 CANCELLED_MESSAGE = "the execution was cancelled"
 TIMEOUT_MESSAGE = "the module ran past its time limit ({max_time} ms)"
 _I64_MAX = 2**63 - 1
+# Epoch ticks (executor.sandbox.TICK_S, 1 ms) between two checks of a running module: while a
+# step is in force every tick, so a step overshoots its gas by at most about a millisecond of
+# running; otherwise every tenth, so pause, cancel and `max_time` are noticed within 10 ms, and
+# runs that are not stepped pay for no more callbacks than that.
+STEP_CHECK_TICKS = 1
+CHECK_TICKS = 10
 
 ControlState = Literal["pending", "running", "paused", "finished"]
+
+
+class NoPlace(Exception):
+    """A pause refused: the executor holds as many paused runs as it may (`PausePlaces`)."""
+
+
+class PausePlaces:
+    """How many runs one executor may hold paused at once (RELAY_EXECUTOR_MAX_PAUSED). A paused
+    run holds its thread and its Store: unbounded, a principal pausing and resuming forever would
+    hold them all. A run holds a place from the moment its pause is accepted (or its step pause
+    begins) until it runs again or ends. Thread-safe: taken on the loop (pause requests) and on
+    wasm threads (step pauses)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._holders: set[LiveControl] = set()
+
+    @property
+    def held(self) -> int:
+        return len(self._holders)
+
+    def take(self, holder: LiveControl) -> bool:
+        """Take a place for `holder` (True if it holds one already); False when none is free."""
+        with self._lock:
+            if holder in self._holders:
+                return True
+            if len(self._holders) >= self.limit:
+                return False
+            self._holders.add(holder)
+            return True
+
+    def give_back(self, holder: LiveControl) -> None:
+        with self._lock:
+            self._holders.discard(holder)
 
 
 class LiveControl:
@@ -39,11 +87,14 @@ class LiveControl:
     request at its next epoch tick (10 ms) while it runs wasm code, and at once while it sleeps
     in a WASI `poll_oneoff` (`sleep`); the other host calls return within microseconds.
 
-    `max_pause_ms`: a pause longer than this ends the execution with `cancelled`.
+    `max_pause_ms`: a pause longer than this ends the execution with `cancelled` (step pauses
+    included).
     `on_event`: called on the wasm thread (never the caller's) with "paused" once the module has
-    actually stopped and "resumed" when it continues; it must be quick and thread-safe (the
-    worker hands it to its loop with `call_soon_threadsafe`). Its exceptions are logged, never
-    raised into wasmtime.
+    actually stopped (`pause_reason` and `gas_used` then say why and where) and "resumed" when
+    it continues; it must be quick and thread-safe (the worker hands it to its loop with
+    `call_soon_threadsafe`). Its exceptions are logged, never raised into wasmtime.
+    `step_gas`: pause (reason `step`) once the run has used this much gas.
+    `places`: the executor's paused places, shared by its runs; None: unbounded.
     """
 
     output: wasi.Output | None
@@ -51,12 +102,16 @@ class LiveControl:
     and kept after the run until `release()`, so a reader tailing it can read its end."""
 
     def __init__(self, *, max_pause_ms: int,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None, step_gas: int | None = None,
+                 places: PausePlaces | None = None) -> None:
         if max_pause_ms <= 0:
             raise ValueError("max_pause_ms must be positive")
+        if step_gas is not None and step_gas < 1:
+            raise ValueError("step_gas must be at least 1")
         self.max_pause_ms = max_pause_ms
         self.output = None
         self._on_event = on_event
+        self._places = places
         self._cond = threading.Condition(threading.Lock())
         self._state: ControlState = "pending"
         # Requests from any thread, read by the wasm thread (under `_cond` when acted upon).
@@ -64,6 +119,9 @@ class LiveControl:
         self._resume_requested = False
         self._cancel_message: str | None = None
         self._grant = 0
+        self._step_until: int | None = step_gas
+        """While a step is in force: the gas used at which it ends (a pause, reason `step`)."""
+        self._pause_reason: PauseReason | None = None
         # Written by the wasm thread only.
         self._gas_used = 0
         self._gas_limit = 0
@@ -82,19 +140,40 @@ class LiveControl:
     def pause(self) -> bool:
         """Ask the module to stop in place; False when it is not running (paused or being
         paused, cancelled, finished). Also accepted before it starts ("pending"): it then stops
-        at its first tick. A module that ends before its next tick ends without pausing."""
+        at its first tick. A module that ends before its next tick ends without pausing.
+        Raises NoPlace when every paused place of the executor is taken."""
         with self._cond:
             if (self._state in ("pending", "running") and not self._pause_requested
                     and self._cancel_message is None):
+                if self._places is not None and not self._places.take(self):
+                    raise NoPlace(f"its executor holds {self._places.held} paused executions "
+                                  "already, its limit; resume or cancel one first")
                 self._pause_requested = True
                 self._cond.notify_all()  # a module sleeping in a host call pauses at once
                 return True
             return False
 
+    def step(self, gas: int) -> bool:
+        """Let a paused module run until it has used at least `gas` more (it then pauses again,
+        reason `step`) or ends. False when it is not paused. Raises ValueError (gas < 1)."""
+        if gas < 1:
+            raise ValueError("a step's gas must be at least 1")
+        with self._cond:
+            if (self._cancel_message is not None or self._state != "paused"
+                    or self._resume_requested):
+                return False
+            self._resume_requested = True
+            self._state = "running"
+            self._step_until = self._gas_used + gas
+            self._cond.notify_all()
+        self._give_back_place()  # running again (the wasm thread wakes up shortly)
+        return True
+
     def resume(self, additional_gas: int = 0) -> bool:
-        """Let a paused module continue, its gas budget raised by `additional_gas` (>= 0).
-        False when it is not paused. A resume that overtakes a pause not yet in effect withdraws
-        it (no events), and the gas is added at the next tick. Raises ValueError."""
+        """Let a paused module continue to its end, its gas budget raised by `additional_gas`
+        (>= 0), with no more step pauses. False when it is not paused. A resume that overtakes
+        a pause not yet in effect withdraws it (no events), and the gas is added at the next
+        tick. Raises ValueError."""
         if additional_gas < 0:
             raise ValueError("additional_gas must not be negative")
         with self._cond:
@@ -104,11 +183,15 @@ class LiveControl:
                 self._resume_requested = True
                 self._state = "running"
                 self._grant += additional_gas
+                self._step_until = None
                 self._cond.notify_all()
+                self._give_back_place()
                 return True
             if self._pause_requested:
                 self._pause_requested = False
                 self._grant += additional_gas
+                self._step_until = None
+                self._give_back_place()
                 return True
             return False
 
@@ -136,6 +219,16 @@ class LiveControl:
         return self._state == "paused" or self._pause_requested
 
     @property
+    def pause_reason(self) -> PauseReason | None:
+        """Why the module last paused: `request` (pause) or `step` (a step used its gas)."""
+        return self._pause_reason
+
+    @property
+    def stepping(self) -> bool:
+        """A step is in force: the run pauses once it has used the step's gas."""
+        return self._step_until is not None
+
+    @property
     def gas_used(self) -> int:
         """Gas used as last seen at a tick (exact once finished); never decreases. Fuel is read
         from where wasm code leaves it at calls and returns, so a call-free loop shows none."""
@@ -159,15 +252,17 @@ class LiveControl:
             return max(end - self._started - paused, 0.0) * 1000
 
     def release(self) -> None:
-        """Let go of `output` (call it once the output has been read)."""
+        """Let go of `output` (call it once the output has been read) and of any paused place
+        (a run that never started keeps none)."""
         self.output = None
+        self._give_back_place()
 
     # --- The sandbox's side, on the wasm thread (the one running `Sandbox.run`). ---
 
     def attach(self, store: wasmtime.Store) -> None:
         """Take over `store`'s epoch deadline (from its next tick); `detach()` once the run has
         returned. Raises RuntimeError if this wasmtime's C API is not the one relied on."""
-        self._tick_key = epoch.install(store, self._tick)
+        self._tick_key = epoch.install(store, self._tick, self._ticks_to_next)
 
     def detach(self) -> None:
         if self._tick_key is not None:
@@ -204,9 +299,12 @@ class LiveControl:
             self._ended = now
             self._paused_at = None
             self._state = "finished"
+            self._step_until = None
             self._cond.notify_all()
             duration_ms = max(now - self._started - self._paused_s, 0.0) * 1000
-            return output, self._gas_used, round(duration_ms, 3), error
+            gas_used = self._gas_used
+        self._give_back_place()
+        return output, gas_used, round(duration_ms, 3), error
 
     def stop_of(self, exc: wasmtime.WasmtimeError) -> ErrorInfo | None:
         """The error this control ended the run with, if `exc` is that end (timeout, cancel,
@@ -249,6 +347,9 @@ class LiveControl:
             log.exception("live control failed")
             return epoch.stop_error("internal")
 
+    def _ticks_to_next(self) -> int:
+        return STEP_CHECK_TICKS if self._step_until is not None else CHECK_TICKS
+
     def _act(self, context: Any) -> int:
         stop = self._check(context)
         if stop is None:
@@ -269,17 +370,27 @@ class LiveControl:
         if time.perf_counter() - self._started - self._paused_s >= self._max_time_s:
             return ErrorInfo("timeout", TIMEOUT_MESSAGE.format(
                 max_time=round(self._max_time_s * 1000)))
-        if self._pause_requested or self._grant:
-            return self._pause_point(context)
+        step_done = self._step_until is not None and self._gas_used >= self._step_until
+        if self._pause_requested or self._grant or step_done:
+            return self._pause_point(context, step_done)
         return None
 
-    def _pause_point(self, context: Any) -> ErrorInfo | None:
+    def _pause_point(self, context: Any, step_done: bool) -> ErrorInfo | None:
         with self._cond:
-            if not self._pause_requested:  # a resume withdrew the pause: only gas to add
+            # A step that ends while every paused place of the executor is taken does not
+            # pause: the run goes on, as it would without the step, and pauses at the first
+            # check after a place frees (or ends). Refusing the pause keeps the executor's
+            # threads for runs that do work; ending the run would lose it over a cap its
+            # owner may not control; `gas_used` at the pause says how far past the step it went.
+            step_pauses = step_done and (self._places is None or self._places.take(self))
+            if not self._pause_requested and not step_pauses:
+                # A resume withdrew the pause, or the step waits for a place: only gas to add.
                 grant, self._grant = self._grant, 0
                 self._add_gas(context, grant)
                 return None
+            self._pause_reason = "request" if self._pause_requested else "step"
             self._pause_requested = False
+            self._step_until = None
             self._state = "paused"
             self._paused_at = paused_at = time.perf_counter()
         self._emit("paused")
@@ -298,6 +409,7 @@ class LiveControl:
             self._state = "running"
             grant, self._grant = self._grant, 0
             cancel = self._cancel_message
+        self._give_back_place()
         if cancel is not None:
             return ErrorInfo("cancelled", cancel)
         self._add_gas(context, grant)
@@ -331,6 +443,10 @@ class LiveControl:
         epoch.set_fuel(context, _I64_MAX + reserve + gas)
         self._reserve = reserve + gas
         self._gas_limit += gas
+
+    def _give_back_place(self) -> None:
+        if self._places is not None:
+            self._places.give_back(self)
 
     def _emit(self, event: str) -> None:
         if self._on_event is None:

@@ -1,11 +1,12 @@
 """wasmtime's epoch deadline callback, reached with ctypes through wasmtime-py's private bindings
 (wasmtime-py has no wrapper for it).
 
-Once installed on a Store, the callback runs on the wasm thread at every epoch tick, at function
-entries and loop back-edges, and calls the function it was installed with: that function reads
-and sets the running module's fuel, may block (to pause the module in place), and returns 0 to
-let it continue or an error from `stop_error` to end it. wasmtime then no longer traps at the
-deadline: the function enforces any time limit itself.
+Once installed on a Store, the callback runs on the wasm thread at its epoch deadline, at
+function entries and loop back-edges, and calls the function it was installed with: that
+function reads and sets the running module's fuel, may block (to pause the module in place), and
+returns 0 to let it continue or an error from `stop_error` to end it; the next deadline is as many
+ticks later as the `TicksToNext` given says. wasmtime then no longer traps at the deadline: the
+function enforces any time limit itself.
 
 Everything here is checked at import against the C signatures it was written for (wasmtime 50);
 when they differ, `check_binding` and `install` raise and the rest of the sandbox still works.
@@ -24,6 +25,8 @@ from wasmtime import _bindings
 OnTick = Callable[[Any], int]
 """Called with the running Store's context (a wasmtime_context_t*): 0 to continue, or an error
 from `stop_error` to end the run. It must not raise."""
+TicksToNext = Callable[[], int]
+"""Called after each `OnTick`: how many epoch ticks until the next call (at least 1)."""
 
 # Ends the text of the error a tick returns to stop a run (it surfaces as a WasmtimeError, not a
 # Trap): tells such a stop from any other error.
@@ -102,14 +105,16 @@ def check_binding() -> None:
         raise RuntimeError(_BINDING_ERROR)
 
 
-def install(store: wasmtime.Store, on_tick: OnTick) -> int:
-    """Call `on_tick` at every epoch tick of `store`'s runs, from the next tick on; returns the
-    key to `uninstall` it with once the run has returned. Raises RuntimeError (check_binding)."""
+def install(store: wasmtime.Store, on_tick: OnTick,
+            ticks_to_next: TicksToNext | None = None) -> int:
+    """Call `on_tick` at the next epoch tick of `store`'s runs, then every `ticks_to_next()`
+    ticks (default: every tick); returns the key to `uninstall` it with once the run has
+    returned. Raises RuntimeError (check_binding)."""
     check_binding()
     key = next(_KEYS)
     # No finalizer: the callback and `_TICKS` are module-level and outlive every Store, and the
     # entry goes when the run returns (the callback never runs after that).
-    _TICKS[key] = on_tick
+    _TICKS[key] = (on_tick, ticks_to_next or _every_tick)
     _BINDING.install(store.ptr(), _CALLBACK, key, _NO_FINALIZER)
     store.set_epoch_deadline(1)
     return key
@@ -149,8 +154,12 @@ def is_stop(exc: Exception) -> bool:
 
 # What wasmtime hands back to the callback as `data` is a key looked up here, never dereferenced:
 # a stale one finds nothing instead of freed memory.
-_TICKS: dict[int, OnTick] = {}
+_TICKS: dict[int, tuple[OnTick, TicksToNext]] = {}
 _KEYS = itertools.count(1)
+
+
+def _every_tick() -> int:
+    return 1
 
 
 def _epoch_callback(context: Any, data: int | None, delta: Any, kind: Any) -> int:
@@ -159,8 +168,14 @@ def _epoch_callback(context: Any, data: int | None, delta: Any, kind: Any) -> in
     try:
         delta[0] = 1
         kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
-        on_tick = _TICKS.get(data or 0)
-        return 0 if on_tick is None else on_tick(context)
+        installed = _TICKS.get(data or 0)
+        if installed is None:
+            return 0
+        on_tick, ticks_to_next = installed
+        result = on_tick(context)
+        # After the tick: a pause inside it may have started or ended a step.
+        delta[0] = max(ticks_to_next(), 1)
+        return result
     except BaseException:
         return 0
 

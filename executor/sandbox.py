@@ -2,7 +2,8 @@
 
 Limits map onto wasmtime's own mechanisms:
 - gas is fuel (`Store.set_fuel`), exhausted -> trap OUT_OF_FUEL -> `out_of_gas`;
-- time is an epoch deadline; a ticker thread advances the epoch every `TICK_S` -> `timeout`;
+- time is an epoch deadline; a ticker thread advances the epoch every `TICK_S` (1 ms) while any
+  Store lives, and sleeps while none does -> `timeout`;
 - memory is the Store limiter -> `memory_limit`. Multi-memory is off, so a module has one
   linear memory at most and `max_memory` is all it gets. Tables are capped apart, at
   `max_table_elements` in all: a module's tables share it equally (the limiter caps each table,
@@ -40,7 +41,15 @@ from relay.wasmtypes import read_uleb, sections
 
 log = logging.getLogger("relay.executor.sandbox")
 
-TICK_S = 0.01
+# Live control checks a stepped run at every tick (a step's precision) and other runs every
+# tenth (executor.control.CHECK_TICKS); uncontrolled runs' deadlines are counted in ticks.
+TICK_S = 0.001
+# An inline call ends by the second tick: after 1 to 2 ms (one tick could come at once and
+# send a call of a few µs to a thread for nothing).
+INLINE_TICKS = 2
+# A ticker this far behind its schedule (the process stalled) starts a new one rather than
+# catching up in a burst of ticks.
+MAX_TICK_LAG_S = 0.05
 # The gas a call may use on the event loop's own thread before it is moved to a worker thread.
 # A hop to a thread and back costs more than most calls (hundreds of µs on a busy 2-core host);
 # this much gas takes about 0.1 ms, so the loop is never held up for long.
@@ -82,15 +91,6 @@ class Prepared(NamedTuple):
     """How many tables it defines: they share the table cap."""
 
 
-class LinkError(ValueError):
-    """The module cannot run here: invalid, or it imports something Relay does not provide."""
-
-
-class Sandbox:
-    def __init__(self, *, max_table_elements: int = MAX_TABLE_ELEMENTS) -> None:
-        """`max_table_elements`: table elements an execution may hold, all tables together."""
-        config = wasmtime.Config()
-        config.consume_fuel = True
 class Refused(Exception):
     """Raised by `StateHooks` to end a run with `error` (its state could not be restored or
     kept)."""
@@ -109,6 +109,15 @@ class StateHooks(Protocol):
     def capture(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None: ...
 
 
+class LinkError(ValueError):
+    """The module cannot run here: invalid, or it imports something Relay does not provide."""
+
+
+class Sandbox:
+    def __init__(self, *, max_table_elements: int = MAX_TABLE_ELEMENTS) -> None:
+        """`max_table_elements`: table elements an execution may hold, all tables together."""
+        config = wasmtime.Config()
+        config.consume_fuel = True
         config.epoch_interruption = True
         config.max_wasm_stack = MAX_WASM_STACK_BYTES
         # The limiter caps each memory, not their sum: one memory, and `max_memory` holds.
@@ -121,29 +130,59 @@ class StateHooks(Protocol):
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._controls: set[LiveControl] = set()
+        self._stores = 0
+        """Stores alive: the epoch ticks while there is one."""
+        self._stores_changed = threading.Condition(threading.Lock())
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
 
     def close(self) -> None:
         """Refuse new runs and cancel every controlled one, paused or running, waking it: a
         paused run blocks its thread, which would hang the interpreter's exit. Does not wait;
-        the epoch keeps ticking until the last controlled run has returned."""
+        the epoch keeps ticking until the last run's Store is freed."""
         self._stop.set()
         with self._lock:
             controls = list(self._controls)
         for control in controls:
             control.cancel(SHUTDOWN_MESSAGE)
+        with self._stores_changed:
+            self._stores_changed.notify()  # an idle ticker ends now
 
     def _tick(self) -> None:
-        # After `close()`, ticking goes on while controlled runs remain: they see their cancel
-        # at a tick.
+        """Advance the epoch every TICK_S while any Store lives, on a fixed schedule (a sleep
+        that wakes late makes the next one shorter: N ticks are N * TICK_S of wall time, which
+        deadlines count on); while none lives, wait for one, so an idle executor spends
+        nothing on ticks. After `close()`, ticking goes on while Stores remain (controlled runs
+        see their cancel at a tick), then ends."""
+        next_at = 0.0
         while True:
-            if self._stop.wait(TICK_S):
-                with self._lock:
-                    if not self._controls:
+            with self._stores_changed:
+                if not self._stores:
+                    if self._stop.is_set():
                         return
-                time.sleep(TICK_S)
+                    self._stores_changed.wait()
+                    next_at = time.perf_counter()
+                    continue
+            next_at += TICK_S
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -MAX_TICK_LAG_S:
+                next_at = time.perf_counter()
             self.engine.increment_epoch()
+
+    def _store_made(self, store: wasmtime.Store) -> None:
+        """Count `store` as alive until it is freed (when its run returns), waking the ticker
+        for the first."""
+        with self._stores_changed:
+            self._stores += 1
+            if self._stores == 1:
+                self._stores_changed.notify()
+        weakref.finalize(store, self._store_freed).atexit = False
+
+    def _store_freed(self) -> None:
+        with self._stores_changed:
+            self._stores -= 1
 
     def prepare(self, wasm: bytes) -> Prepared:
         """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
@@ -172,6 +211,7 @@ class StateHooks(Protocol):
         `command`: run a WASI command (`inputs` as JSON on stdin, stdout as the output);
         otherwise call `entrypoint` with `inputs` as its arguments. `control`: see LiveControl
         (raises RuntimeError if this wasmtime's C API does not match what it relies on).
+        `state`: a session call's (restored after instantiation, captured after success).
         After `close()` every run ends at once with `cancelled`.
         """
         if control is None and prepared.uses_wasi:
@@ -188,19 +228,20 @@ class StateHooks(Protocol):
 
     def try_inline(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
                    policy: EffectivePolicy) -> Outcome | None:
-        """Run a plain call (no WASI) right here if it ends within `INLINE_GAS` and the current
-        epoch tick; None if it would not, and then it must be run again, from the start, by
-        `run` in a thread. The first attempt leaves no trace: such a call has no imports, so it
-        touches nothing outside its own fresh Store, and runs the same way again."""
+        """Run a plain call (no WASI) right here if it ends within `INLINE_GAS` and
+        `INLINE_TICKS` epoch ticks; None if it would not, and then it must be run again, from
+        the start, by `run` in a thread. The first attempt leaves no trace: such a call has no
+        imports, so it touches nothing outside its own fresh Store, and runs the same way
+        again."""
         if prepared.uses_wasi or self._stop.is_set():
             return None
         budget = min(policy.max_gas, INLINE_GAS)
         inline_policy = msgspec.structs.replace(policy, max_gas=budget)
         store = self._new_store(inline_policy, prepared)
-        # Bulk memory instructions cost one unit of gas whatever their size: the next epoch
-        # tick bounds what a hostile call holds the loop for (TICK_S, plus the one instruction
-        # under way: tens of ms for a fill of a 64 MiB memory).
-        store.set_epoch_deadline(1)
+        # Bulk memory instructions cost one unit of gas whatever their size: the epoch deadline
+        # bounds what a hostile call holds the loop for (INLINE_TICKS * TICK_S, plus the one
+        # instruction under way: tens of ms for a fill of a 64 MiB memory).
+        store.set_epoch_deadline(INLINE_TICKS)
         outcome = self._call(store, prepared, entrypoint, inputs, inline_policy)
         code = outcome.error.code if outcome.error else None
         if code == "timeout" or (code == "out_of_gas" and budget < policy.max_gas):
@@ -212,7 +253,6 @@ class StateHooks(Protocol):
                         control: LiveControl, state: StateHooks | None) -> Outcome:
         if control.state != "pending":
             raise ValueError("a LiveControl serves one execution only")
-        `state`: a session call's (restored after instantiation, captured after success).
         with self._lock:
             if self._stop.is_set():
                 control.cancel(CLOSED_MESSAGE)
@@ -236,6 +276,7 @@ class StateHooks(Protocol):
         """A fresh Store holding the policy's gas and memory limits and the table cap (its
         epoch deadline is the caller's to set)."""
         store = wasmtime.Store(self.engine)
+        self._store_made(store)
         store.set_fuel(policy.max_gas)
         store.set_limits(memory_size=policy.max_memory,
                          table_elements=self.max_table_elements // max(prepared.tables, 1))
@@ -275,9 +316,15 @@ class StateHooks(Protocol):
         instance = None
         try:
             instance = prepared.instance_pre.instantiate(store)
+            if state is not None:
+                state.restore(store, instance)
             func = instance.exports(store)[entrypoint]
             assert isinstance(func, wasmtime.Func)
             output = func(store, *_arguments(func.type(store), inputs))
+            if state is not None:
+                state.capture(store, instance)
+        except Refused as exc:
+            output, error = None, exc.error
         except wasmtime.ExitTrap as exc:
             if exc.code != 0:
                 error = ErrorInfo("exit_nonzero", f"exit status {exc.code}")
@@ -316,15 +363,9 @@ def _trap_error(trap: wasmtime.Trap, policy: EffectivePolicy, store: wasmtime.St
 
 
 def _reason(message: str) -> str:
-            if state is not None:
-                state.restore(store, instance)
     """wasmtime's trap text ends with the reason after a backtrace; keep the reason."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     return lines[-1].removeprefix("wasm trap: ") if lines else "trap"
-            if state is not None:
-                state.capture(store, instance)
-        except Refused as exc:
-            output, error = None, exc.error
 
 
 def _memory_at_limit(store: wasmtime.Store, instance: wasmtime.Instance, limit: int) -> bool:
