@@ -375,6 +375,7 @@ class EventHead(msgspec.Struct):
 
     type: str
     request_id: str = ""
+    session_id: str | None = None
 
 
 class Page(msgspec.Struct, kw_only=True):

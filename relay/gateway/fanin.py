@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from relay.keys import Keys
-from relay.schemas import decode_head
+from relay.schemas import EventHead, decode_head
 
 log = logging.getLogger("relay.events")
 
@@ -79,12 +79,15 @@ class Subscriber:
     for every event, so it costs less than an asyncio.Queue)."""
 
     __slots__ = ("_items", "_loop", "_waiter", "aborted", "armed", "capacity", "ended",
-                 "principal", "quiet_since", "request_ids", "stored_key", "task", "wire")
+                 "principal", "quiet_since", "request_ids", "session_id", "stored_key", "task",
+                 "wire")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int,
-                 stored_key: bytes | None = None) -> None:
+                 stored_key: bytes | None = None, session_id: str | None = None) -> None:
         self.principal = principal
         self.request_ids = request_ids
+        self.session_id = session_id
+        """Set: only the events of this session's calls."""
         self.capacity = capacity
         self.stored_key = stored_key
         """The digest of the stored API key the stream was opened with (its revocation ends
@@ -253,9 +256,11 @@ class EventFanIn:
     # --- event streams ---
 
     def subscribe(self, principal: str, request_ids: frozenset[str] | None,
-                  stored_key: bytes | None = None) -> Subscriber:
-        """Start queueing `principal`'s events (of `request_ids` only, if given)."""
-        subscriber = Subscriber(principal, request_ids, self.queue_capacity, stored_key)
+                  stored_key: bytes | None = None, session_id: str | None = None) -> Subscriber:
+        """Start queueing `principal`'s events (of `request_ids` only, and of `session_id`'s
+        calls only, if given)."""
+        subscriber = Subscriber(principal, request_ids, self.queue_capacity, stored_key,
+                                session_id)
         self._subscribers.setdefault(principal, set()).add(subscriber)
         if self.shutting_down:
             subscriber.end()
@@ -314,18 +319,17 @@ class EventFanIn:
         now = asyncio.get_running_loop().time()
         for user, events in by_user.items():
             all_chunk = chunk_of(events)
-            request_ids: list[str] | None = None  # decoded once, if a stream filters by them
+            heads: list[EventHead] | None = None  # decoded once, if a stream filters by them
             # Thousands of streams take every event: this loop runs per event per stream, so
             # it calls no Python function on the way to the wire (and iterates the set itself:
             # nothing here adds or removes a stream).
             for subscriber in self._subscribers[user]:
                 wanted = events
-                if subscriber.request_ids is not None:
-                    if request_ids is None:
-                        request_ids = [decode_head(event.data).request_id for event in events]
-                    wanted = [event for event, request_id
-                              in zip(events, request_ids, strict=True)
-                              if request_id in subscriber.request_ids]
+                if subscriber.request_ids is not None or subscriber.session_id is not None:
+                    if heads is None:
+                        heads = [decode_head(event.data) for event in events]
+                    wanted = [event for event, head in zip(events, heads, strict=True)
+                              if wanted_by(subscriber, head)]
                     if not wanted:
                         continue
                 wire = subscriber.armed
@@ -345,6 +349,12 @@ class EventFanIn:
             for future in self._completions.pop(request_id, ()):
                 if not future.done():
                     future.set_result(data)
+
+
+def wanted_by(subscriber: Subscriber, head: EventHead) -> bool:
+    """Whether a filtering stream takes an event of its principal."""
+    return ((subscriber.request_ids is None or head.request_id in subscriber.request_ids)
+            and (subscriber.session_id is None or head.session_id == subscriber.session_id))
 
 
 def for_clients(data: bytes) -> bool:

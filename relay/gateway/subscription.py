@@ -160,7 +160,11 @@ async def follow(gw: Gateway, subscriber: Subscriber, after: str | None, until: 
         oldest = await _events_lost(gw, after)
         if oldest is not None:
             yield [encode(EventsLost(oldest_id=oldest.decode()))]
-        async for old in _replay(gw, subscriber.principal, subscriber.request_ids, after):
+        request_ids = subscriber.request_ids
+        if subscriber.session_id is not None:  # its calls' events, by their indexes
+            calls = frozenset(await gw.sessions.history(subscriber.session_id))
+            request_ids = calls if request_ids is None else request_ids & calls
+        async for old in _replay(gw, subscriber.principal, request_ids, after):
             if isinstance(old, Entry):
                 replayed = parse_id(old.id.decode())
             yield [old]

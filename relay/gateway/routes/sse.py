@@ -163,9 +163,13 @@ async def _open(request: Request) -> EventStream:
     principal = credential.principal
     gw.authorizer.require(principal, "subscribe", None)
     request_ids = _request_id_filter(request.query_params.getlist("request_id"))
+    session_id = request.query_params.get("session_id")
+    if session_id is not None:
+        await gw.sessions.owned(principal, session_id)  # 404 for another's
     after = start_id(request)
     slot = await gw.streams.acquire(principal)  # last: nothing after it may fail
-    return EventStream(gw, gw.fan_in.subscribe(principal, request_ids, credential.stored_key),
+    return EventStream(gw, gw.fan_in.subscribe(principal, request_ids, credential.stored_key,
+                                               session_id),
                        after, credential.expires_at, slot)
 
 

@@ -9,7 +9,8 @@ from typing import Any
 import httpx
 
 from executor.worker import Executor
-from tests.conftest import ADD_WAT, assert_problem, upload, wait_for
+from tests.conftest import ADD_WAT, BOB_KEY, Served, assert_problem, upload, wait_for
+from tests.relay.gateway.test_events import EVENTS, client, sse_messages
 
 # A counter kept both in a global the module does not export and in its memory, which it does
 # not export either: both are state.
@@ -197,3 +198,39 @@ async def test_another_principal_sees_nothing(http: httpx.AsyncClient, bob: http
     assert (await bob.get("/sessions")).json() == {"items": [], "next_cursor": None}
     listed = (await http.get("/sessions")).json()
     assert [item["session_id"] for item in listed["items"]] == [sid]
+
+
+async def test_events_filtered_by_session_replay_then_live(served: Served,
+                                                           executor: Executor) -> None:
+    async with client(served) as http:
+        session = await make_session(http)
+        sid = session["session_id"]
+        first = (await call(http, sid, "add", [1])).json()["request_id"]
+        other = await upload(http, ADD_WAT)
+        assert (await http.post("/intent/execute-wasm",
+                                json={"cid": other["cid"], "inputs": [1, 2]})).status_code == 200
+        events: list[dict[str, Any]] = []
+        second: asyncio.Task[httpx.Response] | None = None
+        async with http.stream("GET", EVENTS, params={"session_id": sid,
+                                                      "last_event_id": "0"}) as stream:
+            async with asyncio.timeout(15):
+                async for message in sse_messages(stream):
+                    if message.data is None:
+                        continue
+                    events.append(message.json)
+                    if message.json["type"] != "execution_complete":
+                        continue
+                    if second is not None:
+                        break
+                    second = asyncio.create_task(call(http, sid, "add", [1]))  # live
+        assert second is not None
+        second_id = (await second).json()["request_id"]
+        ids = [event["request_id"] for event in events]
+        assert set(ids) == {first, second_id}  # nothing of the execute outside the session
+        assert ids == sorted(ids, key=lambda rid: rid == second_id)  # the replay, then live
+        assert all(event["session_id"] == sid for event in events)
+        types = [event["type"] for event in events]
+        assert types[0] == "execution_queued" and types[-1] == "execution_complete"
+        assert types.count("execution_complete") == 2
+        async with client(served, BOB_KEY) as bob:
+            assert_problem(await bob.get(EVENTS, params={"session_id": sid}), 404, "not-found")
