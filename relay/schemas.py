@@ -378,13 +378,6 @@ class EventHead(msgspec.Struct):
     session_id: str | None = None
 
 
-class Page(msgspec.Struct, kw_only=True):
-    """One page of a list endpoint (v1.1): `next_cursor` is null on the last."""
-
-    items: list[Any]
-    next_cursor: str | None
-
-
 class SessionBudget(Request):
     """A session's totals over all its calls; an omitted one is unlimited."""
 
@@ -439,6 +432,76 @@ class SessionView(msgspec.Struct, kw_only=True):
     created_at: str
     expires_at: str
     links: SessionLinks
+
+
+class SessionPage(msgspec.Struct, kw_only=True):
+    items: list[SessionView]
+    next_cursor: str | None
+
+
+BUDGET_MAX_LIMIT = 10**15
+"""Largest budget limit: sums stay exact in the budget scripts' Lua numbers (2^53)."""
+BudgetLimit = Annotated[int, Meta(gt=0, le=BUDGET_MAX_LIMIT)]
+
+
+class BudgetRequest(Request):
+    """`POST /budgets` and `PUT /budgets/{id}`: limits per window; an omitted one is unlimited
+    (a budget with none only meters)."""
+
+    principal: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    """Whose executions it counts (default: the caller's; another's needs `admin`)."""
+    window: Annotated[int, Meta(ge=1000, le=366 * 86_400_000)] = 86_400_000
+    """Milliseconds; windows are back to back from `created_at`."""
+    max_gas: BudgetLimit | None = None
+    max_time: BudgetLimit | None = None
+    """Milliseconds of execution, summed."""
+    max_executions: BudgetLimit | None = None
+
+
+class Budget(msgspec.Struct, kw_only=True):
+    budget_id: str
+    principal: str
+    window: int
+    max_gas: int | None
+    max_time: int | None
+    max_executions: int | None
+    created_by: str
+    created_at: str
+
+
+class BudgetPage(msgspec.Struct, kw_only=True):
+    """`GET /budgets`: the caller's budgets and those it set for others, newest first."""
+
+    items: list[Budget]
+    next_cursor: str | None
+
+
+class BudgetReserved(msgspec.Struct, kw_only=True):
+    """What running executions hold until they end (then it becomes what they used)."""
+
+    gas: int
+    time: int
+
+
+class BudgetRemaining(msgspec.Struct, kw_only=True):
+    """What the window still allows (null: no such limit)."""
+
+    gas: int | None
+    time: int | None
+    executions: int | None
+
+
+class BudgetUsage(msgspec.Struct, kw_only=True):
+    """`GET /budgets/{id}/usage`: the current window's use. `executions` counts the running
+    ones; `gas_used` and `time_used` count finished ones (duration rounded up to ms)."""
+
+    window_start: str
+    window_end: str
+    gas_used: int
+    time_used: int
+    executions: int
+    reserved: BudgetReserved
+    remaining: BudgetRemaining
 
 
 encode = msgspec.json.Encoder().encode

@@ -22,7 +22,7 @@ from relay.pipeline.validate import read_body
 from relay.policy import ModuleResource
 from relay.schemas import (
     Action,
-    Page,
+    SessionPage,
     SessionView,
     decode_create_session,
     decode_patch_session,
@@ -60,8 +60,8 @@ async def list_sessions(request: Request) -> Response:
     cursor = query_int(request, "cursor", 0, 0, 2**31)
     limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
     items, next_cursor = await gw.sessions.page(principal, cursor, limit)
-    return json_response(Page(items=items,
-                              next_cursor=None if next_cursor is None else str(next_cursor)))
+    return json_response(SessionPage(
+        items=items, next_cursor=None if next_cursor is None else str(next_cursor)))
 
 
 async def get_session(request: Request) -> Response:
