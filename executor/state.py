@@ -130,7 +130,7 @@ def restore(store: wasmtime.Store, instance: wasmtime.Instance, manifest: Manife
     `pages`: the raw bytes of each non-zero page the manifest names (sha256 -> 65536 bytes; not
     verified against the hash: they come from Relay's own store). Grows memory 0 to the state's
     size; what the module's start function or data segments put there is overwritten.
-    Raises StateDoesNotFit.
+    Call it on the thread that uses `store`, before any wasm runs. Raises StateDoesNotFit.
     """
     exports = instance.exports(store)
     memory = _memory(exports)
@@ -175,7 +175,8 @@ def capture(store: wasmtime.Store, instance: wasmtime.Instance,
             baseline: Baseline) -> tuple[Manifest, dict[str, bytes]]:
     """The instance's state now, and the raw bytes of each of its pages that `baseline` did not
     have (sha256 -> bytes: what must be stored). Pages whose xxh3 digest is the baseline's keep
-    the baseline's hash without being read."""
+    the baseline's hash without being read. Call it on the thread that uses `store`, while no
+    wasm runs (after the call returned)."""
     exports = instance.exports(store)
     memory = _memory(exports)
     hashes: list[str] = []
