@@ -31,6 +31,7 @@ EXAMPLES = (
     ("calculator.wat", "calculator", ("quantum", "latest")),
     ("fib.wat", "fib", ("latest",)),
     ("echo.wat", "echo", ("latest",)),
+    ("counter.wat", "counter", ("latest",)),
 )
 DEV_PRINCIPAL = "dev"
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 API_MD = ROOT / "docs" / "api.md"
 START = "<!-- generated:start (scripts/gen_api_docs.py; do not edit by hand) -->"
 END = "<!-- generated:end -->"
-METHODS = ("get", "post", "put", "delete")
+METHODS = ("get", "post", "put", "patch", "delete")
 
 
 def _name(ref: str) -> str:

@@ -102,7 +102,7 @@ def test_the_installed_package_carries_the_examples_and_the_default_policies(
     assert Path(found["relay"]).is_relative_to(installed), (
         f"imported {found['relay']}, not the installed copy")
     assert Path(found["examples_dir"]).is_relative_to(installed)
-    assert set(found["examples"]) == {"calculator", "fib", "echo"}
+    assert set(found["examples"]) == {"calculator", "fib", "echo", "counter"}
     assert "main" in found["examples"]["calculator"]
     assert Path(found["policy_dir"]).is_relative_to(installed)
     assert found["policy_error"] is None
