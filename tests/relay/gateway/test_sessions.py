@@ -7,8 +7,10 @@ import asyncio
 from typing import Any
 
 import httpx
+import redis.asyncio as redis
 
 from executor.worker import Executor
+from relay.settings import Settings
 from tests.conftest import ADD_WAT, BOB_KEY, Served, assert_problem, upload, wait_for
 from tests.relay.gateway.test_events import EVENTS, client, sse_messages
 
@@ -234,3 +236,25 @@ async def test_events_filtered_by_session_replay_then_live(served: Served,
         assert types.count("execution_complete") == 2
         async with client(served, BOB_KEY) as bob:
             assert_problem(await bob.get(EVENTS, params={"session_id": sid}), 404, "not-found")
+
+
+async def test_an_idle_session_expires_with_what_it_held(app: Any, http: httpx.AsyncClient,
+                                                         settings: Settings,
+                                                         executor: Executor) -> None:
+    session = await make_session(http, ttl=300)
+    sid = session["session_id"]
+    assert (await call(http, sid, "add", [3])).status_code == 200
+    client = redis.Redis.from_url(settings.redis_url or "")
+    try:
+        held = [key async for key in client.scan_iter(f"{settings.prefix}:state:*")]
+        assert len(held) == 1
+        sessions = app.state.gateway.sessions
+        assert await sessions.sweep() == 0  # not idle long enough yet
+        await wait_for(sessions.sweep, timeout_s=5)
+        assert_problem(await http.get(f"/sessions/{sid}"), 404, "not-found")
+        assert (await http.get("/sessions")).json()["items"] == []
+        left = [key async for key in client.scan_iter(f"{settings.prefix}:*")
+                if b":state:" in key or b":page" in key or b":session" in key]
+        assert left == []
+    finally:
+        await client.aclose()
