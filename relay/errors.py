@@ -138,6 +138,24 @@ class RateLimited(RelayError):
         return problem
 
 
+class BudgetExhausted(RelayError):
+    """No room left in a budget of the principal's for an execution (or more gas) in the
+    budget's current window. `Retry-After`: when the window ends if it is used up; 1 when only
+    running executions' reservations stand in the way (they free within their max_time)."""
+
+    status, slug, title = 429, "budget-exhausted", "Budget exhausted"
+
+    def __init__(self, detail: str, retry_after_s: int, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.retry_after_s = retry_after_s
+        self.headers["Retry-After"] = str(retry_after_s)
+
+    def problem(self, request_id: str | None) -> Problem:
+        problem = super().problem(request_id)
+        problem.retry_after = self.retry_after_s
+        return problem
+
+
 class Unavailable(RelayError):
     status, slug, title = 503, "unavailable", "Service unavailable"
 

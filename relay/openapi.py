@@ -19,6 +19,7 @@ import msgspec
 from relay import schemas
 from relay.cid import NAME_PATTERN
 from relay.errors import (
+    BudgetExhausted,
     Conflict,
     Forbidden,
     IdempotencyKeyReuse,
@@ -94,6 +95,7 @@ STORE = (Unavailable,)  # every route that reads or writes Redis
 # Headers the refusals carry (their constructors set them, so they are listed here).
 ERROR_HEADERS: dict[type[RelayError], tuple[str, ...]] = {
     Unauthenticated: ("WWW-Authenticate",), RateLimited: ("Retry-After",),
+    BudgetExhausted: ("Retry-After",),
     Unavailable: ("Retry-After",)}
 REPLAYED = "Idempotent-Replayed"
 ANY_JSON: dict[str, Any] = {"type": "object"}
@@ -113,7 +115,7 @@ OPERATIONS = (
          Reply(202, "Accepted (`Prefer: respond-async`, or not finished within the sync wait).",
                schemas.Accepted, headers=("Location", REPLAYED))),
         (*STORE, InvalidRequest, Forbidden, NotFound, Conflict, PayloadTooLarge,
-         IdempotencyKeyReuse, RateLimited),
+         IdempotencyKeyReuse, RateLimited, BudgetExhausted),
         body=((JSON, schemas.ExecuteRequest),),
         parameters=("Idempotency-Key", "Prefer"),
         rate_limited=True,
@@ -140,7 +142,7 @@ OPERATIONS = (
         "POST", "/executions/{request_id}/resume", "resumeExecution",
         "Continue a paused execution, optionally with more gas",
         _control_replies("Resumed: its state."),
-        (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
+        (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge, BudgetExhausted),
         body=((JSON, schemas.ResumeRequest),), body_required=False,
     ),
     Operation(
@@ -204,6 +206,44 @@ OPERATIONS = (
         (*STORE, InvalidRequest, Forbidden, NotFound),
     ),
     Operation(
+        "POST", "/budgets", "createBudget",
+        "Limit a principal's gas, time and executions per window (another's: admin only)",
+        (Reply(201, "Created; its first window starts now.", schemas.Budget,
+               headers=("Location",)),),
+        (*STORE, InvalidRequest, Forbidden, PayloadTooLarge),
+        body=((JSON, schemas.BudgetRequest),),
+    ),
+    Operation(
+        "GET", "/budgets", "listBudgets",
+        "The caller's budgets and those it set for others, newest first",
+        (Reply(200, "A page of budgets.", schemas.BudgetPage),),
+        (*STORE, InvalidRequest),
+        parameters=("page_limit", "cursor"),
+    ),
+    Operation(
+        "GET", "/budgets/{budget_id}", "getBudget", "A budget",
+        (Reply(200, "The budget.", schemas.Budget),),
+        (*STORE, NotFound),
+    ),
+    Operation(
+        "PUT", "/budgets/{budget_id}", "replaceBudget",
+        "Replace a budget's window and limits (its creator only)",
+        (Reply(200, "The budget; what its window used so far still counts.", schemas.Budget),),
+        (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
+        body=((JSON, schemas.BudgetRequest),),
+    ),
+    Operation(
+        "DELETE", "/budgets/{budget_id}", "deleteBudget", "Delete a budget (its creator only)",
+        (Reply(204, "Deleted."),),
+        (*STORE, Forbidden, NotFound),
+    ),
+    Operation(
+        "GET", "/budgets/{budget_id}/usage", "getBudgetUsage",
+        "What the budget's current window has used, reserved and left",
+        (Reply(200, "The current window's use.", schemas.BudgetUsage),),
+        (*STORE, NotFound),
+    ),
+    Operation(
         "GET", "/intent/execute-wasm/health", "health", "Health, features, limits, executors",
         (Reply(200, "Healthy or degraded.", schemas.Health),
          Reply(503, "Unhealthy.", schemas.Health)),
@@ -256,7 +296,7 @@ OPERATIONS = (
          Reply(202, "Accepted (`Prefer: respond-async`, or not finished within the sync wait).",
                schemas.Accepted, headers=("Location", REPLAYED))),
         (*STORE, InvalidRequest, Forbidden, NotFound, SessionClosed, SessionExhausted,
-         PayloadTooLarge, IdempotencyKeyReuse, RateLimited),
+         PayloadTooLarge, IdempotencyKeyReuse, RateLimited, BudgetExhausted),
         body=((JSON, schemas.SessionCall),),
         parameters=("Idempotency-Key", "Prefer"),
         rate_limited=True,
@@ -274,6 +314,49 @@ OPERATIONS = (
         (*STORE, NotFound, Conflict),
     ),
     Operation("GET", "/", "index", "Links to the API's entry points",
+    Operation(
+        "POST", "/sessions/{session_id}/step", "stepSession",
+        "Let the session's paused current call run a step of gas",
+        (Reply(200, "Stopped again (paused) or finished: the call's state.",
+               schemas.ExecutionState),
+         Reply(202, "Not stopped within the sync wait: the call's state so far.",
+               schemas.ExecutionState)),
+        (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
+        body=((JSON, schemas.StepRequest),), body_required=False,
+    ),
+    Operation(
+        "POST", "/sessions/{session_id}/snapshots", "createSnapshot",
+        "Snapshot a session's last committed state (a running call is not waited for)",
+        (Reply(201, "Taken; it lives until deleted (`state_cid` null: the module's fresh "
+               "state).", schemas.Snapshot, headers=("Location",)),),
+        (*STORE, InvalidRequest, NotFound, PayloadTooLarge),
+        body=((JSON, schemas.CreateSnapshot),), body_required=False,
+    ),
+    Operation(
+        "GET", "/snapshots", "listSnapshots", "The caller's snapshots, newest first",
+        (Reply(200, "A page of snapshots.", schemas.SnapshotPage),),
+        (*STORE, InvalidRequest),
+        parameters=("page_limit", "cursor"),
+    ),
+    Operation(
+        "GET", "/snapshots/{snapshot_id}", "getSnapshot", "A snapshot",
+        (Reply(200, "The snapshot.", schemas.Snapshot),),
+        (*STORE, NotFound),
+    ),
+    Operation(
+        "DELETE", "/snapshots/{snapshot_id}", "deleteSnapshot",
+        "Delete a snapshot (sessions restored from it live on)",
+        (Reply(204, "Deleted."),),
+        (*STORE, NotFound),
+    ),
+    Operation(
+        "POST", "/snapshots/{snapshot_id}/restore", "restoreSnapshot",
+        "Branch: new sessions, each starting from the snapshot's state",
+        (Reply(201, "The new sessions, idle, independent of each other and of the original.",
+               schemas.Branches),),
+        (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
+        body=((JSON, schemas.RestoreSnapshot),), body_required=False,
+    ),
               (Reply(200, "The links.", schemas.Index),), auth=False),
     Operation("GET", "/healthz", "healthz", "Liveness", (Reply(200, "Alive.", schemas.Liveness),),
               auth=False),
@@ -321,6 +404,8 @@ PARAMETERS = {
     "Idempotency-Key": _parameter("header", "Idempotency-Key",
                                   "As `idempotency_key` in the body (if both are sent, equal).",
                                   {}),
+    "budget_id": _parameter("path", "budget_id", "The budget's id.",
+                            {"type": "string", "pattern": "^bud_[0-9a-f]{24}$"}),
     "session_id": _parameter("path", "session_id", "The session's id.",
                              {"type": "string", "pattern": "^ses_[0-9a-f]{24}$"}),
     "session_id_query": _parameter("query", "session_id", "Only this session's calls' events.",

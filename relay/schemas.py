@@ -505,6 +505,7 @@ class BudgetUsage(msgspec.Struct, kw_only=True):
 
 
 encode = msgspec.json.Encoder().encode
+decode_budget_request = msgspec.json.Decoder(BudgetRequest).decode
 decode_execute_request = msgspec.json.Decoder(ExecuteRequest).decode
 decode_create_session = msgspec.json.Decoder(CreateSession).decode
 decode_session_call = msgspec.json.Decoder(SessionCall).decode

@@ -17,6 +17,7 @@ from relay import connection
 from relay.gateway import problems
 from relay.gateway.http import RequestIdMiddleware, by_method
 from relay.gateway.routes import (
+    budgets,
     execute,
     executions,
     health,
@@ -61,6 +62,19 @@ ROUTES = [
     Route("/sessions/{session_id}/calls", sessions.call_session, methods=["POST"]),
     Route("/sessions/{session_id}/pause", sessions.pause_session, methods=["POST"]),
     Route("/sessions/{session_id}/resume", sessions.resume_session, methods=["POST"]),
+    Route("/budgets", by_method(POST=budgets.create_budget, GET=budgets.list_budgets),
+          methods=["POST", "GET"]),
+    Route("/sessions/{session_id}/step", sessions.step_session, methods=["POST"]),
+    Route("/sessions/{session_id}/snapshots", snapshots.create_snapshot, methods=["POST"]),
+    Route("/snapshots", snapshots.list_snapshots, methods=["GET"]),
+    Route("/snapshots/{snapshot_id}", by_method(GET=snapshots.get_snapshot,
+                                                DELETE=snapshots.delete_snapshot),
+          methods=["GET", "DELETE"]),
+    Route("/snapshots/{snapshot_id}/restore", snapshots.restore_snapshot, methods=["POST"]),
+    Route("/budgets/{budget_id}", by_method(GET=budgets.get_budget, PUT=budgets.replace_budget,
+                                            DELETE=budgets.delete_budget),
+          methods=["GET", "PUT", "DELETE"]),
+    Route("/budgets/{budget_id}/usage", budgets.get_usage, methods=["GET"]),
     Route("/", health.index, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),

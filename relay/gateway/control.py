@@ -14,6 +14,7 @@ import asyncio
 import msgspec
 import redis.asyncio as aioredis
 
+from relay.budgets import BudgetStore
 from relay.bus import Bus
 from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyPaused
 from relay.gateway.fanin import EventFanIn
@@ -79,8 +80,9 @@ class Controller:
         """Do `action`; returns whether its effect was confirmed, and the state after it.
 
         Raises NotFound, Conflict (409: finished, or not in a state the action applies to),
-        TooManyPaused (409: its executor refused the pause) or InvalidRequest (additional gas
-        over the ceiling or the principal's cap).
+        TooManyPaused (409: its executor refused the pause), InvalidRequest (additional gas
+        over the ceiling or the principal's cap) or BudgetExhausted (429: no room for it in a
+        budget of the principal's).
         """
         key = self.keys.execution(request_id)
         owner, status_raw, request_raw, extra_raw = await self.client.hmget(
@@ -98,7 +100,8 @@ class Controller:
         if action == "resume" and additional_gas:
             self._check_gas(principal, request.policy.max_gas + int(extra_raw or 0)
                             + additional_gas)
-            await self.client.hincrby(key, "extra_gas", additional_gas)
+            # Reserved from the principal's budgets (429 when they have no room) with the raise.
+            await BudgetStore(self.client, self.keys).reserve_gas(request_id, additional_gas)
         if action == "cancel" and status == "queued":
             cancelled = ExecuteResponse(
                 success=False, request_id=request_id, cid=request.cid, output=None, gas_used=0,

@@ -1,19 +1,21 @@
 """The execute pipeline, in the contract's order, in one function: `ExecutePipeline.admit`.
 
 authenticate (401) → rate limit (429) → validate (413, 400, 404) → idempotency (replay, join,
-422) → authorize (403) → publish (503 while too much is queued). The last three are decided
-together, atomically, by the bus's accept script; what each one decides lives in its stage's
-module.
+422) → authorize (403) → budgets (429) → publish (503 while too much is queued). The last four
+are decided together, atomically, by the bus's accept script; what each one decides lives in its
+stage's module (budgets: relay.budgets).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import NamedTuple, Protocol
 
 from starlette.requests import Request
 
-from relay.bus import SESSION_REFUSALS, Bus
+from relay import budgets
+from relay.bus import SESSION_REFUSALS, Accepted, Bus
 from relay.errors import (
     Conflict,
     IdempotencyKeyReuse,
@@ -34,6 +36,7 @@ from relay.pipeline.authorize import Authorizer
 from relay.pipeline.ratelimit import RateCheck, RateLimiter
 from relay.pipeline.validate import Validated, read_body, validate
 from relay.policy import ModuleResource, Policies
+from relay.schemas import WasmExecRequested
 from relay.sessions import Sessions
 from relay.settings import Settings
 
@@ -132,9 +135,19 @@ class ExecutePipeline:
         completion = self.completions.completion(request.request_id) if sync else None
         try:
             max_active = self.policies.caps(principal).max_active or self.settings.max_active
-            accepted = await self.bus.accept(request, validated.fingerprint, validated.name,
-                                             permitted=permitted, max_active=max_active,
-                                             explicit=validated.explicit)
+
+            def accept(published: WasmExecRequested) -> Awaitable[Accepted]:
+                return self.bus.accept(published, validated.fingerprint, validated.name,
+                                       permitted=permitted, max_active=max_active,
+                                       explicit=validated.explicit)
+
+            accepted = await accept(request)
+            # Over what the principal's budgets have left, with limits the request left out:
+            # lowered to that and accepted again, while concurrent executions take it away.
+            for _ in range(budgets.LOWER_ATTEMPTS):
+                if accepted.status != "lower":
+                    break
+                accepted = await accept(budgets.lowered(request, accepted.budget))
             if accepted.name_moved:
                 self.completions.release(request.request_id, completion)
                 return None
@@ -152,6 +165,8 @@ class ExecutePipeline:
                                   retry_after_s=QUEUE_FULL_RETRY_S)
             elif accepted.status in SESSION_REFUSALS:
                 raise _session_refusal(accepted.status, request.session_id or "")
+            elif accepted.status in ("budget", "lower"):
+                raise budgets.refusal(accepted)
         except BaseException:
             self.completions.release(request.request_id, completion)
             raise

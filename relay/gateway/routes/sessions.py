@@ -26,6 +26,7 @@ from relay.schemas import (
     SessionView,
     decode_create_session,
     decode_patch_session,
+    decode_step,
     now_iso,
 )
 from relay.sessions import Session
@@ -105,17 +106,34 @@ async def resume_session(request: Request) -> Response:
     return await _control_current(request, "resume")
 
 
+async def step_session(request: Request) -> Response:
+    """Step the session's current call, as `POST /executions/{id}/step` does."""
+    gw = gateway_of(request)
+    principal = await gw.authenticate(request)
+    body = await read_body(request, gw.settings.max_request_bytes)
+    gas = decode_body(decode_step, body).gas if body.strip() else None
+    current = await _current(gw, principal, request.path_params["session_id"])
+    stopped, state = await gw.controller.step(principal, current, gas,
+                                              gw.settings.sync_wait_ms / 1000)
+    return json_response(state, 200 if stopped else 202)
+
+
 async def _control_current(request: Request, action: Action) -> Response:
     """Pause or resume the session's current call: as its own route does, 409 without one."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    session_id = request.path_params["session_id"]
+    current = await _current(gw, principal, request.path_params["session_id"])
+    confirmed, state = await gw.controller.act(principal, current, action)
+    return json_response(state, 200 if confirmed else 202)
+
+
+async def _current(gw: Gateway, principal: str, session_id: str) -> str:
+    """The request id of the principal's session's current call. Raises NotFound, Conflict."""
     await gw.sessions.owned(principal, session_id)
     current = await gw.sessions.current(session_id)
     if current is None:
         raise Conflict(f"session {session_id} has no call running")
-    confirmed, state = await gw.controller.act(principal, current, action)
-    return json_response(state, 200 if confirmed else 202)
+    return current
 
 
 async def _cancel(gw: Gateway, principal: str, request_id: str) -> None:

@@ -28,6 +28,13 @@ COUNTER_WAT = """(module
     (global.set $n (local.get 0))
     (i64.store (i32.const 0) (i64.const 777))
     unreachable)
+  (func $bump (result i64) (global.set $n (i64.add (global.get $n) (i64.const 1)))
+    (global.get $n))
+  (func (export "work") (param i64) (result i64) (local $i i64)
+    (loop (drop (call $bump))
+          (local.set $i (i64.add (local.get $i) (i64.const 1)))
+          (br_if 0 (i64.lt_u (local.get $i) (local.get 0))))
+    (global.get $n))
   (func (export "spin") (param i64) (local $i i64)
     (global.set $n (i64.const -1))
     (loop (local.set $i (i64.add (local.get $i) (i64.const 1)))
@@ -258,3 +265,34 @@ async def test_an_idle_session_expires_with_what_it_held(app: Any, http: httpx.A
         assert left == []
     finally:
         await client.aclose()
+
+
+async def test_step_pause_and_resume_the_current_call(http: httpx.AsyncClient,
+                                                      executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    assert_problem(await http.post(f"/sessions/{sid}/step"), 409, "conflict")  # no call
+    accepted = await http.post(f"/sessions/{sid}/calls", headers={"Prefer": "respond-async"},
+                               json={"entrypoint": "work", "inputs": [3_000_000],
+                                     "step_gas": 1_000_000})
+    rid = accepted.json()["request_id"]
+
+    async def paused() -> bool:
+        view = (await http.get(f"/sessions/{sid}")).json()
+        return bool(view["status"] == "paused" and view["current"] == rid)
+
+    await wait_for(paused)
+    stepped = await http.post(f"/sessions/{sid}/step", json={"gas": 1_000_000})
+    assert stepped.status_code == 200, stepped.text
+    assert stepped.json()["status"] in ("paused", "completed")
+    if stepped.json()["status"] == "paused":
+        resumed = await http.post(f"/sessions/{sid}/resume")
+        assert resumed.status_code in (200, 202)
+
+    async def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await http.get(f"/executions/{rid}")).json()
+        return body if body["status"] == "completed" else None
+
+    assert (await wait_for(finished))["output"] == 3_000_000
+    after = (await call(http, sid, "add", [0])).json()
+    assert after["output"] == 3_000_000, after
