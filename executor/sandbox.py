@@ -3,7 +3,7 @@
 Limits map onto wasmtime's own mechanisms:
 - gas is fuel (`Store.set_fuel`), exhausted -> trap OUT_OF_FUEL -> `out_of_gas`;
 - time is an epoch deadline; a ticker thread advances the epoch every `TICK_S` (1 ms) while any
-  Store lives, and sleeps while none does -> `timeout`;
+  call runs, and sleeps while none does -> `timeout`;
 - memory is the Store limiter -> `memory_limit`. Multi-memory is off, so a module has one
   linear memory at most and `max_memory` is all it gets. Tables are capped apart, at
   `max_table_elements` in all: a module's tables share it equally (the limiter caps each table,
@@ -22,11 +22,12 @@ one keep the plain epoch deadline and pay nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-import weakref
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
 import msgspec
@@ -130,37 +131,37 @@ class Sandbox:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._controls: set[LiveControl] = set()
-        self._stores = 0
-        """Stores alive: the epoch ticks while there is one."""
-        self._stores_changed = threading.Condition(threading.Lock())
+        self._calls = 0
+        """Calls under way (`_call`): the epoch ticks while there is one."""
+        self._calls_changed = threading.Condition(threading.Lock())
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
 
     def close(self) -> None:
         """Refuse new runs and cancel every controlled one, paused or running, waking it: a
         paused run blocks its thread, which would hang the interpreter's exit. Does not wait;
-        the epoch keeps ticking until the last run's Store is freed."""
+        the epoch keeps ticking until the last call has returned."""
         self._stop.set()
         with self._lock:
             controls = list(self._controls)
         for control in controls:
             control.cancel(SHUTDOWN_MESSAGE)
-        with self._stores_changed:
-            self._stores_changed.notify()  # an idle ticker ends now
+        with self._calls_changed:
+            self._calls_changed.notify()  # an idle ticker ends now
 
     def _tick(self) -> None:
-        """Advance the epoch every TICK_S while any Store lives, on a fixed schedule (a sleep
-        that wakes late makes the next one shorter: N ticks are N * TICK_S of wall time, which
-        deadlines count on); while none lives, wait for one, so an idle executor spends
-        nothing on ticks. After `close()`, ticking goes on while Stores remain (controlled runs
+        """Advance the epoch every TICK_S while any call is under way, on a fixed schedule (a
+        sleep that wakes late makes the next one shorter: N ticks are N * TICK_S of wall time,
+        which deadlines count on); while none is, wait for one, so an idle executor spends
+        nothing on ticks. After `close()`, ticking goes on while calls remain (controlled runs
         see their cancel at a tick), then ends."""
         next_at = 0.0
         while True:
-            with self._stores_changed:
-                if not self._stores:
+            with self._calls_changed:
+                if not self._calls:
                     if self._stop.is_set():
                         return
-                    self._stores_changed.wait()
+                    self._calls_changed.wait()
                     next_at = time.perf_counter()
                     continue
             next_at += TICK_S
@@ -171,18 +172,20 @@ class Sandbox:
                 next_at = time.perf_counter()
             self.engine.increment_epoch()
 
-    def _store_made(self, store: wasmtime.Store) -> None:
-        """Count `store` as alive until it is freed (when its run returns), waking the ticker
-        for the first."""
-        with self._stores_changed:
-            self._stores += 1
-            if self._stores == 1:
-                self._stores_changed.notify()
-        weakref.finalize(store, self._store_freed).atexit = False
-
-    def _store_freed(self) -> None:
-        with self._stores_changed:
-            self._stores -= 1
+    @contextlib.contextmanager
+    def _ticking(self) -> Iterator[None]:
+        """Count a call as under way while in the block, waking the ticker for the first. (Not
+        the Stores' lifetimes: a trap leaves its Store in a reference cycle, alive until the
+        garbage collector runs, which an idle process may not do for long.)"""
+        with self._calls_changed:
+            self._calls += 1
+            if self._calls == 1:
+                self._calls_changed.notify()
+        try:
+            yield
+        finally:
+            with self._calls_changed:
+                self._calls -= 1
 
     def prepare(self, wasm: bytes) -> Prepared:
         """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
@@ -276,7 +279,6 @@ class Sandbox:
         """A fresh Store holding the policy's gas and memory limits and the table cap (its
         epoch deadline is the caller's to set)."""
         store = wasmtime.Store(self.engine)
-        self._store_made(store)
         store.set_fuel(policy.max_gas)
         store.set_limits(memory_size=policy.max_memory,
                          table_elements=self.max_table_elements // max(prepared.tables, 1))
@@ -308,6 +310,16 @@ class Sandbox:
     def _call(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
               inputs: list[Any], policy: EffectivePolicy,
               control: LiveControl | None = None, state: StateHooks | None = None) -> Outcome:
+        """Instantiate and call: the one place wasm runs, so the epoch ticks while any call
+        is under way here (and only then)."""
+        with self._ticking():
+            return self._instantiate_and_call(store, prepared, entrypoint, inputs, policy,
+                                              control, state)
+
+    def _instantiate_and_call(self, store: wasmtime.Store, prepared: Prepared,
+                              entrypoint: str, inputs: list[Any], policy: EffectivePolicy,
+                              control: LiveControl | None,
+                              state: StateHooks | None) -> Outcome:
         if control is not None and not control.begin(policy):
             return Outcome(*control.finish(None, None, policy.max_gas))
         started = time.perf_counter()

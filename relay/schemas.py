@@ -519,6 +519,7 @@ decode_module_info = msgspec.json.Decoder(ModuleInfo).decode
 decode_response = msgspec.json.Decoder(ExecuteResponse).decode
 decode_resume = msgspec.json.Decoder(ResumeRequest).decode
 decode_step = msgspec.json.Decoder(StepRequest).decode
+decode_paused = msgspec.json.Decoder(ExecutionPaused).decode
 decode_control = msgspec.json.Decoder(ControlMessage).decode
 decode_control_refused = msgspec.json.Decoder(ControlRefused).decode
 decode_ws_command = msgspec.json.Decoder(WsCommand).decode

@@ -44,6 +44,7 @@ ROUTES = [
           methods=["GET", "DELETE"]),
     Route("/executions/{request_id}/pause", executions.pause_execution, methods=["POST"]),
     Route("/executions/{request_id}/resume", executions.resume_execution, methods=["POST"]),
+    Route("/executions/{request_id}/step", executions.step_execution, methods=["POST"]),
     WebSocketRoute("/ws/executions/{request_id}", websocket.websocket),
     Route("/modules", by_method(POST=modules.upload_module, GET=modules.list_modules),
           methods=["POST", "GET"]),

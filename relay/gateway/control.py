@@ -1,10 +1,16 @@
-"""Pause, resume and cancel, the gateway's side.
+"""Pause, resume, step and cancel, the gateway's side.
 
 A request for a running execution goes out on the pub/sub channel `relay:control`; the executor
 running it acts on it and emits `execution_paused`, `execution_resumed` or the terminal event,
 which the gateway waits for (briefly) so the answer says what happened; an executor that refuses
 a pause (it holds as many paused runs as it may) answers `control_refused` instead. An execution
 still queued is cancelled by the gateway itself, atomically, so no executor ever starts it.
+
+A step goes out the same way, to a paused execution, and its answer waits until the execution
+stops again: its next `execution_paused` or terminal event. Which events are new is told by the
+execution's event index (`Keys.execution_events`), read together with the status it was paused
+in: an event the fan-in hands over late (a pause before this step) is never taken for the
+step's end.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from relay.schemas import (
     ExecutionState,
     decode_control_refused,
     decode_head,
+    decode_paused,
     decode_requested,
     decode_response,
     encode,
@@ -38,6 +45,11 @@ from relay.settings import Settings
 
 CONFIRM_WAIT_S = 5.0
 FINISHED = frozenset({"completed", "failed", "cancelled"})
+STOPS = frozenset({"execution_paused"}) | TERMINAL_TYPES
+"""The events that end a step."""
+PAUSE_LOOKBACK = 16
+"""How many of a paused execution's last events are searched for its pause (output chunks of a
+WASI module may follow it)."""
 _EXPECTED: dict[str, frozenset[str]] = {
     "pause": frozenset({"execution_paused", "control_refused"}) | TERMINAL_TYPES,
     "resume": frozenset({"execution_resumed"}) | TERMINAL_TYPES,
@@ -60,14 +72,20 @@ class Controller:
     async def state(self, principal: str, request_id: str) -> ExecutionState:
         """The execution as `GET /executions/{id}` shows it. Raises NotFound (also when it is
         another principal's: their ids are not ours to confirm)."""
-        owner, status, cid, result, session = await self.client.hmget(
-            self.keys.execution(request_id), ["principal", "status", "cid", "result", "session"])
+        owner, status, cid, result, session, gas_seen = await self.client.hmget(
+            self.keys.execution(request_id),
+            ["principal", "status", "cid", "result", "session", "gas_seen"])
         if owner is None or owner.decode() != principal:
             raise NotFound(f"no execution {request_id}")
         view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
         if session is not None:
             view.session_id = session.decode()
         if result is None:
+            # Running or paused: the gas used as last reported (progress, or the pause).
+            if view.status == "paused":
+                view.gas_used = max(int(gas_seen or 0), await self._paused_gas(request_id))
+            elif gas_seen is not None:
+                view.gas_used = int(gas_seen)
             return view
         finished = decode_response(result)
         return msgspec.structs.replace(
@@ -127,6 +145,84 @@ class Controller:
             raise TooManyPaused(decode_control_refused(answer).detail)
         return confirmed, await self.state(principal, request_id)
 
+    async def step(self, principal: str, request_id: str, gas: int | None,
+                   wait_s: float) -> tuple[bool, ExecutionState]:
+        """Let a paused execution run until it has used `gas` more (default: its `step_gas`)
+        or ends; returns whether it stopped within `wait_s` seconds (0: do not wait), and its
+        state then: paused with the gas used at that pause, or finished with its result.
+
+        Raises NotFound, Conflict (409: not paused), InvalidRequest (no `gas` and no
+        `step_gas`: pointer `/gas`).
+        """
+        key = self.keys.execution(request_id)
+        # The status and how many events the execution has had, as of one moment: every event
+        # from that position on is newer than the pause this step starts from.
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hmget(key, ["principal", "status", "request"])
+        pipe.llen(self.keys.execution_events(request_id))
+        (owner, status_raw, request_raw), seen = await pipe.execute()
+        if owner is None or owner.decode() != principal:
+            raise NotFound(f"no execution {request_id}")
+        status = status_raw.decode()
+        if status in FINISHED:
+            raise Conflict(f"the execution has already finished ({status})")
+        if status != "paused":
+            raise Conflict(f"only a paused execution can be stepped; this one is {status}")
+        gas = gas or decode_requested(request_raw).step_gas
+        if gas is None:
+            raise InvalidRequest.at("/gas", "give the gas to step by: the execution has no "
+                                            "step_gas to default to")
+        wake = self.fan_in.watch(request_id, STOPS)
+        try:
+            await self.client.publish(self.keys.control, encode(ControlMessage(
+                request_id=request_id, action="step", gas=gas)))
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while True:
+                woken = await _until(wake, deadline)
+                # Watch again before looking, so a stop landing meanwhile wakes the next wait.
+                self.fan_in.unwatch(request_id, wake)
+                wake = self.fan_in.watch(request_id, STOPS)
+                stop = await self._stop_since(request_id, int(seen))
+                if stop is not None or not woken:
+                    break
+        finally:
+            self.fan_in.unwatch(request_id, wake)
+        view = await self.state(principal, request_id)
+        if stop is None:
+            return False, view
+        head = decode_head(stop)
+        if head.type == "execution_paused" and view.status not in FINISHED:
+            # Where this step stopped, even if it has been resumed since.
+            view = msgspec.structs.replace(view, status="paused",
+                                           gas_used=decode_paused(stop).gas_used)
+        return True, view
+
+    async def _stop_since(self, request_id: str, position: int) -> bytes | None:
+        """The first `execution_paused` or terminal event of the execution from `position` of
+        its event index on, if any (None too if it was trimmed from the stream meanwhile)."""
+        for data in await self._events(request_id, position, -1):
+            if decode_head(data).type in STOPS:
+                return data
+        return None
+
+    async def _paused_gas(self, request_id: str) -> int:
+        """The gas used at the execution's last pause, as its `execution_paused` says (0 if
+        that event is not among its last few, or was trimmed)."""
+        for data in reversed(await self._events(request_id, -PAUSE_LOOKBACK, -1)):
+            if decode_head(data).type == "execution_paused":
+                return decode_paused(data).gas_used
+        return 0
+
+    async def _events(self, request_id: str, start: int, end: int) -> list[bytes]:
+        """The execution's events from `start` to `end` of its index (LRANGE positions)."""
+        ids = await self.client.lrange(self.keys.execution_events(request_id), start, end)
+        if not ids:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(self.keys.events, entry_id, entry_id)
+        return [entries[0][1][b"data"] for entries in await pipe.execute() if entries]
+
     def _check_gas(self, principal: str, total: int) -> None:
         cap = self.policies.caps(principal).max_gas
         ceiling = self.settings.max_gas
@@ -134,3 +230,13 @@ class Controller:
             if limit is not None and total > limit:
                 detail = f"the gas budget would be {total}, over {what} of {limit}"
                 raise InvalidRequest(detail, errors=[FieldError("/additional_gas", detail)])
+
+
+async def _until(future: asyncio.Future[bytes], deadline: float) -> bool:
+    """Wait for `future` until `deadline` (loop time); whether it resolved."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            await asyncio.shield(future)
+        return True
+    except TimeoutError:
+        return False

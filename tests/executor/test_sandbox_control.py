@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import wasmtime
 
-from executor.control import CANCELLED_MESSAGE, LiveControl
+from executor.control import CANCELLED_MESSAGE, LiveControl, NoPlace, PausePlaces
 from executor.sandbox import SHUTDOWN_MESSAGE, Outcome, Prepared, Sandbox
 from relay.schemas import EffectivePolicy
 from tests.conftest import ADD_WAT, FIXTURES
@@ -426,3 +426,215 @@ def test_runs_without_a_control_are_unchanged(sandbox: Sandbox, loop: Prepared,
     outcome = sandbox.run(loop, "main", [], policy(max_time=100), command=False,
                           max_output_bytes=100)
     assert outcome.error is not None and outcome.error.code == "timeout"
+
+
+# --- Stepping ---
+
+# A loop that calls a function on every turn: fuel is read where wasm code leaves it, at calls
+# and returns, so the gas it uses shows while it runs (the plain `LOOP_WAT` shows none).
+CALLING_LOOP_WAT = """(module (func $tick) (func (export "main") (loop (call $tick) (br 0))))"""
+
+
+@pytest.fixture(scope="module")
+def calling_loop(sandbox: Sandbox) -> Prepared:
+    return sandbox.prepare(wasmtime.wat2wasm(CALLING_LOOP_WAT))
+
+
+def _paused_or_done(control: LiveControl, future: Future[Outcome]) -> bool:
+    wait_until(lambda: control.state == "paused" or future.done(), "a pause or the end")
+    return control.state == "paused"
+
+
+def test_steps_pause_once_their_gas_is_used(sandbox: Sandbox, threads: ThreadPoolExecutor,
+                                            fib: Prepared) -> None:
+    """Each step pauses in place having used at least its gas, and about a millisecond's worth
+    more at most (it is checked at every 1 ms tick); the stepped run ends as an unstepped one."""
+    plain = sandbox.run(fib, "fib", [36], policy(), command=False, max_output_bytes=100,
+                        control=LiveControl(max_pause_ms=1000))
+    step = int(plain.gas_used / plain.duration_ms * 2)  # about 2 ms of running
+    events: list[str] = []
+    control = LiveControl(max_pause_ms=10_000, on_event=events.append, step_gas=step)
+    future = start(threads, sandbox, fib, "fib", [36], policy(), control)
+    before, overshoots = 0, []
+    while _paused_or_done(control, future):
+        assert control.pause_reason == "step"
+        assert control.gas_used >= before + step
+        overshoots.append(control.gas_used - before - step)
+        before = control.gas_used
+        assert control.step(step)
+    outcome = future.result(timeout=30)
+    assert outcome.error is None and outcome.output == FIB[36]
+    assert outcome.gas_used == plain.gas_used
+    assert len(overshoots) >= 20
+    assert events == ["paused", "resumed"] * len(overshoots)
+    gas_per_ms = outcome.gas_used / outcome.duration_ms  # running time only
+    overshoot_ms = sorted(gas / gas_per_ms for gas in overshoots)
+    print(f"\n{len(overshoots)} steps of {step} gas ({gas_per_ms:.0f} gas/ms): overshoot in ms "
+          f"of running: median {overshoot_ms[len(overshoot_ms) // 2]:.3f}, "
+          f"max {overshoot_ms[-1]:.3f}")
+    # Checked every 1 ms, a step overshoots by half a millisecond's worth on average; a host
+    # busy with other processes delays ticks (here, 0.6 to 0.9 ms under a load of 3 on 2
+    # cores). Checks every 10 ms would put the median near 5.
+    assert overshoot_ms[len(overshoot_ms) // 2] <= 2.0
+    assert overshoot_ms[-1] <= 25.0
+
+
+def test_resume_ends_stepping(sandbox: Sandbox, threads: ThreadPoolExecutor,
+                              fib: Prepared) -> None:
+    events: list[str] = []
+    control = LiveControl(max_pause_ms=10_000, on_event=events.append, step_gas=1000)
+    future = start(threads, sandbox, fib, "fib", [34], policy(), control)
+    assert _paused_or_done(control, future)
+    assert control.stepping is False  # the step ended with its pause
+    assert control.resume()
+    assert future.result(timeout=30).output == FIB[34]
+    assert events == ["paused", "resumed"]
+
+
+def test_a_pause_while_stepping_is_a_request(sandbox: Sandbox, threads: ThreadPoolExecutor,
+                                             calling_loop: Prepared) -> None:
+    reasons: list[str | None] = []
+    control = LiveControl(max_pause_ms=10_000, step_gas=500,
+                          on_event=lambda event: reasons.append(
+                              control.pause_reason if event == "paused" else None))
+    future = start(threads, sandbox, calling_loop, "main", [], policy(), control)
+    assert _paused_or_done(control, future)
+    assert control.step(10**12) and control.stepping
+    wait_until(lambda: control.state == "running", "the step to run")
+    pause_and_wait(control)
+    assert control.pause_reason == "request" and not control.stepping
+    gas = control.gas_used
+    assert control.step(700)
+    assert _paused_or_done(control, future)
+    assert control.gas_used >= gas + 700
+    assert control.cancel()
+    assert future.result(timeout=5).error.code == "cancelled"  # type: ignore[union-attr]
+    assert [r for r in reasons if r is not None] == ["step", "request", "step"]
+
+
+def test_step_requests_in_the_wrong_state_are_refused(
+        sandbox: Sandbox, threads: ThreadPoolExecutor, calling_loop: Prepared) -> None:
+    control = LiveControl(max_pause_ms=10_000)
+    assert not control.step(10)  # pending
+    with pytest.raises(ValueError):
+        LiveControl(max_pause_ms=10, step_gas=0)
+    future = start(threads, sandbox, calling_loop, "main", [], policy(), control)
+    wait_until(lambda: control.state == "running", "the start")
+    assert not control.step(10)  # running
+    pause_and_wait(control)
+    with pytest.raises(ValueError):
+        control.step(0)
+    assert control.step(10)
+    assert not control.step(10)  # stepping already
+    assert _paused_or_done(control, future)
+    assert control.cancel()
+    future.result(timeout=5)
+    assert not control.step(10)  # finished
+
+
+def test_a_call_free_loop_never_ends_a_step(sandbox: Sandbox, loop: Prepared) -> None:
+    """Its gas shows only at calls and returns, and it makes none: the step's pause never
+    comes, and the run goes on to its time limit (the documented limit of stepping)."""
+    events: list[str] = []
+    control = LiveControl(max_pause_ms=10_000, on_event=events.append, step_gas=1)
+    outcome = sandbox.run(loop, "main", [], policy(max_time=200), command=False,
+                          max_output_bytes=100, control=control)
+    assert outcome.error is not None and outcome.error.code == "timeout"
+    assert events == []
+
+
+def test_a_step_pause_counts_toward_max_pause(sandbox: Sandbox, threads: ThreadPoolExecutor,
+                                              fib: Prepared) -> None:
+    control = LiveControl(max_pause_ms=200, step_gas=1000)
+    future = start(threads, sandbox, fib, "fib", [36], policy(), control)
+    assert _paused_or_done(control, future)
+    outcome = future.result(timeout=5)
+    assert outcome.error is not None and outcome.error.code == "cancelled"
+    assert "pause limit (200 ms)" in outcome.error.message
+
+
+def test_a_step_pause_waits_for_a_paused_place(sandbox: Sandbox, threads: ThreadPoolExecutor,
+                                               calling_loop: Prepared, fib: Prepared) -> None:
+    """With every paused place taken, a step that ends does not pause: the run goes on and
+    pauses at the first check after a place frees. A pause request without a place is
+    refused (NoPlace)."""
+    places = PausePlaces(1)
+    holder = LiveControl(max_pause_ms=30_000, places=places)
+    held = start(threads, sandbox, calling_loop, "main", [], policy(), holder)
+    wait_until(lambda: holder.state == "running", "the first run")
+    pause_and_wait(holder)
+    assert places.held == 1
+    stepped = LiveControl(max_pause_ms=30_000, step_gas=1000, places=places)
+    future = start(threads, sandbox, fib, "fib", [40], policy(), stepped)
+    wait_until(lambda: stepped.gas_used > 10**6, "the run to go well past its step")
+    assert stepped.state == "running" and stepped.stepping
+    with pytest.raises(NoPlace):
+        stepped.pause()
+    assert holder.resume()  # its place frees
+    assert _paused_or_done(stepped, future)
+    assert stepped.pause_reason == "step" and places.held == 1
+    with pytest.raises(NoPlace):
+        holder.pause()
+    assert stepped.step(10**12)  # running again: the place is free
+    assert places.held == 0
+    pause_and_wait(holder)
+    for control, run in ((holder, held), (stepped, future)):
+        assert control.cancel()
+        run.result(timeout=5)
+    assert places.held == 0
+
+
+def test_checks_come_every_tick_only_while_stepping(sandbox: Sandbox,
+                                                   calling_loop: Prepared) -> None:
+    """A controlled run is checked every 10 ms, as it was before steps, and every 1 ms while a
+    step is in force."""
+    checks = {}
+    for step_gas in (None, 10**15):
+        control = LiveControl(max_pause_ms=1000, step_gas=step_gas)
+        act = control._act
+        count = [0]
+
+        def counting(context: Any, act: Callable[[Any], int] = act,
+                     count: list[int] = count) -> int:
+            count[0] += 1
+            return act(context)
+
+        control._act = counting  # type: ignore[method-assign]
+        outcome = sandbox.run(calling_loop, "main", [], policy(max_time=300), command=False,
+                              max_output_bytes=100, control=control)
+        assert outcome.error is not None and outcome.error.code == "timeout"
+        checks[step_gas] = count[0]
+    print(f"\nchecks in 300 ms: {checks[None]} unstepped, {checks[10**15]} stepped")
+    assert 10 <= checks[None] <= 40  # fewer when a busy host delays ticks
+    assert checks[10**15] >= 4 * checks[None]
+
+
+def test_the_epoch_ticks_every_millisecond_while_a_call_runs() -> None:
+    box = Sandbox()
+    ticks = [0]
+    increment = box.engine.increment_epoch
+
+    def counting() -> None:
+        ticks[0] += 1
+        increment()
+
+    box.engine.increment_epoch = counting  # type: ignore[method-assign]
+    try:
+        time.sleep(0.2)
+        assert ticks[0] == 0  # idle: no ticks at all
+        loop = box.prepare(wasmtime.wat2wasm(LOOP_WAT))
+        started = time.perf_counter()
+        outcome = box.run(loop, "main", [], policy(max_time=300), command=False,
+                          max_output_bytes=100)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        assert outcome.error is not None and outcome.error.code == "timeout"
+        # An uncontrolled run's deadline is counted in 1 ms ticks, on a schedule that does not
+        # drift: it ends within a few ms of its max_time.
+        assert 300 <= elapsed_ms < 400
+        assert 295 <= ticks[0] <= 320
+        after = ticks[0]
+        time.sleep(0.2)
+        assert ticks[0] - after <= 1  # no call runs: the ticker sleeps again
+    finally:
+        box.close()
+    wait_until(lambda: not box._ticker.is_alive(), "the epoch ticker to stop")

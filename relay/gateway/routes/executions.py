@@ -1,4 +1,4 @@
-"""`/executions/{request_id}`: an execution's state; cancel, pause and resume it."""
+"""`/executions/{request_id}`: an execution's state; cancel, pause, resume and step it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from relay.errors import decode_body
 from relay.gateway.http import json_response
 from relay.gateway.state import gateway_of
 from relay.pipeline.validate import read_body
-from relay.schemas import Action, decode_resume
+from relay.schemas import Action, decode_resume, decode_step
 
 
 async def get_execution(request: Request) -> Response:
@@ -28,6 +28,18 @@ async def pause_execution(request: Request) -> Response:
 
 async def resume_execution(request: Request) -> Response:
     return await _control(request, "resume")
+
+
+async def step_execution(request: Request) -> Response:
+    """200 with the state once the step has stopped (paused again, or finished), 202 with the
+    state so far if it has not within RELAY_SYNC_WAIT."""
+    gw = gateway_of(request)
+    principal = await gw.authenticate(request)
+    body = await read_body(request, gw.settings.max_request_bytes)
+    gas = decode_body(decode_step, body).gas if body.strip() else None
+    stopped, state = await gw.controller.step(principal, request.path_params["request_id"], gas,
+                                              gw.settings.sync_wait_ms / 1000)
+    return json_response(state, 200 if stopped else 202)
 
 
 async def _control(request: Request, action: Action) -> Response:

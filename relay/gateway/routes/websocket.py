@@ -3,8 +3,10 @@
 The events are replayed from the first one retained, then live, until the terminal event (if
 some were trimmed from the stream already, an `events_lost` notice follows the replay, and the
 socket closes there when the execution has finished: its terminal event will not come). The
-client may send `{"action": "pause" | "resume" | "cancel", "additional_gas"?: N}`; a refusal is
-answered with a `control_error` message, an effect by the events it causes; a socket opened
+client may send `{"action": "pause" | "resume" | "step" | "cancel", "additional_gas"?: N,
+"gas"?: N}` (`gas` for a step: default the execution's `step_gas`); a refusal is answered with a
+`control_error` message, an effect by the events it causes (a step's by `execution_resumed`,
+then `execution_paused` or the terminal event); a socket opened
 with an access token only subscribes (its control messages are refused with 403). Close codes:
 4401 unauthenticated, 4403 forbidden, 4404 no such execution (of this principal), 4429 too many
 open streams.
@@ -92,9 +94,14 @@ async def _commands(gw: Gateway, ws: WebSocket, credential: Credential,
         try:
             command = decode_ws_command(raw)
             if not credential.controls:
-                raise Forbidden("an access token only subscribes: pause, resume and cancel "
+                raise Forbidden("an access token only subscribes: pause, resume, step and cancel "
                                 "need an API key or a JWT")
-            await gw.controller.act(credential.principal, request_id, command.action,
-                                    command.additional_gas)
+            if command.action == "step":
+                # Not waited for: the socket carries where it stops, and a cancel sent
+                # meanwhile must not queue behind it.
+                await gw.controller.step(credential.principal, request_id, command.gas, 0)
+            else:
+                await gw.controller.act(credential.principal, request_id, command.action,
+                                        command.additional_gas)
         except (msgspec.DecodeError, RelayError) as error:
             await send_control_error(ws, error)
