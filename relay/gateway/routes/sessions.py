@@ -15,8 +15,8 @@ from starlette.responses import Response
 
 from relay.capture import why_not_capturable
 from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, RelayError, decode_body
+from relay.gateway.answers import answer
 from relay.gateway.http import json_response, query_int
-from relay.gateway.routes.execute import answer
 from relay.gateway.state import Gateway, gateway_of
 from relay.pipeline.validate import read_body
 from relay.policy import ModuleResource
