@@ -47,6 +47,7 @@ ROUTES = [
     Route("/executions/{request_id}/step", executions.step_execution, methods=["POST"]),
     WebSocketRoute("/ws/executions/{request_id}", websocket.websocket),
     Route("/modules", by_method(POST=modules.upload_module, GET=modules.list_modules),
+    WebSocketRoute("/ws/sessions/{session_id}", websocket.session_websocket),
           methods=["POST", "GET"]),
     Route("/modules/{cid}", by_method(GET=modules.get_module, DELETE=modules.delete_module),
           methods=["GET", "DELETE"]),

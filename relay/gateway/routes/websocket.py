@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import redis
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from relay.errors import Forbidden, RelayError
+from relay.errors import Conflict, Forbidden, RelayError
 from relay.gateway.control import FINISHED
 from relay.gateway.fanin import Entry
 from relay.gateway.problems import close_with, send_control_error
@@ -45,7 +46,7 @@ async def websocket(ws: WebSocket) -> None:
         await close_with(ws, error)
         return
     subscriber = gw.fan_in.subscribe(principal, frozenset({request_id}), credential.stored_key)
-    commands = asyncio.create_task(_commands(gw, ws, credential, request_id))
+    commands = asyncio.create_task(_commands(gw, ws, credential, _fixed(request_id)))
     # The client left (its messages end): stop streaming at once, rather than at the next event
     # of an execution that may publish none for long, so its place frees.
     commands.add_done_callback(lambda _: subscriber.end())
@@ -83,9 +84,58 @@ async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
     return False
 
 
+async def session_websocket(ws: WebSocket) -> None:
+    """`/ws/sessions/{session_id}`: the events of a session's calls, replayed from the first one
+    retained, then live, until the client leaves; its commands act on the session's current
+    call. Close code 4404 for a session that is not the principal's."""
+    gw = gateway_of(ws)
+    session_id = ws.path_params["session_id"]
+    await ws.accept()
+    try:
+        credential = await subscriber_credential(gw, ws)
+        principal = credential.principal
+        gw.authorizer.require(principal, "subscribe", None)
+        await gw.sessions.owned(principal, session_id)
+        slot = await gw.streams.acquire(principal)
+    except RelayError as error:
+        await close_with(ws, error)
+        return
+    subscriber = gw.fan_in.subscribe(principal, None, credential.stored_key, session_id)
+
+    async def current() -> str:
+        request_id = await gw.sessions.current(session_id)
+        if request_id is None:
+            raise Conflict(f"session {session_id} has no call running")
+        return request_id
+
+    commands = asyncio.create_task(_commands(gw, ws, credential, current))
+    commands.add_done_callback(lambda _: subscriber.end())
+    try:
+        async for batch in follow(gw, subscriber, "0", credential.expires_at):
+            for item in batch:
+                if item is not None:
+                    await ws.send_text((item if isinstance(item, bytes) else item.data).decode())
+        await ws.close(1000)
+    except (WebSocketDisconnect, RuntimeError, redis.RedisError):
+        pass
+    finally:
+        commands.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await commands
+        gw.fan_in.unsubscribe(subscriber)
+        await gw.streams.release(principal, slot)
+
+
+def _fixed(request_id: str) -> Callable[[], Awaitable[str]]:
+    async def target() -> str:
+        return request_id
+    return target
+
+
 async def _commands(gw: Gateway, ws: WebSocket, credential: Credential,
-                    request_id: str) -> None:
-    """Control messages from the client, until it goes."""
+                    target: Callable[[], Awaitable[str]]) -> None:
+    """Control messages from the client, until it goes; each acts on the execution `target`
+    names when it comes."""
     while True:
         try:
             raw = await ws.receive_text()
@@ -96,6 +146,7 @@ async def _commands(gw: Gateway, ws: WebSocket, credential: Credential,
             if not credential.controls:
                 raise Forbidden("an access token only subscribes: pause, resume, step and cancel "
                                 "need an API key or a JWT")
+            request_id = await target()
             if command.action == "step":
                 # Not waited for: the socket carries where it stops, and a cancel sent
                 # meanwhile must not queue behind it.

@@ -4,14 +4,18 @@ committed only by calls that succeed; budgets; closing; isolation."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
+import pytest
 import redis.asyncio as redis
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
 from relay.settings import Settings
-from tests.conftest import ADD_WAT, BOB_KEY, Served, assert_problem, upload, wait_for
+from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, Served, assert_problem, upload, wait_for
 from tests.relay.gateway.test_events import EVENTS, client, sse_messages
 
 # A counter kept both in a global the module does not export and in its memory, which it does
@@ -296,3 +300,41 @@ async def test_step_pause_and_resume_the_current_call(http: httpx.AsyncClient,
     assert (await wait_for(finished))["output"] == 3_000_000
     after = (await call(http, sid, "add", [0])).json()
     assert after["output"] == 3_000_000, after
+
+
+async def test_websocket_streams_a_sessions_calls_and_steers_the_current_one(
+        served: Served, executor: Executor) -> None:
+    async with client(served) as http:
+        session = await make_session(http)
+        sid = session["session_id"]
+        first = (await call(http, sid, "add", [1])).json()["request_id"]
+        url = served.url.replace("http", "ws", 1) + f"/ws/sessions/{sid}"
+        async with ws_connect(url, additional_headers={"X-API-Key": ALICE_KEY}) as ws:
+            replayed = await asyncio.wait_for(until_terminal(ws), 10)
+            assert {event["request_id"] for event in replayed} == {first}
+            assert replayed[-1]["type"] == "execution_complete"
+            await ws.send(json.dumps({"action": "pause"}))  # nothing runs: refused, not closed
+            refusal = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert refusal["type"] == "control_error" and refusal["status"] == 409
+            long = await http.post(f"/sessions/{sid}/calls", headers={"Prefer": "respond-async"},
+                                   json={"entrypoint": "work", "inputs": [50_000_000]})
+            await ws.send(json.dumps({"action": "cancel"}))
+            live = await asyncio.wait_for(until_terminal(ws), 10)
+        rid = long.json()["request_id"]
+        assert live[-1] == {**live[-1], "type": "execution_error", "request_id": rid}
+        assert live[-1]["error"]["code"] == "cancelled"
+        assert all(event["session_id"] == sid for event in replayed + live)
+        async with ws_connect(url, additional_headers={"X-API-Key": BOB_KEY}) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
+
+
+async def until_terminal(ws: Any) -> list[dict[str, Any]]:
+    """A WebSocket's events up to the next terminal one."""
+    seen = []
+    while True:
+        event = json.loads(await ws.recv())
+        seen.append(event)
+        if event["type"] in ("execution_complete", "execution_error"):
+            return seen
