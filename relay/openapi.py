@@ -146,6 +146,16 @@ OPERATIONS = (
         body=((JSON, schemas.ResumeRequest),), body_required=False,
     ),
     Operation(
+        "POST", "/executions/{request_id}/step", "stepExecution",
+        "Let a paused execution run until it has used `gas` more (default: its `step_gas`)",
+        (Reply(200, "Stopped again: paused (`gas_used` where it stopped) or finished (the "
+               "result).", schemas.ExecutionState),
+         Reply(202, "Not stopped within the sync wait: the state so far.",
+               schemas.ExecutionState)),
+        (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
+        body=((JSON, schemas.StepRequest),), body_required=False,
+    ),
+    Operation(
         "GET", "/intent/execute-wasm/events", "events",
         "Server-Sent Events of the caller's executions",
         (Reply(200, "`text/event-stream`: each message has `id:` (the stream entry id) and one "
