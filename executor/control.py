@@ -84,8 +84,9 @@ class LiveControl:
     """Live control of one execution: pause, resume, cancel, progress. One per execution.
 
     Every public method and property may be called from any thread. The module notices a
-    request at its next epoch tick (10 ms) while it runs wasm code, and at once while it sleeps
-    in a WASI `poll_oneoff` (`sleep`); the other host calls return within microseconds.
+    request at its next check (within 10 ms; 1 ms while stepping) while it runs wasm code, and
+    at once while it sleeps in a WASI `poll_oneoff` (`sleep`); the other host calls return
+    within microseconds.
 
     `max_pause_ms`: a pause longer than this ends the execution with `cancelled` (step pauses
     included).
