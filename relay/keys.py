@@ -92,6 +92,15 @@ class Keys:
         module cannot be deleted."""
         return f"{self.prefix}:module-holds:{cid}"
 
+    def snapshot(self, snapshot_id: str) -> str:
+        """Hash holding one snapshot: owner, session, module, the state it holds a reference
+        to, its size, label and creation time (relay.snapshots)."""
+        return f"{self.prefix}:snapshot:{snapshot_id}"
+
+    def snapshots(self, principal: str) -> str:
+        """Sorted set of the principal's snapshots, scored by creation time (Redis time, µs)."""
+        return f"{self.prefix}:snapshots:{principal}"
+
     def module(self, cid: str) -> str:
         """Hash holding one module's binary (`wasm`), metadata (`meta`) and `owner`."""
         return f"{self.prefix}:module:{cid}"

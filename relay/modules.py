@@ -206,10 +206,10 @@ class ModuleStore:
         """Delete a module while `owner` owns it and no name points at it, giving its bytes
         back to the owner's quota. Returns None when deleted, else the owner it has now (the
         caller authorized against a stale one). Raises NotFound, or Conflict listing the
-        `name@tag`s bound to it."""
+        `name@tag`s bound to it, or saying how many live sessions and snapshots hold it."""
         outcome = [part.decode() for part in await self._unstore(
             keys=[self.keys.module(cid), self.keys.modules, self.keys.module_names(cid),
-                  self.keys.module_usage(owner)],
+                  self.keys.module_usage(owner), self.keys.module_holds(cid)],
             args=[owner, cid])]
         self._cache.pop(cid, None)
         if outcome[0] == "missing":
@@ -218,6 +218,10 @@ class ModuleStore:
             names = ", ".join(outcome[1:])
             raise Conflict(f"glyph names point at the module: {names}; bind them to another "
                            "module first")
+        if outcome[0] == "held":
+            raise Conflict(f"the module is in use by {outcome[1]} live sessions and snapshots: "
+                           "it can be deleted once those snapshots are deleted and those "
+                           "sessions have expired")
         return outcome[1] if outcome[0] == "owner" else None
 
     async def resolve(self, reference: str) -> Resolved:

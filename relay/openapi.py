@@ -195,7 +195,8 @@ OPERATIONS = (
     ),
     Operation(
         "DELETE", "/modules/{cid}", "deleteModule",
-        "Delete a module (its uploader only; not while glyph names point at it)",
+        "Delete a module (its uploader only; not while glyph names point at it, nor while a "
+        "live session or snapshot uses it)",
         (Reply(204, "Deleted."),),
         (*STORE, InvalidRequest, Forbidden, NotFound, Conflict),
     ),
@@ -323,7 +324,6 @@ OPERATIONS = (
         _control_replies("Resumed: the call's state."),
         (*STORE, NotFound, Conflict),
     ),
-    Operation("GET", "/", "index", "Links to the API's entry points",
     Operation(
         "POST", "/sessions/{session_id}/step", "stepSession",
         "Let the session's paused current call run a step of gas",
@@ -367,6 +367,7 @@ OPERATIONS = (
         (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
         body=((JSON, schemas.RestoreSnapshot),), body_required=False,
     ),
+    Operation("GET", "/", "index", "Links to the API's entry points",
               (Reply(200, "The links.", schemas.Index),), auth=False),
     Operation("GET", "/healthz", "healthz", "Liveness", (Reply(200, "Alive.", schemas.Liveness),),
               auth=False),
@@ -418,6 +419,8 @@ PARAMETERS = {
                             {"type": "string", "pattern": "^bud_[0-9a-f]{24}$"}),
     "session_id": _parameter("path", "session_id", "The session's id.",
                              {"type": "string", "pattern": "^ses_[0-9a-f]{24}$"}),
+    "snapshot_id": _parameter("path", "snapshot_id", "The snapshot's id.",
+                              {"type": "string", "pattern": "^snp_[0-9a-f]{24}$"}),
     "session_id_query": _parameter("query", "session_id", "Only this session's calls' events.",
                                    {"type": "string"}),
     "page_limit": _parameter("query", "limit", "Items per page.",

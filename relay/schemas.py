@@ -439,6 +439,49 @@ class SessionPage(msgspec.Struct, kw_only=True):
     next_cursor: str | None
 
 
+MAX_BRANCHES = 64
+
+
+class CreateSnapshot(Request):
+    """`POST /sessions/{id}/snapshots` (an empty body is `{}`)."""
+
+    label: Annotated[str, Meta(max_length=256)] | None = None
+
+
+class RestoreSnapshot(Request):
+    """`POST /snapshots/{id}/restore` (an empty body is `{}`)."""
+
+    branch_count: Annotated[int, Meta(ge=1, le=MAX_BRANCHES)] = 1
+    budget: SessionBudget = msgspec.field(default_factory=SessionBudget)
+    """Each branch's own totals (what the original used does not count)."""
+
+
+class Snapshot(msgspec.Struct, kw_only=True):
+    """A session's committed state, kept until deleted; `state_cid` null is the module's fresh
+    state (a session never called)."""
+
+    snapshot_id: str
+    session_id: str
+    cid: str
+    state_cid: str | None
+    size: int
+    label: str | None
+    created_at: str
+
+
+class SnapshotPage(msgspec.Struct, kw_only=True):
+    """`GET /snapshots`: the caller's snapshots, newest first."""
+
+    items: list[Snapshot]
+    next_cursor: str | None
+
+
+class Branches(msgspec.Struct, kw_only=True):
+    """`POST /snapshots/{id}/restore`: the new sessions, each from the snapshot's state."""
+
+    items: list[SessionView]
+
+
 BUDGET_MAX_LIMIT = 10**15
 """Largest budget limit: sums stay exact in the budget scripts' Lua numbers (2^53)."""
 BudgetLimit = Annotated[int, Meta(gt=0, le=BUDGET_MAX_LIMIT)]
@@ -510,6 +553,8 @@ decode_execute_request = msgspec.json.Decoder(ExecuteRequest).decode
 decode_create_session = msgspec.json.Decoder(CreateSession).decode
 decode_session_call = msgspec.json.Decoder(SessionCall).decode
 decode_patch_session = msgspec.json.Decoder(PatchSession).decode
+decode_create_snapshot = msgspec.json.Decoder(CreateSnapshot).decode
+decode_restore_snapshot = msgspec.json.Decoder(RestoreSnapshot).decode
 decode_name_binding = msgspec.json.Decoder(NameBinding).decode
 decode_requested = msgspec.json.Decoder(WasmExecRequested).decode
 decode_completed = msgspec.json.Decoder(WasmExecCompleted).decode

@@ -13,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from relay.bus import Script
 from relay.errors import Conflict, NotFound, SessionClosed
@@ -111,18 +112,41 @@ class Sessions:
                      state_cid: str | None = None, state_size: int = 0) -> str:
         """A new session's id. Raises NotFound when the module was deleted meanwhile."""
         session_id = new_session_id()
+        created = await _CREATE.run(self.client, *self._create_call(
+            session_id, principal, cid, budget=budget, ttl_ms=ttl_ms, environment=environment,
+            created_at=created_at, state_cid=state_cid, state_size=state_size))
+        if not created:
+            raise NotFound(f"no module {cid}")
+        return session_id
+
+    async def load_create(self) -> None:
+        """Make sure Redis knows the create script, for `queue_create` (inside a MULTI, an
+        EVALSHA of a script Redis does not know fails)."""
+        await self.client.script_load(_CREATE.source)
+
+    def queue_create(self, pipe: Pipeline, principal: str, cid: str, *, budget: SessionBudget,
+                     ttl_ms: int | None, environment: str | None, created_at: str,
+                     state_cid: str | None = None, state_size: int = 0) -> str:
+        """`create` queued on a pipeline (several in one MULTI: a snapshot's branches); the new
+        session's id. Its reply: the expiry (ms), or 0 when the module is gone."""
+        session_id = new_session_id()
+        _CREATE.queue(pipe, *self._create_call(
+            session_id, principal, cid, budget=budget, ttl_ms=ttl_ms, environment=environment,
+            created_at=created_at, state_cid=state_cid, state_size=state_size))
+        return session_id
+
+    def _create_call(self, session_id: str, principal: str, cid: str, *, budget: SessionBudget,
+                     ttl_ms: int | None, environment: str | None, created_at: str,
+                     state_cid: str | None, state_size: int) -> tuple[list[str], list[Any]]:
         keys = self.keys
-        created = await _CREATE.run(self.client, [
+        return [
             keys.session(session_id), keys.sessions(principal), keys.session_expiry,
             keys.module(cid), keys.module_holds(cid),
         ], [
             keys.prefix, session_id, principal, cid, environment or "", created_at,
             ttl_ms or self.default_ttl_ms, _text(budget.max_gas), _text(budget.max_time),
             _text(budget.max_calls), state_cid or "", state_size,
-        ])
-        if not created:
-            raise NotFound(f"no module {cid}")
-        return session_id
+        ]
 
     async def get(self, session_id: str) -> Session | None:
         fields = await self.client.hgetall(self.keys.session(session_id))

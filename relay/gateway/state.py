@@ -21,6 +21,7 @@ from relay.pipeline.run import ExecutePipeline
 from relay.policy import Policies
 from relay.sessions import Sessions
 from relay.settings import Settings
+from relay.snapshots import Snapshots
 from relay.supervise import Supervisor
 from relay.tokens import AccessTokens
 
@@ -45,6 +46,7 @@ class Gateway:
         self.authorizer = Authorizer(policies, self.modules, self.metrics)
         self.tokens = AccessTokens(token_secret)
         self.sessions = Sessions(client, keys, settings.session_ttl_ms)
+        self.snapshots = Snapshots(client, keys, self.sessions)
         self.controller = Controller(client, keys, self.bus, self.fan_in, settings, policies)
         self.pipeline = ExecutePipeline(
             settings=settings, policies=policies, authenticate=self.authenticate,

@@ -1,9 +1,11 @@
 -- Deletes a module, only while it is the owner's the caller checked (a gateway's view may be
--- stale: deleted and uploaded again by another) and no glyph name points at it; gives its
--- bytes back to the owner's quota.
--- KEYS: module hash, modules sorted set, its names set, the owner's usage hash.
+-- stale: deleted and uploaded again by another), no glyph name points at it and no live session
+-- or snapshot holds it (they count themselves in its holds); gives its bytes back to the
+-- owner's quota.
+-- KEYS: module hash, modules sorted set, its names set, the owner's usage hash, its holds.
 -- ARGV: owner, cid.
--- Returns {'deleted'}, {'missing'}, {'owner', <owner>} or {'named', <name@tag>...}.
+-- Returns {'deleted'}, {'missing'}, {'owner', <owner>}, {'named', <name@tag>...} or
+-- {'held', <holds>}.
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if not owner then
   return {'missing'}
@@ -16,6 +18,10 @@ if #names > 0 then
   table.sort(names)
   table.insert(names, 1, 'named')
   return names
+end
+local holds = tonumber(redis.call('GET', KEYS[5]) or '0')
+if holds > 0 then
+  return {'held', tostring(holds)}
 end
 local size = redis.call('HSTRLEN', KEYS[1], 'wasm') + redis.call('HSTRLEN', KEYS[1], 'meta')
 redis.call('DEL', KEYS[1])

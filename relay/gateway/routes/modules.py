@@ -114,7 +114,8 @@ async def get_module_wasm(request: Request) -> Response:
 
 async def delete_module(request: Request) -> Response:
     """Its owner may delete a module, and whoever the policies grant `admin` on it; not while a
-    glyph name points at it (409, naming them)."""
+    glyph name points at it (409, naming them), nor while a live session or snapshot uses it
+    (409)."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
     cid = _path_cid(request)

@@ -36,7 +36,8 @@ from tests.conftest import (
 TRAP_WAT = '(module (func (export "main") unreachable))'
 EXAMPLE_PATH_PARAMETERS = {"request_id": "0" * 64, "cid": cid_of(b"nothing stored"),
                            "name": "nobody", "tag": "latest",
-                           "budget_id": "bud_" + "0" * 24}
+                           "budget_id": "bud_" + "0" * 24, "session_id": "ses_" + "0" * 24,
+                           "snapshot_id": "snp_" + "0" * 24}
 
 
 def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
