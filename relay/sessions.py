@@ -115,8 +115,10 @@ class Sessions:
         created = await _CREATE.run(self.client, *self._create_call(
             session_id, principal, cid, budget=budget, ttl_ms=ttl_ms, environment=environment,
             created_at=created_at, state_cid=state_cid, state_size=state_size))
-        if not created:
+        if created == 0:
             raise NotFound(f"no module {cid}")
+        if created < 0:
+            raise NotFound(f"no state {state_cid}")
         return session_id
 
     async def load_create(self) -> None:
@@ -128,7 +130,8 @@ class Sessions:
                      ttl_ms: int | None, environment: str | None, created_at: str,
                      state_cid: str | None = None, state_size: int = 0) -> str:
         """`create` queued on a pipeline (several in one MULTI: a snapshot's branches); the new
-        session's id. Its reply: the expiry (ms), or 0 when the module is gone."""
+        session's id. Its reply: the expiry (ms), 0 when the module is gone, -1 when the state
+        is."""
         session_id = new_session_id()
         _CREATE.queue(pipe, *self._create_call(
             session_id, principal, cid, budget=budget, ttl_ms=ttl_ms, environment=environment,

@@ -100,8 +100,8 @@ class Snapshots:
     async def restore(self, principal: str, snapshot: Snapshot, count: int, *,
                       budget: SessionBudget, created_at: str) -> list[str]:
         """Create `count` sessions of the snapshot's module, each starting from its state with
-        a reference of its own, all or none, in one transaction; their ids. Raises NotFound
-        when the snapshot was deleted meanwhile.
+        a reference of its own, in the session's environment, all or none, in one transaction;
+        their ids. Raises NotFound when the snapshot was deleted meanwhile.
 
         Optimistic: the transaction runs only if the snapshot (which holds the state and the
         module, so that each branch's reference can be taken) was not deleted since it was
@@ -112,13 +112,15 @@ class Snapshots:
             await self.sessions.load_create()
             async with self.client.pipeline(transaction=True) as pipe:
                 await pipe.watch(key)
-                if await pipe.hget(key, "principal") != principal.encode():
+                owner, environment = await pipe.hmget(key, ["principal", "environment"])
+                if owner != principal.encode():
                     break
                 pipe.multi()
                 ids = [self.sessions.queue_create(
                     pipe, principal, snapshot.cid, budget=budget, ttl_ms=None,
-                    environment=None, created_at=created_at, state_cid=snapshot.state_cid,
-                    state_size=snapshot.size) for _ in range(count)]
+                    environment=(environment or b"").decode() or None, created_at=created_at,
+                    state_cid=snapshot.state_cid, state_size=snapshot.size)
+                    for _ in range(count)]
                 try:
                     replies = await pipe.execute(raise_on_error=False)
                 except WatchError:
@@ -128,9 +130,9 @@ class Snapshots:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-            if not all(replies):  # the snapshot holds its module: it cannot be gone
-                raise RuntimeError(f"module {snapshot.cid} of snapshot "
-                                   f"{snapshot.snapshot_id} is gone")
+            if any(reply <= 0 for reply in replies):  # the snapshot holds both: impossible
+                raise RuntimeError(f"the module or state of snapshot {snapshot.snapshot_id} "
+                                   "is gone")
             return ids
         raise NotFound(f"no snapshot {snapshot.snapshot_id}")
 

@@ -3,9 +3,13 @@
 -- KEYS: session hash, the principal's sessions, the expiry index, module hash, module holds.
 -- ARGV: prefix, session_id, principal, cid, environment, created_at, ttl, budget_gas,
 -- budget_time, budget_calls, state_cid, state_size.
--- Returns the expiry time (ms), or 0 when the module is gone.
+-- Returns the expiry time (ms), 0 when the module is gone, -1 when the state is (state_ref,
+-- states.lib.lua: a state dropped, or an orphan that expired, since it was read).
 if redis.call('EXISTS', KEYS[4]) == 0 then
   return 0
+end
+if not state_ref(ARGV[1], ARGV[11]) then
+  return -1
 end
 local now = redis.call('TIME')
 local created = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -18,5 +22,4 @@ redis.call('HSET', KEYS[1], 'principal', ARGV[3], 'cid', ARGV[4], 'environment',
 redis.call('ZADD', KEYS[2], created, ARGV[2])
 redis.call('ZADD', KEYS[3], expires, ARGV[2])
 redis.call('INCR', KEYS[5])
-state_ref(ARGV[1], ARGV[11])
 return expires
