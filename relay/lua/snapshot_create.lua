@@ -1,11 +1,13 @@
 -- Snapshots a session: its last committed state (a call running now is not waited for), held by
--- a new reference (state_ref, states.lib.lua), and its module held, as a session holds it.
+-- a new reference (state_ref, states.lib.lua), its module, held as a session holds it, and its
+-- environment (branches restored from it run in it too).
 -- KEYS: the session hash, the snapshot hash, the principal's snapshots, the module's holds.
 -- ARGV: prefix, snapshot_id, principal, session_id, cid (the session's, as the caller read it:
 -- it never changes), created_at, then the label if there is one.
 -- Returns {state_cid, size} ('' for a session never called: its module's fresh state), or 0
 -- when the session is gone or another principal's.
-local s = redis.call('HMGET', KEYS[1], 'principal', 'cid', 'state_cid', 'state_size')
+local s = redis.call('HMGET', KEYS[1], 'principal', 'cid', 'state_cid', 'state_size',
+                     'environment')
 if s[1] ~= ARGV[3] or s[2] ~= ARGV[5] then
   return 0
 end
@@ -16,7 +18,8 @@ if not state_ref(ARGV[1], state_cid) then
 end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'principal', ARGV[3], 'session_id', ARGV[4], 'cid', ARGV[5],
-           'state_cid', state_cid, 'size', size, 'created_at', ARGV[6])
+           'state_cid', state_cid, 'size', size, 'created_at', ARGV[6],
+           'environment', s[5] or '')
 if ARGV[7] then
   redis.call('HSET', KEYS[2], 'label', ARGV[7])
 end

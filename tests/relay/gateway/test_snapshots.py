@@ -124,6 +124,37 @@ async def test_a_snapshot_of_a_session_never_called_is_the_fresh_state(
     assert await output(http, branch["session_id"], "calls", []) == 1
 
 
+async def test_a_snapshot_does_not_wait_for_the_running_call(http: httpx.AsyncClient,
+                                                             executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    assert await output(http, sid, "add", [5]) == 5
+    before = (await http.get(f"/sessions/{sid}")).json()["state_cid"]
+    # A call held paused (step_gas) until the snapshot is taken: it is running, not committed.
+    accepted = await http.post(f"/sessions/{sid}/calls", headers={"Prefer": "respond-async"},
+                               json={"entrypoint": "work", "inputs": [3_000_000],
+                                     "step_gas": 1_000_000})
+    rid = accepted.json()["request_id"]
+
+    async def paused() -> bool:
+        return bool((await http.get(f"/sessions/{sid}")).json()["status"] == "paused")
+
+    await wait_for(paused)
+    taken = await snapshot(http, sid)
+    assert taken["state_cid"] == before
+    assert (await http.post(f"/executions/{rid}/resume")).status_code in (200, 202)
+
+    async def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await http.get(f"/executions/{rid}")).json()
+        return body if body["status"] == "completed" else None
+
+    assert (await wait_for(finished))["output"] == 3_000_005
+    assert (await http.get(f"/sessions/{sid}")).json()["state_cid"] != before
+    assert (await http.get(f"/snapshots/{taken['snapshot_id']}")).json()["state_cid"] == before
+    [branch] = await restore(http, taken["snapshot_id"])
+    assert await output(http, branch["session_id"], "add", [1]) == 6
+
+
 async def test_snapshots_are_listed_newest_first(http: httpx.AsyncClient,
                                                  executor: Executor) -> None:
     session = await make_session(http)
