@@ -408,6 +408,28 @@ async def test_a_cap_counts_only_what_runs_after_it_and_deleting_it_frees_the_pr
     assert (await run(alice, module["cid"], [3, 3])).status_code == 200
 
 
+async def test_session_calls_count_toward_the_principals_budgets(
+        alice: httpx.AsyncClient, executor: Executor) -> None:
+    module = await upload(alice, """(module (global $n (mut i32) (i32.const 0))
+      (func (export "bump") (result i32)
+        (global.set $n (i32.add (global.get $n) (i32.const 1))) (global.get $n)))""")
+    created = await alice.post("/sessions", json={"cid": module["cid"]})
+    assert created.status_code == 201, created.text
+    calls = f"/sessions/{created.json()['session_id']}/calls"
+    budget = await create(alice, max_executions=2, max_gas=10**6)
+    results = []
+    for _ in range(2):
+        response = await alice.post(calls, json={"entrypoint": "bump"})
+        assert response.status_code == 200, response.text
+        results.append(response.json())
+    assert [result["output"] for result in results] == [1, 2]
+    assert_problem(await alice.post(calls, json={"entrypoint": "bump"}), 429, "budget-exhausted")
+    window = await usage(alice, budget["budget_id"])
+    assert window["executions"] == 2
+    assert window["gas_used"] == sum(result["gas_used"] for result in results)
+    assert window["reserved"]["gas"] == 0
+
+
 # --- across processes ---
 
 
