@@ -113,6 +113,7 @@ class LiveControl:
         self.output = None
         self._on_event = on_event
         self._places = places
+        self._on_step: Callable[[], None] | None = None
         self._cond = threading.Condition(threading.Lock())
         self._state: ControlState = "pending"
         # Requests from any thread, read by the wasm thread (under `_cond` when acted upon).
@@ -168,6 +169,8 @@ class LiveControl:
             self._step_until = self._gas_used + gas
             self._cond.notify_all()
         self._give_back_place()  # running again (the wasm thread wakes up shortly)
+        if self._on_step is not None:
+            self._on_step()
         return True
 
     def resume(self, additional_gas: int = 0) -> bool:
@@ -260,10 +263,16 @@ class LiveControl:
 
     # --- The sandbox's side, on the wasm thread (the one running `Sandbox.run`). ---
 
-    def attach(self, store: wasmtime.Store) -> None:
+    def attach(self, store: wasmtime.Store,
+               on_step: Callable[[], None] | None = None) -> None:
         """Take over `store`'s epoch deadline (from its next tick); `detach()` once the run has
-        returned. Raises RuntimeError if this wasmtime's C API is not the one relied on."""
+        returned. `on_step` is called (from any thread) when a step begins, so that ticks come
+        every millisecond. Raises RuntimeError if this wasmtime's C API is not the one relied
+        on."""
+        self._on_step = on_step
         self._tick_key = epoch.install(store, self._tick, self._ticks_to_next)
+        if self._step_until is not None and on_step is not None:
+            on_step()  # the first step, from the start
 
     def detach(self) -> None:
         if self._tick_key is not None:

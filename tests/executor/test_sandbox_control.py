@@ -609,7 +609,7 @@ def test_checks_come_every_tick_only_while_stepping(sandbox: Sandbox,
     assert checks[10**15] >= 4 * checks[None]
 
 
-def test_the_epoch_ticks_every_millisecond_while_a_call_runs() -> None:
+def test_the_epoch_ticks_once_a_millisecond_while_a_call_runs() -> None:
     box = Sandbox()
     ticks = [0]
     increment = box.engine.increment_epoch
@@ -628,13 +628,15 @@ def test_the_epoch_ticks_every_millisecond_while_a_call_runs() -> None:
                           max_output_bytes=100)
         elapsed_ms = (time.perf_counter() - started) * 1000
         assert outcome.error is not None and outcome.error.code == "timeout"
-        # An uncontrolled run's deadline is counted in 1 ms ticks, on a schedule that does not
-        # drift: it ends within a few ms of its max_time.
+        # An uncontrolled run's deadline is counted in 1 ms ticks, which follow the wall clock
+        # (advanced 10 at a time while no run is stepped): it ends within about 10 ms of its
+        # max_time.
         assert 300 <= elapsed_ms < 400
-        assert 295 <= ticks[0] <= 320
+        assert 300 <= ticks[0] <= 320
+        time.sleep(0.05)
         after = ticks[0]
         time.sleep(0.2)
-        assert ticks[0] - after <= 1  # no call runs: the ticker sleeps again
+        assert ticks[0] == after  # no call runs: the ticker sleeps again
     finally:
         box.close()
     wait_until(lambda: not box._ticker.is_alive(), "the epoch ticker to stop")
