@@ -138,7 +138,9 @@ class Sandbox:
         self._calls = 0
         """Calls under way (`_call`): the epoch ticks while there is one."""
         self._calls_changed = threading.Condition(threading.Lock())
-        """Notified when the first call begins, when a step begins, and on close."""
+        """Notified when a call begins while the ticker is idle, when a step begins, and on
+        close."""
+        self._ticker_idle = False
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
 
@@ -168,7 +170,9 @@ class Sandbox:
                 if not self._calls:
                     if self._stop.is_set():
                         return
+                    self._ticker_idle = True
                     self._calls_changed.wait()
+                    self._ticker_idle = False
                     origin = None
                     continue
                 if origin is None:
@@ -196,12 +200,14 @@ class Sandbox:
 
     @contextlib.contextmanager
     def _ticking(self) -> Iterator[None]:
-        """Count a call as under way while in the block, waking the ticker for the first. (Not
+        """Count a call as under way while in the block, waking an idle ticker. (Not
         the Stores' lifetimes: a trap leaves its Store in a reference cycle, alive until the
         garbage collector runs, which an idle process may not do for long.)"""
         with self._calls_changed:
             self._calls += 1
-            if self._calls == 1:
+            # Only an idle ticker is woken: one waiting for its next batch is not (inline calls
+            # begin and end one after another, each would wake it).
+            if self._ticker_idle:
                 self._calls_changed.notify()
         try:
             yield
