@@ -21,6 +21,8 @@ import contextlib
 import logging
 from typing import Literal
 
+from msgspec import UNSET
+
 from executor.control import LiveControl, PausePlaces
 from executor.wasi import Output
 from relay.bus import Bus, Verdict
@@ -80,7 +82,8 @@ class LiveRun:
         self.verdict: Verdict | None = None
         """The start script's, once announced."""
         self.started = ExecutionStarted(request_id=request.request_id,
-                                        executor_node=executor_node, timestamp=now_iso())
+                                        executor_node=executor_node, timestamp=now_iso(),
+                                        session_id=request.session_id or UNSET)
         self._announced: asyncio.Task[bool] | None = None
         self.control = LiveControl(max_pause_ms=max_pause_ms, on_event=self.on_event,
                                    step_gas=request.step_gas, places=pause_places)
@@ -192,6 +195,8 @@ class LiveRun:
                     break  # at most one chunk a stream a tick: bounded rate
 
     def _publish(self, event: BusMessage, status: str = "") -> None:
+        if self.request.session_id is not None:
+            event.session_id = self.request.session_id  # a session call's events carry it
         task = asyncio.create_task(self._emit(event, status))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

@@ -161,7 +161,7 @@ OPERATIONS = (
         (Reply(200, "`text/event-stream`: each message has `id:` (the stream entry id) and one "
                "`data:` line, an Event (or EventsLost first, when history was trimmed).",
                SSE_MESSAGE, EVENT_STREAM),),
-        (*STORE, InvalidRequest, Forbidden, TooManyStreams),
+        (*STORE, InvalidRequest, Forbidden, NotFound, TooManyStreams),
         parameters=("request_id_query", "session_id_query", "last_event_id", "Last-Event-ID"),
         url_token=True,
     ),
