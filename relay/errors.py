@@ -69,7 +69,8 @@ class Forbidden(RelayError):
 
 
 class QuotaExceeded(RelayError):
-    """The principal has as many modules, or bytes of modules, stored as it may."""
+    """The principal has as many modules, or bytes of modules, stored as it may (or sessions,
+    or snapshots)."""
 
     status, slug, title = 403, "quota-exceeded", "Quota exceeded"
 

@@ -265,7 +265,7 @@ OPERATIONS = (
         "Start a session: an instance of a module whose state lives on between calls",
         (Reply(201, "Created, idle, with the module's fresh state.", schemas.SessionView,
                headers=("Location",)),),
-        (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
+        (*STORE, InvalidRequest, Forbidden, QuotaExceeded, NotFound, PayloadTooLarge),
         body=((JSON, schemas.CreateSession),),
     ),
     Operation(
@@ -339,7 +339,7 @@ OPERATIONS = (
         "Snapshot a session's last committed state (a running call is not waited for)",
         (Reply(201, "Taken; it lives until deleted (`state_cid` null: the module's fresh "
                "state).", schemas.Snapshot, headers=("Location",)),),
-        (*STORE, InvalidRequest, NotFound, PayloadTooLarge),
+        (*STORE, InvalidRequest, QuotaExceeded, NotFound, PayloadTooLarge),
         body=((JSON, schemas.CreateSnapshot),), body_required=False,
     ),
     Operation(
@@ -364,7 +364,7 @@ OPERATIONS = (
         "Branch: new sessions, each starting from the snapshot's state",
         (Reply(201, "The new sessions, idle, independent of each other and of the original.",
                schemas.Branches),),
-        (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
+        (*STORE, InvalidRequest, Forbidden, QuotaExceeded, NotFound, PayloadTooLarge),
         body=((JSON, schemas.RestoreSnapshot),), body_required=False,
     ),
     Operation("GET", "/", "index", "Links to the API's entry points",

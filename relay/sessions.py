@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from relay.bus import Script
-from relay.errors import Conflict, NotFound, SessionClosed
+from relay.errors import Conflict, NotFound, QuotaExceeded, SessionClosed
 from relay.keys import Keys
 from relay.schemas import (
     ExecuteResponse,
@@ -102,10 +102,13 @@ class Session(NamedTuple):
 class Sessions:
     """Sessions in Redis: create, read, list, close, budget, expire."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, default_ttl_ms: int) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, default_ttl_ms: int,
+                 max_sessions: int) -> None:
         self.client = client
         self.keys = keys
         self.default_ttl_ms = default_ttl_ms
+        self.max_sessions = max_sessions
+        """Sessions one principal may hold at once."""
 
     async def create(self, principal: str, cid: str, *, budget: SessionBudget,
                      ttl_ms: int | None, environment: str | None, created_at: str,
@@ -117,9 +120,15 @@ class Sessions:
             created_at=created_at, state_cid=state_cid, state_size=state_size))
         if created == 0:
             raise NotFound(f"no module {cid}")
-        if created < 0:
+        if created == -1:
             raise NotFound(f"no state {state_cid}")
+        if created == -2:
+            raise self.quota_exceeded()
         return session_id
+
+    def quota_exceeded(self) -> QuotaExceeded:
+        return QuotaExceeded(f"you hold {self.max_sessions} sessions, as many as you may "
+                             "(RELAY_MAX_SESSIONS): close some, and they go at their expiry")
 
     async def load_create(self) -> None:
         """Make sure Redis knows the create script, for `queue_create` (inside a MULTI, an
@@ -148,7 +157,7 @@ class Sessions:
         ], [
             keys.prefix, session_id, principal, cid, environment or "", created_at,
             ttl_ms or self.default_ttl_ms, _text(budget.max_gas), _text(budget.max_time),
-            _text(budget.max_calls), state_cid or "", state_size,
+            _text(budget.max_calls), state_cid or "", state_size, self.max_sessions,
         ]
 
     async def get(self, session_id: str) -> Session | None:

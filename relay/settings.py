@@ -300,6 +300,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "RELAY_SESSION_TTL", _int, EXECUTOR, "ms",
         "how long an idle session lives after its last call (a session's own `ttl` may say "
         "otherwise)")] = 86_400_000
+    max_sessions: Annotated[int, Variable(
+        "RELAY_MAX_SESSIONS", _int, EXECUTOR, "sessions",
+        "sessions one principal may hold at once (closed ones count until they expire); one "
+        "more is 403 `quota-exceeded`")] = 1000
+    max_snapshots: Annotated[int, Variable(
+        "RELAY_MAX_SNAPSHOTS", _int, EXECUTOR, "snapshots",
+        "snapshots one principal may keep; one more is 403 `quota-exceeded`")] = 1000
     max_state_bytes: Annotated[int, Variable(
         "RELAY_MAX_STATE_BYTES", _int, EXECUTOR, "bytes",
         "largest memory a session may keep between calls")] = 268_435_456

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, WatchError
 
 from relay.bus import Script
-from relay.errors import NotFound
+from relay.errors import NotFound, QuotaExceeded
 from relay.keys import Keys
 from relay.schemas import SessionBudget, Snapshot
 from relay.sessions import Session, Sessions
@@ -35,10 +35,13 @@ def new_snapshot_id() -> str:
 class Snapshots:
     """Snapshots in Redis: take, read, list, delete, restore as branches."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, sessions: Sessions) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, sessions: Sessions,
+                 max_snapshots: int) -> None:
         self.client = client
         self.keys = keys
         self.sessions = sessions
+        self.max_snapshots = max_snapshots
+        """Snapshots one principal may keep."""
 
     async def create(self, session: Session, label: str | None, created_at: str) -> Snapshot:
         """Snapshot the session's last committed state, atomically with the session as it is
@@ -51,10 +54,13 @@ class Snapshots:
             keys.snapshots(session.principal), keys.module_holds(session.cid),
         ], [
             keys.prefix, snapshot_id, session.principal, session.session_id, session.cid,
-            created_at, *([] if label is None else [label]),
+            created_at, self.max_snapshots, *([] if label is None else [label]),
         ])
-        if not taken:
+        if taken == 0:
             raise NotFound(f"no session {session.session_id}")
+        if taken == -1:
+            raise QuotaExceeded(f"you keep {self.max_snapshots} snapshots, as many as you may "
+                                "(RELAY_MAX_SNAPSHOTS): delete some first")
         state_cid, size = taken
         return Snapshot(snapshot_id=snapshot_id, session_id=session.session_id, cid=session.cid,
                         state_cid=state_cid.decode() or None, size=int(size), label=label,
@@ -111,10 +117,13 @@ class Snapshots:
         for _ in range(RESTORE_ATTEMPTS):
             await self.sessions.load_create()
             async with self.client.pipeline(transaction=True) as pipe:
-                await pipe.watch(key)
+                held = self.keys.sessions(principal)
+                await pipe.watch(key, held)
                 owner, environment = await pipe.hmget(key, ["principal", "environment"])
                 if owner != principal.encode():
                     break
+                if await pipe.zcard(held) + count > self.sessions.max_sessions:
+                    raise self.sessions.quota_exceeded()  # all the branches or none
                 pipe.multi()
                 ids = [self.sessions.queue_create(
                     pipe, principal, snapshot.cid, budget=budget, ttl_ms=None,

@@ -45,8 +45,8 @@ class Gateway:
         self.authenticate = Authenticator(settings, self.stored_keys)
         self.authorizer = Authorizer(policies, self.modules, self.metrics)
         self.tokens = AccessTokens(token_secret)
-        self.sessions = Sessions(client, keys, settings.session_ttl_ms)
-        self.snapshots = Snapshots(client, keys, self.sessions)
+        self.sessions = Sessions(client, keys, settings.session_ttl_ms, settings.max_sessions)
+        self.snapshots = Snapshots(client, keys, self.sessions, settings.max_snapshots)
         self.controller = Controller(client, keys, self.bus, self.fan_in, settings, policies)
         self.pipeline = ExecutePipeline(
             settings=settings, policies=policies, authenticate=self.authenticate,

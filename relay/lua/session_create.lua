@@ -2,11 +2,15 @@
 -- the module is then held (it cannot be deleted while a session or snapshot uses it).
 -- KEYS: session hash, the principal's sessions, the expiry index, module hash, module holds.
 -- ARGV: prefix, session_id, principal, cid, environment, created_at, ttl, budget_gas,
--- budget_time, budget_calls, state_cid, state_size.
+-- budget_time, budget_calls, state_cid, state_size, the most sessions the principal may hold.
 -- Returns the expiry time (ms), 0 when the module is gone, -1 when the state is (state_ref,
--- states.lib.lua: a state dropped, or an orphan that expired, since it was read).
+-- states.lib.lua: a state dropped, or an orphan that expired, since it was read), -2 when the
+-- principal holds as many sessions as it may.
 if redis.call('EXISTS', KEYS[4]) == 0 then
   return 0
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[13]) then
+  return -2
 end
 if not state_ref(ARGV[1], ARGV[11]) then
   return -1

@@ -313,3 +313,26 @@ async def test_64_branches_of_a_16_mib_state_are_quick(app: Any, http: httpx.Asy
           f"(executor concurrency {settings.executor_concurrency}; it runs in this process and "
           f"event loop, and starts the first calls while the others are accepted)")
     assert accepted_ms < 1000  # a loose bound for slow CI; the figure above is what counts
+
+
+async def test_a_principal_holds_at_most_its_quota_of_sessions_and_snapshots(
+        settings: Settings) -> None:
+    """Each keeps state stored: a tenant creating them without end is stopped at its quota,
+    and a restore that would go past it creates no branch at all."""
+    application = create_app(with_settings(settings, max_sessions=3, max_snapshots=1))
+    async with application.router.lifespan_context(application), \
+            client_for(application, ALICE_KEY) as http:
+        first = await make_session(http)
+        taken = await snapshot(http, first["session_id"])
+        assert_problem(await http.post(f"/sessions/{first['session_id']}/snapshots", json={}),
+                       403, "quota-exceeded")
+        refused = await http.post(f"/snapshots/{taken['snapshot_id']}/restore",
+                                  json={"branch_count": 3})
+        assert_problem(refused, 403, "quota-exceeded")
+        assert len((await http.get("/sessions")).json()["items"]) == 1  # all or none
+        assert len(await restore(http, taken["snapshot_id"], branch_count=2)) == 2
+        body = assert_problem(await http.post("/sessions", json={"cid": first["cid"]}), 403,
+                              "quota-exceeded")
+        assert "RELAY_MAX_SESSIONS" in body["detail"]
+        assert (await http.delete(f"/snapshots/{taken['snapshot_id']}")).status_code == 204
+        await snapshot(http, first["session_id"])  # a place freed
