@@ -348,7 +348,7 @@ class Executor:
                 policy = session.policy
             if live.announced and not await live.announce():
                 return None, None  # announced while the module was fetched, and not ours
-            # Tried inline (at most 2 ms on this loop) without a place: most runs end there.
+            # Tried inline (at most 10 ms on this loop) without a place: most runs end there.
             # Not a session call: its state is restored and captured in a controlled run; nor
             # a stepped one: it pauses, in a thread.
             inline = (self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
