@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import statistics
 from collections.abc import AsyncIterator
@@ -274,3 +275,30 @@ async def test_step_over_the_websocket(served: Served, executor: Executor) -> No
     assert pauses[1]["gas_used"] >= pauses[0]["gas_used"] + 2000
     assert pauses[2]["gas_used"] >= pauses[1]["gas_used"] + 5000
     assert seen[-1]["type"] == "execution_error" and seen[-1]["error"]["code"] == "cancelled"
+
+
+async def test_step_gas_is_part_of_the_request(http: httpx.AsyncClient) -> None:
+    """Under an automatic key, another step_gas is another execution; under an explicit key,
+    reusing the key with another step_gas is 422. A request without step_gas keeps the id it
+    had before step_gas existed (its canonical form is unchanged)."""
+    module = await upload(http, FIB_WAT)
+    body = {"cid": module["cid"], "inputs": [3]}
+    ids = set()
+    for extra in ({}, {"step_gas": 100}, {"step_gas": 200}):
+        response = await http.post("/intent/execute-wasm", headers=ASYNC,
+                                   json={**body, **extra})
+        ids.add(response.json()["request_id"])
+    assert len(ids) == 3
+    again = await http.post("/intent/execute-wasm", headers=ASYNC,
+                            json={**body, "step_gas": 100})
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    first = await http.post("/intent/execute-wasm", headers=ASYNC,
+                            json={**body, "idempotency_key": "k", "step_gas": 100})
+    assert first.status_code == 202
+    reuse = await http.post("/intent/execute-wasm", headers=ASYNC,
+                            json={**body, "idempotency_key": "k", "step_gas": 200})
+    assert_problem(reuse, 422, "idempotency-key-reuse")
+    canonical = {"cid": module["cid"], "entrypoint": "main", "inputs": [3],
+                 "policy": {"max_memory": 67108864, "max_gas": 1000000000, "max_time": 5000}}
+    key = hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
+    assert hashlib.sha256(f"5:alice{key}".encode()).hexdigest() in ids  # as in v1
