@@ -167,7 +167,7 @@ async def test_executor_killed_mid_call_the_call_reruns_from_the_committed_state
         nodes = await executors(processes, bus, 2)
         session = await make_session(http, WORK_WAT)
         sid = session["session_id"]
-        iters = await iterations_for(http, session["cid"], seconds=2.0)
+        iters = await iterations_for(http, session["cid"], seconds=2.5)
         before = (await ok(http, sid, "add", [5]))["state_cid"]
         work = await call_async(http, sid, "work", [iters], policy=LONG)
         behind = [await call_async(http, sid, "add", [value]) for value in (1, 2)]
