@@ -61,6 +61,8 @@ def test_a_module_is_named_by_cidv1_raw_sha2_256_in_base32() -> None:
     assert CANONICAL.startswith("bafkrei")  # what every module id a user sees looks like
     assert compute(b"hello world") == (
         "bafkreifzjut3te2nhyekklss27nh3k72ysco7y32koao5eei66wof36n5e")
+    for data in (b"", b"x" * 65536, MODULE):  # built by hand: what the library makes of it
+        assert normalize(compute(data)) == compute(data)
 
 
 @pytest.mark.parametrize("reference", [
