@@ -11,6 +11,6 @@ local verdict, windows = budgets_check_more(ARGV[1], record[1], record[3], gas)
 if verdict ~= 'ok' then
   return {verdict, windows}
 end
-budgets_reserve(KEYS[1], windows, gas, 0, false)
+budgets_reserve(KEYS[1], windows, gas, 0, false, record[3])
 redis.call('HINCRBY', KEYS[1], 'extra_gas', ARGV[2])
 return 'ok'

@@ -142,12 +142,13 @@ local function budgets_check_more(prefix, principal, held, gas)
 end
 
 -- Reserves `gas` and `time` (and one execution when `count`) in each window, and adds them to
--- the reservation the execution's record keeps. A window's use expires a window after it ends.
-local function budgets_reserve(record_key, windows, gas, time, count)
+-- `held`, the reservation the execution's record keeps (nil for a record just written). A
+-- window's use expires a window after it ends.
+local function budgets_reserve(record_key, windows, gas, time, count, held_field)
   if #windows == 0 then
     return
   end
-  local held, order = budget_held(redis.call('HGET', record_key, 'budgets'))
+  local held, order = budget_held(held_field)
   for _, w in ipairs(windows) do
     redis.call('HINCRBY', w.usage, 'reserved_gas', gas)
     redis.call('HINCRBY', w.usage, 'reserved_time', time)
