@@ -46,7 +46,7 @@ taking what its principal's budgets have left, before it is refused."""
 _LIMITS = ("max_gas", "max_time", "max_executions")
 
 
-_last_us = 0
+_last_us = 0  # so the ids a process makes in one microsecond, a burst of creations, never tie
 
 
 def new_budget_id() -> tuple[str, int]:
