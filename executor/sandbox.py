@@ -107,11 +107,24 @@ class Refused(Exception):
 
 class StateHooks(Protocol):
     """A session call's state, on the wasm thread: restored into the fresh instance before the
-    call, captured once it returned successfully. Either may raise Refused."""
+    call (unless it runs in an instance that holds it already), captured once it returned
+    successfully. Either may raise Refused."""
+
+    @property
+    def resident(self) -> Resident | None:
+        """An instance, and its store, that holds the call's starting state already."""
 
     def restore(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None: ...
 
     def capture(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None: ...
+
+
+class Resident(Protocol):
+    @property
+    def store(self) -> wasmtime.Store: ...
+
+    @property
+    def instance(self) -> wasmtime.Instance: ...
 
 
 class LinkError(ValueError):
@@ -291,7 +304,10 @@ class Sandbox:
                 return Outcome(*control.finish(None, None, policy.max_gas))
             self._controls.add(control)
         try:
-            store = self._new_store(policy, prepared)
+            if state is not None and state.resident is not None:
+                store = self._limit(state.resident.store, policy, prepared)
+            else:
+                store = self._new_store(policy, prepared)
             control.attach(store, on_step=self._step_began)
             if not prepared.uses_wasi:
                 return self._call(store, prepared, entrypoint, inputs, policy, control, state)
@@ -306,7 +322,12 @@ class Sandbox:
     def _new_store(self, policy: EffectivePolicy, prepared: Prepared) -> wasmtime.Store:
         """A fresh Store holding the policy's gas and memory limits and the table cap (its
         epoch deadline is the caller's to set)."""
-        store = wasmtime.Store(self.engine)
+        return self._limit(wasmtime.Store(self.engine), policy, prepared)
+
+    def _limit(self, store: wasmtime.Store, policy: EffectivePolicy,
+               prepared: Prepared) -> wasmtime.Store:
+        """`store` with the policy's gas and memory limits and the table cap (a fresh one, or a
+        session's resident one: each call sets its own)."""
         store.set_fuel(policy.max_gas)
         store.set_limits(memory_size=policy.max_memory,
                          table_elements=self.max_table_elements // max(prepared.tables, 1))
@@ -355,9 +376,12 @@ class Sandbox:
         error: ErrorInfo | None = None
         instance = None
         try:
-            instance = prepared.instance_pre.instantiate(store)
-            if state is not None:
-                state.restore(store, instance)
+            if state is not None and state.resident is not None:
+                instance = state.resident.instance
+            else:
+                instance = prepared.instance_pre.instantiate(store)
+                if state is not None:
+                    state.restore(store, instance)
             func = instance.exports(store)[entrypoint]
             assert isinstance(func, wasmtime.Func)
             output = func(store, *_arguments(func.type(store), inputs))

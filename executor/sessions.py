@@ -1,68 +1,109 @@
 """A session call on the executor: the state it starts from, and the state it commits.
 
 Before the run (on the loop): read the session's committed state and what its budget has left,
-lower the call's limits to it, and bring the state's pages into the local cache (only those
-missing are fetched). In the run (on the wasm thread): `restore` into the fresh instance, and,
-once the call succeeded, `capture` what changed. After it (on the loop): store the new pages
-and manifest (unreferenced, so they expire unless the commit takes them), and hand the settle
-a `Commit`, which it applies only while the session still holds the state the call started
-from.
+and lower the call's limits to it. When this executor ran the session's last call and still
+holds its instance (a *resident*, whose memory and globals are exactly the committed state:
+states are named by their content), the call runs in it as it is; otherwise the state's pages
+come into the local cache (only those missing are fetched) and `restore` writes them into a
+fresh instance on the wasm thread. Once the call succeeded, `capture` finds what changed (on
+the wasm thread); then (on the loop) the new pages and manifest are stored, unreferenced, so
+they expire unless the commit takes them, and the settle gets a `Commit`, which it applies only
+while the session still holds the state the call started from. The instance then stays
+resident for the session's next call; a call that did not succeed drops it.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
 
 import msgspec
 import redis.asyncio as aioredis
 import wasmtime
 
 from executor.sandbox import Refused
-from executor.state import Baseline, Manifest, PageCache, capture, restore, state_cid
+from executor.state import (
+    PAGE_BYTES,
+    Baseline,
+    Captured,
+    Manifest,
+    PageCache,
+    capture,
+    restore,
+    state_cid,
+)
 from relay.bus import Commit
 from relay.keys import Keys
 from relay.schemas import EffectivePolicy, ErrorInfo, WasmExecRequested
 from relay.states import StateStore
 
 PAGE_CACHE_BYTES = 256 * 1024 * 1024
+RESIDENT_BYTES = 512 * 1024 * 1024
+"""Memory the resident instances of one executor hold at most, all together."""
+MAX_RESIDENTS = 64
+
+
+class Resident(NamedTuple):
+    """A session's instance kept between calls, holding exactly the state `state_cid`."""
+
+    state_cid: str
+    store: wasmtime.Store
+    instance: wasmtime.Instance
+    baseline: Baseline
+
+    @property
+    def size(self) -> int:
+        return len(self.baseline.digests) * PAGE_BYTES
 
 
 class SessionCall:
-    """One session call's state, from its start to its commit."""
+    """One session call's state, from its start to its commit (`executor.sandbox.StateHooks`)."""
 
-    def __init__(self, base: str, manifest: Manifest | None, pages: dict[str, bytes],
-                 policy: EffectivePolicy, max_state_bytes: int) -> None:
+    def __init__(self, base: str, policy: EffectivePolicy, max_state_bytes: int, *,
+                 manifest: Manifest | None = None, pages: dict[str, bytes] | None = None,
+                 resident: Resident | None = None) -> None:
         self.base = base
         """The committed state the call starts from ("" for the module's fresh state)."""
         self.policy = policy
         """The call's limits, lowered to what its session's budget has left."""
+        self.resident = resident
+        """The instance to run in, holding `base` already (None: a fresh one)."""
         self._manifest = manifest
-        self._pages = pages
+        self._pages = pages or {}
         self._max_state_bytes = max_state_bytes
-        self._baseline = Baseline.fresh()
-        self._captured: tuple[Manifest, dict[str, bytes]] | None = None
+        self._baseline = resident.baseline if resident else Baseline.fresh()
+        self.ran_in: tuple[wasmtime.Store, wasmtime.Instance] | None = None
+        """The store and instance the call ran in, once it has."""
+        self.captured: Captured | None = None
+        """What a successful call left (None until then)."""
 
     def restore(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None:
-        """On the wasm thread, right after instantiation. Raises Refused."""
+        """On the wasm thread, right after instantiation (never for a resident). Raises
+        Refused."""
+        self.ran_in = store, instance
         if self._manifest is None:
             return
         try:
             self._baseline = restore(store, instance, self._manifest, self._pages)
         except ValueError as exc:
             raise Refused(ErrorInfo("memory_limit", f"the session's state cannot be "
-                                       f"restored under this call's limits: {exc}")) from None
+                                    f"restored under this call's limits: {exc}")) from None
         self._pages = {}  # in the instance now (the cache keeps its own copies)
 
     def capture(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None:
         """On the wasm thread, once the call returned successfully. Raises Refused."""
-        manifest, new_pages = capture(store, instance, self._baseline)
-        if manifest.size > self._max_state_bytes:
+        self.ran_in = store, instance
+        captured = capture(store, instance, self._baseline)
+        if captured.manifest.size > self._max_state_bytes:
             raise Refused(ErrorInfo("memory_limit", f"the session's state would be "
-                                       f"{manifest.size} bytes, over the limit of "
-                                       f"{self._max_state_bytes} (RELAY_MAX_STATE_BYTES)"))
-        self._captured = manifest, new_pages
+                                    f"{captured.manifest.size} bytes, over the limit of "
+                                    f"{self._max_state_bytes} (RELAY_MAX_STATE_BYTES)"))
+        self.captured = captured
 
 
 class SessionStates:
-    """The executor's side of sessions: one per executor, with its local page cache."""
+    """The executor's side of sessions: one per executor, with its local page cache and its
+    resident instances. Used from the executor's event loop only."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, max_state_bytes: int,
                  orphan_ttl_ms: int) -> None:
@@ -71,20 +112,30 @@ class SessionStates:
         self.max_state_bytes = max_state_bytes
         self.store = StateStore(client, keys, orphan_ttl_ms=orphan_ttl_ms)
         self.cache = PageCache(PAGE_CACHE_BYTES)
+        self._residents: OrderedDict[str, Resident] = OrderedDict()
+        """Session id -> its instance, least recently used first. A call takes its session's
+        out while it runs, so no two runs ever share one."""
 
     async def begin(self, request: WasmExecRequested) -> SessionCall:
-        """What the call starts from. Raises Refused (its session is gone, or its state)."""
-        assert request.session_id is not None
-        fields = await self.client.hmget(self.keys.session(request.session_id), [
+        """What the call starts from. Raises Refused (its session is gone, or its state, or its
+        budget has nothing left)."""
+        session_id = request.session_id
+        assert session_id is not None
+        fields = await self.client.hmget(self.keys.session(session_id), [
             "state_cid", "budget_gas", "gas_used", "budget_time", "time_used"])
+        resident = self._residents.pop(session_id, None)
         if fields[0] is None:
-            raise Refused(ErrorInfo("internal", f"session {request.session_id} is gone"))
+            raise Refused(ErrorInfo("internal", f"session {session_id} is gone"))
         base = fields[0].decode()
         policy = _within_budget(request.policy, fields[1:])
         policy = msgspec.structs.replace(
             policy, max_memory=min(policy.max_memory, self.max_state_bytes))
+        # Only an instance holding the committed state itself: a peer may have run calls since.
+        if resident is not None and resident.state_cid == base and base \
+                and resident.size <= policy.max_memory:
+            return SessionCall(base, policy, self.max_state_bytes, resident=resident)
         if not base:
-            return SessionCall("", None, {}, policy, self.max_state_bytes)
+            return SessionCall("", policy, self.max_state_bytes)
         raw = await self.store.manifest(base)
         if raw is None:
             raise Refused(ErrorInfo("internal", f"the session's state {base} is missing"))
@@ -94,20 +145,37 @@ class SessionStates:
             fetched = await self.store.pages(missing)
             self.cache.put_many(fetched)
             pages.update(fetched)
-        return SessionCall(base, manifest, pages, policy, self.max_state_bytes)
+        return SessionCall(base, policy, self.max_state_bytes, manifest=manifest, pages=pages)
 
-    async def commit(self, call: SessionCall) -> Commit | None:
-        """Store what a successful call captured; the Commit for its settle (None when it
-        captured nothing: it did not succeed)."""
-        if call._captured is None:
+    async def commit(self, call: SessionCall, session_id: str, *,
+                     keep: bool = True) -> Commit | None:
+        """Store what a successful call captured and (with `keep`) keep its instance resident;
+        the Commit for its settle (None when it captured nothing: it did not succeed). WASI
+        modules' instances are not kept: their store's WASI context is per run."""
+        captured = call.captured
+        if captured is None or call.ran_in is None:
             return None
-        manifest, new_pages = call._captured
-        encoded = manifest.encode()
+        encoded = captured.manifest.encode()
         cid = state_cid(encoded)
         if cid != call.base:
-            await self.store.save(encoded, cid, new_pages)
-            self.cache.put_many(new_pages)
-        return Commit(call.base, cid, manifest.size)
+            await self.store.save(encoded, cid, captured.new_pages)
+            self.cache.put_many(captured.new_pages)
+        if keep:
+            store, instance = call.ran_in
+            self._keep(session_id, Resident(cid, store, instance, captured.baseline))
+        return Commit(call.base, cid, captured.manifest.size)
+
+    def holds(self, session_id: str) -> bool:
+        """Whether this executor keeps the session's instance (it ran its last call)."""
+        return session_id in self._residents
+
+    def _keep(self, session_id: str, resident: Resident) -> None:
+        self._residents[session_id] = resident
+        total = sum(kept.size for kept in self._residents.values())
+        while self._residents and (len(self._residents) > MAX_RESIDENTS
+                                   or total > RESIDENT_BYTES):
+            _, evicted = self._residents.popitem(last=False)
+            total -= evicted.size
 
 
 def _within_budget(policy: EffectivePolicy, fields: list[bytes | None]) -> EffectivePolicy:

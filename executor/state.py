@@ -171,15 +171,25 @@ def restore(store: wasmtime.Store, instance: wasmtime.Instance, manifest: Manife
     return Baseline(manifest, _digests(store, memory))
 
 
+class Captured(NamedTuple):
+    manifest: Manifest
+    """The instance's state now."""
+    new_pages: dict[str, bytes]
+    """The raw bytes of each of its pages the baseline did not have (sha256 -> bytes: what must
+    be stored)."""
+    baseline: Baseline
+    """The state now as a baseline: the next call on the same instance starts from it."""
+
+
 def capture(store: wasmtime.Store, instance: wasmtime.Instance,
-            baseline: Baseline) -> tuple[Manifest, dict[str, bytes]]:
-    """The instance's state now, and the raw bytes of each of its pages that `baseline` did not
-    have (sha256 -> bytes: what must be stored). Pages whose xxh3 digest is the baseline's keep
+            baseline: Baseline) -> Captured:
+    """The instance's state now (see Captured). Pages whose xxh3 digest is the baseline's keep
     the baseline's hash without being read. Call it on the thread that uses `store`, while no
     wasm runs (after the call returned)."""
     exports = instance.exports(store)
     memory = _memory(exports)
     hashes: list[str] = []
+    digests: list[bytes] = []
     new_pages: dict[str, bytes] = {}
     known = baseline.manifest.pages if baseline.manifest is not None else ()
     if memory is not None:
@@ -187,6 +197,7 @@ def capture(store: wasmtime.Store, instance: wasmtime.Instance,
             for index in range(len(view) // PAGE_BYTES):
                 page = view[index * PAGE_BYTES:(index + 1) * PAGE_BYTES]
                 digest = xxhash.xxh3_128_digest(page, seed=_SEED)
+                digests.append(digest)
                 if index < len(known) and digest == baseline.digests[index]:
                     hashes.append(known[index])
                     continue
@@ -199,7 +210,8 @@ def capture(store: wasmtime.Store, instance: wasmtime.Instance,
                 new_pages[sha] = data
     globals_ = tuple((index, kind, _get_bits(store, global_, kind))
                      for index, (kind, global_) in sorted(_globals(store, exports).items()))
-    return Manifest(v=MANIFEST_VERSION, pages=tuple(hashes), globals=globals_), new_pages
+    manifest = Manifest(v=MANIFEST_VERSION, pages=tuple(hashes), globals=globals_)
+    return Captured(manifest, new_pages, Baseline(manifest, tuple(digests)))
 
 
 def _memory(exports: Mapping[str, object]) -> wasmtime.Memory | None:

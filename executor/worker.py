@@ -369,7 +369,8 @@ class Executor:
                                              control=control, state=session),
                 )
             if session is not None and outcome.error is None:
-                commit = await self.sessions.commit(session)
+                commit = await self.sessions.commit(session, request.session_id or "",
+                                                    keep=not prepared.uses_wasi)
         except Refused as exc:
             outcome = Outcome(None, 0, 0.0, exc.error)
         except ModuleGone as exc:

@@ -16,6 +16,7 @@ import wasmtime
 from executor.state import (
     PAGE_BYTES,
     Baseline,
+    Captured,
     Manifest,
     PageCache,
     StateDoesNotFit,
@@ -73,7 +74,7 @@ class Live:
         assert isinstance(memory, wasmtime.Memory)
         return memory.read(self.store, 0, memory.data_len(self.store))
 
-    def capture(self, baseline: Baseline) -> tuple[Manifest, dict[str, bytes]]:
+    def capture(self, baseline: Baseline) -> Captured:
         return capture(self.store, self.instance, baseline)
 
     def restore(self, manifest: Manifest, pages: dict[str, bytes]) -> Baseline:
@@ -86,7 +87,7 @@ def worked_on() -> tuple[Live, Manifest, dict[str, bytes]]:
     live("store", 70_000, 1234)
     live("bump")
     live("set_floats", F32_SIGNALLING_NAN, F64_NAN_PAYLOAD)
-    manifest, pages = live.capture(Baseline.fresh())
+    manifest, pages, _ = live.capture(Baseline.fresh())
     return live, manifest, pages
 
 
@@ -106,7 +107,7 @@ def test_a_restored_state_is_the_captured_one_byte_for_byte() -> None:
 
     # Capturing a restored state with nothing run gives the same manifest and no new page.
     untouched = Live()
-    again, new_pages = untouched.capture(untouched.restore(manifest, pages))
+    again, new_pages, _ = untouched.capture(untouched.restore(manifest, pages))
     assert again == manifest and again.encode() == manifest.encode()
     assert new_pages == {}
     assert baseline.manifest == manifest
@@ -119,7 +120,7 @@ def test_a_manifest_names_each_page_by_sha256_and_zero_pages_by_nothing() -> Non
     for index, page in enumerate(manifest.pages):
         assert page == hashlib.sha256(memory[index * PAGE_BYTES:][:PAGE_BYTES]).hexdigest()
         assert pages[page] == memory[index * PAGE_BYTES:][:PAGE_BYTES]
-    fresh, fresh_pages = Live().capture(Baseline.fresh())
+    fresh, fresh_pages, _ = Live().capture(Baseline.fresh())
     assert fresh.pages[1] == "" and set(fresh_pages) == {fresh.pages[0]}
 
 
@@ -142,7 +143,7 @@ def test_a_grown_memory_is_restored_at_its_size() -> None:
     before = Live()
     assert before("grow", 3) == 2
     before("store", 5 * PAGE_BYTES - 4, 99)
-    manifest, pages = before.capture(Baseline.fresh())
+    manifest, pages, _ = before.capture(Baseline.fresh())
     assert len(manifest.pages) == 5 and manifest.pages[2:4] == ("", "")
     live = Live()
     live.restore(manifest, pages)
@@ -153,7 +154,7 @@ def test_a_grown_memory_is_restored_at_its_size() -> None:
 def test_a_data_segment_page_the_state_zeroed_is_zero_after_restore() -> None:
     before = Live()
     before("wipe", 0, PAGE_BYTES)
-    manifest, pages = before.capture(Baseline.fresh())
+    manifest, pages, _ = before.capture(Baseline.fresh())
     assert manifest.pages == ("", "") and pages == {}
     live = Live()
     assert live("load", 0) != 0  # the data segment is there when the instance starts
@@ -166,12 +167,12 @@ def test_one_changed_page_gives_exactly_one_new_page() -> None:
     before("grow", 14)  # 16 pages, every one of them different
     for page in range(16):
         before("store", page * PAGE_BYTES + 8, page + 1)
-    manifest, pages = before.capture(Baseline.fresh())
+    manifest, pages, _ = before.capture(Baseline.fresh())
     assert len(pages) == 16
     live = Live()
     baseline = live.restore(manifest, pages)
     live("store", 9 * PAGE_BYTES + 100, 42)
-    changed, new_pages = live.capture(baseline)
+    changed, new_pages, _ = live.capture(baseline)
     assert len(new_pages) == 1
     differ = [i for i, (a, b) in enumerate(zip(manifest.pages, changed.pages, strict=True))
               if a != b]
@@ -179,7 +180,7 @@ def test_one_changed_page_gives_exactly_one_new_page() -> None:
     assert changed.globals == manifest.globals
 
     live("bump")  # a global alone changes the state, and no page
-    bumped, again = live.capture(baseline)
+    bumped, again, _ = live.capture(baseline)
     assert set(again) == {changed.pages[9]}  # against the baseline, page 9 is still new
     assert bumped.pages == changed.pages and bumped.globals != changed.globals
     assert state_cid(bumped.encode()) != state_cid(changed.encode())
@@ -190,14 +191,14 @@ def test_a_page_changed_back_to_zero_is_stored_as_nothing() -> None:
     live = Live()
     baseline = live.restore(manifest, pages)
     live("wipe", PAGE_BYTES, PAGE_BYTES)
-    changed, new_pages = live.capture(baseline)
+    changed, new_pages, _ = live.capture(baseline)
     assert changed.pages == (manifest.pages[0], "") and new_pages == {}
 
 
 def test_a_memory_larger_than_allowed_is_refused() -> None:
     before = Live()
     before("grow", 6)
-    manifest, pages = before.capture(Baseline.fresh())
+    manifest, pages, _ = before.capture(Baseline.fresh())
     with pytest.raises(StateDoesNotFit, match="cannot grow"):
         Live(memory_limit=4 * PAGE_BYTES).restore(manifest, pages)
     bounded = wasmtime.Module(ENGINE, wasmtime.wat2wasm(
@@ -230,9 +231,9 @@ def test_a_state_that_is_not_this_modules_is_refused() -> None:
 def test_a_module_without_memory_or_globals_has_an_empty_state() -> None:
     live = Live(wasmtime.Module(ENGINE, wasmtime.wat2wasm(
         '(module (global (export "__relay_global_0") i32 (i32.const 1)))')))
-    manifest, pages = live.capture(Baseline.fresh())
+    manifest, pages, _ = live.capture(Baseline.fresh())
     assert manifest == Manifest(v=1, pages=(), globals=()) and pages == {}
-    assert live.capture(live.restore(manifest, {})) == (manifest, {})
+    assert live.capture(live.restore(manifest, {}))[:2] == (manifest, {})
 
 
 def test_the_page_cache_keeps_the_most_recently_used_pages_within_its_bytes() -> None:
@@ -258,3 +259,14 @@ def test_the_page_cache_keeps_the_most_recently_used_pages_within_its_bytes() ->
     for thread in threads:
         thread.join()
     assert cache.size_bytes == 3 * PAGE_BYTES and len(cache) == 3
+
+
+def test_a_capture_is_the_baseline_of_the_next_call_on_the_same_instance() -> None:
+    live = Live()
+    first = live.capture(Baseline.fresh())
+    assert first.baseline == live.capture(first.baseline).baseline  # nothing ran: the same
+    live("store", PAGE_BYTES + 8, 99)
+    second = live.capture(first.baseline)
+    assert len(second.new_pages) == 1
+    assert second.baseline.digests[1] != first.baseline.digests[1]
+    assert second.baseline.digests[0] == first.baseline.digests[0]

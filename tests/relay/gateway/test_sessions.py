@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
+from relay import connection
 from relay.settings import Settings
 from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, Served, assert_problem, upload, wait_for
 from tests.relay.gateway.test_events import EVENTS, client, sse_messages
@@ -338,3 +339,26 @@ async def until_terminal(ws: Any) -> list[dict[str, Any]]:
         seen.append(event)
         if event["type"] in ("execution_complete", "execution_error"):
             return seen
+
+
+async def test_calls_alternating_between_executors_never_run_on_a_stale_instance(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
+    """Each executor keeps a session's instance after a successful call (no restore for the
+    next); when a peer ran calls meanwhile, the instance it kept is stale and must not be used."""
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    peer = Executor(settings, client, name="test-peer", read_block_ms=100)
+    serving = asyncio.create_task(peer.run())
+    try:
+        session = await make_session(http)
+        sid = session["session_id"]
+        ran_on = []
+        for expected in range(1, 31):
+            assert (await call(http, sid, "add", [1])).json()["output"] == expected
+            ran_on.append("peer" if peer.sessions.holds(sid) else "executor")
+        assert (await call(http, sid, "calls", [])).json()["output"] == 30
+        assert set(ran_on) == {"peer", "executor"}, ran_on
+    finally:
+        peer.stop()
+        await asyncio.wait_for(serving, 10)
+        await client.aclose()
