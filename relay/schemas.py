@@ -378,6 +378,10 @@ class EventHead(msgspec.Struct):
     session_id: str | None = None
 
 
+MAX_SESSION_TTL_MS = 366 * 86_400_000
+"""A session's longest `ttl` (as a budget's longest window): a year idle."""
+
+
 class SessionBudget(Request):
     """A session's totals over all its calls; an omitted one is unlimited."""
 
@@ -390,7 +394,9 @@ class CreateSession(Request):
     cid: Annotated[str, Meta(min_length=1, max_length=512)]
     environment: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     budget: SessionBudget = msgspec.field(default_factory=SessionBudget)
-    ttl: PositiveInt | None = None
+    ttl: Annotated[int, Meta(gt=0, le=MAX_SESSION_TTL_MS)] | None = None
+    """Idle milliseconds before it expires. Bounded, so that its expiry is a time (Redis's
+    scripts count in doubles, and `expires_at` has a four-digit year)."""
 
 
 class SessionCall(Request):

@@ -4,6 +4,7 @@ committed only by calls that succeed; budgets; closing; isolation."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 from typing import Any
 
@@ -196,6 +197,26 @@ async def test_bad_bodies_are_refused(http: httpx.AsyncClient) -> None:
     assert_problem(await call(http, session["session_id"], "nope", []), 400, "invalid-request")
     assert_problem(await call(http, session["session_id"], "add", ["x"]), 400,
                    "invalid-request")
+
+
+async def test_a_ttl_over_a_year_is_refused_and_writes_nothing(http: httpx.AsyncClient) -> None:
+    """Found by the API fuzz test: a ttl of 7.5e25 ms was 500, and wrote a session whose expiry
+    (a float in Redis) could not be read back, so every `GET /sessions` of its owner was 500."""
+    module = await upload(http, COUNTER_WAT)
+    year = 366 * 86_400_000
+    for ttl in (year + 1, 75100387956961898678714368):
+        body = assert_problem(await http.post("/sessions", json={"cid": module["cid"],
+                                                                 "ttl": ttl}),
+                              400, "invalid-request")
+        assert body["errors"][0]["pointer"] == "/ttl", body
+    listed = await http.get("/sessions")
+    assert listed.status_code == 200 and listed.json()["items"] == [], listed.text
+    longest = await make_session(http, ttl=year)
+    expires = datetime.datetime.fromisoformat(longest["expires_at"].replace("Z", "+00:00"))
+    created = datetime.datetime.fromisoformat(longest["created_at"].replace("Z", "+00:00"))
+    assert abs((expires - created).total_seconds() - year / 1000) < 5
+    listed = await http.get("/sessions")
+    assert [item["session_id"] for item in listed.json()["items"]] == [longest["session_id"]]
 
 
 async def test_another_principal_sees_nothing(http: httpx.AsyncClient, bob: httpx.AsyncClient,
