@@ -165,6 +165,11 @@ class SessionStates:
             self._keep(session_id, Resident(cid, store, instance, captured.baseline))
         return Commit(call.base, cid, captured.manifest.size)
 
+    def release(self, call: SessionCall, session_id: str) -> None:
+        """A call that will not run here after all gives its resident back."""
+        if call.resident is not None and call.ran_in is None:
+            self._keep(session_id, call.resident)
+
     def holds(self, session_id: str) -> bool:
         """Whether this executor keeps the session's instance (it ran its last call)."""
         return session_id in self._residents

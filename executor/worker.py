@@ -344,8 +344,14 @@ class Executor:
             command = runs_as_command(module.info, request.entrypoint)
             policy = request.policy
             if request.session_id is not None:
+                # Its state and its start: two round trips at once. (Run in a thread, it has
+                # to be announced anyway.)
+                announced = live.announce()
                 session = await self.sessions.begin(request)
                 policy = session.policy
+                if not await announced:
+                    self.sessions.release(session, request.session_id)
+                    return None, None  # not ours to run (parked, taken over, finished)
             if live.announced and not await live.announce():
                 return None, None  # announced while the module was fetched, and not ours
             # Tried inline (at most 10 ms on this loop) without a place: most runs end there.
