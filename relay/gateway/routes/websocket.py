@@ -31,32 +31,81 @@ from relay.gateway.subscription import follow, subscriber_credential
 from relay.pipeline.authenticate import Credential
 from relay.schemas import TERMINAL_TYPES, decode_head, decode_ws_command
 
+Batch = list[Entry | bytes | None]
+
+
+Target = Callable[[], Awaitable[str]]
+"""The execution a control message acts on, when it comes."""
+
 
 async def websocket(ws: WebSocket) -> None:
+    request_id: str = ws.path_params["request_id"]
+
+    async def check(gw: Gateway, principal: str) -> None:
+        await gw.controller.state(principal, request_id)  # NotFound for another's
+
+    async def target() -> str:
+        return request_id
+
+    async def sent(gw: Gateway, principal: str, batch: Batch) -> bool:
+        if await _send_batch(ws, batch):
+            return True
+        lost = any(isinstance(item, bytes) for item in batch)  # an `events_lost` notice
+        # Its terminal event was trimmed: it will never come.
+        return lost and await _finished(gw, principal, request_id)
+
+    await _serve(ws, check, frozenset({request_id}), None, target, sent)
+
+
+async def session_websocket(ws: WebSocket) -> None:
+    """`/ws/sessions/{session_id}`: the events of a session's calls, replayed from the first one
+    retained, then live, until the client leaves; its commands act on the session's current
+    call. Close code 4404 for a session that is not the principal's."""
+    session_id: str = ws.path_params["session_id"]
+    sessions = gateway_of(ws).sessions
+
+    async def check(gw: Gateway, principal: str) -> None:
+        await sessions.owned(principal, session_id)
+
+    async def current() -> str:
+        request_id = await sessions.current(session_id)
+        if request_id is None:
+            raise Conflict(f"session {session_id} has no call running")
+        return request_id
+
+    async def sent(gw: Gateway, principal: str, batch: Batch) -> bool:
+        await _send_batch(ws, batch)
+        return False  # a session goes on after each call's terminal event
+
+    await _serve(ws, check, None, session_id, current, sent)
+
+
+async def _serve(ws: WebSocket, check: Callable[[Gateway, str], Awaitable[None]],
+                 request_ids: frozenset[str] | None, session_id: str | None, target: Target,
+                 sent: Callable[[Gateway, str, Batch], Awaitable[bool]]) -> None:
+    """Authenticate, `check` the principal may follow it, hold a stream's place, then send its
+    events (replayed from the first retained) until `sent` says it is done or the client
+    leaves, while `_commands` takes the client's control messages for `target`."""
     gw = gateway_of(ws)
-    request_id = ws.path_params["request_id"]
     await ws.accept()
     try:
         credential = await subscriber_credential(gw, ws)
         principal = credential.principal
         gw.authorizer.require(principal, "subscribe", None)
-        await gw.controller.state(principal, request_id)
+        await check(gw, principal)
         slot = await gw.streams.acquire(principal)
     except RelayError as error:
         await close_with(ws, error)
         return
-    subscriber = gw.fan_in.subscribe(principal, frozenset({request_id}), credential.stored_key)
-    commands = asyncio.create_task(_commands(gw, ws, credential, _fixed(request_id)))
+    subscriber = gw.fan_in.subscribe(principal, request_ids, credential.stored_key, session_id)
+    commands = asyncio.create_task(_commands(gw, ws, credential, target))
     # The client left (its messages end): stop streaming at once, rather than at the next event
     # of an execution that may publish none for long, so its place frees.
     commands.add_done_callback(lambda _: subscriber.end())
     try:
         async for batch in follow(gw, subscriber, "0", credential.expires_at):
-            if await _send_batch(ws, batch):
+            if await sent(gw, principal, batch):
                 break
-            lost = any(isinstance(item, bytes) for item in batch)  # an `events_lost` notice
-            if lost and await _finished(gw, principal, request_id):
-                break  # its terminal event was trimmed: it will never come
         await ws.close(1000)
     except (WebSocketDisconnect, RuntimeError, redis.RedisError):
         pass
@@ -72,8 +121,8 @@ async def _finished(gw: Gateway, principal: str, request_id: str) -> bool:
     return (await gw.controller.state(principal, request_id)).status in FINISHED
 
 
-async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
-    """Send a batch of events; True once the execution's terminal event went out."""
+async def _send_batch(ws: WebSocket, batch: Batch) -> bool:
+    """Send a batch of events; True once an execution's terminal event went out."""
     for item in batch:
         if item is None:
             continue  # WebSocket has its own keep-alive (ping frames)
@@ -84,56 +133,8 @@ async def _send_batch(ws: WebSocket, batch: list[Entry | bytes | None]) -> bool:
     return False
 
 
-async def session_websocket(ws: WebSocket) -> None:
-    """`/ws/sessions/{session_id}`: the events of a session's calls, replayed from the first one
-    retained, then live, until the client leaves; its commands act on the session's current
-    call. Close code 4404 for a session that is not the principal's."""
-    gw = gateway_of(ws)
-    session_id = ws.path_params["session_id"]
-    await ws.accept()
-    try:
-        credential = await subscriber_credential(gw, ws)
-        principal = credential.principal
-        gw.authorizer.require(principal, "subscribe", None)
-        await gw.sessions.owned(principal, session_id)
-        slot = await gw.streams.acquire(principal)
-    except RelayError as error:
-        await close_with(ws, error)
-        return
-    subscriber = gw.fan_in.subscribe(principal, None, credential.stored_key, session_id)
-
-    async def current() -> str:
-        request_id = await gw.sessions.current(session_id)
-        if request_id is None:
-            raise Conflict(f"session {session_id} has no call running")
-        return request_id
-
-    commands = asyncio.create_task(_commands(gw, ws, credential, current))
-    commands.add_done_callback(lambda _: subscriber.end())
-    try:
-        async for batch in follow(gw, subscriber, "0", credential.expires_at):
-            for item in batch:
-                if item is not None:
-                    await ws.send_text((item if isinstance(item, bytes) else item.data).decode())
-        await ws.close(1000)
-    except (WebSocketDisconnect, RuntimeError, redis.RedisError):
-        pass
-    finally:
-        commands.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await commands
-        gw.fan_in.unsubscribe(subscriber)
-        await gw.streams.release(principal, slot)
-
-
-def _fixed(request_id: str) -> Callable[[], Awaitable[str]]:
-    async def target() -> str:
-        return request_id
-    return target
-
-
 async def _commands(gw: Gateway, ws: WebSocket, credential: Credential,
-                    target: Callable[[], Awaitable[str]]) -> None:
+                    target: Target) -> None:
     """Control messages from the client, until it goes; each acts on the execution `target`
     names when it comes."""
     while True:
