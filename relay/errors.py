@@ -125,8 +125,8 @@ class TooManyStreams(RelayError):
     status, slug, title = 429, "too-many-streams", "Too many open event streams"
 
 
-class RateLimited(RelayError):
-    status, slug, title = 429, "rate-limited", "Too many requests"
+class RetryLater(RelayError):
+    """A refusal that says when to try again: `Retry-After`, and `retry_after` in the body."""
 
     def __init__(self, detail: str, retry_after_s: int, **kwargs: Any) -> None:
         super().__init__(detail, **kwargs)
@@ -139,22 +139,16 @@ class RateLimited(RelayError):
         return problem
 
 
-class BudgetExhausted(RelayError):
+class RateLimited(RetryLater):
+    status, slug, title = 429, "rate-limited", "Too many requests"
+
+
+class BudgetExhausted(RetryLater):
     """No room left in a budget of the principal's for an execution (or more gas) in the
     budget's current window. `Retry-After`: when the window ends if it is used up; 1 when only
     running executions' reservations stand in the way (they free within their max_time)."""
 
     status, slug, title = 429, "budget-exhausted", "Budget exhausted"
-
-    def __init__(self, detail: str, retry_after_s: int, **kwargs: Any) -> None:
-        super().__init__(detail, **kwargs)
-        self.retry_after_s = retry_after_s
-        self.headers["Retry-After"] = str(retry_after_s)
-
-    def problem(self, request_id: str | None) -> Problem:
-        problem = super().problem(request_id)
-        problem.retry_after = self.retry_after_s
-        return problem
 
 
 class Unavailable(RelayError):
