@@ -60,6 +60,17 @@ async def make_session(http: httpx.AsyncClient, wat: str = COUNTER_WAT,
     return body
 
 
+async def completed(http: httpx.AsyncClient, request_id: str,
+                    timeout_s: float = 10.0) -> dict[str, Any]:
+    """The execution once it has completed (fails after `timeout_s`)."""
+    async def finished() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await http.get(f"/executions/{request_id}")).json()
+        return body if body["status"] == "completed" else None
+
+    result: dict[str, Any] = await wait_for(finished, timeout_s)
+    return result
+
+
 async def call(http: httpx.AsyncClient, session_id: str, entrypoint: str,
                inputs: list[Any], **fields: Any) -> httpx.Response:
     return await http.post(f"/sessions/{session_id}/calls",
@@ -133,11 +144,7 @@ async def test_async_call_and_its_events_carry_the_session(http: httpx.AsyncClie
     assert plain.status_code == 202
     rid = plain.json()["request_id"]
 
-    async def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = (await http.get(f"/executions/{rid}")).json()
-        return body if body["status"] == "completed" else None
-
-    done = await wait_for(finished)
+    done = await completed(http, rid)
     assert done["output"] == 4 and done["session_id"] == sid
 
 
@@ -315,11 +322,7 @@ async def test_step_pause_and_resume_the_current_call(http: httpx.AsyncClient,
         resumed = await http.post(f"/sessions/{sid}/resume")
         assert resumed.status_code in (200, 202)
 
-    async def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = (await http.get(f"/executions/{rid}")).json()
-        return body if body["status"] == "completed" else None
-
-    assert (await wait_for(finished))["output"] == 3_000_000
+    assert (await completed(http, rid))["output"] == 3_000_000
     after = (await call(http, sid, "add", [0])).json()
     assert after["output"] == 3_000_000, after
 

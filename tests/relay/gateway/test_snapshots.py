@@ -16,7 +16,7 @@ from relay import connection
 from relay.gateway.app import create_app
 from relay.settings import Settings
 from tests.conftest import ALICE_KEY, assert_problem, client_for, wait_for, with_settings
-from tests.relay.gateway.test_sessions import call, make_session
+from tests.relay.gateway.test_sessions import call, completed, make_session
 
 # 16 MiB of memory, every 4 KiB of it written by `fill` (so each 64 KiB page differs).
 BIG_WAT = """(module
@@ -144,11 +144,7 @@ async def test_a_snapshot_does_not_wait_for_the_running_call(http: httpx.AsyncCl
     assert taken["state_cid"] == before
     assert (await http.post(f"/executions/{rid}/resume")).status_code in (200, 202)
 
-    async def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = (await http.get(f"/executions/{rid}")).json()
-        return body if body["status"] == "completed" else None
-
-    assert (await wait_for(finished))["output"] == 3_000_005
+    assert (await completed(http, rid))["output"] == 3_000_005
     assert (await http.get(f"/sessions/{sid}")).json()["state_cid"] != before
     assert (await http.get(f"/snapshots/{taken['snapshot_id']}")).json()["state_cid"] == before
     [branch] = await restore(http, taken["snapshot_id"])
@@ -292,15 +288,8 @@ async def test_64_branches_of_a_16_mib_state_are_quick(app: Any, http: httpx.Asy
     accepted_ms = (time.perf_counter() - began) * 1000
     assert [response.status_code for response in accepted] == [202] * 64
 
-    async def completed(request_id: str) -> dict[str, Any]:
-        async def finished() -> dict[str, Any] | None:
-            body: dict[str, Any] = (await http.get(f"/executions/{request_id}")).json()
-            return body if body["status"] == "completed" else None
 
-        result: dict[str, Any] = await wait_for(finished, timeout_s=60)
-        return result
-
-    results = await asyncio.gather(*(completed(response.json()["request_id"])
+    results = await asyncio.gather(*(completed(http, response.json()["request_id"], 60)
                                      for response in accepted))
     completed_ms = (time.perf_counter() - began) * 1000
     assert [result["output"] for result in results] == [7 + 1] * 64  # fill(7) stored 7 at 0
