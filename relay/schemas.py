@@ -382,12 +382,19 @@ MAX_SESSION_TTL_MS = 366 * 86_400_000
 """A session's longest `ttl` (as a budget's longest window): a year idle."""
 
 
-class SessionBudget(Request):
-    """A session's totals over all its calls; an omitted one is unlimited."""
+BUDGET_MAX_LIMIT = 10**15
+"""Largest budget limit (a budget's, a session's): sums stay exact in the scripts' Lua numbers
+(2^53), and the gateway's and executor's sums of time in floats."""
+BudgetLimit = Annotated[int, Meta(gt=0, le=BUDGET_MAX_LIMIT)]
 
-    max_gas: PositiveInt | None = None
-    max_time: PositiveInt | None = None
-    max_calls: PositiveInt | None = None
+
+class SessionBudget(Request):
+    """A session's totals over all its calls; an omitted one is unlimited. Bounded as a
+    budget's limits are: the gateway and executor count time used in floats."""
+
+    max_gas: BudgetLimit | None = None
+    max_time: BudgetLimit | None = None
+    max_calls: BudgetLimit | None = None
 
 
 class CreateSession(Request):
@@ -486,11 +493,6 @@ class Branches(msgspec.Struct, kw_only=True):
     """`POST /snapshots/{id}/restore`: the new sessions, each from the snapshot's state."""
 
     items: list[SessionView]
-
-
-BUDGET_MAX_LIMIT = 10**15
-"""Largest budget limit: sums stay exact in the budget scripts' Lua numbers (2^53)."""
-BudgetLimit = Annotated[int, Meta(gt=0, le=BUDGET_MAX_LIMIT)]
 
 
 class BudgetRequest(Request):

@@ -1,0 +1,527 @@
+"""Attacks on sessions, snapshots, budgets and stepping (issue 14), against a real gateway, real
+executors and a real Redis. Each test prints what the attack did; an attack that worked was
+fixed, and its test stays so that it keeps not working.
+
+- Another principal's ids (and ids of the wrong shape) on every route: 404, never a 500, and
+  nothing of the victim's changes.
+- Forged session fields in bodies and headers; idempotency keys equal to the victim's.
+- Stored states shared across principals: their references, as each holder goes.
+- Hostile sizes: budgets, ttls, branch counts, labels, nesting, memory growth, many
+  snapshots, many queued calls.
+- Races: close, delete, restore, PATCH and expiry while calls run; branches from two gateways.
+- Crashes between two writes: an executor that saved a state but never settled it.
+- Modules that try to keep state they should not, and states expensive to capture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from executor.worker import Executor
+from relay import connection
+from relay.settings import Settings
+from tests.conftest import (
+    ALICE_KEY,
+    BOB_KEY,
+    Served,
+    assert_problem,
+    client_for,
+    upload,
+    wait_for,
+)
+
+ASYNC = {"Prefer": "respond-async"}
+EVENTS = "/intent/execute-wasm/events"
+# A counter in a global and in memory: a session's state. `work` calls a function in its loop:
+# a step ends only where fuel is read, at calls and returns (executor.control).
+COUNTER_WAT = """(module
+  (global $n (mut i64) (i64.const 0))
+  (memory 1)
+  (func (export "add") (param i64) (result i64)
+    (global.set $n (i64.add (global.get $n) (local.get 0)))
+    (i64.store (i32.const 0) (i64.add (i64.load (i32.const 0)) (i64.const 1)))
+    (global.get $n))
+  (func $bump (global.set $n (i64.add (global.get $n) (i64.const 1))))
+  (func (export "work") (param i64) (result i64) (local $i i64)
+    (loop (call $bump)
+          (local.set $i (i64.add (local.get $i) (i64.const 1)))
+          (br_if 0 (i64.lt_u (local.get $i) (local.get 0))))
+    (global.get $n)))"""
+
+
+@contextlib.asynccontextmanager
+async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, name: str) -> AsyncIterator[Executor]:
+    """An executor serving in this event loop until the block ends."""
+    client = connection.connect(settings.redis_url or "")
+    worker = Executor(settings, client, name=name, read_block_ms=100)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        worker.cancel_running()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
+async def make_session(http: httpx.AsyncClient, wat: str = COUNTER_WAT,
+                       **fields: Any) -> dict[str, Any]:
+    module = await upload(http, wat)
+    response = await http.post("/sessions", json={"cid": module["cid"], **fields})
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def call(http: httpx.AsyncClient, session_id: str, entrypoint: str,
+               inputs: list[Any], headers: dict[str, str] | None = None,
+               **fields: Any) -> httpx.Response:
+    return await http.post(f"/sessions/{session_id}/calls", headers=headers,
+                           json={"entrypoint": entrypoint, "inputs": inputs, **fields})
+
+
+async def finished(http: httpx.AsyncClient, request_id: str,
+                   timeout_s: float = 20) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        state: dict[str, Any] = (await http.get(f"/executions/{request_id}")).json()
+        return state if state["status"] in ("completed", "failed", "cancelled") else None
+
+    result: dict[str, Any] = await wait_for(done, timeout_s=timeout_s)
+    return result
+
+
+async def keys_like(client: aioredis.Redis, pattern: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=pattern, count=1000)]
+
+
+# --- another principal's ids, and ids of the wrong shape ---
+
+
+async def test_another_principals_ids_are_404_on_every_route(
+        served: Served, settings: Settings, executor: Executor) -> None:
+    async with client_for(served.app, ALICE_KEY) as alice, \
+            client_for(served.app, BOB_KEY) as bob:
+        session = await make_session(alice)
+        sid = session["session_id"]
+        done = (await call(alice, sid, "add", [5], idempotency_key="victim-key")).json()
+        rid = done["request_id"]
+        snapshot = (await alice.post(f"/sessions/{sid}/snapshots", json={"label": "s"})).json()
+        snap = snapshot["snapshot_id"]
+        budget = (await alice.post("/budgets", json={"max_gas": 10**12})).json()
+        bud = budget["budget_id"]
+        paused = (await call(alice, sid, "work", [10**9], headers=ASYNC,
+                             step_gas=1_000_000)).json()["request_id"]
+        await wait_for(lambda: _status(alice, paused, "paused"))
+        before = (await alice.get(f"/sessions/{sid}")).json()
+
+        attempts = {
+            "GET session": bob.get(f"/sessions/{sid}"),
+            "GET state": bob.get(f"/sessions/{sid}/state"),
+            "PATCH session": bob.patch(f"/sessions/{sid}", json={"budget": {"max_calls": 1}}),
+            "DELETE session": bob.delete(f"/sessions/{sid}"),
+            "call": call(bob, sid, "add", [1]),
+            "call with her key": call(bob, sid, "add", [5], idempotency_key="victim-key"),
+            "pause session": bob.post(f"/sessions/{sid}/pause"),
+            "resume session": bob.post(f"/sessions/{sid}/resume"),
+            "step session": bob.post(f"/sessions/{sid}/step", json={"gas": 10**6}),
+            "snapshot her session": bob.post(f"/sessions/{sid}/snapshots", json={}),
+            "GET snapshot": bob.get(f"/snapshots/{snap}"),
+            "DELETE snapshot": bob.delete(f"/snapshots/{snap}"),
+            "restore": bob.post(f"/snapshots/{snap}/restore", json={"branch_count": 2}),
+            "GET budget": bob.get(f"/budgets/{bud}"),
+            "PUT budget": bob.put(f"/budgets/{bud}", json={"max_gas": 1}),
+            "DELETE budget": bob.delete(f"/budgets/{bud}"),
+            "usage": bob.get(f"/budgets/{bud}/usage"),
+            "GET call": bob.get(f"/executions/{rid}"),
+            "cancel call": bob.delete(f"/executions/{paused}"),
+            "pause call": bob.post(f"/executions/{paused}/pause"),
+            "resume call": bob.post(f"/executions/{paused}/resume",
+                                    json={"additional_gas": 10}),
+            "step call": bob.post(f"/executions/{paused}/step", json={"gas": 10**6}),
+            "SSE of her session": bob.get(EVENTS, params={"session_id": sid}),
+        }
+        results = dict(zip(attempts, await asyncio.gather(*attempts.values()), strict=True))
+        for what, response in results.items():
+            print(f"\n[ids] bob: {what} -> {response.status_code}", end="")
+            assert_problem(response, 404, "not-found")
+        for listing in ("/sessions", "/snapshots", "/budgets"):
+            assert (await bob.get(listing)).json()["items"] == [], listing
+
+        base = served.url.replace("http", "ws", 1)
+        for path in (f"/ws/sessions/{sid}", f"/ws/executions/{paused}"):
+            async with ws_connect(base + path, additional_headers={"X-API-Key": BOB_KEY}) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404, path
+            print(f"\n[ids] bob: WebSocket {path.split('/')[2]} -> {closed.value.rcvd.code}",
+                  end="")
+
+        # Nothing of hers changed: her paused call is still paused, and steps on for her.
+        after = (await alice.get(f"/sessions/{sid}")).json()
+        assert after["budget"] == before["budget"] and after["status"] == "paused"
+        assert after["calls"] == before["calls"] == 1
+        assert (await alice.get(f"/snapshots/{snap}")).status_code == 200
+        assert (await alice.get(f"/budgets/{bud}")).json()["max_gas"] == 10**12
+        assert (await alice.get("/sessions")).json()["items"][0]["session_id"] == sid
+        assert (await alice.delete(f"/executions/{paused}")).status_code == 200
+        print()
+
+
+async def _status(http: httpx.AsyncClient, request_id: str, status: str) -> bool:
+    return bool((await http.get(f"/executions/{request_id}")).json()["status"] == status)
+
+
+WRONG_IDS = [
+    "ses_" + "a" * 10_000,  # very long
+    "snp_" + "a" * 10_000,
+    "bud_" + "a" * 10_000,
+    "a" * 10_000,
+    "ses_ünïcødé☃",
+    "snp_日本語",
+    "bud_𝕏",
+    "..",
+    "../..",
+    "../../modules",
+    "%2E%2E",
+    "%2e%2e%2f",
+    "..%2F..%2Fmodules",
+    "ses_..%2F..%2F",
+    "%00",
+    "ses_%00",
+    "*",
+    "ses_*",
+    "snp_*",
+    "bud_*",
+    "ses_[",
+    "ses_%ff%fe",
+    "ses_%F0%9F%92%A9",
+    "ses_a%20b",
+]
+
+
+async def raw_request(url: str, method: str, target: str, body: bytes = b"",
+                      key: str = ALICE_KEY) -> tuple[int, str, bytes]:
+    """One request with `target` sent exactly as given (no client normalizes its dots or its
+    escapes): the status, the content type and the body."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"{method} {target} HTTP/1.1\r\nHost: relay\r\nX-API-Key: {key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers.get("content-type", ""), payload
+
+
+async def test_ids_of_the_wrong_shape_are_404_never_500(served: Served,
+                                                        executor: Executor) -> None:
+    async with client_for(served.app, ALICE_KEY) as http:
+        session = await make_session(http)
+        sid = session["session_id"]
+        assert (await call(http, sid, "add", [1])).status_code == 200
+    routes = (("GET", "/sessions/{}", b""), ("GET", "/sessions/{}/state", b""),
+              ("PATCH", "/sessions/{}", b'{"budget": {}}'), ("DELETE", "/sessions/{}", b""),
+              ("POST", "/sessions/{}/calls", b'{"entrypoint": "add", "inputs": [1]}'),
+              ("POST", "/sessions/{}/pause", b""), ("POST", "/sessions/{}/resume", b""),
+              ("POST", "/sessions/{}/step", b'{"gas": 1}'),
+              ("POST", "/sessions/{}/snapshots", b"{}"), ("GET", "/snapshots/{}", b""),
+              ("DELETE", "/snapshots/{}", b""), ("POST", "/snapshots/{}/restore", b"{}"),
+              ("GET", "/budgets/{}", b""), ("PUT", "/budgets/{}", b'{"max_gas": 1}'),
+              ("DELETE", "/budgets/{}", b""), ("GET", "/budgets/{}/usage", b""),
+              ("GET", "/executions/{}", b""), ("DELETE", "/executions/{}", b""),
+              ("POST", "/executions/{}/step", b'{"gas": 1}'),
+              ("GET", EVENTS + "?session_id={}", b""))
+    statuses: dict[int, int] = {}
+    for wrong in WRONG_IDS:
+        for method, template, body in routes:
+            target = template.format(wrong)
+            status, content_type, payload = await raw_request(served.url, method, target, body)
+            statuses[status] = statuses.get(status, 0) + 1
+            # 400 only for a target that is not a valid request line (uvicorn refuses raw
+            # non-ASCII), 307 for one whose escapes decode to a trailing slash (Starlette
+            # redirects it to the same path without: harmless).
+            assert status in (400, 307, 404, 405), (method, target[:80], payload[:200])
+            if status in (404, 405):
+                assert content_type.startswith("application/problem+json"), \
+                    (method, target[:80], content_type, payload[:200])
+    print(f"\n[wrong ids] {len(WRONG_IDS)} ids on {len(routes)} routes: statuses {statuses}")
+    # The real session was not touched by any of them.
+    async with client_for(served.app, ALICE_KEY) as http:
+        view = (await http.get(f"/sessions/{sid}")).json()
+    assert view["status"] == "idle" and view["calls"] == 1
+
+
+# --- forged session fields; idempotency keys equal to the victim's ---
+
+
+async def test_forged_session_fields_and_a_victims_idempotency_key(
+        http: httpx.AsyncClient, bob: httpx.AsyncClient, executor: Executor) -> None:
+    mine = await make_session(http)
+    sid = mine["session_id"]
+    theirs = await make_session(bob)
+    bob_sid = theirs["session_id"]
+    cid = mine["cid"]
+
+    # `session_id` is no body field, of an execute or of a call: 400, nothing queued.
+    forged = await http.post("/intent/execute-wasm", json={
+        "cid": cid, "entrypoint": "add", "inputs": [1], "session_id": bob_sid})
+    assert_problem(forged, 400, "invalid-request")
+    forged_call = await http.post(f"/sessions/{sid}/calls", json={
+        "entrypoint": "add", "inputs": [1], "session_id": bob_sid})
+    assert_problem(forged_call, 400, "invalid-request")
+    # Headers claiming a session are not read: a plain execution, in no session.
+    claimed = await http.post("/intent/execute-wasm", headers={
+        "Session-Id": bob_sid, "X-Session-Id": bob_sid, "X-User-Id": "bob",
+        "User-Id": "bob"}, json={"cid": cid, "entrypoint": "add", "inputs": [1],
+                                 "idempotency_key": uuid.uuid4().hex})
+    assert claimed.status_code == 200, claimed.text
+    assert claimed.json().get("session_id") is None
+    state = (await http.get(f"/executions/{claimed.json()['request_id']}")).json()
+    assert state.get("session_id") is None
+    print(f"\n[forged] session_id in bodies: {forged.status_code}, {forged_call.status_code}; "
+          f"session headers on execute: a plain execution ({claimed.status_code})")
+
+    # Bob's call with exactly alice's key and body, on his own session: his own new call.
+    victim = await call(http, sid, "add", [7], idempotency_key="shared-key")
+    assert victim.status_code == 200 and victim.json()["output"] == 7
+    attacker = await call(bob, bob_sid, "add", [7], idempotency_key="shared-key")
+    assert attacker.status_code == 200, attacker.text
+    assert "idempotent-replayed" not in attacker.headers
+    assert attacker.json()["request_id"] != victim.json()["request_id"]
+    assert attacker.json()["session_id"] == bob_sid
+    # The same key through the header, while alice's call with it still runs: no join either.
+    running = await call(http, sid, "work", [3_000_000], headers={
+        **ASYNC, "Idempotency-Key": "running-key"})
+    joined = await call(bob, bob_sid, "add", [1], headers={"Idempotency-Key": "running-key"})
+    assert joined.status_code == 200 and "idempotent-replayed" not in joined.headers
+    assert joined.json()["request_id"] != running.json()["request_id"]
+    # On alice's session the key is refused as the session is: 404.
+    assert_problem(await call(bob, sid, "add", [7], idempotency_key="shared-key"), 404,
+                   "not-found")
+    # Alice's own key on another of her sessions is another call too (scoped to the session).
+    other = await make_session(http)
+    again = await call(http, other["session_id"], "add", [7], idempotency_key="shared-key")
+    assert again.json()["request_id"] != victim.json()["request_id"]
+    assert "idempotent-replayed" not in again.headers
+    await finished(http, running.json()["request_id"])
+    view = (await http.get(f"/sessions/{sid}")).json()
+    assert view["calls"] == 2  # hers: add(7), work; nothing of bob's
+    print(f"[forged] bob's call with alice's key: his own call "
+          f"({attacker.json()['request_id'][:12]}… vs {victim.json()['request_id'][:12]}…), "
+          f"no replay, no join; on her session: 404")
+
+
+# --- stored states shared across principals ---
+
+
+class Holdings:
+    """What Redis holds for sessions, as its invariants say it must: every stored state is
+    referenced exactly once per session and snapshot naming it (or is an orphan with a TTL);
+    `page-refs` counts each page once per appearance in a referenced state's manifest, and a
+    page is permanent exactly when counted (else an orphan with a TTL); each module is held
+    once per session and snapshot of it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prefix = settings.prefix
+
+    async def check(self) -> dict[str, int]:
+        """Assert the invariants; how many sessions, snapshots, states and pages there are."""
+        async with redis_client(self.settings) as client:
+            p = self.prefix
+            holders: dict[str, int] = {}
+            modules: dict[str, int] = {}
+            sessions = snapshots = 0
+            for key in await keys_like(client, f"{p}:session:*"):
+                if key.endswith((b":calls", b":history")):
+                    continue
+                fields = await client.hgetall(key)
+                assert b"principal" in fields, f"a session hash without an owner: {key!r}"
+                sessions += 1
+                _count(holders, fields.get(b"state_cid", b"").decode())
+                _count(modules, fields[b"cid"].decode())
+            for key in await keys_like(client, f"{p}:snapshot:*"):
+                fields = await client.hgetall(key)
+                assert b"principal" in fields, f"a snapshot hash without an owner: {key!r}"
+                snapshots += 1
+                _count(holders, fields[b"state_cid"].decode())
+                _count(modules, fields[b"cid"].decode())
+            expected_pages: dict[str, int] = {}
+            states = 0
+            for key in await keys_like(client, f"{p}:state:*"):
+                cid = key.decode().rsplit(":", 1)[1]
+                manifest, refs = await client.hmget(key, ["manifest", "refs"])
+                held = holders.pop(cid, 0)
+                assert int(refs or 0) == held, f"state {cid}: refs {refs!r}, holders {held}"
+                ttl = await client.pttl(key)
+                if held:
+                    assert ttl == -1, f"a held state {cid} has a TTL"
+                    states += 1
+                    for page in json.loads(manifest)["pages"]:
+                        if page:
+                            expected_pages[page] = expected_pages.get(page, 0) + 1
+                else:
+                    assert ttl > 0, f"an unreferenced state {cid} never expires"
+            assert holders == {}, f"states named by holders but not stored: {holders}"
+            counted = {k.decode(): int(v)
+                       for k, v in (await client.hgetall(f"{p}:page-refs")).items()}
+            assert counted == expected_pages, "page-refs differ from the held manifests"
+            pages = 0
+            for key in await keys_like(client, f"{p}:page:*"):
+                sha = key.decode().rsplit(":", 1)[1]
+                ttl = await client.pttl(key)
+                if sha in expected_pages:
+                    assert ttl == -1, f"a counted page {sha} has a TTL"
+                    pages += 1
+                else:
+                    assert ttl > 0, f"an uncounted page {sha} never expires"
+            missing = [sha for sha in expected_pages
+                       if not await client.exists(f"{p}:page:{sha}")]
+            assert missing == [], f"pages of held states are gone: {missing}"
+            holds = {key.decode().rsplit(":", 1)[1]: int(await client.get(key) or 0)
+                     for key in await keys_like(client, f"{p}:module-holds:*")}
+            assert {k: v for k, v in holds.items() if v} == modules, (holds, modules)
+        return {"sessions": sessions, "snapshots": snapshots, "states": states,
+                "pages": pages}
+
+
+def _count(table: dict[str, int], key: str) -> None:
+    if key:
+        table[key] = table.get(key, 0) + 1
+
+
+async def test_equal_states_of_two_principals_are_shared_and_each_holder_counts(
+        app: Any, settings: Settings, http: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
+    holdings = Holdings(settings)
+    sweep = app.state.gateway.sessions.sweep
+    async with running(settings, "first"):
+        hers = await make_session(http)
+        his = await make_session(bob, ttl=200)
+        assert hers["cid"] == his["cid"]
+        a = (await call(http, hers["session_id"], "add", [5])).json()
+        b = (await call(bob, his["session_id"], "add", [5])).json()
+        assert a["state_cid"] == b["state_cid"]  # equal states: one stored state
+        shared = a["state_cid"]
+        her_snap = (await http.post(f"/sessions/{hers['session_id']}/snapshots")).json()
+        his_snap = (await bob.post(f"/sessions/{his['session_id']}/snapshots")).json()
+        assert her_snap["state_cid"] == his_snap["state_cid"] == shared
+        print(f"\n[shared] alice and bob hold one state {shared[:16]}…: {await holdings.check()}")
+
+        # Bob restoring alice's snapshot, or deleting it: 404.
+        assert_problem(await bob.post(f"/snapshots/{her_snap['snapshot_id']}/restore"), 404,
+                       "not-found")
+        assert_problem(await bob.delete(f"/snapshots/{her_snap['snapshot_id']}"), 404,
+                       "not-found")
+        # Bob lets go of everything: closes his session, it expires, deletes his snapshot.
+        assert (await bob.delete(f"/sessions/{his['session_id']}")).status_code == 200
+        await wait_for(sweep, timeout_s=5)
+        assert (await bob.delete(f"/snapshots/{his_snap['snapshot_id']}")).status_code == 204
+        print(f"[shared] bob let go of his session and snapshot: {await holdings.check()}")
+
+    # A new executor holds no instance: alice's next call restores the state from Redis.
+    async with running(settings, "second"):
+        after = (await call(http, hers["session_id"], "add", [1])).json()
+        assert after["success"] and after["output"] == 6, after
+        restored = await http.post(f"/snapshots/{her_snap['snapshot_id']}/restore",
+                                   json={"branch_count": 3})
+        assert restored.status_code == 201
+        for branch in restored.json()["items"]:
+            assert (await call(http, branch["session_id"], "add", [2])).json()["output"] == 7
+        print(f"[shared] alice's state restored on a fresh executor, and 3 branches of her "
+              f"snapshot: {await holdings.check()}")
+        assert (await http.delete(f"/snapshots/{her_snap['snapshot_id']}")).status_code == 204
+        print(f"[shared] her snapshot deleted: {await holdings.check()}")
+
+
+# --- hostile sizes ---
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+async def test_hostile_numbers_and_bodies_are_400_never_500(
+        http: httpx.AsyncClient, executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    cid = session["cid"]
+    snap = (await http.post(f"/sessions/{sid}/snapshots")).json()["snapshot_id"]
+    refused: dict[str, int] = {}
+
+    async def refuse(what: str, response: httpx.Response, status: int = 400,
+                     slug: str = "invalid-request") -> None:
+        assert_problem(response, status, slug)
+        refused[what] = response.status_code
+
+    await refuse("ttl 10**18", await http.post("/sessions", json={"cid": cid, "ttl": 10**18}))
+    await refuse("branch_count 10**9", await http.post(
+        f"/snapshots/{snap}/restore", json={"branch_count": 10**9}))
+    await refuse("label of 10 KB", await http.post(f"/sessions/{sid}/snapshots",
+                                                   json={"label": "x" * 10_240}))
+    await refuse("budget max_gas 10**18", await http.post("/budgets", json={"max_gas": 10**18}))
+    await refuse("budget window 10**18", await http.post("/budgets", json={"window": 10**18}))
+    for depth in (65, 10_000):
+        deep = nested(depth).encode()
+        for method, path, body in (
+                ("POST", "/sessions", b'{"cid": "%s", "budget": %s}' % (cid.encode(), deep)),
+                ("POST", f"/sessions/{sid}/calls", b'{"entrypoint": "add", "inputs": %s}' % deep),
+                ("PATCH", f"/sessions/{sid}", b'{"budget": %s}' % deep),
+                ("POST", f"/sessions/{sid}/snapshots", b'{"label": %s}' % deep),
+                ("POST", f"/snapshots/{snap}/restore", b'{"budget": %s}' % deep),
+                ("POST", f"/sessions/{sid}/step", b'{"gas": %s}' % deep),
+                ("POST", "/budgets", b'{"max_gas": %s}' % deep),
+                ("POST", "/intent/execute-wasm", b'{"cid": "%s", "inputs": %s}'
+                 % (cid.encode(), deep))):
+            response = await http.request(method, path, content=body,
+                                          headers={"Content-Type": "application/json"})
+            route = path.replace(sid, "{id}").replace(snap, "{id}")
+            await refuse(f"{method} {route} nested {depth}", response)
+
+    # Session budgets are numbers the scripts, the gateway and the executor count with: at
+    # most 10**15 (as a budget's limits), so a sum never overflows a float nor loses a unit in
+    # Lua. Found: a max_time of 10**400 was a 500 at create (and would have been at PATCH).
+    for limit in ("max_gas", "max_time", "max_calls"):
+        for value in (10**15 + 1, 10**18, 2**64, 10**400):
+            for response in (
+                    await http.post("/sessions", json={"cid": cid, "budget": {limit: value}}),
+                    await http.patch(f"/sessions/{sid}", json={"budget": {limit: value}}),
+                    await http.post(f"/snapshots/{snap}/restore",
+                                    json={"budget": {limit: value}})):
+                problem = assert_problem(response, 400, "invalid-request")
+                assert problem["errors"][0]["pointer"] == f"/budget/{limit}", problem
+            refused[f"session budget {limit} {len(str(value))} digits"] = 400
+        largest = await http.post("/sessions", json={"cid": cid, "budget": {limit: 10**15}})
+        assert largest.status_code == 201, largest.text
+        huge = largest.json()["session_id"]
+        answer = await call(http, huge, "add", [1])
+        assert answer.status_code == 200 and answer.json()["output"] == 1, answer.text
+        view = await http.get(f"/sessions/{huge}")
+        assert view.status_code == 200 and view.json()["status"] == "idle", view.text
+        assert view.json()["budget"][limit] == 10**15
+    assert (await http.get("/sessions")).status_code == 200
+    print(f"\n[sizes] refused with 400: {sorted(refused)}")
