@@ -33,6 +33,7 @@ from relay.schemas import (
 
 _CREATE = Script.named("session_create", libs=("states",))
 _EXPIRE = Script.named("session_expire", libs=("states",))
+_SET = Script.named("session_set")
 SWEEP_BATCH = 100
 SWEEP_INTERVAL_S = 5.0
 
@@ -236,18 +237,30 @@ class Sessions:
         return views, cursor + limit if len(ids) > limit else None
 
     async def close(self, principal: str, session_id: str) -> Session:
-        """Mark it closed (further calls are refused); the caller cancels its calls."""
+        """Mark it closed (further calls are refused); the caller cancels its calls. Raises
+        NotFound."""
         session = await self.owned(principal, session_id)
-        await self.client.hset(self.keys.session(session_id), "closed", "1")
+        await self._set(principal, session_id, {"closed": "1"}, when_closed=True)
         return session
 
     async def set_budget(self, principal: str, session_id: str, budget: SessionBudget) -> None:
-        session = await self.owned(principal, session_id)
-        if session.closed:
-            raise Conflict(f"session {session_id} is closed")
-        await self.client.hset(self.keys.session(session_id), mapping={
+        """Raises NotFound, Conflict (closed)."""
+        await self.owned(principal, session_id)
+        await self._set(principal, session_id, {
             "budget_gas": _text(budget.max_gas), "budget_time": _text(budget.max_time),
             "budget_calls": _text(budget.max_calls)})
+
+    async def _set(self, principal: str, session_id: str, fields: Mapping[str, str], *,
+                   when_closed: bool = False) -> None:
+        """Write `fields` into the principal's session only if it still exists (the sweep may
+        have deleted it since it was read) and, unless `when_closed`, is open."""
+        outcome = await _SET.run(self.client, [self.keys.session(session_id)], [
+            principal, "1" if when_closed else "0",
+            *[part for pair in fields.items() for part in pair]])
+        if outcome == b"gone":
+            raise NotFound(f"no session {session_id}")
+        if outcome == b"closed":
+            raise Conflict(f"session {session_id} is closed")
 
     async def expire(self) -> None:
         """Sweep every `SWEEP_INTERVAL_S`, forever (a gateway's supervised loop; every gateway

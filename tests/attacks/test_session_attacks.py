@@ -30,6 +30,10 @@ from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
 from relay import connection
+from relay.errors import NotFound
+from relay.keys import Keys
+from relay.schemas import SessionBudget
+from relay.sessions import _EXPIRE
 from relay.settings import Settings
 from tests.conftest import (
     ALICE_KEY,
@@ -525,3 +529,53 @@ async def test_hostile_numbers_and_bodies_are_400_never_500(
         assert view.json()["budget"][limit] == 10**15
     assert (await http.get("/sessions")).status_code == 200
     print(f"\n[sizes] refused with 400: {sorted(refused)}")
+
+
+# --- races ---
+
+
+async def test_close_and_patch_racing_the_expiry_leave_no_half_session(
+        app: Any, settings: Settings, http: httpx.AsyncClient) -> None:
+    """A session whose idle time is over is deleted by the expiry script while its owner closes
+    it or sets its budget. Found: both read the session, then wrote into it with a plain HSET;
+    when the expiry came in between, the HSET created a hash with no owner (`{closed: 1}`, or
+    the budget fields) that nothing ever deleted, and `GET /sessions/{id}` of it was a 500.
+    The expiry is sent after a varying number of loop turns, so that it lands between the
+    read and the write in some of the pairs."""
+    module = await upload(http, COUNTER_WAT)
+    sessions = app.state.gateway.sessions
+    keys = Keys(settings.prefix)
+    left_behind = 0
+    for turns in range(8):
+        created = await asyncio.gather(*(http.post("/sessions", json={
+            "cid": module["cid"], "ttl": 1}) for _ in range(50)))
+        ids = [response.json()["session_id"] for response in created]
+        await asyncio.sleep(0.01)  # every one of them is due
+
+        async def expire(session_id: str, turns: int = turns) -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            await _EXPIRE.run(sessions.client, [
+                keys.session(session_id), keys.session_calls(session_id),
+                keys.session_history(session_id), keys.session_expiry,
+            ], [keys.prefix, session_id])
+
+        async def change(n: int, session_id: str) -> None:
+            with contextlib.suppress(NotFound):  # expired first: 404, as it should
+                if n % 2:
+                    await sessions.close("alice", session_id)
+                else:
+                    await sessions.set_budget("alice", session_id, SessionBudget(max_calls=5))
+
+        await asyncio.gather(*(task for n, session_id in enumerate(ids)
+                               for task in (change(n, session_id), expire(session_id))))
+        async with redis_client(settings) as client:
+            left = await keys_like(client, f"{settings.prefix}:session:*")
+        left_behind += len(left)
+        for session_id in ids[:10]:
+            assert_problem(await http.get(f"/sessions/{session_id}"), 404, "not-found")
+        print(f"\n[expiry race] expiry after {turns} turns: {len(left)} of 50 sessions left a "
+              "hash behind", end="")
+    print()
+    assert left_behind == 0
+    await Holdings(settings).check()
