@@ -364,7 +364,7 @@ OPERATIONS = (
         "Branch: new sessions, each starting from the snapshot's state",
         (Reply(201, "The new sessions, idle, independent of each other and of the original.",
                schemas.Branches),),
-        (*STORE, InvalidRequest, Forbidden, QuotaExceeded, NotFound, PayloadTooLarge),
+        (*STORE, InvalidRequest, Forbidden, QuotaExceeded, NotFound, Conflict, PayloadTooLarge),
         body=((JSON, schemas.RestoreSnapshot),), body_required=False,
     ),
     Operation("GET", "/", "index", "Links to the API's entry points",

@@ -9,6 +9,8 @@ its own reference, so deleting the snapshot leaves them working.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import secrets
 from collections.abc import Mapping
 
@@ -16,16 +18,21 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, WatchError
 
 from relay.bus import Script
-from relay.errors import NotFound, QuotaExceeded
+from relay.errors import Conflict, NotFound, QuotaExceeded
 from relay.keys import Keys
 from relay.schemas import SessionBudget, Snapshot
 from relay.sessions import Session, Sessions
 
 _CREATE = Script.named("snapshot_create", libs=("states",))
 _DELETE = Script.named("snapshot_delete", libs=("states",))
-RESTORE_ATTEMPTS = 3
+RESTORE_ATTEMPTS = 10
 """A restore retries when its snapshot changed under it (only a delete changes one: the retry
-then answers 404) or Redis forgot the create script meanwhile (a restart)."""
+then answers 404), when the principal's sessions changed under it (another restore or create,
+on any gateway: the retry checks the quota again) or Redis forgot the create script meanwhile
+(a restart)."""
+RESTORE_BACKOFF_S = 0.002
+"""Up to this times the attempt number, at random, between attempts that lost a race: restores
+racing each other take turns instead of colliding again."""
 
 
 def new_snapshot_id() -> str:
@@ -107,21 +114,22 @@ class Snapshots:
                       budget: SessionBudget, created_at: str) -> list[str]:
         """Create `count` sessions of the snapshot's module, each starting from its state with
         a reference of its own, in the session's environment, all or none, in one transaction;
-        their ids. Raises NotFound when the snapshot was deleted meanwhile.
+        their ids. Raises NotFound when the snapshot was deleted meanwhile, QuotaExceeded,
+        Conflict when concurrent changes to the principal's sessions won every attempt.
 
         Optimistic: the transaction runs only if the snapshot (which holds the state and the
         module, so that each branch's reference can be taken) was not deleted since it was
-        read; a few hundred microseconds of script work for 64 branches (they share the state:
-        no page is copied)."""
+        read, nor the principal's sessions (the quota) changed; a few hundred microseconds of
+        script work for 64 branches (they share the state: no page is copied)."""
         key = self.keys.snapshot(snapshot.snapshot_id)
-        for _ in range(RESTORE_ATTEMPTS):
+        for attempt in range(RESTORE_ATTEMPTS):
             await self.sessions.load_create()
             async with self.client.pipeline(transaction=True) as pipe:
                 held = self.keys.sessions(principal)
                 await pipe.watch(key, held)
                 owner, environment = await pipe.hmget(key, ["principal", "environment"])
                 if owner != principal.encode():
-                    break
+                    raise NotFound(f"no snapshot {snapshot.snapshot_id}")  # deleted meanwhile
                 if await pipe.zcard(held) + count > self.sessions.max_sessions:
                     raise self.sessions.quota_exceeded()  # all the branches or none
                 pipe.multi()
@@ -133,6 +141,7 @@ class Snapshots:
                 try:
                     replies = await pipe.execute(raise_on_error=False)
                 except WatchError:
+                    await asyncio.sleep(random.uniform(0, RESTORE_BACKOFF_S * (attempt + 1)))
                     continue
             if any(isinstance(reply, NoScriptError) for reply in replies):
                 continue  # nothing was created: every reply is that error
@@ -143,7 +152,10 @@ class Snapshots:
                 raise RuntimeError(f"the module or state of snapshot {snapshot.snapshot_id} "
                                    "is gone")
             return ids
-        raise NotFound(f"no snapshot {snapshot.snapshot_id}")
+        # Not a 404: the snapshot is there, but other changes to the principal's sessions kept
+        # winning the race.
+        raise Conflict("your sessions changed while the branches were made (other restores or "
+                       "new sessions at the same time); nothing was created: retry")
 
     async def sessions_of(self, session_ids: list[str]) -> list[Session]:
         """The sessions' records in one round trip (the caller's own: no owner check)."""

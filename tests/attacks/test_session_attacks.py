@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from executor.worker import Executor
 from relay import connection
 from relay.errors import NotFound
+from relay.gateway.app import create_app
 from relay.keys import Keys
 from relay.schemas import SessionBudget
 from relay.sessions import _EXPIRE
@@ -43,6 +44,7 @@ from tests.conftest import (
     client_for,
     upload,
     wait_for,
+    with_settings,
 )
 
 ASYNC = {"Prefer": "respond-async"}
@@ -579,3 +581,148 @@ async def test_close_and_patch_racing_the_expiry_leave_no_half_session(
     print()
     assert left_behind == 0
     await Holdings(settings).check()
+
+
+async def queue_calls(http: httpx.AsyncClient, session_id: str, n: int,
+                      entrypoint: str = "add", inputs: list[Any] | None = None) -> list[str]:
+    answers = [await call(http, session_id, entrypoint, inputs or [1], headers=ASYNC)
+               for _ in range(n)]
+    for answer in answers:
+        assert answer.status_code == 202, answer.text
+    return [answer.json()["request_id"] for answer in answers]
+
+
+async def settled(settings: Settings, principal: str = "alice") -> dict[str, int]:
+    """What the bus still counts: executions queued, the principal's places and parked entries,
+    entries pending in the executors' group."""
+    keys = Keys(settings.prefix)
+    async with redis_client(settings) as client:
+        pending = await client.xpending(keys.requests, Keys.EXECUTOR_GROUP)
+        return {"queued": int(await client.get(keys.queued) or 0),
+                "active": int(await client.scard(keys.active(principal))),
+                "waiting": int(await client.llen(keys.waiting(principal))),
+                "pending": int(pending["pending"])}
+
+
+async def test_closing_a_session_ends_every_call_and_keeps_the_last_commit(
+        settings: Settings, http: httpx.AsyncClient, executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    first = (await call(http, sid, "add", [10])).json()
+    running = (await call(http, sid, "work", [10**10], headers=ASYNC,
+                          policy={"max_gas": 10**11, "max_time": 60_000})).json()["request_id"]
+    await wait_for(lambda: _status(http, running, "running"))
+    queued = await queue_calls(http, sid, 30)
+    closed = await http.delete(f"/sessions/{sid}")
+    assert closed.status_code == 200 and closed.json()["status"] == "closed", closed.text
+    ends = [await finished(http, rid) for rid in [running, *queued]]
+    statuses = [end["status"] for end in ends]
+    print(f"\n[close] 1 running and 30 queued calls, then DELETE: {statuses.count('cancelled')} "
+          f"cancelled, {statuses.count('completed')} completed")
+    assert statuses == ["cancelled"] * 31
+    view = (await http.get(f"/sessions/{sid}")).json()
+    assert view["status"] == "closed" and view["current"] is None
+    assert view["state_cid"] == first["state_cid"]  # the last commit, nothing after
+    assert_problem(await call(http, sid, "add", [1]), 409, "session-closed")
+    assert await settled(settings) == {"queued": 0, "active": 0, "waiting": 0, "pending": 0}
+    async with redis_client(settings) as client:
+        assert await client.llen(Keys(settings.prefix).session_calls(sid)) == 0
+    await Holdings(settings).check()
+
+
+async def test_closing_while_calls_finish_leaves_nothing_queued_forever(
+        settings: Settings, http: httpx.AsyncClient, executor: Executor) -> None:
+    """Calls finishing one after another while the close cancels the rest: each ends once,
+    and the state is the one the last call that completed committed."""
+    for attempt in range(5):
+        session = await make_session(http)
+        sid = session["session_id"]
+        ids = await queue_calls(http, sid, 40)
+        await asyncio.sleep(0.005 * attempt)
+        assert (await http.delete(f"/sessions/{sid}")).status_code == 200
+        ends = [await finished(http, rid) for rid in ids]
+        done = [end for end in ends if end["status"] == "completed"]
+        assert all(end["status"] in ("completed", "cancelled") for end in ends)
+        # Calls run in order: the completed ones come first, and the last of them committed.
+        assert [end["status"] for end in ends] == (["completed"] * len(done)
+                                                   + ["cancelled"] * (40 - len(done)))
+        view = (await http.get(f"/sessions/{sid}")).json()
+        assert view["current"] is None
+        expected = done[-1]["state_cid"] if done else None
+        assert view["state_cid"] == expected
+        assert view["calls"] == 40
+        print(f"\n[close] attempt {attempt}: {len(done)} of 40 completed before the close",
+              end="")
+    print()
+    assert await settled(settings) == {"queued": 0, "active": 0, "waiting": 0, "pending": 0}
+    await Holdings(settings).check()
+
+
+async def test_deleting_a_snapshot_while_it_is_restored_leaks_no_reference(
+        settings: Settings, http: httpx.AsyncClient, executor: Executor) -> None:
+    session = await make_session(http)
+    sid = session["session_id"]
+    assert (await call(http, sid, "add", [3])).status_code == 200
+    outcomes: dict[int, int] = {}
+    for _ in range(10):
+        snap = (await http.post(f"/sessions/{sid}/snapshots")).json()["snapshot_id"]
+        answers = await asyncio.gather(
+            *(http.post(f"/snapshots/{snap}/restore", json={"branch_count": 4})
+              for _ in range(5)),
+            http.delete(f"/snapshots/{snap}"),
+            *(http.post(f"/snapshots/{snap}/restore", json={"branch_count": 4})
+              for _ in range(5)))
+        for answer in answers:
+            outcomes[answer.status_code] = outcomes.get(answer.status_code, 0) + 1
+            assert answer.status_code in (201, 204, 404), answer.text
+        await Holdings(settings).check()
+    print(f"\n[restore vs delete] statuses {outcomes}")
+    # Every branch that was made works, from the snapshot's state.
+    listed = (await http.get("/sessions", params={"limit": 500})).json()["items"]
+    branches = [item for item in listed if item["session_id"] != sid]
+    assert len(branches) == 4 * outcomes.get(201, 0)
+    for branch in branches[:5]:
+        assert (await call(http, branch["session_id"], "add", [1])).json()["output"] == 4
+    await Holdings(settings).check()
+
+
+async def test_two_gateways_restoring_at_once_keep_the_quota_and_the_references(
+        settings: Settings, executor: Executor) -> None:
+    """Found: restores racing each other (any change to the principal's sessions makes a
+    restore's transaction start again) gave up after three attempts with a 404 for a snapshot
+    that was there: 32 restores at once through two gateways got several."""
+    settings = with_settings(settings, max_sessions=200)
+    apps = [create_app(settings), create_app(settings)]
+    async with contextlib.AsyncExitStack() as stack:
+        for application in apps:
+            await stack.enter_async_context(application.router.lifespan_context(application))
+        one, two = [await stack.enter_async_context(client_for(a, ALICE_KEY)) for a in apps]
+        session = await make_session(one)
+        sid = session["session_id"]
+        assert (await call(one, sid, "add", [3])).status_code == 200
+        snap = (await one.post(f"/sessions/{sid}/snapshots")).json()["snapshot_id"]
+
+        async def restore(client: httpx.AsyncClient, count: int) -> httpx.Response:
+            return await client.post(f"/snapshots/{snap}/restore", json={"branch_count": count})
+
+        # Within the quota: every restore makes its branches.
+        answers = await asyncio.gather(*(restore(client, 4) for _ in range(16)
+                                         for client in (one, two)))
+        statuses = [answer.status_code for answer in answers]
+        print(f"\n[two gateways] 32 restores of 4 branches at once: statuses "
+              f"{ {s: statuses.count(s) for s in set(statuses)} }")
+        for answer in answers:
+            assert answer.status_code == 201, answer.text
+        # Over it: all of a restore's branches or none, and never more than the quota.
+        answers = await asyncio.gather(*(restore(client, 7) for _ in range(6)
+                                         for client in (one, two)))
+        made = [answer for answer in answers if answer.status_code == 201]
+        for answer in answers:
+            if answer.status_code != 201:
+                assert_problem(answer, 403, "quota-exceeded")
+        listed = (await two.get("/sessions", params={"limit": 500})).json()["items"]
+        print(f"[two gateways] then 12 restores of 7 under a quota of 200 sessions: "
+              f"{len(made)} made, {len(listed)} sessions held")
+        assert len(listed) == 1 + 4 * 32 + 7 * len(made) <= 200
+        counts = await Holdings(settings).check()
+        assert counts["sessions"] == len(listed)
