@@ -6,12 +6,16 @@ imported from it), at a larger scale and over a real socket:
 - starts `relay dev` in its own process group, on its own fresh data directory (so its own
   embedded Redis), port and random API key, with a rate limit it never reaches
   (RELAY_RATE_LIMIT=1000000000: the limiter runs, so the RateLimit headers the document
-  promises are there) and no access log (RELAY_ACCESS_LOG=0);
+  promises are there), session and snapshot quotas it never reaches (RELAY_MAX_SESSIONS,
+  RELAY_MAX_SNAPSHOTS=1000000: restores make up to 64 sessions each) and no access log
+  (RELAY_ACCESS_LOG=0);
 - runs the schemathesis CLI against `GET /openapi.json` (phases examples, coverage and fuzzing,
   `--max-examples` per operation, 1,000 by default; the event stream gets a tenth of that, each
-  read for 0.3 s) with this file as its hooks file (SCHEMATHESIS_HOOKS): the seed modules are
-  uploaded (again after a fuzzed delete), the generators lean towards them, and every response
-  is counted;
+  read for 0.3 s) with this file as its hooks file (SCHEMATHESIS_HOOKS): the server is seeded
+  (modules, an execution, a session, a snapshot, a budget; made again when a fuzzed request
+  deletes, closes or uses up the last one, and a budget a fuzzed request made tight is made
+  generous again, so executes keep working), the generators lean towards the seeds, and every
+  response is counted;
 - prints schemathesis's report (every distinct failure with a curl to reproduce it), then the
   responses per operation by status class. What it finds belongs in the FOUND of
   tests/system/test_fuzz.py.
@@ -63,7 +67,13 @@ def install_in_schemathesis() -> None:
     import requests
     import schemathesis
 
-    from tests.system.test_fuzz import SEEDS, install_hooks, seed, seed_modules  # + problem_json
+    from tests.system.test_fuzz import (  # + problem_json
+        SEEDS,
+        install_hooks,
+        keep_seeds,
+        name_seeds_in_coverage,
+        seed,
+    )
 
     url, key = os.environ["RELAY_FUZZ_URL"], os.environ["RELAY_FUZZ_KEY"]
 
@@ -80,15 +90,21 @@ def install_in_schemathesis() -> None:
     lock = threading.Lock()
 
     @schemathesis.hook
+    def before_call(context: schemathesis.HookContext, case: schemathesis.Case,
+                    **kwargs: Any) -> None:
+        with lock:
+            name_seeds_in_coverage(case)
+
+    @schemathesis.hook
     def after_call(context: schemathesis.HookContext, case: schemathesis.Case,
                    response: schemathesis.Response) -> None:
-        SEEDS.record(case, response)
         with lock:
             statuses[(case.operation.label, response.status_code)] += 1
-        if case.operation.label == "DELETE /modules/{cid}" and response.status_code == 204:
-            with Session() as again:  # a seed may be gone: the other operations need them
-                again.headers["X-API-Key"] = key
-                seed_modules(again)
+            SEEDS.record(case, response)
+            if SEEDS.wanting():  # a seed is gone, or a budget would refuse executions
+                with Session() as again:
+                    again.headers["X-API-Key"] = key
+                    keep_seeds(again)
 
     def dump() -> None:
         with lock:
@@ -199,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         base_env.update(PYTHONUNBUFFERED="1")
         relay, key, port = common.start_relay_dev(
             "relay", python, base_env, data_dir, "fuzz",
-            {"RELAY_RATE_LIMIT": "1000000000", "RELAY_ACCESS_LOG": "0",
+            {"RELAY_RATE_LIMIT": "1000000000", "RELAY_MAX_SESSIONS": "1000000",
+             "RELAY_MAX_SNAPSHOTS": "1000000", "RELAY_ACCESS_LOG": "0",
              "RELAY_LOG_LEVEL": "WARNING"}, work_dir, children)
         url = f"http://127.0.0.1:{port}"
         common.wait_relay_ready(relay, url)
