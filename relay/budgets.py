@@ -22,7 +22,15 @@ import msgspec
 import redis.asyncio as aioredis
 
 from relay.bus import Accepted, Script
-from relay.errors import BudgetExhausted, Conflict, FieldError, Forbidden, InvalidRequest, NotFound
+from relay.errors import (
+    BudgetExhausted,
+    Conflict,
+    FieldError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+)
 from relay.keys import Keys
 from relay.schemas import (
     Budget,
@@ -35,6 +43,7 @@ from relay.schemas import (
     rfc3339,
 )
 
+_CREATE = Script.named("budget_create")
 _CHANGE = Script.named("budget_change")
 _USAGE = Script.named("budget_usage", libs=("budgets",))
 _ADD_GAS = Script.named("budget_add_gas", libs=("budgets",))
@@ -96,21 +105,24 @@ class BudgetStore:
         self.client = client
         self.keys = keys
 
-    async def create(self, caller: str, principal: str, body: BudgetRequest) -> Budget:
+    async def create(self, caller: str, principal: str, body: BudgetRequest,
+                     max_budgets: int | None) -> Budget:
         """A new budget counting `principal`'s executions from now (the caller must have been
-        allowed to name `principal`)."""
+        allowed to name `principal`). Raises QuotaExceeded when the principal has
+        `max_budgets` already (None: no bound)."""
         budget_id, now_ms = new_budget_id()
         keys = self.keys
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(keys.budget(budget_id), mapping={
-            "principal": principal, "created_by": caller, "created_ms": now_ms,
-            **_limit_fields(body)})
-        pipe.sadd(keys.budgets(principal), budget_id)
-        for who in {principal, caller}:
-            pipe.zadd(keys.visible_budgets(who), {budget_id: 0})
-        await pipe.execute()
-        return _budget(budget_id, {"principal": principal, "created_by": caller,
-                                   "created_ms": str(now_ms), **_limit_fields(body)})
+        fields = {"principal": principal, "created_by": caller, "created_ms": str(now_ms),
+                  **_limit_fields(body)}
+        created = await _CREATE.run(self.client, [
+            keys.budget(budget_id), keys.budgets(principal), keys.visible_budgets(principal),
+            keys.visible_budgets(caller),
+        ], [budget_id, "" if max_budgets is None else max_budgets,
+            *[part for pair in fields.items() for part in pair]])
+        if not created:
+            raise QuotaExceeded(f"{principal} has {max_budgets} budgets, as many as it may "
+                                "(RELAY_MAX_BUDGETS): delete some first")
+        return _budget(budget_id, fields)
 
     async def get(self, caller: str, budget_id: str) -> Budget:
         """Raises NotFound."""

@@ -221,7 +221,7 @@ OPERATIONS = (
         "Limit a principal's gas, time and executions per window (another's: admin only)",
         (Reply(201, "Created; its first window starts now.", schemas.Budget,
                headers=("Location",)),),
-        (*STORE, InvalidRequest, Forbidden, PayloadTooLarge),
+        (*STORE, InvalidRequest, Forbidden, QuotaExceeded, PayloadTooLarge),
         body=((JSON, schemas.BudgetRequest),),
     ),
     Operation(

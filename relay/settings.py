@@ -307,6 +307,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_snapshots: Annotated[int, Variable(
         "RELAY_MAX_SNAPSHOTS", _int, EXECUTOR, "snapshots",
         "snapshots one principal may keep; one more is 403 `quota-exceeded`")] = 1000
+    max_budgets: Annotated[int, Variable(
+        "RELAY_MAX_BUDGETS", _int, EXECUTOR, "budgets",
+        "budgets one principal may have (each of its executions checks them all); one more "
+        "spending cap is 403 `quota-exceeded` (an administrator's quota is never refused)")] = 32
     max_state_bytes: Annotated[int, Variable(
         "RELAY_MAX_STATE_BYTES", _int, EXECUTOR, "bytes",
         "largest memory a session may keep between calls")] = 268_435_456

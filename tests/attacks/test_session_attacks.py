@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,10 +41,13 @@ from relay.sessions import _EXPIRE
 from relay.settings import Settings
 from tests.conftest import (
     ALICE_KEY,
+    API_KEYS,
     BOB_KEY,
+    ROOT,
     Served,
     assert_problem,
     client_for,
+    event_entries,
     upload,
     wait_for,
     with_settings,
@@ -191,6 +197,10 @@ async def test_another_principals_ids_are_404_on_every_route(
         assert (await alice.get("/sessions")).json()["items"][0]["session_id"] == sid
         assert (await alice.delete(f"/executions/{paused}")).status_code == 200
         print()
+
+
+async def _idle(http: httpx.AsyncClient, session_id: str) -> bool:
+    return bool((await http.get(f"/sessions/{session_id}")).json()["status"] == "idle")
 
 
 async def _status(http: httpx.AsyncClient, request_id: str, status: str) -> bool:
@@ -726,3 +736,454 @@ async def test_two_gateways_restoring_at_once_keep_the_quota_and_the_references(
         assert len(listed) == 1 + 4 * 32 + 7 * len(made) <= 200
         counts = await Holdings(settings).check()
         assert counts["sessions"] == len(listed)
+
+
+async def test_budgets_changed_while_calls_run_keep_the_accounts_exact(
+        settings: Settings, http: httpx.AsyncClient, executor: Executor) -> None:
+    """PATCH a session's budget, and PUT the principal's budget, while the session's calls are
+    queued and running: every call ends, each within what was left when it started, and what
+    the session and the budget count is exactly what the calls used."""
+    session = await make_session(http)
+    sid = session["session_id"]
+    one = (await call(http, sid, "work", [20_000])).json()
+    each = one["gas_used"]
+    # Each queued call reserves in the principal's budget what the session has left (its
+    # omitted max_gas is lowered to that): room for all 40.
+    budget = (await http.post("/budgets", json={"max_gas": 4000 * each})).json()
+    assert (await http.patch(f"/sessions/{sid}", json={
+        "budget": {"max_gas": 41 * each}})).status_code == 200
+    ids = await queue_calls(http, sid, 40, "work", [20_000])
+    changes = []
+    for n in range(6):  # the totals move up and down while the calls run
+        total = (20, 45, 8, 30, 12, 41)[n] * each
+        changes.append(await http.patch(f"/sessions/{sid}", json={"budget": {"max_gas": total}}))
+        changes.append(await http.put(f"/budgets/{budget['budget_id']}", json={
+            "max_gas": (3000, 5000, 4000)[n % 3] * each}))
+        await asyncio.sleep(0.01)
+    for change in changes:
+        assert change.status_code == 200, change.text
+    ends = [await finished(http, rid) for rid in ids]
+    completed = [end for end in ends if end["status"] == "completed"]
+    failed = [end for end in ends if end["status"] == "failed"]
+    assert len(completed) + len(failed) == 40
+    for end in failed:
+        assert end["error"]["code"] == "out_of_gas", end
+    view = (await http.get(f"/sessions/{sid}")).json()
+    used = one["gas_used"] + sum(end["gas_used"] for end in ends)
+    assert view["gas_used"] == used
+    assert view["calls"] == 41
+    # The state counts exactly the calls that completed (each added 20000).
+    assert completed[-1]["output"] == 20_000 * (1 + len(completed))
+    usage = (await http.get(f"/budgets/{budget['budget_id']}/usage")).json()
+    assert usage["reserved"] == {"gas": 0, "time": 0}
+    assert usage["gas_used"] == sum(end["gas_used"] for end in ends)
+    assert usage["executions"] == 40
+    print(f"\n[budgets moving] 40 calls of {each} gas while the session's total moved 6 times "
+          f"(41 → 20 → 45 → 8 → 30 → 12 → 41 calls' worth): {len(completed)} completed, "
+          f"{len(failed)} out of gas; session gas_used {view['gas_used']} = their sum; budget "
+          f"window gas_used {usage['gas_used']}, nothing left reserved")
+    assert await settled(settings) == {"queued": 0, "active": 0, "waiting": 0, "pending": 0}
+
+
+async def test_the_expiry_sweep_never_deletes_a_session_with_calls_queued(
+        app: Any, settings: Settings, http: httpx.AsyncClient, executor: Executor) -> None:
+    sweep = app.state.gateway.sessions.sweep
+    session = await make_session(http, ttl=50)
+    sid = session["session_id"]
+    running = (await call(http, sid, "work", [10**10], headers=ASYNC,
+                          policy={"max_gas": 10**11, "max_time": 60_000})).json()["request_id"]
+    queued = await queue_calls(http, sid, 5)
+    await wait_for(lambda: _status(http, running, "running"))
+    for _ in range(10):  # well past its ttl, calls still queued behind the running one
+        assert await sweep() == 0
+        await asyncio.sleep(0.06)
+    assert (await http.get(f"/sessions/{sid}")).json()["status"] == "running"
+    assert (await http.delete(f"/executions/{running}")).status_code == 200
+    ends = [await finished(http, rid) for rid in queued]
+    assert [end["output"] for end in ends] == [1, 2, 3, 4, 5]  # the cancelled one left none
+    deleted = await wait_for(sweep, timeout_s=5)  # idle now: it goes at its ttl
+    print(f"\n[expiry] a session with a 50 ms ttl survived 10 sweeps over 0.6 s while a call "
+          f"ran and 5 waited; idle afterwards, it was swept ({deleted})")
+    assert_problem(await http.get(f"/sessions/{sid}"), 404, "not-found")
+    await Holdings(settings).check()
+
+
+# --- hostile sizes: memory ---
+
+# Grows its memory on demand, and fills all of it with pseudo-random words (a call-free loop:
+# every page changes, and none compresses).
+GROWER_WAT = """(module
+  (memory 1)
+  (func (export "grow") (param i32) (result i32)
+    (if (i32.eq (memory.grow (local.get 0)) (i32.const -1)) (then unreachable))
+    (memory.size))
+  (func (export "scribble") (param i64) (result i32) (local $i i32) (local $end i32)
+    (local.set $end (i32.mul (memory.size) (i32.const 65536)))
+    (loop
+      (local.set 0 (i64.add (i64.mul (local.get 0) (i64.const 6364136223846793005))
+                            (i64.const 1442695040888963407)))
+      (i64.store (local.get $i) (local.get 0))
+      (local.set $i (i32.add (local.get $i) (i32.const 8)))
+      (br_if 0 (i32.lt_u (local.get $i) (local.get $end))))
+    (memory.size)))"""
+MIB = 1 << 20
+
+
+async def test_memory_grown_to_the_cap_every_call_stays_capped_and_stores_one_state(
+        settings: Settings, http: httpx.AsyncClient) -> None:
+    settings = with_settings(settings, max_state_bytes=2 * MIB)
+    async with running(settings, "capped"):
+        session = await make_session(http, GROWER_WAT)
+        sid = session["session_id"]
+        assert (await call(http, sid, "grow", [15])).json()["output"] == 16
+        at_cap = (await call(http, sid, "grow", [16])).json()
+        assert at_cap["success"] and at_cap["output"] == 32, at_cap  # 2 MiB: the cap itself
+        over = (await call(http, sid, "grow", [1])).json()
+        assert over["error"]["code"] == "memory_limit", over
+        assert over["state_cid"] == at_cap["state_cid"]
+        # An explicit max_memory over the state cap is no way past it.
+        past = (await call(http, sid, "grow", [1], policy={"max_memory": 64 * MIB})).json()
+        assert past["error"]["code"] == "memory_limit", past
+        # A call allowed less memory than the state has cannot run in it: refused, unchanged.
+        small = (await call(http, sid, "scribble", [1], policy={"max_memory": MIB})).json()
+        assert small["error"]["code"] == "memory_limit", small
+        assert small["state_cid"] == at_cap["state_cid"]
+        began = time.perf_counter()
+        states = set()
+        for seed in range(2, 12):  # every page changes, every call
+            scribbled = (await call(http, sid, "scribble", [seed])).json()
+            assert scribbled["success"], scribbled
+            states.add(scribbled["state_cid"])
+        taken = (time.perf_counter() - began) / 10
+        assert len(states) == 10
+        view = (await http.get(f"/sessions/{sid}")).json()
+        assert view["state_size"] == 2 * MIB
+        counts = await Holdings(settings).check()
+        async with redis_client(settings) as client:
+            pages = len(await keys_like(client, f"{settings.prefix}:page:*"))
+            stored = len(await keys_like(client, f"{settings.prefix}:state:*"))
+        print(f"\n[memory] a 2 MiB cap: grown to it, then past it (memory_limit, nothing "
+              f"committed), max_memory 64 MiB no way past it, 1 MiB refused; 10 calls "
+              f"rewriting all 2 MiB ({taken * 1000:.0f} ms each): Redis holds {stored} state "
+              f"and {pages} pages ({counts})")
+        assert stored == 1 and pages == 32
+
+
+# --- modules that try to keep what they should not; states expensive to capture ---
+
+REFUSED_MODULES = {
+    "table.set": '(module (table 2 funcref) (func (export "main") '
+                 '(table.set 0 (i32.const 0) (ref.null func))))',
+    "table.grow": '(module (table 1 funcref) (func (export "main") (result i32) '
+                  '(table.grow 0 (ref.null func) (i32.const 1))))',
+    "an imported memory": '(module (import "env" "memory" (memory 1)) '
+                          '(func (export "main") (result i32) (i32.load (i32.const 0))))',
+    "an imported global": '(module (import "env" "g" (global (mut i32))) '
+                          '(func (export "main") (result i32) (global.get 0)))',
+    "a shared memory": '(module (memory 1 1 shared) (func (export "main") (result i32) '
+                       '(i32.load (i32.const 0))))',
+    "data.drop": '(module (memory 1) (data $d "abc") (func (export "main") (data.drop $d)))',
+    "a WASI command": '(module (import "wasi_snapshot_preview1" "proc_exit" '
+                      '(func (param i32))) (memory (export "memory") 1) '
+                      '(func (export "_start")))',
+}
+
+
+async def test_modules_that_would_keep_state_outside_memory_and_globals_are_refused(
+        settings: Settings, http: httpx.AsyncClient) -> None:
+    for what, wat in REFUSED_MODULES.items():
+        uploaded = await http.post("/modules", content=wat.encode())
+        if uploaded.status_code == 400:  # refused at upload already: no session either
+            print(f"\n[refused] {what}: refused at upload", end="")
+            continue
+        assert uploaded.status_code in (200, 201), uploaded.text
+        created = await http.post("/sessions", json={"cid": uploaded.json()["cid"]})
+        problem = assert_problem(created, 400, "invalid-request")
+        assert problem["errors"][0]["pointer"] == "/cid"
+        print(f"\n[refused] {what}: POST /sessions 400: {problem['detail']}", end="")
+    print()
+    assert (await http.get("/sessions")).json()["items"] == []
+    await Holdings(settings).check()
+
+
+async def test_16_mib_changed_every_call_leaves_the_executor_responsive_to_others(
+        settings: Settings, http: httpx.AsyncClient, bob: httpx.AsyncClient,
+        executor: Executor) -> None:
+    add = (await upload(bob, '(module (func (export "main") (param i32 i32) (result i32) '
+                                  'local.get 0 local.get 1 i32.add))'))["cid"]
+
+    async def bob_latencies(n: int) -> list[float]:
+        taken = []
+        for i in range(n):
+            began = time.perf_counter()
+            answer = await bob.post("/intent/execute-wasm", json={
+                "cid": add, "inputs": [i, 1], "idempotency_key": uuid.uuid4().hex})
+            taken.append(time.perf_counter() - began)
+            assert answer.status_code == 200 and answer.json()["output"] == i + 1
+        return taken
+
+    baseline = await bob_latencies(20)
+    session = await make_session(http, GROWER_WAT)
+    sid = session["session_id"]
+    assert (await call(http, sid, "grow", [255])).json()["output"] == 256  # 16 MiB
+    stop = asyncio.Event()
+    done: list[dict[str, Any]] = []
+
+    async def churn() -> None:
+        seed = 1
+        while not stop.is_set():
+            seed += 1
+            done.append((await call(http, sid, "scribble", [seed])).json())
+
+    churning = asyncio.create_task(churn())
+    try:
+        await wait_for(lambda: len(done) >= 2, timeout_s=30)
+        during = await bob_latencies(40)
+    finally:
+        stop.set()
+        await churning
+    assert all(result["success"] for result in done), done[-1]
+    per_call = [result["duration"] for result in done]
+    p50 = sorted(during)[len(during) // 2]
+    print(f"\n[16 MiB] alice's calls rewrote 16 MiB each ({len(done)} calls, wasm "
+          f"{sum(per_call) / len(per_call):.0f} ms each); bob's execute p50 "
+          f"{sorted(baseline)[10] * 1000:.1f} ms alone, {p50 * 1000:.1f} ms beside her, "
+          f"worst {max(during) * 1000:.0f} ms")
+    assert max(during) < 2.0  # responsive: no call of bob's waits behind her captures
+    await Holdings(settings).check()
+
+
+# --- many snapshots, many queued calls ---
+
+
+async def test_a_thousand_snapshots_at_once_stop_at_the_quota(
+        settings: Settings, http: httpx.AsyncClient, executor: Executor) -> None:
+    assert settings.max_snapshots == 1000
+    session = await make_session(http)
+    sid = session["session_id"]
+    assert (await call(http, sid, "add", [1])).status_code == 200
+    began = time.perf_counter()
+    answers: list[httpx.Response] = []
+    for start in range(0, 1100, 100):
+        answers += await asyncio.gather(*(
+            http.post(f"/sessions/{sid}/snapshots", json={"label": f"{n:04d}" + "x" * 250})
+            for n in range(start, start + 100)))
+    taken = time.perf_counter() - began
+    made = [answer for answer in answers if answer.status_code == 201]
+    for answer in answers:
+        if answer.status_code != 201:
+            assert_problem(answer, 403, "quota-exceeded")
+    assert len(made) == 1000
+    async with redis_client(settings) as client:
+        used = sum([await client.memory_usage(key) or 0
+                    for key in await keys_like(client, f"{settings.prefix}:snapshot:*")])
+        refs = int(await client.hget(f"{settings.prefix}:state:{made[0].json()['state_cid']}",
+                                     "refs") or 0)
+    print(f"\n[snapshots] 1100 asked at once, 100 at a time: 1000 made in {taken:.1f} s, "
+          f"100 refused (403); their hashes hold {used // 1024} KiB in Redis; the state they "
+          f"share is stored once ({refs} references)")
+    assert refs == 1001
+    listed = await http.get("/snapshots", params={"limit": 500, "cursor": 500})
+    assert listed.status_code == 200 and len(listed.json()["items"]) == 500
+    await Holdings(settings).check()
+    for answer in made[:100]:
+        assert (await http.delete(f"/snapshots/{answer.json()['snapshot_id']}")).status_code == 204
+    assert (await http.post(f"/sessions/{sid}/snapshots")).status_code == 201
+    await Holdings(settings).check()
+
+
+async def test_calls_queued_faster_than_a_session_runs(
+        settings: Settings, http: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
+    """No cap of a session's own: its queued calls count toward RELAY_MAX_QUEUE (shared by
+    everyone) and the rate limit. What 2000 queued calls hold in Redis, and that they all run,
+    in order, once an executor comes."""
+    session = await make_session(http)
+    sid = session["session_id"]
+    began = time.perf_counter()
+    ids: list[str] = []
+    for _ in range(20):
+        answers = await asyncio.gather(*(call(http, sid, "add", [1], headers=ASYNC)
+                                         for _ in range(100)))
+        for answer in answers:
+            assert answer.status_code == 202, answer.text
+        ids += [answer.json()["request_id"] for answer in answers]
+    queued_in = time.perf_counter() - began
+    keys = Keys(settings.prefix)
+    async with redis_client(settings) as client:
+        records = sum([await client.memory_usage(keys.execution(rid)) or 0 for rid in ids])
+        indexes = sum([await client.memory_usage(keys.execution_events(rid)) or 0
+                       for rid in ids])
+        lists = sum([await client.memory_usage(key) or 0 for key in (
+            keys.session_calls(sid), keys.session_history(sid))])
+        on_stream = await client.xlen(keys.requests)
+    print(f"\n[queue] 2000 calls queued on one session in {queued_in:.1f} s (no executor): "
+          f"their records {records // 1024} KiB, event indexes {indexes // 1024} KiB, the "
+          f"session's lists {lists // 1024} KiB ({(records + indexes + lists) // 2000} bytes a "
+          f"call); entries on the requests stream: {on_stream} (only the head)")
+    assert on_stream == 1
+    assert await settled(settings) == {"queued": 2000, "active": 0, "waiting": 0, "pending": 0}
+    # The queue is shared: with RELAY_MAX_QUEUE reached, everyone's next execute is 503.
+    small = with_settings(settings, max_queue=2000)
+    application = create_app(small)
+    async with application.router.lifespan_context(application), \
+            client_for(application, BOB_KEY) as bob_there:
+        add = (await upload(bob_there, '(module (func (export "main") (result i32) '
+                                       'i32.const 1))'))["cid"]
+        refused = await bob_there.post("/intent/execute-wasm", json={"cid": add})
+        assert_problem(refused, 503, "unavailable")
+    print("[queue] with RELAY_MAX_QUEUE = 2000, bob's execute is then 503: the queue, like "
+          "plain executions' (parked beyond max_active), is everyone's")
+    began = time.perf_counter()
+    async with running(settings, "late"):
+        await wait_for(lambda: _idle(http, sid), timeout_s=120, interval_s=0.2)
+        ran_in = time.perf_counter() - began
+        ends = [await finished(http, rid) for rid in ids]
+    # Every call ran, once, each on the state the one before it left.
+    assert sorted(end["output"] for end in ends) == list(range(1, 2001))
+    print(f"[queue] an executor then ran all 2000 in order in {ran_in:.1f} s")
+    assert await settled(settings) == {"queued": 0, "active": 0, "waiting": 0, "pending": 0}
+
+
+# --- crashes between two writes ---
+
+# Each call fills its second page with random bytes (WASI random_get): a re-run commits a state
+# other than the one the first run saved, so what the first run wrote can only expire.
+DICE_WAT = """(module
+  (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $n (mut i64) (i64.const 0))
+  (func (export "roll") (result i64)
+    (drop (call $random (i32.const 65536) (i32.const 65536)))
+    (global.set $n (i64.add (global.get $n) (i64.const 1)))
+    (global.get $n)))"""
+
+
+@pytest.mark.parametrize("same_state", [False, True], ids=["random", "deterministic"])
+async def test_an_executor_dead_after_saving_a_state_but_before_settling(
+        settings: Settings, http: httpx.AsyncClient, same_state: bool) -> None:
+    """The executor saves the call's new state (pages and manifest, as orphans), then dies
+    before its settle commits it (simulated: its settle never returns, and its serving task,
+    lease renewals included, is cancelled, as a killed process's would stop). A peer takes the
+    call over and runs it again: one commit, charged once, the references right, and what the
+    dead one wrote expires (a random module) or is the very state the re-run commits, made
+    permanent by the commit (a deterministic one)."""
+    settings = with_settings(settings, lease_ms=600, idempotency_ttl_ms=3000)
+    budget = (await http.post("/budgets", json={"max_executions": 100})).json()
+    session = await make_session(http, COUNTER_WAT if same_state else DICE_WAT)
+    sid = session["session_id"]
+    prefix = settings.prefix
+    entrypoint, inputs = ("add", [1]) if same_state else ("roll", [])
+
+    client = connection.connect(settings.redis_url or "")
+    doomed = Executor(settings, client, name="doomed", read_block_ms=100)
+    saved = asyncio.Event()
+
+    async def die(*args: Any, **kwargs: Any) -> bool:
+        saved.set()  # its state is stored: the next write would be the settle
+        await asyncio.Event().wait()
+        return False
+
+    doomed.bus.finish = die  # type: ignore[method-assign]
+    serving = asyncio.create_task(doomed.run())
+    rid = (await call(http, sid, entrypoint, inputs, headers=ASYNC)).json()["request_id"]
+    await asyncio.wait_for(saved.wait(), 10)
+    serving.cancel()  # killed: no settle, no more lease renewals
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving
+    for task in list(doomed._running):  # its hung settle goes with the process
+        task.cancel()
+    await client.aclose()
+    async with redis_client(settings) as redis:
+        orphans = [key for key in await keys_like(redis, f"{prefix}:state:*")
+                   if await redis.pttl(key) > 0]
+    assert len(orphans) == 1  # the dead one's state, unreferenced
+    await Holdings(settings).check()
+
+    async with running(settings, "peer"):
+        result = await finished(http, rid, timeout_s=20)
+        assert result["status"] == "completed" and result["output"] == 1, result
+        view = (await http.get(f"/sessions/{sid}")).json()
+        assert view["calls"] == 1 and view["state_cid"] == result["state_cid"]
+        committed = f"{prefix}:state:{result['state_cid']}".encode()
+        assert (committed == orphans[0]) is same_state
+        usage = (await http.get(f"/budgets/{budget['budget_id']}/usage")).json()
+        assert usage["executions"] == 1 and usage["reserved"] == {"gas": 0, "time": 0}
+        events = [json.loads(fields[b"data"]) for _, fields in await event_entries(settings)]
+        mine = [event for event in events if event.get("request_id") == rid]
+        started = [event["executor_node"] for event in mine
+                   if event["type"] == "execution_started"]
+        terminal = [event for event in mine if event["type"] in ("execution_complete",
+                                                                 "execution_error")]
+        assert started == ["doomed", "peer"] and len(terminal) == 1, mine
+        await Holdings(settings).check()
+        # The next call goes on from the committed state.
+        assert (await call(http, sid, entrypoint, inputs)).json()["output"] == 2
+    if not same_state:
+        async with redis_client(settings) as redis:
+            await wait_for(lambda: _gone(redis, orphans[0]), timeout_s=10)
+    counts = await Holdings(settings).check()
+    print(f"\n[crash] saved but never settled: the peer re-ran the call (started on {started}), "
+          f"one terminal event, one commit, one execution charged; the dead one's state "
+          f"{'was the one committed' if same_state else 'expired'}; now {counts}")
+
+
+async def _gone(redis: aioredis.Redis, key: bytes) -> bool:
+    return not await redis.exists(key)
+
+
+# --- budgets without end ---
+
+
+async def test_a_principal_cannot_make_every_execution_walk_thousands_of_budgets(
+        settings: Settings, http: httpx.AsyncClient, bob: httpx.AsyncClient,
+        executor: Executor) -> None:
+    """Found: budgets had no bound per principal, and creating them no rate limit. Each
+    execution of a principal walks all its budgets in the accept and the settle scripts, and
+    Redis serves no one else meanwhile: 10 000 budgets (made in 7 s) made each of alice's
+    executions hold Redis for about 120 ms, everyone's requests waiting behind; a million would
+    have stalled it past its script time limit. Now a principal sets itself at most
+    RELAY_MAX_BUDGETS (32)."""
+    assert settings.max_budgets == 32
+    answers = await asyncio.gather(*(http.post("/budgets", json={"window": 1000})
+                                     for _ in range(100)))
+    made = [answer for answer in answers if answer.status_code == 201]
+    for answer in answers:
+        if answer.status_code != 201:
+            assert_problem(answer, 403, "quota-exceeded")
+    assert len(made) == 32
+    assert len((await http.get("/budgets", params={"limit": 500})).json()["items"]) == 32
+    # Deleting one makes room for one.
+    assert (await http.delete(f"/budgets/{made[0].json()['budget_id']}")).status_code == 204
+    assert (await http.post("/budgets", json={})).status_code == 201
+    assert_problem(await http.post("/budgets", json={}), 403, "quota-exceeded")
+    # Bob is not affected by alice's.
+    assert (await bob.post("/budgets", json={})).status_code == 201
+    cid = (await upload(http, '(module (func (export "main") (result i32) i32.const 7))'))["cid"]
+    ran = await http.post("/intent/execute-wasm", json={"cid": cid})
+    assert ran.status_code == 200 and ran.json()["output"] == 7
+    print(f"\n[budgets] 100 created at once: {len(made)} made, the rest 403 quota-exceeded")
+
+
+async def test_an_administrators_quota_is_never_refused_by_the_bound(
+        settings: Settings, tmp_path: Path) -> None:
+    """A principal at its bound cannot keep an administrator from setting it a quota."""
+    shutil.copy(ROOT / "relay" / "policies" / "default.cedar", tmp_path / "default.cedar")
+    (tmp_path / "admins.cedar").write_text(
+        'permit (principal == User::"root", action == Action::"admin", '
+        'resource == Relay::"gateway");')
+    settings = with_settings(settings, policy_dir=str(tmp_path), max_budgets=3,
+                             api_keys=(*API_KEYS, ("root", "root-secret-key")))
+    application = create_app(settings)
+    async with application.router.lifespan_context(application), \
+            client_for(application, ALICE_KEY) as alice, \
+            client_for(application, "root-secret-key") as root:
+        for _ in range(3):
+            assert (await alice.post("/budgets", json={})).status_code == 201
+        assert_problem(await alice.post("/budgets", json={}), 403, "quota-exceeded")
+        quota = await root.post("/budgets", json={"principal": "alice", "max_executions": 1})
+        assert quota.status_code == 201, quota.text
+        assert len((await alice.get("/budgets")).json()["items"]) == 4
+        # Root's own spending caps are bounded like anyone's.
+        for _ in range(3):
+            assert (await root.post("/budgets", json={})).status_code == 201
+        assert_problem(await root.post("/budgets", json={}), 403, "quota-exceeded")

@@ -21,14 +21,16 @@ MAX_PAGE_SIZE = 500
 
 
 async def create_budget(request: Request) -> Response:
-    """authenticate (401) → the body (413, 400) → naming another principal: admin (403)."""
+    """authenticate (401) → the body (413, 400) → naming another principal: admin (403) →
+    the principal's number of budgets (403), unless an administrator sets it a quota."""
     gw = gateway_of(request)
     caller = await gw.authenticate(request)
     body = await _body(request, gw)
     principal = body.principal or caller
     if principal != caller:
         gw.authorizer.require(caller, "admin", None)
-    budget = await _store(gw).create(caller, principal, body)
+    budget = await _store(gw).create(
+        caller, principal, body, gw.settings.max_budgets if principal == caller else None)
     return json_response(budget, 201, {"Location": f"/budgets/{budget.budget_id}"})
 
 
