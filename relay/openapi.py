@@ -142,7 +142,8 @@ OPERATIONS = (
         "POST", "/executions/{request_id}/resume", "resumeExecution",
         "Continue a paused execution, optionally with more gas",
         _control_replies("Resumed: its state."),
-        (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge, BudgetExhausted),
+        (*STORE, InvalidRequest, NotFound, Conflict, SessionExhausted, PayloadTooLarge,
+         BudgetExhausted),
         body=((JSON, schemas.ResumeRequest),), body_required=False,
     ),
     Operation(
@@ -320,9 +321,11 @@ OPERATIONS = (
     ),
     Operation(
         "POST", "/sessions/{session_id}/resume", "resumeSession",
-        "Resume the session's current call",
+        "Resume the session's current call, optionally with more gas",
         _control_replies("Resumed: the call's state."),
-        (*STORE, NotFound, Conflict),
+        (*STORE, InvalidRequest, NotFound, Conflict, SessionExhausted, PayloadTooLarge,
+         BudgetExhausted),
+        body=((JSON, schemas.ResumeRequest),), body_required=False,
     ),
     Operation(
         "POST", "/sessions/{session_id}/step", "stepSession",

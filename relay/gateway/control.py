@@ -22,7 +22,14 @@ import redis.asyncio as aioredis
 
 from relay.budgets import BudgetStore
 from relay.bus import Bus
-from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, TooManyPaused
+from relay.errors import (
+    Conflict,
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    SessionExhausted,
+    TooManyPaused,
+)
 from relay.gateway.fanin import EventFanIn
 from relay.keys import Keys
 from relay.policy import Policies
@@ -33,6 +40,7 @@ from relay.schemas import (
     ErrorInfo,
     ExecuteResponse,
     ExecutionState,
+    WasmExecRequested,
     decode_control_refused,
     decode_head,
     decode_paused,
@@ -99,8 +107,9 @@ class Controller:
 
         Raises NotFound, Conflict (409: finished, or not in a state the action applies to),
         TooManyPaused (409: its executor refused the pause), InvalidRequest (additional gas
-        over the ceiling or the principal's cap) or BudgetExhausted (429: no room for it in a
-        budget of the principal's).
+        over the ceiling or the principal's cap), SessionExhausted (409: over what a session
+        call's session has left) or BudgetExhausted (429: no room for it in a budget of the
+        principal's).
         """
         key = self.keys.execution(request_id)
         owner, status_raw, request_raw, extra_raw = await self.client.hmget(
@@ -118,6 +127,8 @@ class Controller:
         if action == "resume" and additional_gas:
             self._check_gas(principal, request.policy.max_gas + int(extra_raw or 0)
                             + additional_gas)
+            if request.session_id is not None:
+                await self._check_session_gas(request, int(extra_raw or 0) + additional_gas)
             # Reserved from the principal's budgets (429 when they have no room) with the raise.
             await BudgetStore(self.client, self.keys).reserve_gas(request_id, additional_gas)
         if action == "cancel" and status == "queued":
@@ -222,6 +233,22 @@ class Controller:
         for entry_id in ids:
             pipe.xrange(self.keys.events, entry_id, entry_id)
         return [entries[0][1][b"data"] for entries in await pipe.execute() if entries]
+
+    async def _check_session_gas(self, request: WasmExecRequested, more: int) -> None:
+        """A session call's gas may grow (`more`: all it was given beyond its `max_gas`) only
+        within what its session's budget has left beside it: the call holds its `max_gas`
+        already (an omitted one was lowered to all that was left). Raises SessionExhausted
+        (409). Without this, `additional_gas` ran a call past its session's total."""
+        assert request.session_id is not None
+        budget, used = await self.client.hmget(self.keys.session(request.session_id),
+                                                ["budget_gas", "gas_used"])
+        if not budget:
+            return
+        left = int(budget) - int(used or 0) - request.policy.max_gas
+        if more > left:
+            detail = (f"the session's budget has {max(left, 0)} gas left beside what this call "
+                      "holds already; raise it with PATCH /sessions/{id} first")
+            raise SessionExhausted(detail, errors=[FieldError("/additional_gas", detail)])
 
     def _check_gas(self, principal: str, total: int) -> None:
         cap = self.policies.caps(principal).max_gas

@@ -1187,3 +1187,68 @@ async def test_an_administrators_quota_is_never_refused_by_the_bound(
         for _ in range(3):
             assert (await root.post("/budgets", json={})).status_code == 201
         assert_problem(await root.post("/budgets", json={}), 403, "quota-exceeded")
+
+
+# --- stepping and resuming past a session's budget ---
+
+
+async def test_additional_gas_never_runs_a_call_past_its_sessions_budget(
+        served: Served, settings: Settings, executor: Executor) -> None:
+    """Found: `additional_gas` on resume was checked against the ceilings and the principal's
+    budgets, never against the session's: a session with a budget of 100 M gas ran a call of
+    500 M (its gas_used then 5 times its budget). And `POST /sessions/{id}/resume` ignored its
+    body: its additional_gas was lost, and unknown fields were taken."""
+    async with client_for(served.app, ALICE_KEY) as http:
+        session = await make_session(http, budget={"max_gas": 100_000_000})
+        sid = session["session_id"]
+
+        async def paused_call() -> str:
+            rid: str = (await call(http, sid, "work", [10**9], headers=ASYNC,
+                                   step_gas=1_000_000)).json()["request_id"]
+            await wait_for(lambda: _status(http, rid, "paused"))
+            return rid
+
+        rid = await paused_call()
+        refusals = {
+            "POST /executions/{id}/resume": await http.post(
+                f"/executions/{rid}/resume", json={"additional_gas": 400_000_000}),
+            "POST /sessions/{id}/resume": await http.post(
+                f"/sessions/{sid}/resume", json={"additional_gas": 400_000_000}),
+            "1 more gas": await http.post(f"/executions/{rid}/resume",
+                                          json={"additional_gas": 1}),
+        }
+        for what, refused in refusals.items():
+            problem = assert_problem(refused, 409, "session-exhausted")
+            assert problem["errors"][0]["pointer"] == "/additional_gas", problem
+            print(f"\n[additional gas] {what} on a call holding all 100 M of its session: "
+                  f"409: {problem['detail']}", end="")
+        assert_problem(await http.post(f"/sessions/{sid}/resume", json={"gas": 1}), 400,
+                       "invalid-request")
+        url = served.url.replace("http", "ws", 1) + f"/ws/sessions/{sid}"
+        async with ws_connect(url, additional_headers={"X-API-Key": ALICE_KEY}) as ws:
+            await ws.send(json.dumps({"action": "resume", "additional_gas": 400_000_000}))
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if message["type"] == "control_error":
+                    break
+        assert message["status"] == 409, message
+        assert (await http.get(f"/executions/{rid}")).json()["status"] == "paused"
+        # Raised first, the budget makes room for it.
+        assert (await http.patch(f"/sessions/{sid}", json={
+            "budget": {"max_gas": 400_000_000}})).status_code == 200
+        resumed = await http.post(f"/sessions/{sid}/resume", json={"additional_gas": 300_000_000})
+        assert resumed.status_code in (200, 202), resumed.text
+        end = await finished(http, rid)
+        assert end["error"]["code"] == "out_of_gas" and end["gas_used"] == 400_000_000, end
+        view = (await http.get(f"/sessions/{sid}")).json()
+        assert view["gas_used"] <= view["budget"]["max_gas"]
+        print(f"\n[additional gas] budget raised to 400 M, then 300 M more: the call used "
+              f"{end['gas_used']}, the session {view['gas_used']} of {view['budget']['max_gas']}")
+        # A session without a gas budget takes additional gas as an execution does.
+        free = await make_session(http)
+        rid = (await call(http, free["session_id"], "work", [10**9], headers=ASYNC,
+                          step_gas=1_000_000, policy={"max_gas": 50_000_000})).json()["request_id"]
+        await wait_for(lambda: _status(http, rid, "paused"))
+        assert (await http.post(f"/sessions/{free['session_id']}/resume", json={
+            "additional_gas": 10_000_000})).status_code in (200, 202)
+        assert (await finished(http, rid))["gas_used"] == 60_000_000

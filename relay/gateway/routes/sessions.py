@@ -26,6 +26,7 @@ from relay.schemas import (
     SessionView,
     decode_create_session,
     decode_patch_session,
+    decode_resume,
     decode_step,
     now_iso,
 )
@@ -103,6 +104,8 @@ async def pause_session(request: Request) -> Response:
 
 
 async def resume_session(request: Request) -> Response:
+    """Resume the current call, with `{"additional_gas"}` as `POST /executions/{id}/resume`
+    takes it (within what the session's budget has left)."""
     return await _control_current(request, "resume")
 
 
@@ -122,8 +125,13 @@ async def _control_current(request: Request, action: Action) -> Response:
     """Pause or resume the session's current call: as its own route does, 409 without one."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
+    additional_gas = 0
+    if action == "resume":  # as POST /executions/{id}/resume: more gas, optionally
+        body = await read_body(request, gw.settings.max_request_bytes)
+        if body.strip():
+            additional_gas = decode_body(decode_resume, body).additional_gas
     current = await _current(gw, principal, request.path_params["session_id"])
-    confirmed, state = await gw.controller.act(principal, current, action)
+    confirmed, state = await gw.controller.act(principal, current, action, additional_gas)
     return json_response(state, 200 if confirmed else 202)
 
 
