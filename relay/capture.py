@@ -10,7 +10,9 @@ refused, with a reason the user reads:
 - dropped segments (`data.drop`, `elem.drop`): a fresh instance has them back;
 - shared memories; globals of reference type, and mutable v128 globals: wasmtime-py can read
   and write none of them;
-- imports other than functions (Relay links only WASI functions).
+- imports other than functions (Relay links only WASI functions);
+- exports named `__relay_…`: the executor reads the state through exports of such names, and a
+  module's own would hide part of its state (its memory, say) from what a session commits.
 
 The table and segment instructions are found by decoding every function body, since their
 opcode bytes also occur inside other instructions' immediates. The decoder knows the MVP,
@@ -28,7 +30,11 @@ from collections.abc import Callable, Iterable, Iterator
 
 from relay.wasmtypes import read_uleb, sections
 
-_IMPORT, _MEMORY, _GLOBAL, _CODE = 2, 5, 6, 10
+_IMPORT, _MEMORY, _GLOBAL, _EXPORT, _CODE = 2, 5, 6, 7, 10
+RESERVED_EXPORT_PREFIX = "__relay_"
+"""The executor's copy of a module exports its state under names with this prefix
+(executor.binary); a module's own export of such a name would keep that part of its state out
+of what a session captures."""
 _IMPORT_KINDS = {1: "a table", 2: "a memory", 3: "a global", 4: "a tag"}
 _NUMBER_TYPES = {0x7F, 0x7E, 0x7D, 0x7C, 0x7B}  # i32 i64 f32 f64 v128; all others are references
 _V128 = 0x7B
@@ -92,6 +98,8 @@ def _check(wasm: bytes) -> None:
             functions = imports.functions
         elif sid == _MEMORY:
             _memories(wasm, start)
+        elif sid == _EXPORT:
+            _exports(wasm, start)
         elif sid == _GLOBAL:
             for index, code, mutable in _globals(wasm, start, check=True):
                 if code == _V128 and mutable:
@@ -137,6 +145,18 @@ def _imports(data: bytes, pos: int) -> _Imports:
         else:
             raise ValueError(f"unknown import kind {kind}")
     return found
+
+
+def _exports(data: bytes, pos: int) -> None:
+    count, pos = read_uleb(data, pos)
+    for _ in range(count):
+        length, pos = read_uleb(data, pos)
+        name = data[pos:pos + length].decode("utf-8", "replace")
+        if name.startswith(RESERVED_EXPORT_PREFIX):
+            raise _Refused(f"it exports {name!r}, and names starting with "
+                           f"{RESERVED_EXPORT_PREFIX!r} are Relay's own (it reads a "
+                           f"session's memory and globals through them), {_UNCAPTURABLE}")
+        pos = _leb(data, pos + length + 1)  # after the kind, the index
 
 
 def _memories(data: bytes, pos: int) -> None:
