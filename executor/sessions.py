@@ -122,12 +122,14 @@ class SessionStates:
         session_id = request.session_id
         assert session_id is not None
         fields = await self.client.hmget(self.keys.session(session_id), [
-            "state_cid", "budget_gas", "gas_used", "budget_time", "time_used"])
+            "state_cid", "budget_gas", "gas_used", "budget_time", "time_used", "closed"])
         resident = self._residents.pop(session_id, None)
         if fields[0] is None:
             raise Refused(ErrorInfo("internal", f"session {session_id} is gone"))
+        if fields[5] == b"1":  # a close whose cancel missed it (its gateway died meanwhile)
+            raise Refused(ErrorInfo("cancelled", f"session {session_id} was closed"))
         base = fields[0].decode()
-        policy = _within_budget(request.policy, fields[1:])
+        policy = _within_budget(request.policy, fields[1:5])
         policy = msgspec.structs.replace(
             policy, max_memory=min(policy.max_memory, self.max_state_bytes))
         # Only an instance holding the committed state itself: a peer may have run calls since.

@@ -1297,3 +1297,52 @@ async def test_a_sessions_websocket_opened_with_an_access_token_only_watches(
         assert (await alice.delete(f"/executions/{rid}")).status_code == 200
         print("\n[ws] alice's access token: resume, step, cancel refused (403), her call still "
               "paused; bob's token on her session: 4404; an API key in the URL: 4401")
+
+
+async def test_closing_a_session_with_thousands_of_calls_queued(
+        app: Any, settings: Settings, http: httpx.AsyncClient, bob: httpx.AsyncClient) -> None:
+    """Found: DELETE /sessions/{id} cancelled every unfinished call at once; with 3000 queued
+    they took all of the gateway's Redis connections, the cancels that waited too long for one
+    failed, the close answered 503 and 100 to 200 of the calls stayed queued, to run after the
+    close. And a close whose gateway dies before it has cancelled everything left the same."""
+    bob_session = await make_session(bob)
+
+    async def queue(n: int) -> tuple[str, list[str]]:
+        session = await make_session(http)
+        sid = session["session_id"]
+        ids: list[str] = []
+        for _ in range(n // 100):
+            answers = await asyncio.gather(*(call(http, sid, "add", [1], headers=ASYNC)
+                                             for _ in range(100)))
+            ids += [answer.json()["request_id"] for answer in answers]
+        return sid, ids
+
+    async def bobs_reads() -> list[int]:
+        statuses = []
+        for _ in range(30):
+            statuses.append((await bob.get(f"/sessions/{bob_session['session_id']}")).status_code)
+            await asyncio.sleep(0.01)
+        return statuses
+
+    sid, ids = await queue(3000)
+    began = time.perf_counter()
+    closed, seen_by_bob = await asyncio.gather(http.delete(f"/sessions/{sid}"), bobs_reads())
+    took = time.perf_counter() - began
+    assert closed.status_code == 200, closed.text
+    assert set(seen_by_bob) == {200}
+    assert await settled(settings) == {"queued": 0, "active": 0, "waiting": 0, "pending": 0}
+    print(f"\n[close] 3000 queued calls cancelled by one DELETE in {took:.1f} s (200); bob's "
+          f"reads meanwhile: all 200")
+
+    # A close whose gateway died right after marking the session closed: the executor ends
+    # each call it is given as cancelled, and none runs.
+    sid, ids = await queue(200)
+    await app.state.gateway.sessions.close("alice", sid)  # closed, nothing cancelled
+    async with running(settings, "after"):
+        ends = [await finished(http, rid) for rid in ids]
+    assert {end["status"] for end in ends} == {"cancelled"}, ends[0]
+    view = (await http.get(f"/sessions/{sid}")).json()
+    assert view["state_cid"] is None and view["gas_used"] == 0 and view["current"] is None
+    print("[close] 200 calls of a session closed by a gateway that died before cancelling "
+          "them: each ended cancelled, none ran")
+    await Holdings(settings).check()

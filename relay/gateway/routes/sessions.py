@@ -33,6 +33,8 @@ from relay.schemas import (
 from relay.sessions import Session
 
 MAX_PAGE_SIZE = 500
+CANCEL_CONCURRENCY = 16
+"""Calls a close cancels at once (each takes a Redis connection for a few round trips)."""
 
 
 async def create_session(request: Request) -> Response:
@@ -83,13 +85,22 @@ async def patch_session(request: Request) -> Response:
 
 
 async def close_session(request: Request) -> Response:
-    """Close it and cancel its unfinished calls (the running one where it runs)."""
+    """Close it and cancel its unfinished calls (the running one where it runs), the last
+    first, a few at a time: all at once, thousands of queued calls took every connection of
+    the gateway's Redis pool, and the cancels that waited too long for one failed (503, and
+    those calls ran after the close)."""
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
     session_id = request.path_params["session_id"]
     await gw.sessions.close(principal, session_id)
     calls = await gw.sessions.unfinished(session_id)
-    await asyncio.gather(*(_cancel(gw, principal, call) for call in reversed(calls)))
+    places = asyncio.Semaphore(CANCEL_CONCURRENCY)
+
+    async def cancel(call: str) -> None:
+        async with places:
+            await _cancel(gw, principal, call)
+
+    await asyncio.gather(*(cancel(call) for call in reversed(calls)))
     return json_response(await _view(gw, principal, session_id))
 
 
