@@ -674,14 +674,17 @@ async def test_deleting_a_snapshot_while_it_is_restored_leaks_no_reference(
     sid = session["session_id"]
     assert (await call(http, sid, "add", [3])).status_code == 200
     outcomes: dict[int, int] = {}
-    for _ in range(10):
+
+    async def delete_after(snap: str, delay_s: float) -> httpx.Response:
+        await asyncio.sleep(delay_s)
+        return await http.delete(f"/snapshots/{snap}")
+
+    for round_ in range(10):
         snap = (await http.post(f"/sessions/{sid}/snapshots")).json()["snapshot_id"]
         answers = await asyncio.gather(
             *(http.post(f"/snapshots/{snap}/restore", json={"branch_count": 4})
-              for _ in range(5)),
-            http.delete(f"/snapshots/{snap}"),
-            *(http.post(f"/snapshots/{snap}/restore", json={"branch_count": 4})
-              for _ in range(5)))
+              for _ in range(10)),
+            delete_after(snap, 0.005 * round_))
         for answer in answers:
             outcomes[answer.status_code] = outcomes.get(answer.status_code, 0) + 1
             assert answer.status_code in (201, 204, 404), answer.text
