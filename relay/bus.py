@@ -19,6 +19,7 @@ import time
 from importlib import resources
 from typing import Any, Literal, NamedTuple
 
+import msgspec
 import redis
 import redis.asyncio as aioredis
 from msgspec import UNSET
@@ -28,6 +29,7 @@ from redis.exceptions import NoScriptError
 from relay.batching import Batcher
 from relay.cid import GlyphName
 from relay.keys import Keys
+from relay.memo import MemoAccept
 from relay.schemas import (
     BusMessage,
     ControlRefused,
@@ -125,11 +127,25 @@ class Accepted(NamedTuple):
         return self.status == "full"
 
     @property
+    def hit(self) -> bool:
+        """Answered from a memoized result (`result`), finished already (relay.memo)."""
+        return self.status == "hit"
+
+    @property
     def existing(self) -> bool:
         """A record of this request id exists already: the request is a repeat."""
         return self.status not in ("new", "moved", "forbidden", "full", "budget", "lower",
-                                   *SESSION_REFUSALS)
+                                   "hit", *SESSION_REFUSALS)
 
+
+
+def _memo_arguments(memo: MemoAccept | None) -> list[Any]:
+    """The accept script's ARGV[20..26] (see accept.lua)."""
+    if memo is None:
+        return ["", 0, "", "", "", "", 0]
+    hit = memo.hit
+    return [memo.memory, memo.ttl_ms, hit.of if hit else "", hit.response if hit else "",
+            hit.complete if hit else "", hit.completed if hit else "", memo.record_ttl_ms]
 
 
 class Commit(NamedTuple):
@@ -190,7 +206,7 @@ class Bus:
     async def accept(self, request: WasmExecRequested, fingerprint: str,
                      name: GlyphName | None = None, *, permitted: bool = True,
                      max_active: int = 2**62, explicit: frozenset[str] = frozenset(),
-                     ) -> Accepted:
+                     memo: MemoAccept | None = None) -> Accepted:
         """Claim `request.request_id` and enqueue it, unless a live record exists already.
 
         With `name`, only while that name still points at `request.cid`; otherwise the status
@@ -203,6 +219,9 @@ class Bus:
         execution reserves its `max_gas`, `max_time` and one execution in every budget of its
         principal (relay.budgets), or is refused: status `budget`, or `lower` when it would fit
         with the limits it left out (not in `explicit`) lowered (see `Accepted.budget`).
+        With `memo` (relay.memo), a new execution is answered by its hit, if it has one and the
+        entry is unchanged (status `hit`, its `result` the response); otherwise a success of it
+        becomes the entry.
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
@@ -210,7 +229,8 @@ class Bus:
         status, found_fingerprint, result, *budget = await self._accepts((
             _ACCEPT,
             [keys.execution(request.request_id), keys.requests, keys.events, keys.queued,
-             name_key, keys.session(session) if session else keys.queued],
+             name_key, keys.session(session) if session else keys.queued,
+             memo.key if memo else keys.queued],
             [
                 request.user_id,
                 fingerprint,
@@ -232,6 +252,7 @@ class Bus:
                 "1" if "max_time" in explicit else "0",
                 request.policy.max_time,
                 request.request_id,
+                *_memo_arguments(memo),
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result,
@@ -307,11 +328,14 @@ class Bus:
         keys = self.keys
         session = request.session_id or ""
         tagged = session or UNSET  # the session a call's events carry
+        if request.memoize is True and response.cached is UNSET:
+            response = msgspec.structs.replace(response, cached=False)  # it ran (relay.memo)
         terminal: ExecutionComplete | ExecutionError
         if response.error is None:
             terminal = ExecutionComplete(request_id=request.request_id, duration=response.duration,
                                          gas_used=response.gas_used, output=response.output,
-                                         timestamp=now_iso(), session_id=tagged)
+                                         timestamp=now_iso(), session_id=tagged,
+                                         cached=response.cached)
             status = "completed"
         else:
             terminal = ExecutionError(request_id=request.request_id, error=response.error,
@@ -322,6 +346,7 @@ class Bus:
             success=response.success, output=response.output, error=response.error,
             gas_used=response.gas_used, duration=response.duration,
             executed_at=response.executed_at, state_cid=response.state_cid,
+            cached=response.cached, memo_of=response.memo_of,
         )
         # Infrastructure failures are not kept as the answer: a retry of the same request runs.
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"

@@ -55,6 +55,13 @@ class Keys:
         scripts that append those events name it as the record's key + `:events`."""
         return f"{self.execution(request_id)}:events"
 
+    def memo(self, digest: str, principal: str | None) -> str:
+        """Hash holding one memoized result (relay.memo): the producing run's response
+        (`result`), `gas`, `memory` and request id (`of`). `principal` None: the global scope,
+        shared by every principal (a principal's name has no `:`, so the two never meet)."""
+        scope = "global" if principal is None else f"p:{principal}"
+        return f"{self.prefix}:memo:{scope}:{digest}"
+
     def streams(self, principal: str) -> str:
         """Sorted set of the principal's open event streams on every gateway, each scored by
         when its lease ends (Redis time, ms): `relay.gateway.slots`."""

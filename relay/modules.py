@@ -110,6 +110,22 @@ def runs_as_command(info: ModuleInfo, entrypoint: str) -> bool:
     return info.wasi and entrypoint == "_start"
 
 
+NONDETERMINISTIC_WASI = frozenset({
+    "clock_time_get", "clock_res_get", "random_get", "poll_oneoff", "environ_get",
+    "environ_sizes_get", "args_get", "args_sizes_get"})
+"""WASI calls whose answers do not follow from the module and its inputs: a clock, randomness,
+sleeps, the environment and arguments (which environments may set)."""
+
+
+def memoizable(info: ModuleInfo) -> bool:
+    """Whether the module's results follow from its inputs alone, so a stored one may answer a
+    `memoize` request (relay.memo): it imports nothing but WASI calls that are not
+    NONDETERMINISTIC_WASI. Computed from the imports, so modules stored before it existed have
+    it too."""
+    return all(imp.module == WASI_MODULE and imp.name not in NONDETERMINISTIC_WASI
+               for imp in info.imports)
+
+
 OWNER_TTL_S = 1.0
 """How long a process trusts a module's owner it read: a module deleted and uploaded again by
 another principal (through another gateway) has a new owner, which authorization needs."""

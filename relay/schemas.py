@@ -33,6 +33,8 @@ class ExecuteRequest(Request):
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     step_gas: PositiveInt | None = None
     """Pause in place once this much more gas is used (from the start, then from each step)."""
+    memoize: bool = False
+    """Answer with a stored result of the same computation when there is one (relay.memo)."""
 
 
 class NameBinding(Request):
@@ -69,6 +71,10 @@ class ExecuteResponse(msgspec.Struct, kw_only=True):
     session_id: str | UnsetType = UNSET
     """A session call's: its session, and the state it committed (unchanged when it failed)."""
     state_cid: str | UnsetType | None = UNSET
+    cached: bool | UnsetType = UNSET
+    """A `memoize` request's: whether it was answered from a stored result (relay.memo)."""
+    memo_of: str | UnsetType = UNSET
+    """A memo hit's producing request_id (principal scope only)."""
 
 
 class Links(msgspec.Struct, rename={"self_": "self"}):
@@ -96,6 +102,8 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     error: ErrorInfo | UnsetType | None = UNSET
     session_id: str | UnsetType = UNSET
     state_cid: str | UnsetType | None = UNSET
+    cached: bool | UnsetType = UNSET
+    memo_of: str | UnsetType = UNSET
 
 
 class FunctionSignature(msgspec.Struct, kw_only=True):
@@ -197,6 +205,8 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     step_gas: int | None = None
     """Set: the run pauses (reason `step`) once it has used this much gas, then again after
     each `step` that gives no gas of its own."""
+    memoize: bool | UnsetType = UNSET
+    """True: its response says `cached` (relay.memo); absent otherwise, as in v1."""
 
 
 class ExecutionQueued(BusMessage, tag="execution_queued", kw_only=True):
@@ -240,6 +250,8 @@ class ExecutionComplete(BusMessage, tag="execution_complete", kw_only=True):
     duration: float
     gas_used: int
     output: Any
+    cached: bool | UnsetType = UNSET
+    """As the execution's response says (a memoize request's)."""
 
 
 class ExecutionError(BusMessage, tag="execution_error", kw_only=True):
@@ -255,6 +267,9 @@ class WasmExecCompleted(WasmExecRequested, tag="wasm_exec_completed", kw_only=Tr
     executed_at: str
     state_cid: str | UnsetType | None = UNSET
     """A session call's state after it (the one it committed, or the one it started from)."""
+    cached: bool | UnsetType = UNSET
+    memo_of: str | UnsetType = UNSET
+    """As ExecuteResponse's (relay.memo)."""
 
 
 Event = (
@@ -606,6 +621,8 @@ def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:
         error=event.error,
         session_id=UNSET if event.session_id is None else event.session_id,
         state_cid=event.state_cid,
+        cached=event.cached,
+        memo_of=event.memo_of,
     )
 
 

@@ -321,6 +321,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_ttl_ms: Annotated[int, Variable(
         "RELAY_IDEMPOTENCY_TTL", _int, EVENTS, "ms",
         "how long an execution's record and result are kept after it ends")] = 300_000
+    memo_scope: Annotated[str, Variable(
+        "RELAY_MEMO_SCOPE", _choice("principal", "global"), EVENTS, "",
+        "whose stored results a `memoize` request may be answered with: the caller's own "
+        "(`principal`) or every principal's (`global`)")] = "principal"
+    memo_ttl_ms: Annotated[int, Variable(
+        "RELAY_MEMO_TTL", _int, EVENTS, "ms",
+        "how long a memoized result is kept after the run that produced it")] = 86_400_000
     events_retention: Annotated[int, Variable(
         "RELAY_EVENTS_RETENTION", _int, EVENTS, "entries",
         "entries the events stream (`relay:events`) keeps, approximately")] = 100_000

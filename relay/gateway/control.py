@@ -99,7 +99,7 @@ class Controller:
         return msgspec.structs.replace(
             view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
             duration=finished.duration, executed_at=finished.executed_at, error=finished.error,
-            state_cid=finished.state_cid)
+            state_cid=finished.state_cid, cached=finished.cached, memo_of=finished.memo_of)
 
     async def act(self, principal: str, request_id: str, action: Action,
                   additional_gas: int = 0) -> tuple[bool, ExecutionState]:

@@ -15,6 +15,26 @@ end
 if ARGV[10] == '1' then
   return {'forbidden', '', false}
 end
+-- Memoized results (relay.memo). KEYS[7] the entry; ARGV[20] the memory a run of this request
+-- would record in it ('' for no memo), ARGV[21] its TTL. A hit, when the entry is still the
+-- one the gateway read (ARGV[22], its producing request id), is answered with the bodies made
+-- from it (ARGV[23..25]): finished at once, like any execution, with nothing queued and no
+-- budget reserved.
+if ARGV[20] ~= '' and ARGV[22] ~= '' and redis.call('HGET', KEYS[7], 'of') == ARGV[22] then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status',
+             'completed', 'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5],
+             'result', ARGV[23])
+  for _, event in ipairs({ARGV[6] .. '0}', ARGV[24]}) do
+    redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index, as below
+               redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', event,
+                          'user', ARGV[1]))
+  end
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[25], 'user', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[26])
+  redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[26])
+  return {'hit', ARGV[2], ARGV[23]}
+end
 -- A session's call (sessions.lib.lua): refused when its session is not the caller's, closed or
 -- out of budget; queued behind the session's unfinished calls.
 local session = ARGV[13]
@@ -47,6 +67,9 @@ redis.call('HSET', KEYS[1], 'max_active', ARGV[12])
 budgets_reserve(KEYS[1], budget_windows, ARGV[16], ARGV[18], true)  -- budgets.lib.lua
 if session ~= '' then
   redis.call('HSET', KEYS[1], 'session', session)
+end
+if ARGV[20] ~= '' then  -- its settle stores a success as the memo entry (settle.lua)
+  redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21])
 end
 local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
                           ARGV[6] .. position .. '}', 'user', ARGV[1])

@@ -38,6 +38,17 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   written = 1
   -- Budgets (budgets.lib.lua): the reservation becomes what the run measured, once.
   budgets_settle(ARGV[16], record[6], ARGV[20], ARGV[21], ARGV[5])
+  -- Memoized results (relay.memo): a success of a request whose accept named a memo entry
+  -- becomes that entry (replacing an older one), for RELAY_MEMO_TTL. A failure never does.
+  if ARGV[4] == 'completed' then
+    local memo = redis.call('HMGET', KEYS[1], 'memo', 'memo_memory', 'memo_ttl')
+    if memo[1] then
+      redis.call('DEL', memo[1])
+      redis.call('HSET', memo[1], 'of', ARGV[13], 'result', ARGV[3], 'gas', ARGV[20],
+                 'memory', memo[2])
+      redis.call('PEXPIRE', memo[1], memo[3])
+    end
+  end
   if session ~= '' then
     session_settled(ARGV[16], KEYS[8], session, ARGV[13], ARGV[20], ARGV[21], ARGV[3],
                     new_state, ARGV[19], KEYS[3], ARGV[14])

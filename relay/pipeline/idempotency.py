@@ -22,7 +22,8 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 
 
 def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectivePolicy,
-                session_id: str | None = None, step_gas: int | None = None) -> str:
+                session_id: str | None = None, step_gas: int | None = None,
+                memoize: bool = False) -> str:
     """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy (and
     the session of a session call)."""
     canonical: dict[str, Any] = {"cid": cid, "entrypoint": entrypoint, "inputs": inputs,
@@ -31,6 +32,8 @@ def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectiveP
         canonical["session_id"] = session_id
     if step_gas is not None:  # absent when not set: v1 requests keep their fingerprints
         canonical["step_gas"] = step_gas
+    if memoize:  # likewise
+        canonical["memoize"] = True
     return hashlib.sha256(encode(canonical)).hexdigest()
 
 

@@ -28,6 +28,7 @@ from relay.errors import (
     SessionExhausted,
     Unavailable,
 )
+from relay.memo import Memo
 from relay.metrics import Metrics
 from relay.modules import ModuleStore
 from relay.pipeline import idempotency
@@ -93,6 +94,8 @@ class ExecutePipeline:
         self.completions = completions
         self.metrics = metrics
         self.sessions = sessions
+        self.memo = Memo(bus.client, bus.keys, ttl_ms=settings.memo_ttl_ms,
+                         record_ttl_ms=settings.idempotency_ttl_ms)
 
     async def admit(self, request: Request, session_id: str | None = None) -> Admission:
         """Run the pipeline on one `POST /intent/execute-wasm` (or, with `session_id`, one
@@ -135,11 +138,14 @@ class ExecutePipeline:
         completion = self.completions.completion(request.request_id) if sync else None
         try:
             max_active = self.policies.caps(principal).max_active or self.settings.max_active
+            # A memoize request's stored result, if any, answers it (relay.memo).
+            memo = (await self.memo.prepare(validated.memo, request)
+                    if validated.memo is not None else None)
 
             def accept(published: WasmExecRequested) -> Awaitable[Accepted]:
                 return self.bus.accept(published, validated.fingerprint, validated.name,
                                        permitted=permitted, max_active=max_active,
-                                       explicit=validated.explicit)
+                                       explicit=validated.explicit, memo=memo)
 
             accepted = await accept(request)
             # Over what the principal's budgets have left, with limits the request left out:
@@ -151,6 +157,9 @@ class ExecutePipeline:
             if accepted.name_moved:
                 self.completions.release(request.request_id, completion)
                 return None
+            if accepted.hit:  # finished already: a new execution, answered at once
+                self.completions.release(request.request_id, completion)
+                return Admission(request.request_id, headers, accepted.result, None)
             repeat = idempotency.repeat_of(accepted, validated.fingerprint,
                                            validated.explicit_key, self.metrics)
             if repeat is not None:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import msgspec
 from starlette.requests import Request
 
+from relay import memo
 from relay.cid import NAME_RULE, GlyphName, is_name
 from relay.errors import (
     MAX_JSON_DEPTH,
@@ -25,7 +26,7 @@ from relay.errors import (
     SessionExhausted,
     decode_body,
 )
-from relay.modules import ModuleStore, runs_as_command
+from relay.modules import ModuleStore, memoizable, runs_as_command
 from relay.pipeline import idempotency
 from relay.policy import PrincipalCaps
 from relay.schemas import (
@@ -58,6 +59,8 @@ class Validated(NamedTuple):
     explicit: frozenset[str] = frozenset()
     """The policy limits the body set (a session's budget refuses those over what remains,
     and lowers the others)."""
+    memo: memo.MemoKey | None = None
+    """A `memoize` request of a memoizable module: its computation (relay.memo)."""
 
 
 async def validate(body: bytes, header_key: str | None, principal: str,
@@ -101,7 +104,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         session_id = session.session_id
         policy = _within_budget(policy, explicit, session)
     fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy, session_id,
-                                          request.step_gas)
+                                          request.step_gas, request.memoize)
     if session is None:
         request_id = idempotency.request_id(principal, key or fingerprint)
     else:  # a call without a key is new work, every time
@@ -110,9 +113,14 @@ async def validate(body: bytes, header_key: str | None, principal: str,
     published = WasmExecRequested(
         request_id=request_id, cid=cid, entrypoint=entrypoint, inputs=request.inputs,
         policy=policy, user_id=principal, timestamp=now_iso(), session_id=session_id,
-        step_gas=request.step_gas,
+        step_gas=request.step_gas, memoize=True if request.memoize else msgspec.UNSET,
     )
-    return Validated(published, fingerprint, key is not None, name, stored.owner, explicit)
+    memo_key = None
+    if request.memoize and memoizable(info):
+        memo_key = memo.MemoKey(memo.digest(cid, entrypoint, request.inputs),
+                                None if settings.memo_scope == "global" else principal)
+    return Validated(published, fingerprint, key is not None, name, stored.owner, explicit,
+                     memo_key)
 
 
 def _within_budget(policy: EffectivePolicy, explicit: frozenset[str],

@@ -1,0 +1,119 @@
+"""Memoized results: a successful run's result answers later requests for the same computation.
+
+A request with `"memoize": true` names its computation by a key: the sha256 of (module CID,
+entrypoint, canonical inputs, environment). The settle of a successful run of such a request
+stores its response under that key, in the principal's scope or, with RELAY_MEMO_SCOPE=global,
+in one scope shared by all, for RELAY_MEMO_TTL (settle.lua). A later request of the same key is
+answered with it, without running anything, when the producing run fits the request's policy:
+its gas used within `max_gas`, its memory within `max_memory`. The memory recorded is the
+producing run's `max_memory`, its peak memory's upper bound (the executor does not report the
+peak), so a request asking for less memory than the producer had runs again.
+
+The gateway reads the entry and prepares the hit's bodies (`Memo.prepare`); the accept script
+answers with them only if the entry is still the one read (`of`), atomically with acceptance,
+so a hit never queues work nor reserves budget, and its execution record, events and
+idempotency key are those of any finished execution. Failures are never stored; nor are results
+of modules that are not `relay.modules.memoizable` (their responses say `"cached": false`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, NamedTuple
+
+import msgspec
+import redis.asyncio as aioredis
+from msgspec import UNSET
+
+from relay.keys import Keys
+from relay.schemas import (
+    ExecutionComplete,
+    WasmExecCompleted,
+    WasmExecRequested,
+    decode_response,
+    encode,
+    now_iso,
+)
+
+_canonical = msgspec.json.Encoder(order="sorted").encode
+"""Inputs as one text whatever the order of their objects' keys."""
+
+
+class MemoKey(NamedTuple):
+    """A memoizable request's computation, and whose results may answer it."""
+
+    digest: str
+    principal: str | None
+    """None: every principal's (RELAY_MEMO_SCOPE=global)."""
+
+
+def digest(cid: str, entrypoint: str, inputs: list[Any], environment: str = "") -> str:
+    """sha256 hex of the computation: module, entrypoint, canonical inputs, environment (its
+    name and version once environments exist; "" until then)."""
+    return hashlib.sha256(_canonical({"cid": cid, "entrypoint": entrypoint, "inputs": inputs,
+                                      "environment": environment})).hexdigest()
+
+
+class Hit(NamedTuple):
+    """What a request answered from a stored result writes and sends, as JSON bodies."""
+
+    of: str
+    """The producing request_id: the entry the bodies were made from."""
+    response: bytes
+    complete: bytes
+    """`execution_complete`, with `cached: true`."""
+    completed: bytes
+    """`wasm_exec_completed`, for bus consumers."""
+
+
+class MemoAccept(NamedTuple):
+    """The accept script's memo arguments for one request (relay.bus.Bus.accept)."""
+
+    key: str
+    """The entry's Redis key: read for a hit, and written by the settle of a new run."""
+    memory: int
+    """What the entry records as the run's memory, should this request produce it."""
+    ttl_ms: int
+    record_ttl_ms: int
+    """How long a hit's execution record lives (RELAY_IDEMPOTENCY_TTL, as any finished one)."""
+    hit: Hit | None
+
+
+class Memo:
+    def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_ms: int,
+                 record_ttl_ms: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.ttl_ms = ttl_ms
+        self.record_ttl_ms = record_ttl_ms
+
+    async def prepare(self, key: MemoKey, request: WasmExecRequested) -> MemoAccept:
+        """Read the entry of `key` and, when its run fits `request`'s policy, the bodies that
+        answer `request` with it (one Redis round trip)."""
+        redis_key = self.keys.memo(key.digest, key.principal)
+        of, result, gas, memory = await self.client.hmget(
+            redis_key, ["of", "result", "gas", "memory"])
+        hit = None
+        if (of is not None and result is not None and int(gas) <= request.policy.max_gas
+                and int(memory) <= request.policy.max_memory):
+            hit = answer(request, of.decode(), result, scoped=key.principal is not None)
+        return MemoAccept(redis_key, request.policy.max_memory, self.ttl_ms, self.record_ttl_ms,
+                          hit)
+
+
+def answer(request: WasmExecRequested, of: str, result: bytes, *, scoped: bool) -> Hit:
+    """The bodies answering `request` with the stored response `result` of request `of`: its
+    result fields (gas used, duration and time of the producing run) under this request's id,
+    `cached: true`, and `memo_of` when the scope is the principal's own."""
+    stored = decode_response(result)
+    memo_of = of if scoped else UNSET
+    response = msgspec.structs.replace(stored, request_id=request.request_id, cached=True,
+                                       memo_of=memo_of)
+    complete = ExecutionComplete(request_id=request.request_id, timestamp=now_iso(),
+                                 duration=stored.duration, gas_used=stored.gas_used,
+                                 output=stored.output, cached=True)
+    completed = WasmExecCompleted(
+        **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},
+        success=True, output=stored.output, error=None, gas_used=stored.gas_used,
+        duration=stored.duration, executed_at=stored.executed_at, cached=True, memo_of=memo_of)
+    return Hit(of, encode(response), encode(complete), encode(completed))
