@@ -86,6 +86,14 @@ class Outcome(NamedTuple):
     error: ErrorInfo | None
 
 
+class LargeOutput(NamedTuple):
+    """The output of a WASI command whose stdout is over the inline limit: the bytes as written,
+    in place in the run's buffer (the worker stores them as a blob, relay.blobs, rather than
+    decoding them)."""
+
+    data: memoryview
+
+
 class Prepared(NamedTuple):
     """A compiled module linked against what Relay provides, ready to instantiate."""
 
@@ -248,7 +256,8 @@ class Sandbox:
 
     def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
             policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
-            control: LiveControl | None = None, state: StateHooks | None = None) -> Outcome:
+            control: LiveControl | None = None, state: StateHooks | None = None,
+            inline_output_bytes: int | None = None) -> Outcome:
         """Run one execution to its end under `policy`. Blocking: call it off the event loop,
         in a thread that may block for as long as the run is paused (up to max_pause_ms).
 
@@ -256,6 +265,8 @@ class Sandbox:
         otherwise call `entrypoint` with `inputs` as its arguments. `control`: see LiveControl
         (raises RuntimeError if this wasmtime's C API does not match what it relies on).
         `state`: a session call's (restored after instantiation, captured after success).
+        `inline_output_bytes`: a command's stdout longer than this is not decoded: the output is
+        a LargeOutput (None: always decoded).
         After `close()` every run ends at once with `cancelled`.
         """
         if control is None and prepared.uses_wasi:
@@ -263,7 +274,7 @@ class Sandbox:
         if control is not None:
             return self._run_controlled(prepared, entrypoint, inputs, policy, command=command,
                                         max_output_bytes=max_output_bytes, control=control,
-                                        state=state)
+                                        state=state, inline_output_bytes=inline_output_bytes)
         if self._stop.is_set():
             return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
         store = self._new_store(policy, prepared)
@@ -294,7 +305,8 @@ class Sandbox:
 
     def _run_controlled(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
                         policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
-                        control: LiveControl, state: StateHooks | None) -> Outcome:
+                        control: LiveControl, state: StateHooks | None,
+                        inline_output_bytes: int | None) -> Outcome:
         if control.state != "pending":
             raise ValueError("a LiveControl serves one execution only")
         with self._lock:
@@ -313,7 +325,8 @@ class Sandbox:
                 return self._call(store, prepared, entrypoint, inputs, policy, control, state)
             return self._run_wasi(store, prepared, entrypoint, inputs, policy,
                                   command=command, max_output_bytes=max_output_bytes,
-                                  control=control, state=state)
+                                  control=control, state=state,
+                                  inline_output_bytes=inline_output_bytes)
         finally:
             with self._lock:
                 self._controls.discard(control)
@@ -336,7 +349,7 @@ class Sandbox:
     def _run_wasi(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
                   inputs: list[Any], policy: EffectivePolicy, *, command: bool,
                   max_output_bytes: int, control: LiveControl,
-                  state: StateHooks | None) -> Outcome:
+                  state: StateHooks | None, inline_output_bytes: int | None) -> Outcome:
         output = wasi.Output(max_output_bytes)
         control.output = output
         config = wasmtime.WasiConfig()  # no stdout or stderr: the shadowed fd_write takes them
@@ -347,6 +360,10 @@ class Sandbox:
             outcome = self._call(store, prepared, entrypoint, [] if command else inputs,
                                  policy, control, state)
         if outcome.error is None and command:
+            stdout = output.view("stdout")
+            if inline_output_bytes is not None and len(stdout) > inline_output_bytes:
+                return outcome._replace(output=LargeOutput(stdout))
+            stdout.release()
             return outcome._replace(output=_decode_stdout(output.read("stdout")))
         if outcome.error is not None and outcome.error.code == "exit_nonzero":
             tail = output.read("stderr", 0, STDERR_IN_MESSAGE_BYTES).decode(

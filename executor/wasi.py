@@ -80,6 +80,11 @@ class Output:
             self.size += len(taken)
             return len(taken)
 
+    def view(self, stream: Stream) -> memoryview:
+        """All of `stream`, in place (no copy): for after the run, when nothing writes to it
+        any more (a view pins the buffer: a write would raise BufferError)."""
+        return memoryview(self._streams[stream])
+
     def read(self, stream: Stream, offset: int = 0, limit: int | None = None) -> bytes:
         """Bytes of `stream` from `offset` on (at most `limit`)."""
         with self._lock:

@@ -15,16 +15,19 @@ import secrets
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from msgspec import UNSET
 
 from executor.cache import CompiledModules, ModuleGone
 from executor.control import NoPlace, PausePlaces
 from executor.progress import LiveRun
-from executor.sandbox import LinkError, Outcome, Refused, Sandbox
+from executor.sandbox import LargeOutput, LinkError, Outcome, Refused, Sandbox
 from executor.sessions import SessionCall, SessionStates
+from relay.blobs import BlobStore
 from relay.bus import Bus, Commit
 from relay.keys import Keys
 from relay.metrics import Metrics
@@ -34,9 +37,11 @@ from relay.schemas import (
     ErrorCode,
     ErrorInfo,
     ExecuteResponse,
+    OutputRef,
     WasmExecRequested,
     decode_control,
     decode_requested,
+    encode,
     now_iso,
 )
 from relay.settings import Settings
@@ -63,6 +68,7 @@ class Executor:
         self.sessions = SessionStates(client, keys, max_state_bytes=settings.max_state_bytes,
                                       orphan_ttl_ms=settings.idempotency_ttl_ms)
         self.metrics = Metrics(client, keys)
+        self.blobs = BlobStore(client, keys)
         self._threads = ThreadPoolExecutor(settings.executor_concurrency,
                                            thread_name_prefix="wasm")
         self.slots = settings.executor_concurrency + settings.executor_prefetch
@@ -338,6 +344,7 @@ class Executor:
         self._live[request.request_id] = live
         session: SessionCall | None = None
         commit: Commit | None = None
+        command = False
         try:
             module = await self.modules.get(request.cid)
             prepared = module.prepared
@@ -367,12 +374,14 @@ class Executor:
                 # entry waits parked and the thread stays free for others' work.
                 return None, None
             else:
+                inline_bytes = self.settings.inline_output_bytes
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self._threads,
                     lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
                                              policy, command=command,
                                              max_output_bytes=self.settings.max_output_bytes,
-                                             control=control, state=session),
+                                             control=control, state=session,
+                                             inline_output_bytes=inline_bytes),
                 )
             if session is not None and outcome.error is None:
                 commit = await self.sessions.commit(session, request.session_id or "",
@@ -392,11 +401,15 @@ class Executor:
             del self._live[request.request_id]
             await live.close()
             control.release()
+        output_ref = None
+        if outcome.error is None:
+            output_ref = await self._store_large(outcome.output, command)
         response = ExecuteResponse(
             success=outcome.error is None,
             request_id=request.request_id,
             cid=request.cid,
-            output=outcome.output,
+            output=None if output_ref else outcome.output,
+            output_ref=output_ref or UNSET,
             gas_used=outcome.gas_used,
             duration=outcome.duration_ms,
             executed_at=executed_at,
@@ -407,6 +420,23 @@ class Executor:
             base = commit.base if commit else session.base if session else ""
             response.state_cid = (commit.state_cid if commit else base) or None
         return response, commit
+
+    async def _store_large(self, output: Any, command: bool) -> OutputRef | None:
+        """An output over RELAY_INLINE_OUTPUT_BYTES stored as a blob, before the settle names it
+        (relay.blobs): a command's stdout as written, or a function's result as JSON. None for
+        an output answered inline. Raises redis.RedisError (the entry then stays pending)."""
+        if isinstance(output, LargeOutput):
+            data: bytes | memoryview = output.data
+            content_type = "application/octet-stream"
+        elif not command and isinstance(output, list):  # several results: the only large kind
+            data = encode(output)
+            content_type = "application/json"
+            if len(data) <= self.settings.inline_output_bytes:
+                return None
+        else:
+            return None
+        cid = await self.blobs.put(data, self.settings.idempotency_ttl_ms)
+        return OutputRef(cid=cid, size=len(data), content_type=content_type)
 
 
 def _failed(code: ErrorCode, message: str) -> Outcome:

@@ -38,6 +38,7 @@ from relay.schemas import (
     ExecutionError,
     ExecutionProgress,
     ExecutionStarted,
+    OutputRef,
     WasmExecCompleted,
     WasmExecRequested,
     encode,
@@ -86,7 +87,7 @@ _ACCEPT = Script.named("accept", libs=("sessions", "budgets"))
 
 _START = Script.named("start")
 
-_SETTLE = Script.named("settle", libs=("states", "sessions", "budgets"))
+_SETTLE = Script.named("settle", libs=("states", "sessions", "budgets", "blobs"))
 
 _RENEW = Script.named("renew")
 
@@ -337,6 +338,7 @@ class Bus:
                                          timestamp=now_iso(), session_id=tagged,
                                          cached=response.cached)
             status = "completed"
+            terminal.output_ref = response.output_ref  # set: a blob (relay.blobs)
         else:
             terminal = ExecutionError(request_id=request.request_id, error=response.error,
                                       timestamp=now_iso(), session_id=tagged)
@@ -348,6 +350,7 @@ class Bus:
             executed_at=response.executed_at, state_cid=response.state_cid,
             cached=response.cached, memo_of=response.memo_of,
         )
+        completed.output_ref = response.output_ref
         # Infrastructure failures are not kept as the answer: a retry of the same request runs.
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
         written = await self._finishes((
@@ -360,7 +363,8 @@ class Bus:
              consumer, encode(started) if started else b"", request.request_id,
              self.requests_retention, session, keys.prefix,
              commit.base if commit else "", commit.state_cid if commit else "",
-             commit.size if commit else 0, response.gas_used, response.duration],
+             commit.size if commit else 0, response.gas_used, response.duration,
+             response.output_ref.cid if isinstance(response.output_ref, OutputRef) else ""],
         ))
         return bool(written == 1)
 

@@ -114,6 +114,17 @@ class UnsupportedMediaType(RelayError):
     status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
 
 
+class RangeNotSatisfiable(RelayError):
+    """A Range no byte of the representation is in (`Content-Range: bytes */<size>` says its
+    size)."""
+
+    status, slug, title = 416, "range-not-satisfiable", "Range not satisfiable"
+
+    def __init__(self, detail: str, size: int, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
+        self.headers["Content-Range"] = f"bytes */{size}"
+
+
 class IdempotencyKeyReuse(RelayError):
     status, slug, title = 422, "idempotency-key-reuse", "Idempotency key reused"
 

@@ -142,6 +142,16 @@ class Keys:
         page is deleted when its count drops to zero (states.lib.lua builds it too)."""
         return f"{self.prefix}:page-refs"
 
+    def blob(self, cid: str) -> str:
+        """Hash {size, chunks} of one stored output blob (relay.blobs), named by the CID of its
+        bytes; written after its chunks, so a blob whose hash exists is whole. The Lua library
+        blobs.lib.lua builds this key and the chunks' from the prefix too."""
+        return f"{self.prefix}:blob:{cid}"
+
+    def blob_chunk(self, cid: str, index: int) -> str:
+        """String: bytes [index * CHUNK, (index + 1) * CHUNK) of a blob (relay.blobs)."""
+        return f"{self.blob(cid)}:{index}"
+
     def budget(self, budget_id: str) -> str:
         """Hash holding one budget's principal, creator, limits and `created_ms` (relay.budgets).
         Its use of the window that starts at S (ms) is the hash `<this key>:<S>`: `gas_used`,

@@ -27,6 +27,7 @@ from relay.errors import (
     NotFound,
     PayloadTooLarge,
     QuotaExceeded,
+    RangeNotSatisfiable,
     RateLimited,
     RelayError,
     SessionClosed,
@@ -41,6 +42,7 @@ from relay.modules import MAX_PAGE_SIZE
 JSON = "application/json"
 PROBLEM = "application/problem+json"
 WASM = "application/wasm"
+OCTETS = "application/octet-stream"
 METRICS = "text/plain; version=0.0.4"
 EVENT_STREAM = "text/event-stream"
 # One message of the stream (tools validate a text/event-stream per message, as OpenAPI 3.2's
@@ -69,6 +71,8 @@ class Reply:
     body: Any = None
     media_type: str = JSON
     headers: tuple[str, ...] = ()
+    other_bodies: tuple[tuple[str, Any], ...] = ()
+    """(media type, body) pairs the response may come as instead."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,12 @@ STORE = (Unavailable,)  # every route that reads or writes Redis
 # Headers the refusals carry (their constructors set them, so they are listed here).
 ERROR_HEADERS: dict[type[RelayError], tuple[str, ...]] = {
     Unauthenticated: ("WWW-Authenticate",), RateLimited: ("Retry-After",),
-    BudgetExhausted: ("Retry-After",),
+    BudgetExhausted: ("Retry-After",), RangeNotSatisfiable: ("Content-Range",),
     Unavailable: ("Retry-After",)}
 REPLAYED = "Idempotent-Replayed"
 ANY_JSON: dict[str, Any] = {"type": "object"}
+ANY_VALUE: dict[str, Any] = {}
+"""Any JSON value (an execution's inline output)."""
 
 def _control_replies(done: str) -> tuple[Reply, ...]:
     """Pause, resume and cancel answer alike: 200 once confirmed, 202 if not yet."""
@@ -125,6 +131,22 @@ OPERATIONS = (
         (Reply(200, "Its state; once finished, the execute response's fields too.",
                schemas.ExecutionState),),
         (*STORE, NotFound),
+    ),
+    Operation(
+        "GET", "/executions/{request_id}/output", "getExecutionOutput",
+        "A completed execution's output, streamed",
+        (Reply(200, "All of it: the blob of its `output_ref` as stored (its `content_type`), "
+               "or its inline output as JSON. `ETag` is the CID of these bytes.",
+               {"type": "string", "format": "binary"}, OCTETS,
+               headers=("ETag", "Accept-Ranges", "Content-Length"),
+               other_bodies=((JSON, ANY_VALUE),)),
+         Reply(206, "The one byte range asked for (several ranges, or a stale `If-Range`: "
+               "all of it, 200).", {"type": "string", "format": "binary"}, OCTETS,
+               headers=("ETag", "Accept-Ranges", "Content-Length", "Content-Range"),
+               other_bodies=((JSON, ANY_VALUE),)),
+         Reply(304, "`If-None-Match` names its ETag: not sent again.", headers=("ETag",))),
+        (*STORE, NotFound, Conflict, RangeNotSatisfiable),
+        parameters=("Range", "If-Range", "If-None-Match"),
     ),
     Operation(
         "DELETE", "/executions/{request_id}", "cancelExecution",
@@ -439,6 +461,14 @@ PARAMETERS = {
                                 {"type": "string", "pattern": r"^\d+(-\d+)?$"}),
     "Prefer": _parameter("header", "Prefer", "`respond-async` answers 202 at once.",
                          {"type": "string", "examples": ["respond-async"]}),
+    "Range": _parameter("header", "Range", "One byte range, e.g. `bytes=0-1023` or `bytes=-10`.",
+                        {"type": "string", "examples": ["bytes=0-1023"]}),
+    "If-Range": _parameter("header", "If-Range",
+                           "Honour `Range` only while the ETag is still this one.",
+                           {"type": "string"}),
+    "If-None-Match": _parameter("header", "If-None-Match",
+                                "ETags the client holds: 304 if one is current.",
+                                {"type": "string"}),
 }
 HEADERS = {
     "X-Request-Id": {**_string("The gateway's correlation id for logs."), "required": True},
@@ -450,6 +480,13 @@ HEADERS = {
     "RateLimit": _string('Remaining quota, e.g. `"default";r=9;t=42`.'),
     "RateLimit-Policy": _string('The quota policy, e.g. `"default";q=10;w=60`.'),
     "WWW-Authenticate": {**_string("The accepted schemes."), "required": True},
+    "ETag": {**_string('The CID of the bytes, quoted: `"bafk…"`.'), "required": True},
+    "Accept-Ranges": {**_string("Byte ranges may be asked for.", enum=["bytes"]),
+                      "required": True},
+    "Content-Length": {"description": "Bytes of the body.", "required": True,
+                       "schema": {"type": "integer", "minimum": 0}},
+    "Content-Range": {**_string("`bytes first-last/size`, or `bytes */size` with a 416."),
+                      "required": True},
 }
 SECURITY_SCHEMES = {
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -492,7 +529,8 @@ def _operation(operation: Operation, schema_of: dict[Any, dict[str, Any]]) -> di
         response: dict[str, Any] = {"description": reply.description,
                                     "headers": _headers((*reply.headers, *limited))}
         if reply.body is not None:
-            response["content"] = {reply.media_type: {"schema": schema(reply.body)}}
+            response["content"] = {media_type: {"schema": schema(body)} for media_type, body
+                                   in ((reply.media_type, reply.body), *reply.other_bodies)}
         responses[str(reply.status)] = response
     for status, response in _errors(operation).items():
         # Refused before the limit is counted (401), or unable to count it (503).

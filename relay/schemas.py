@@ -59,11 +59,24 @@ class ErrorInfo(msgspec.Struct):
     message: str
 
 
+class OutputRef(msgspec.Struct, kw_only=True):
+    """An output too large to answer inline (over RELAY_INLINE_OUTPUT_BYTES): a blob stored by
+    content (relay.blobs), read at `GET /executions/{id}/output`."""
+
+    cid: str
+    size: int
+    content_type: str
+    """`application/octet-stream` (a WASI command's stdout, as written) or `application/json`
+    (a function's result)."""
+
+
 class ExecuteResponse(msgspec.Struct, kw_only=True):
     success: bool
     request_id: str
     cid: str
     output: Any
+    output_ref: OutputRef | UnsetType = UNSET
+    """Set when `output` is null because it is stored as a blob."""
     gas_used: int
     duration: float
     executed_at: str
@@ -96,6 +109,7 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     cid: str
     success: bool | UnsetType = UNSET
     output: Any = UNSET
+    output_ref: OutputRef | UnsetType = UNSET
     gas_used: int | UnsetType = UNSET
     duration: float | UnsetType = UNSET
     executed_at: str | UnsetType = UNSET
@@ -250,6 +264,7 @@ class ExecutionComplete(BusMessage, tag="execution_complete", kw_only=True):
     duration: float
     gas_used: int
     output: Any
+    output_ref: OutputRef | UnsetType = UNSET
     cached: bool | UnsetType = UNSET
     """As the execution's response says (a memoize request's)."""
 
@@ -261,6 +276,7 @@ class ExecutionError(BusMessage, tag="execution_error", kw_only=True):
 class WasmExecCompleted(WasmExecRequested, tag="wasm_exec_completed", kw_only=True):
     success: bool
     output: Any
+    output_ref: OutputRef | UnsetType = UNSET
     error: ErrorInfo | None
     gas_used: int
     duration: float
@@ -615,6 +631,7 @@ def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:
         request_id=event.request_id,
         cid=event.cid,
         output=event.output,
+        output_ref=event.output_ref,
         gas_used=event.gas_used,
         duration=event.duration,
         executed_at=event.executed_at,

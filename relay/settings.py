@@ -220,7 +220,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_output_bytes: Annotated[int, Variable(
         "RELAY_MAX_OUTPUT_BYTES", _int, LIMITS, "bytes",
         "stdout and stderr together a WASI module may write; writes past it fail in the "
-        "module (`EFBIG`)")] = MIB
+        "module (`EFBIG`)")] = 64 * MIB
+    inline_output_bytes: Annotated[int, Variable(
+        "RELAY_INLINE_OUTPUT_BYTES", _int, LIMITS, "bytes",
+        "largest output answered inline; a larger one is stored as a blob (`output_ref`, "
+        "`GET /executions/{id}/output`) that lives as long as the execution's record")] = 65536
     max_table_elements: Annotated[int, Variable(
         "RELAY_MAX_TABLE_ELEMENTS", _int, LIMITS, "elements",
         "table elements an execution may hold, all its tables together (each of a module's "

@@ -43,6 +43,7 @@ ROUTES = [
     Route("/executions/{request_id}", by_method(GET=executions.get_execution,
                                                 DELETE=executions.cancel_execution),
           methods=["GET", "DELETE"]),
+    Route("/executions/{request_id}/output", executions.get_output, methods=["GET"]),
     Route("/executions/{request_id}/pause", executions.pause_execution, methods=["POST"]),
     Route("/executions/{request_id}/resume", executions.resume_execution, methods=["POST"]),
     Route("/executions/{request_id}/step", executions.step_execution, methods=["POST"]),

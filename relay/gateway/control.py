@@ -96,6 +96,7 @@ class Controller:
                 view.gas_used = int(gas_seen)
             return view
         finished = decode_response(result)
+        view.output_ref = finished.output_ref
         return msgspec.structs.replace(
             view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
             duration=finished.duration, executed_at=finished.executed_at, error=finished.error,

@@ -18,6 +18,13 @@ if session ~= '' and new_state ~= '' and record[1] and not record[3]
     and not (session_fenced(KEYS[8], ARGV[17]) and state_ref(ARGV[16], new_state)) then
   return -1
 end
+-- A large output's blob (blobs.lib.lua) lives at least as long as the result naming it; one
+-- that expired before this settle (its executor stalled that long) cannot be named: the entry
+-- stays pending and the run is done again.
+if ARGV[22] ~= '' and record[1] and not record[3] and not blob_hold(ARGV[16], ARGV[22], ARGV[9])
+    then
+  return -1
+end
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
   if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
     redis.call('DECR', KEYS[4])

@@ -1,21 +1,76 @@
-"""`/executions/{request_id}`: an execution's state; cancel, pause, resume and step it."""
+"""`/executions/{request_id}`: an execution's state and output; cancel, pause, resume and step
+it."""
 
 from __future__ import annotations
 
-from starlette.requests import Request
-from starlette.responses import Response
+from collections.abc import AsyncIterator, Callable
 
-from relay.errors import decode_body
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from relay import cid
+from relay.blobs import BlobStore
+from relay.errors import Conflict, NotFound, decode_body
+from relay.gateway.byteranges import not_modified, requested_range
 from relay.gateway.http import json_response
 from relay.gateway.state import gateway_of
 from relay.pipeline.validate import read_body
-from relay.schemas import Action, decode_resume, decode_step
+from relay.schemas import Action, OutputRef, decode_resume, decode_step, encode
 
 
 async def get_execution(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
     return json_response(await gw.controller.state(principal, request.path_params["request_id"]))
+
+
+async def get_output(request: Request) -> Response:
+    """The output of a completed execution: its blob (`output_ref`) streamed as stored, or its
+    inline output as JSON; `ETag` is the CID of the bytes, one byte range may be asked for.
+    404 for an execution that is unknown, another principal's, or ended without an output
+    (failed, cancelled); 409 for one not finished yet (its output may still come)."""
+    gw = gateway_of(request)
+    principal = await gw.authenticate(request)
+    request_id = request.path_params["request_id"]
+    state = await gw.controller.state(principal, request_id)
+    if state.status in ("failed", "cancelled"):
+        raise NotFound(f"execution {request_id} has no output: it {state.status}")
+    if state.status != "completed":
+        raise Conflict(f"execution {request_id} is {state.status}: its output comes once it "
+                       f"has completed")
+    if isinstance(state.output_ref, OutputRef):
+        ref = state.output_ref
+        blobs = BlobStore(gw.client, gw.keys)
+        if await blobs.size(ref.cid) is None:
+            raise NotFound(f"the output of execution {request_id} has expired")
+        return _representation(request, ref.size, ref.cid, ref.content_type,
+                               lambda start, end: blobs.read(ref.cid, start, end))
+    body = encode(state.output)
+    return _representation(request, len(body), cid.compute(body), "application/json",
+                           lambda start, end: _once(body[start:end]))
+
+
+def _representation(request: Request, size: int, content_cid: str, content_type: str,
+                    read: Callable[[int, int], AsyncIterator[bytes]]) -> Response:
+    """`read`'s bytes, whole or the range asked for, streamed (one chunk held at a time)."""
+    etag = f'"{content_cid}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+    if not_modified(request.headers, etag):
+        return Response(status_code=304, headers=headers)
+    part = requested_range(request.headers, size, etag)
+    start, end = part or (0, size)
+    headers["Content-Length"] = str(end - start)
+    if part is not None:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if request.method == "HEAD":  # the headers only: nothing read
+        return Response(status_code=206 if part else 200, headers=headers,
+                        media_type=content_type)
+    return StreamingResponse(read(start, end), 206 if part else 200, headers,
+                             media_type=content_type)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 async def cancel_execution(request: Request) -> Response:
