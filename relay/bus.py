@@ -83,7 +83,7 @@ Call = tuple[Script, list[str], list[Any]]
 # `user`: the principal the execution belongs to. The gateways route events to subscribers by it
 # without decoding them.
 
-_ACCEPT = Script.named("accept", libs=("sessions", "budgets"))
+_ACCEPT = Script.named("accept", libs=("sessions", "budgets", "blobs"))
 
 _START = Script.named("start")
 

@@ -20,7 +20,14 @@ end
 -- one the gateway read (ARGV[22], its producing request id), is answered with the bodies made
 -- from it (ARGV[23..25]): finished at once, like any execution, with nothing queued and no
 -- budget reserved.
-if ARGV[20] ~= '' and ARGV[22] ~= '' and redis.call('HGET', KEYS[7], 'of') == ARGV[22] then
+-- A hit whose output is a blob (blobs.lib.lua) holds it as long as the record made from it; one
+-- whose blob has expired is a miss (it runs, and its settle stores the entry again).
+local function memo_blob_held(prefix, entry, ttl_ms)
+  local blob = redis.call('HGET', entry, 'blob')
+  return not blob or blob_hold(prefix, blob, ttl_ms)
+end
+if ARGV[20] ~= '' and ARGV[22] ~= '' and redis.call('HGET', KEYS[7], 'of') == ARGV[22]
+    and memo_blob_held(ARGV[14], KEYS[7], ARGV[26]) then
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status',
              'completed', 'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5],

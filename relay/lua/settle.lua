@@ -54,6 +54,10 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
       redis.call('HSET', memo[1], 'of', ARGV[13], 'result', ARGV[3], 'gas', ARGV[20],
                  'memory', memo[2])
       redis.call('PEXPIRE', memo[1], memo[3])
+      if ARGV[22] ~= '' then  -- its output's blob lives as long as the entry (blobs.lib.lua)
+        redis.call('HSET', memo[1], 'blob', ARGV[22])
+        blob_hold(ARGV[16], ARGV[22], memo[3])
+      end
     end
   end
   if session ~= '' then

@@ -329,3 +329,33 @@ async def test_a_32_mib_output_streams_from_a_gateway_in_bounded_memory(
         tail = await alice.get(f"/executions/{body['request_id']}/output",
                                headers={"Range": f"bytes={size - 100}-"})
         assert tail.status_code == 206 and tail.content == written(size)[-100:]
+
+
+async def test_a_memoized_large_output_keeps_its_blob_as_long_as_the_entry(
+        settings: Settings) -> None:
+    memo_ttl_ms = 60_000
+    config = with_settings(settings, idempotency_ttl_ms=5_000, memo_ttl_ms=memo_ttl_ms)
+    async with relay(config) as (alice, _):
+        size = 100_000
+        writer = await upload(alice, WRITER_WAT % size)
+        first = (await run(alice, writer["cid"], memoize=True)).json()
+        assert first["cached"] is False
+        ref = first["output_ref"]
+        client = aioredis.Redis.from_url(settings.redis_url or "")
+        try:
+            # Held as long as the memo entry, past the record's own TTL.
+            for key in await blob_keys(settings, ref["cid"]):
+                assert await client.pttl(key) > 5_000
+            hit = (await run(alice, writer["cid"], memoize=True, idempotency_key="hit")).json()
+            assert hit["cached"] is True and hit["output_ref"] == ref
+            output = await alice.get(f"/executions/{hit['request_id']}/output")
+            assert output.content == written(size)
+            # A blob gone (expired) makes the entry a miss: it runs again and stores it again.
+            await client.delete(*await blob_keys(settings, ref["cid"]))
+            again = (await run(alice, writer["cid"], memoize=True,
+                               idempotency_key="again")).json()
+            assert again["cached"] is False and again["output_ref"] == ref
+            output = await alice.get(f"/executions/{again['request_id']}/output")
+            assert output.content == written(size)
+        finally:
+            await client.aclose()
