@@ -266,7 +266,8 @@ class Sessions:
         """Sweep every `SWEEP_INTERVAL_S`, forever (a gateway's supervised loop; every gateway
         runs one, and the expire script makes their sweeps of one session harmless)."""
         while True:
-            await self.sweep()
+            while await self.sweep() == SWEEP_BATCH:
+                pass  # a whole batch went: more may be due already
             await asyncio.sleep(SWEEP_INTERVAL_S)
 
     async def sweep(self) -> int:
