@@ -12,13 +12,19 @@ peak), so a request asking for less memory than the producer had runs again.
 The gateway reads the entry and prepares the hit's bodies (`Memo.prepare`); the accept script
 answers with them only if the entry is still the one read (`of`), atomically with acceptance,
 so a hit never queues work nor reserves budget, and its execution record, events and
-idempotency key are those of any finished execution. Failures are never stored; nor are results
-of modules that are not `relay.modules.memoizable` (their responses say `"cached": false`).
+idempotency key are those of any finished execution. Since the script has the last word, the
+gateway keeps the entries it read in memory (`Entries`) and reads Redis again only for one it
+does not hold, holds but which does not fit, or which the script found changed: a repeated hit
+costs the one round trip of its acceptance, as a replay does.
+
+Failures are never stored; nor are results of modules that are not `relay.modules.memoizable`
+(their responses say `"cached": false`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import msgspec
@@ -79,26 +85,85 @@ class MemoAccept(NamedTuple):
     hit: Hit | None
 
 
+class Entry(NamedTuple):
+    """A memo entry as read from Redis."""
+
+    of: str
+    result: bytes
+    gas: int
+    memory: int
+
+    def fits(self, request: WasmExecRequested) -> bool:
+        """Whether its run fits `request`'s policy."""
+        return self.gas <= request.policy.max_gas and self.memory <= request.policy.max_memory
+
+
+class Entries:
+    """Memo entries a gateway read, by Redis key, the most recently used kept within
+    `max_bytes` of results."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> None:
+        self.drop(key)
+        if len(entry.result) > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self._bytes += len(entry.result)
+        while self._bytes > self.max_bytes:
+            _, oldest = self._entries.popitem(last=False)
+            self._bytes -= len(oldest.result)
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry.result)
+
+
+CACHE_BYTES = 16 * 1024 * 1024
+"""Results a gateway keeps in memory (`Entries`)."""
+
+
 class Memo:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_ms: int,
-                 record_ttl_ms: int) -> None:
+                 record_ttl_ms: int, cache_bytes: int = CACHE_BYTES) -> None:
         self.client = client
         self.keys = keys
         self.ttl_ms = ttl_ms
         self.record_ttl_ms = record_ttl_ms
+        self.entries = Entries(cache_bytes)
 
     async def prepare(self, key: MemoKey, request: WasmExecRequested) -> MemoAccept:
-        """Read the entry of `key` and, when its run fits `request`'s policy, the bodies that
-        answer `request` with it (one Redis round trip)."""
+        """The entry of `key` (read from Redis unless held and fitting) and, when its run fits
+        `request`'s policy, the bodies that answer `request` with it."""
         redis_key = self.keys.memo(key.digest, key.principal)
-        of, result, gas, memory = await self.client.hmget(
-            redis_key, ["of", "result", "gas", "memory"])
+        entry = self.entries.get(redis_key)
+        if entry is None or not entry.fits(request):
+            of, result, gas, memory = await self.client.hmget(
+                redis_key, ["of", "result", "gas", "memory"])
+            entry = None
+            if of is not None and result is not None:
+                entry = Entry(of.decode(), result, int(gas), int(memory))
+                self.entries.put(redis_key, entry)
         hit = None
-        if (of is not None and result is not None and int(gas) <= request.policy.max_gas
-                and int(memory) <= request.policy.max_memory):
-            hit = answer(request, of.decode(), result, scoped=key.principal is not None)
+        if entry is not None and entry.fits(request):
+            hit = answer(request, entry.of, entry.result, scoped=key.principal is not None)
         return MemoAccept(redis_key, request.policy.max_memory, self.ttl_ms, self.record_ttl_ms,
                           hit)
+
+    def missed(self, memo: MemoAccept) -> None:
+        """The accept script found the entry `memo` was prepared from gone or replaced: read
+        it again next time."""
+        self.entries.drop(memo.key)
 
 
 def answer(request: WasmExecRequested, of: str, result: bytes, *, scoped: bool) -> Hit:
@@ -111,9 +176,11 @@ def answer(request: WasmExecRequested, of: str, result: bytes, *, scoped: bool) 
                                        memo_of=memo_of)
     complete = ExecutionComplete(request_id=request.request_id, timestamp=now_iso(),
                                  duration=stored.duration, gas_used=stored.gas_used,
-                                 output=stored.output, cached=True)
+                                 output=stored.output, output_ref=stored.output_ref,
+                                 cached=True)
     completed = WasmExecCompleted(
         **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},
-        success=True, output=stored.output, error=None, gas_used=stored.gas_used,
-        duration=stored.duration, executed_at=stored.executed_at, cached=True, memo_of=memo_of)
+        success=True, output=stored.output, output_ref=stored.output_ref, error=None,
+        gas_used=stored.gas_used, duration=stored.duration, executed_at=stored.executed_at,
+        cached=True, memo_of=memo_of)
     return Hit(of, encode(response), encode(complete), encode(completed))

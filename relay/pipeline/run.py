@@ -160,6 +160,9 @@ class ExecutePipeline:
             if accepted.hit:  # finished already: a new execution, answered at once
                 self.completions.release(request.request_id, completion)
                 return Admission(request.request_id, headers, accepted.result, None)
+            if (memo is not None and memo.hit is not None and not accepted.existing
+                    and not accepted.forbidden):
+                self.memo.missed(memo)  # its entry expired or was replaced meanwhile
             repeat = idempotency.repeat_of(accepted, validated.fingerprint,
                                            validated.explicit_key, self.metrics)
             if repeat is not None:

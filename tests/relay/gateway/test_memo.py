@@ -12,6 +12,7 @@ import httpx
 import msgspec
 
 from executor.worker import Executor
+from relay import connection
 from relay.gateway.app import create_app
 from relay.settings import Settings
 from tests.conftest import (
@@ -35,6 +36,8 @@ COUNT_WAT = """(module
       local.get $i call $next local.set $i
       local.get $i local.get $n i32.lt_s br_if $again)
     local.get $i))"""
+TRIPLE_WAT = """(module (func (export "main") (param i64) (result i64 i64 i64)
+  local.get 0 local.get 0 local.get 0))"""
 TRAP_WAT = '(module (func (export "main") (param i32) (result i32) unreachable))'
 # Imports randomness and a clock (never memoized), though `main` calls neither.
 RANDOM_WAT = """(module
@@ -76,6 +79,21 @@ async def gateway(settings: Settings) -> AsyncIterator[Any]:
         yield application
 
 
+@asynccontextmanager
+async def executor_with(settings: Settings) -> AsyncIterator[Executor]:
+    """An executor with these settings, stopped (its runs finished) when the block ends."""
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    worker = Executor(settings, client, name="memo-executor", read_block_ms=100)
+    task = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
 async def test_a_second_memoized_request_is_answered_without_running(
         http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
     cid = (await upload(http, ADD_WAT))["cid"]
@@ -110,18 +128,8 @@ async def test_a_second_memoized_request_is_answered_without_running(
 async def test_a_hit_is_answered_with_no_executor_at_all(http: httpx.AsyncClient,
                                                          settings: Settings) -> None:
     cid = (await upload(http, ADD_WAT))["cid"]
-    assert settings.redis_url is not None
-    from relay import connection
-
-    client = connection.connect(settings.redis_url)
-    worker = Executor(settings, client, name="memo-executor", read_block_ms=100)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with executor_with(settings):
         first = (await execute(http, cid, [20, 22], key="a")).json()
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
     hit = (await execute(http, cid, [20, 22], key="b")).json()
     assert hit["output"] == 42 and hit["cached"] is True
     assert hit["memo_of"] == first["request_id"]
@@ -226,14 +234,19 @@ async def test_scope_is_the_principal_unless_global(settings: Settings,
 
 
 async def test_a_memoized_result_expires(settings: Settings, executor: Executor) -> None:
-    short = with_settings(settings, memo_ttl_ms=300)
+    short = with_settings(settings, memo_ttl_ms=1000)
     async with gateway(short) as app, client_for(app, ALICE_KEY) as alice:
         cid = (await upload(alice, ADD_WAT))["cid"]
         await execute(alice, cid, [1, 1], key="one")
         assert (await execute(alice, cid, [1, 1], key="two")).json()["cached"] is True
-        await asyncio.sleep(0.5)
-        assert (await execute(alice, cid, [1, 1], key="three")).json()["cached"] is False
+        await asyncio.sleep(1.3)
+        # Gone, though this gateway still holds what it read of it: it runs again...
+        third = (await execute(alice, cid, [1, 1], key="three")).json()
+        assert third["cached"] is False
         assert await runs(settings) == 2
+        # ...and its run is the new entry, which this gateway reads afresh.
+        fourth = (await execute(alice, cid, [1, 1], key="four")).json()
+        assert fourth["cached"] is True and fourth["memo_of"] == third["request_id"]
 
 
 async def test_idempotency_comes_first(http: httpx.AsyncClient, executor: Executor,
@@ -283,3 +296,22 @@ async def test_a_hit_costs_no_budget(http: httpx.AsyncClient, executor: Executor
 
     usage = await wait_for(settled)
     assert usage["executions"] == 1 and usage["gas_used"] == first["gas_used"]
+
+
+async def test_a_hit_of_a_large_output_names_its_blob_everywhere(settings: Settings) -> None:
+    blobs = with_settings(settings, inline_output_bytes=16)  # three i64s of 2^62 are over it
+    async with gateway(blobs) as app, client_for(app, ALICE_KEY) as alice, \
+            executor_with(blobs):
+        cid = (await upload(alice, TRIPLE_WAT))["cid"]
+        first = (await execute(alice, cid, [2**62], key="one")).json()
+        ref = first["output_ref"]
+        assert first["output"] is None and first["cached"] is False
+        hit = (await execute(alice, cid, [2**62], key="two")).json()
+        assert hit["cached"] is True and hit["output_ref"] == ref
+        output = await alice.get(f"/executions/{hit['request_id']}/output")
+        assert output.json() == [2**62] * 3
+        events = [json.loads(fields[b"data"]) for _, fields in await event_entries(settings)]
+        ends = [event for event in events if event.get("request_id") == hit["request_id"]
+                and event["type"] in ("execution_complete", "wasm_exec_completed")]
+        assert [event["output_ref"] for event in ends] == [ref, ref]
+        assert all(event["cached"] is True for event in ends)
