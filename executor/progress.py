@@ -46,6 +46,10 @@ ANNOUNCE_AFTER_S = 0.005
 # timer is late by however long the event loop is busy: aiming at 200 leaves it 50 ms.
 PROGRESS_EVERY_MS = 200.0
 OUTPUT_CHUNK_BYTES = 16 * 1024
+FLUSH_IN_FLIGHT = 64
+"""Output chunks the final flush has in flight at once (1 MiB): a module that wrote 64 MiB just
+before it ended is not held as 64 MiB of events (measured: +560 MiB of RSS) on top of its
+output."""
 
 Stream = Literal["stdout", "stderr"]
 
@@ -179,20 +183,33 @@ class LiveRun:
         self._publish(ExecutionProgress(request_id=self.request.request_id, progress=share,
                                         gas_used=gas_used, timestamp=now_iso()))
 
-    def _output(self, final: bool = False) -> None:
+    def _output(self) -> None:
+        """At most one chunk a stream a tick: a bounded rate."""
+        for stream, tail in self._output_tails():
+            if text := tail.read():
+                self._publish_output(stream, text)
+
+    async def _flush_output(self) -> None:
+        """Publish all the output not sent yet, FLUSH_IN_FLIGHT chunks at a time."""
+        for stream, tail in self._output_tails():
+            while text := tail.read(final=True):
+                self._publish_output(stream, text)
+                if len(self._pending) >= FLUSH_IN_FLIGHT:
+                    await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+
+    def _output_tails(self) -> list[tuple[Stream, _Tail]]:
         output = self.control.output
         if output is None:
-            return
+            return []
         stream: Stream
         for stream in ("stdout", "stderr"):
-            tail = self._tails.get(stream)
-            if tail is None:
-                tail = self._tails[stream] = _Tail(output, stream, self._max_output_bytes)
-            while text := tail.read(final):
-                self._publish(ExecutionOutput(request_id=self.request.request_id,
-                                              stream=stream, data=text, timestamp=now_iso()))
-                if not final:
-                    break  # at most one chunk a stream a tick: bounded rate
+            if stream not in self._tails:
+                self._tails[stream] = _Tail(output, stream, self._max_output_bytes)
+        return list(self._tails.items())
+
+    def _publish_output(self, stream: Stream, text: str) -> None:
+        self._publish(ExecutionOutput(request_id=self.request.request_id, stream=stream,
+                                      data=text, timestamp=now_iso()))
 
     def _publish(self, event: BusMessage, status: str = "") -> None:
         if self.request.session_id is not None:
@@ -215,6 +232,6 @@ class LiveRun:
                 timer.cancel()
         self._timer = self._progress_timer = None
         with contextlib.suppress(Exception):
-            self._output(final=True)
+            await self._flush_output()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
