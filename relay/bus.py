@@ -239,7 +239,7 @@ class Bus:
                 request.timestamp,
                 encode(request),
                 queued_template(request.request_id, request.cid, request.timestamp,
-                                request.session_id),
+                                request.session_id, request.pipeline_id),
                 self.events_retention,
                 self.requests_retention,
                 tag,
@@ -343,6 +343,8 @@ class Bus:
             terminal = ExecutionError(request_id=request.request_id, error=response.error,
                                       timestamp=now_iso(), session_id=tagged)
             status = "cancelled" if response.error.code == "cancelled" else "failed"
+        if request.pipeline_id is not None:
+            terminal.pipeline_id = request.pipeline_id  # a pipeline node's events carry it
         completed = WasmExecCompleted(
             **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},
             success=response.success, output=response.output, error=response.error,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 class Keys:
     __slots__ = ("api_keys", "control", "dead", "deliveries", "events", "executors", "metrics",
-                 "modules", "name_owners", "prefix", "queued", "rate_limits", "requests",
-                 "session_expiry", "token_secret")
+                 "modules", "name_owners", "pipeline_timers", "prefix", "queued", "rate_limits",
+                 "requests", "session_expiry", "token_secret")
 
     EXECUTOR_GROUP = "executors"
+    PIPELINE_GROUP = "pipelines"
+    """The consumer group on `relay:events` that advances pipelines (relay.scheduler)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -43,6 +45,9 @@ class Keys:
         self.session_expiry = f"{prefix}:session-expiry"
         """Sorted set of session ids, scored by when each expires (ms): the sweeper's work."""
         self.rate_limits = f"{prefix}:ratelimit"
+        self.pipeline_timers = f"{prefix}:pipeline-timers"
+        """Sorted set of `<pipeline id>\n<node>` (a node's retry) or `<pipeline id>\n` (look
+        at the pipeline again), scored by when each is due (ms): the scheduler's timers."""
         """Prefix the `limits` library puts before its own rate-limit keys."""
 
     def execution(self, request_id: str) -> str:
@@ -168,3 +173,14 @@ class Keys:
         """Sorted set (every score 0, so ordered by id, which starts with its creation time) of
         the budgets `principal` may see: those it is the principal of, and those it created."""
         return f"{self.prefix}:budgets-visible:{principal}"
+
+    def pipeline(self, pipeline_id: str) -> str:
+        """Hash holding one pipeline's owner, status, settings and counts (relay.pipelines).
+        Its nodes live in hashes and sets named by this key + a suffix (`:spec`, `:status`,
+        `:attempts`, `:results`, `:unmet`, `:dependents`, `:order`, `:retry`, `:current`,
+        `:requests`, `:ready`, `:active`), which the pipeline scripts build from it too."""
+        return f"{self.prefix}:pipeline:{pipeline_id}"
+
+    def pipelines(self, principal: str) -> str:
+        """Sorted set of the principal's pipelines, scored by creation time (ms)."""
+        return f"{self.prefix}:pipelines:{principal}"

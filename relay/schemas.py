@@ -50,7 +50,10 @@ class EffectivePolicy(msgspec.Struct, kw_only=True):
 
 
 ErrorCode = Literal["out_of_gas", "timeout", "memory_limit", "stack_overflow", "trap",
-                   "exit_nonzero", "cancelled", "module_not_found", "invalid_module", "internal"]
+                   "exit_nonzero", "cancelled", "module_not_found", "invalid_module", "internal",
+                   "invalid_input"]
+"""`invalid_input`: an input resolved at run time (a pipeline reference) does not fit the
+export's signature; the execution never ran."""
 ExecutionStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
 
 
@@ -207,6 +210,8 @@ class BusMessage(msgspec.Struct, tag_field="type", kw_only=True):
     timestamp: str
     session_id: str | UnsetType | None = UNSET
     """The session a call's events belong to (absent outside sessions)."""
+    pipeline_id: str | UnsetType | None = UNSET
+    """The pipeline a node's events belong to (absent outside pipelines)."""
 
 
 class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
@@ -216,6 +221,8 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     policy: EffectivePolicy
     user_id: str
     session_id: str | None = None  # always on the bus (v1), null outside sessions
+    pipeline_id: str | None = None
+    """The pipeline a node's execution belongs to (relay.pipelines), null outside pipelines."""
     step_gas: int | None = None
     """Set: the run pauses (reason `step`) once it has used this much gas, then again after
     each `step` that gives no gas of its own."""
@@ -402,11 +409,12 @@ class ControlRefused(BusMessage, tag="control_refused", kw_only=True):
 
 
 class EventHead(msgspec.Struct):
-    """The two fields the gateway's fan-in needs to route an event, decoded cheaply."""
+    """The fields the gateway's fan-in needs to route an event, decoded cheaply."""
 
     type: str
     request_id: str = ""
     session_id: str | None = None
+    pipeline_id: str | None = None
 
 
 MAX_SESSION_TTL_MS = 366 * 86_400_000
@@ -586,7 +594,123 @@ class BudgetUsage(msgspec.Struct, kw_only=True):
     remaining: BudgetRemaining
 
 
+MAX_PIPELINE_CONCURRENCY = 64
+MAX_NODE_RETRIES = 10
+NodeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+RetryCode = Literal["out_of_gas", "timeout", "memory_limit", "stack_overflow", "trap",
+                    "exit_nonzero"]
+"""The error codes a node may ask to be retried on (`internal` always is)."""
+NodeStatus = Literal["pending", "queued", "running", "retrying", "completed", "failed",
+                     "skipped", "cancelled"]
+PipelineStatus = Literal["running", "completed", "failed", "cancelled"]
+
+
+class PipelineNode(Request):
+    """One node of `POST /pipelines`: an execute request whose inputs may be references to
+    other nodes' outputs (`{"$ref": id, "pointer"?}`) or literals (`{"$literal": value}`)."""
+
+    id: NodeId
+    cid: Annotated[str, Meta(min_length=1, max_length=512)]
+    entrypoint: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    inputs: list[Any] = msgspec.field(default_factory=list)
+    policy: Policy = msgspec.field(default_factory=Policy)
+    environment: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    retries: Annotated[int, Meta(ge=0, le=MAX_NODE_RETRIES)] = 0
+    retry_on: list[RetryCode] = msgspec.field(default_factory=list)
+    memoize: bool = True
+    priority: Literal["high", "normal", "low"] = "normal"
+
+
+class CreatePipeline(Request):
+    nodes: Annotated[list[PipelineNode], Meta(min_length=1)]
+    max_concurrency: Annotated[int, Meta(ge=1, le=MAX_PIPELINE_CONCURRENCY)] = 8
+    fail_fast: bool = False
+    callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
+    callback_events: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+class PipelineAccepted(msgspec.Struct, kw_only=True):
+    pipeline_id: str
+    status: Literal["running"] = "running"
+    links: Links
+
+
+class PipelineNodeState(msgspec.Struct, kw_only=True):
+    status: NodeStatus
+    request_id: str | None
+    """The execution of its latest attempt (null before its first)."""
+    attempts: int
+    output: Any = UNSET
+    output_ref: Any = UNSET
+    """A large output's blob (`{cid, size, content_type}`), as an execution's `output_ref`."""
+    error: ErrorInfo | UnsetType | None = UNSET
+    cached: bool | UnsetType = UNSET
+
+
+class PipelineProgressCounts(msgspec.Struct, kw_only=True):
+    total: int
+    pending: int
+    queued: int
+    running: int
+    retrying: int
+    completed: int
+    failed: int
+    skipped: int
+    cancelled: int
+    percent: float
+    """Nodes that have ended (completed, failed, skipped or cancelled), as a share of all."""
+
+
+class PipelineView(msgspec.Struct, kw_only=True):
+    """`GET /pipelines/{id}`."""
+
+    pipeline_id: str
+    status: PipelineStatus
+    progress: PipelineProgressCounts
+    nodes: dict[str, PipelineNodeState]
+    max_concurrency: int
+    fail_fast: bool
+    created_at: str
+    finished_at: str | None
+
+
+class PipelineSummary(msgspec.Struct, kw_only=True):
+    """An item of `GET /pipelines` (without its nodes: `GET /pipelines/{id}` has them)."""
+
+    pipeline_id: str
+    status: PipelineStatus
+    progress: PipelineProgressCounts
+    created_at: str
+    finished_at: str | None
+
+
+class PipelinePage(msgspec.Struct, kw_only=True):
+    items: list[PipelineSummary]
+    next_cursor: str | None
+
+
+class PipelineProgress(msgspec.Struct, tag_field="type", tag="pipeline_progress", kw_only=True):
+    """A node's change of status (written by the pipeline scripts, relay/lua/pipeline_*)."""
+
+    pipeline_id: str
+    node: str
+    node_status: NodeStatus
+    progress: float
+    """The pipeline's `percent`, after this change."""
+    timestamp: str
+
+
+class PipelineComplete(msgspec.Struct, tag_field="type", tag="pipeline_complete", kw_only=True):
+    """A pipeline's one terminal event."""
+
+    pipeline_id: str
+    status: PipelineStatus
+    timestamp: str
+
+
 encode = msgspec.json.Encoder().encode
+decode_create_pipeline = msgspec.json.Decoder(CreatePipeline).decode
 decode_budget_request = msgspec.json.Decoder(BudgetRequest).decode
 decode_execute_request = msgspec.json.Decoder(ExecuteRequest).decode
 decode_create_session = msgspec.json.Decoder(CreateSession).decode
@@ -612,13 +736,14 @@ decode_token_claims = msgspec.json.Decoder(TokenClaims).decode
 
 
 def queued_template(request_id: str, cid: str, timestamp: str,
-                    session_id: str | None = None) -> bytes:
+                    session_id: str | None = None, pipeline_id: str | None = None) -> bytes:
     """`execution_queued` JSON without its position value and closing brace.
 
     The position is only known inside the accept script, which appends `<n>}`.
     """
     body = encode(ExecutionQueued(request_id=request_id, cid=cid, timestamp=timestamp,
-                                  session_id=session_id or UNSET))
+                                  session_id=session_id or UNSET,
+                                  pipeline_id=pipeline_id or UNSET))
     assert body.endswith(b'"position":0}')
     return body[:-2]
 

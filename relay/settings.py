@@ -311,6 +311,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_snapshots: Annotated[int, Variable(
         "RELAY_MAX_SNAPSHOTS", _int, EXECUTOR, "snapshots",
         "snapshots one principal may keep; one more is 403 `quota-exceeded`")] = 1000
+    max_pipeline_nodes: Annotated[int, Variable(
+        "RELAY_MAX_PIPELINE_NODES", _int, EXECUTOR, "nodes",
+        "nodes one pipeline may have; more is 400")] = 10_000
     max_budgets: Annotated[int, Variable(
         "RELAY_MAX_BUDGETS", _int, EXECUTOR, "budgets",
         "budgets one principal may have (each of its executions checks them all); one more "

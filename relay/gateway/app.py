@@ -22,6 +22,7 @@ from relay.gateway.routes import (
     executions,
     health,
     modules,
+    pipelines,
     sessions,
     snapshots,
     sse,
@@ -79,6 +80,11 @@ ROUTES = [
                                             DELETE=budgets.delete_budget),
           methods=["GET", "PUT", "DELETE"]),
     Route("/budgets/{budget_id}/usage", budgets.get_usage, methods=["GET"]),
+    Route("/pipelines", by_method(POST=pipelines.create_pipeline, GET=pipelines.list_pipelines),
+          methods=["POST", "GET"]),
+    Route("/pipelines/{pipeline_id}", by_method(GET=pipelines.get_pipeline,
+                                                DELETE=pipelines.cancel_pipeline),
+          methods=["GET", "DELETE"]),
     Route("/", health.index, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
@@ -117,6 +123,9 @@ def create_app(settings: Settings) -> Starlette:
         gateway.supervisor.start("stream leases", gateway.streams.renew)
         gateway.supervisor.start("stream credentials", functools.partial(end_revoked, gateway))
         gateway.supervisor.start("session expiry", gateway.sessions.expire)
+        await gateway.scheduler.ensure_group()
+        gateway.supervisor.start("pipeline scheduler", gateway.scheduler.consume)
+        gateway.supervisor.start("pipeline timers", gateway.scheduler.timers)
         app.state.gateway = gateway
         try:
             yield

@@ -79,15 +79,18 @@ class Subscriber:
     for every event, so it costs less than an asyncio.Queue)."""
 
     __slots__ = ("_items", "_loop", "_waiter", "aborted", "armed", "capacity", "ended",
-                 "principal", "quiet_since", "request_ids", "session_id", "stored_key", "task",
-                 "wire")
+                 "pipeline_id", "principal", "quiet_since", "request_ids", "session_id",
+                 "stored_key", "task", "wire")
 
     def __init__(self, principal: str, request_ids: frozenset[str] | None, capacity: int,
-                 stored_key: bytes | None = None, session_id: str | None = None) -> None:
+                 stored_key: bytes | None = None, session_id: str | None = None,
+                 pipeline_id: str | None = None) -> None:
         self.principal = principal
         self.request_ids = request_ids
         self.session_id = session_id
         """Set: only the events of this session's calls."""
+        self.pipeline_id = pipeline_id
+        """Set: only the events that carry this pipeline's id (relay.pipelines)."""
         self.capacity = capacity
         self.stored_key = stored_key
         """The digest of the stored API key the stream was opened with (its revocation ends
@@ -256,11 +259,12 @@ class EventFanIn:
     # --- event streams ---
 
     def subscribe(self, principal: str, request_ids: frozenset[str] | None,
-                  stored_key: bytes | None = None, session_id: str | None = None) -> Subscriber:
+                  stored_key: bytes | None = None, session_id: str | None = None,
+                  pipeline_id: str | None = None) -> Subscriber:
         """Start queueing `principal`'s events (of `request_ids` only, and of `session_id`'s
         calls only, if given)."""
         subscriber = Subscriber(principal, request_ids, self.queue_capacity, stored_key,
-                                session_id)
+                                session_id, pipeline_id)
         self._subscribers.setdefault(principal, set()).add(subscriber)
         if self.shutting_down:
             subscriber.end()
@@ -325,7 +329,8 @@ class EventFanIn:
             # nothing here adds or removes a stream).
             for subscriber in self._subscribers[user]:
                 wanted = events
-                if subscriber.request_ids is not None or subscriber.session_id is not None:
+                if (subscriber.request_ids is not None or subscriber.session_id is not None
+                        or subscriber.pipeline_id is not None):
                     if heads is None:
                         heads = [decode_head(event.data) for event in events]
                     wanted = [event for event, head in zip(events, heads, strict=True)
@@ -354,7 +359,8 @@ class EventFanIn:
 def wanted_by(subscriber: Subscriber, head: EventHead) -> bool:
     """Whether a filtering stream takes an event of its principal."""
     return ((subscriber.request_ids is None or head.request_id in subscriber.request_ids)
-            and (subscriber.session_id is None or head.session_id == subscriber.session_id))
+            and (subscriber.session_id is None or head.session_id == subscriber.session_id)
+            and (subscriber.pipeline_id is None or head.pipeline_id == subscriber.pipeline_id))
 
 
 def for_clients(data: bytes) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import redis.asyncio as aioredis
 from starlette.requests import HTTPConnection
 
 from relay.apikeys import StoredKeys
 from relay.bus import Bus
+from relay.errors import Conflict, NotFound
 from relay.gateway.control import Controller
 from relay.gateway.fanin import EventFanIn
 from relay.gateway.slots import StreamSlots
@@ -18,7 +21,10 @@ from relay.pipeline.authenticate import Authenticator
 from relay.pipeline.authorize import Authorizer
 from relay.pipeline.ratelimit import RateLimiter
 from relay.pipeline.run import ExecutePipeline
+from relay.pipeline.validate import input_problem
+from relay.pipelines import PipelineStore
 from relay.policy import Policies
+from relay.scheduler import Scheduler
 from relay.sessions import Sessions
 from relay.settings import Settings
 from relay.snapshots import Snapshots
@@ -53,10 +59,23 @@ class Gateway:
             rate_limiter=RateLimiter(client, keys, settings, policies), modules=self.modules,
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
             metrics=self.metrics, sessions=self.sessions)
+        self.pipelines = PipelineStore(client, keys, events_retention=settings.events_retention)
+        self.scheduler = Scheduler(
+            client, keys, self.bus, self.pipelines,
+            max_active=lambda principal: (policies.caps(principal).max_active
+                                          or settings.max_active),
+            cancel=self._cancel_node, check_input=input_problem)
+        """Advances pipelines: the consumer of their nodes' completions and their timers."""
         self.uploads = UploadSlots(settings.max_uploads)
         self.supervisor = Supervisor("relay.gateway")
         """Runs the background loops: the events fan-in, the policy watch, metrics, stream
         leases and the check of open streams' stored keys."""
+
+    async def _cancel_node(self, principal: str, request_id: str) -> None:
+        """Cancel a pipeline node's execution as `DELETE /executions/{id}` does (nothing if
+        it has ended, or was never accepted)."""
+        with contextlib.suppress(Conflict, NotFound):
+            await self.controller.act(principal, request_id, "cancel")
 
 
 def gateway_of(connection: HTTPConnection) -> Gateway:

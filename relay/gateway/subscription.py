@@ -165,6 +165,9 @@ async def follow(gw: Gateway, subscriber: Subscriber, after: str | None, until: 
             calls = frozenset(await gw.sessions.history(subscriber.session_id))
             request_ids = calls if request_ids is None else request_ids & calls
         async for old in _replay(gw, subscriber.principal, request_ids, after):
+            if (isinstance(old, Entry) and subscriber.pipeline_id is not None
+                    and decode_head(old.data).pipeline_id != subscriber.pipeline_id):
+                continue  # another pipeline's, or none's
             if isinstance(old, Entry):
                 replayed = parse_id(old.id.decode())
             yield [old]

@@ -272,3 +272,12 @@ def _effective_policy(request: ExecuteRequest, settings: Settings,
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors)
     return EffectivePolicy(**effective)
+
+
+# Public for pipeline nodes (relay.gateway.routes.pipelines, relay.scheduler), each checked as
+# an execute request, with references among its inputs checked once they are resolved.
+entrypoint_of = _entrypoint
+check_results = _check_results
+check_depth = _check_depth
+input_problem = _input_problem
+effective_policy = _effective_policy

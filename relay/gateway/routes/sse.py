@@ -166,10 +166,13 @@ async def _open(request: Request) -> EventStream:
     session_id = request.query_params.get("session_id")
     if session_id is not None:
         await gw.sessions.owned(principal, session_id)  # 404 for another's
+    pipeline_id = request.query_params.get("pipeline_id")
+    if pipeline_id is not None:
+        await gw.pipelines.owner_check(principal, pipeline_id)  # 404 for another's
     after = start_id(request)
     slot = await gw.streams.acquire(principal)  # last: nothing after it may fail
     return EventStream(gw, gw.fan_in.subscribe(principal, request_ids, credential.stored_key,
-                                               session_id),
+                                               session_id, pipeline_id),
                        after, credential.expires_at, slot)
 
 

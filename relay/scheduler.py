@@ -1,0 +1,308 @@
+"""The pipeline scheduler: the bus consumer that advances pipelines (relay.pipelines).
+
+Every gateway process runs one (`relay dev` runs the gateway app, so it has one too), in the
+consumer group `pipelines` on `relay:events`. It reads the `wasm_exec_completed` entries of
+node executions (told apart from the rest by their bytes, before decoding anything), runs the
+one script of that transition, starts the nodes it queued and cancels what it says to cancel,
+and only then acknowledges the entry. An entry left pending by a process that died is taken
+over by a peer (XAUTOCLAIM) and done again: the script changes nothing twice, and lists again
+the queued nodes whose execution does not exist yet.
+
+A second loop runs the pipelines' timers: retries in backoff, and each pipeline's watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from relay import budgets
+from relay.bus import Bus, Script
+from relay.keys import Keys
+from relay.pipelines import (
+    NodeResult,
+    NodeSpec,
+    PipelineStore,
+    Reply,
+    Unresolvable,
+    literal_of,
+    node_request_id,
+    ref_of,
+    resolve_pointer,
+)
+from relay.schemas import ErrorInfo, WasmExecRequested, decode_completed, now_iso
+
+log = logging.getLogger("relay.scheduler")
+_RECLAIM = Script.named("pipeline_reclaim")
+
+COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
+PIPELINE_MARK = b'"pipeline_id":"'
+"""In a completion's bytes only when it belongs to a pipeline (outside one it is null)."""
+READ_COUNT = 100
+RECLAIM_IDLE_MS = 10_000
+"""An entry pending this long lost its consumer (a transition takes milliseconds, or the
+seconds of a cancel's confirmation)."""
+RECLAIM_EVERY_S = 5.0
+TIMERS_PER_ROUND = 100
+FULL_RETRY_MS = 1000
+"""When the queue is full (`RELAY_MAX_QUEUE`), a pipeline's queued nodes are tried again
+this much later."""
+
+CheckInput = Callable[[str, Any], "str | None"]
+"""What is wrong with a value for a parameter of a wasm type, if anything."""
+Cancel = Callable[[str, str], Awaitable[None]]
+"""Cancel the execution (principal, request id) wherever it is; nothing if it has ended."""
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Scheduler:
+    def __init__(self, client: aioredis.Redis, keys: Keys, bus: Bus, store: PipelineStore, *,
+                 max_active: Callable[[str], int], cancel: Cancel, check_input: CheckInput,
+                 consumer: str | None = None, read_block_ms: int = 1000,
+                 timer_interval_s: float = 0.05) -> None:
+        self.client = client
+        self.keys = keys
+        self.bus = bus
+        self.store = store
+        self.max_active = max_active
+        self.cancel = cancel
+        self.check_input = check_input
+        self.consumer = consumer or consumer_name()
+        self.read_block_ms = read_block_ms
+        self.timer_interval_s = timer_interval_s
+
+    # --- the consumer ---
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(self.keys.events, Keys.PIPELINE_GROUP, id="0",
+                                            mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def consume(self) -> None:
+        """Advance pipelines from their nodes' completions, until cancelled."""
+        await self.ensure_group()
+        next_reclaim = 0.0
+        while True:
+            if time.monotonic() >= next_reclaim:
+                await self.reclaim()
+                next_reclaim = time.monotonic() + RECLAIM_EVERY_S
+            try:
+                reply = await self.client.xreadgroup(
+                    Keys.PIPELINE_GROUP, self.consumer, {self.keys.events: ">"},
+                    count=READ_COUNT, block=self.read_block_ms)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()
+                continue
+            entries = [(entry_id, fields.get(b"data", b"")) for _, found in reply or ()
+                       for entry_id, fields in found]
+            if entries:
+                await self.handle(entries)
+
+    async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
+        """Take over the entries another consumer left pending (it died mid-transition)."""
+        cursor: bytes | str = "0-0"
+        while True:
+            cursor, *entries = await _RECLAIM.run(
+                self.client, [self.keys.events],
+                [Keys.PIPELINE_GROUP, self.consumer, min_idle_ms, cursor, READ_COUNT])
+            if entries:
+                await self.handle([(entry_id, data) for entry_id, data in entries])
+            if cursor in (b"0-0", "0-0"):
+                return
+
+    async def handle(self, entries: list[tuple[bytes, bytes]]) -> None:
+        """Advance pipelines by the completions among `entries`; acknowledge every entry but
+        those whose transition failed (they stay pending and are taken over later)."""
+        ours = [(entry_id, data) for entry_id, data in entries
+                if data.startswith(COMPLETED_PREFIX) and PIPELINE_MARK in data]
+        done: list[bytes] = [entry_id for entry_id, data in entries
+                             if not (data.startswith(COMPLETED_PREFIX) and PIPELINE_MARK in data)]
+        if ours:
+            outcomes = await asyncio.gather(*(self.completed(data) for _, data in ours),
+                                            return_exceptions=True)
+            for (entry_id, _), outcome in zip(ours, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    if isinstance(outcome, asyncio.CancelledError):
+                        raise outcome
+                    log.error("a pipeline transition failed; it is retried later",
+                              exc_info=outcome)
+                else:
+                    done.append(entry_id)
+        if done:
+            await self.client.xack(self.keys.events, Keys.PIPELINE_GROUP, *done)
+
+    async def completed(self, data: bytes) -> None:
+        """One node execution's `wasm_exec_completed`: its transition, then what it started."""
+        event = decode_completed(data)
+        pipeline_id = event.pipeline_id
+        if pipeline_id is None:
+            return
+        node = await self.store.node_of(pipeline_id, event.request_id)
+        if node is None:
+            return  # the pipeline expired
+        output_ref = getattr(event, "output_ref", None)
+        cached = getattr(event, "cached", None)
+        result = NodeResult(output=event.output, error=event.error,
+                            output_ref=None if output_ref is msgspec.UNSET else output_ref,
+                            cached=None if cached is msgspec.UNSET else cached)
+        if event.success:
+            outcome, code = "completed", ""
+        else:
+            code = event.error.code if event.error is not None else "internal"
+            outcome = "cancelled" if code == "cancelled" else "failed"
+        reply = await self.store.done(pipeline_id, node, event.request_id, outcome, code, result,
+                                      random.uniform(0.5, 1.0))
+        await self.apply(pipeline_id, reply)
+
+    # --- timers ---
+
+    async def timers(self) -> None:
+        """Run due retries and watchdogs, until cancelled."""
+        while True:
+            due = await self.store.due_timers(TIMERS_PER_ROUND)
+            for pipeline_id, node in due:
+                await self.apply(pipeline_id, await self.store.fire(pipeline_id, node))
+            if len(due) < TIMERS_PER_ROUND:
+                await asyncio.sleep(self.timer_interval_s)
+
+    # --- acting on a transition ---
+
+    async def apply(self, pipeline_id: str, reply: Reply) -> None:
+        """Cancel what a transition stopped, and accept its queued nodes that have no
+        execution yet."""
+        if reply.cancel:
+            principal, _ = await self.store.principal_of(pipeline_id)
+            if principal is not None:
+                await asyncio.gather(*(self.cancel(principal, request_id)
+                                       for request_id in reply.cancel))
+        if reply.queued:
+            await self.launch(pipeline_id, reply.queued)
+
+    async def launch(self, pipeline_id: str, queued: list[tuple[str, int]]) -> None:
+        """Accept each queued node's attempt unless its execution exists already: inputs
+        resolved from the outputs it refers to, or failed with `invalid_input` if they do not
+        fit. A stopping pipeline's nodes are cancelled instead."""
+        principal, stopping = await self.store.principal_of(pipeline_id)
+        if principal is None:
+            return
+        attempts = [(node, node_request_id(pipeline_id, node, attempt))
+                    for node, attempt in queued]
+        pipe = self.client.pipeline(transaction=False)
+        for _, request_id in attempts:
+            pipe.exists(self.keys.execution(request_id))
+        missing = [pair for pair, found in zip(attempts, await pipe.execute(), strict=True)
+                   if not found]
+        if not missing:
+            return
+        await self.store.assign(pipeline_id, missing)
+        followups: list[Reply] = []
+        if stopping:
+            for node, request_id in missing:
+                followups.append(await self._fail(pipeline_id, node, request_id, ErrorInfo(
+                    "cancelled", "the pipeline was stopped before it started")))
+        else:
+            specs = await self.store.specs(pipeline_id, [node for node, _ in missing])
+            refs = {ref for spec in specs if spec is not None for item in spec.inputs
+                    if (ref := ref_of(item)) is not None}
+            outputs = await self.store.results(pipeline_id, refs)
+            starts = []
+            for (node, request_id), spec in zip(missing, specs, strict=True):
+                if spec is None:
+                    continue
+                inputs, problem = self._inputs(spec, outputs)
+                if problem is not None:
+                    followups.append(await self._fail(pipeline_id, node, request_id,
+                                                      ErrorInfo("invalid_input", problem)))
+                    continue
+                request = WasmExecRequested(
+                    request_id=request_id, cid=spec.cid, entrypoint=spec.entrypoint,
+                    inputs=inputs, policy=spec.policy, user_id=principal, timestamp=now_iso(),
+                    pipeline_id=pipeline_id)
+                if spec.memoize and "memoize" in WasmExecRequested.__struct_fields__:
+                    request = msgspec.structs.replace(request, **{"memoize": True})
+                starts.append((node, request, spec))
+            refused = await asyncio.gather(*(self._accept(principal, pipeline_id, request, spec)
+                                             for _, request, spec in starts))
+            for (node, request, _), refusal in zip(starts, refused, strict=True):
+                if refusal is not None:
+                    followups.append(await self._fail(pipeline_id, node, request.request_id,
+                                                      refusal))
+        for reply in followups:
+            await self.apply(pipeline_id, reply)
+
+    async def _fail(self, pipeline_id: str, node: str, request_id: str,
+                    error: ErrorInfo) -> Reply:
+        outcome = "cancelled" if error.code == "cancelled" else "failed"
+        return await self.store.done(pipeline_id, node, request_id, outcome, error.code,
+                                     NodeResult(error=error), random.uniform(0.5, 1.0))
+
+    async def _accept(self, principal: str, pipeline_id: str, request: WasmExecRequested,
+                      spec: NodeSpec) -> ErrorInfo | None:
+        """Publish a node's attempt as an ordinary execution (authorized at POST); the error
+        to fail it with when a budget refuses it."""
+        explicit = frozenset(spec.explicit)
+        max_active = self.max_active(principal)
+        # The request id is the attempt's own: it is found again only by that id (a join).
+        accepted = await self.bus.accept(request, request.request_id, max_active=max_active,
+                                         explicit=explicit)
+        for _ in range(budgets.LOWER_ATTEMPTS):
+            if accepted.status != "lower":
+                break
+            accepted = await self.bus.accept(budgets.lowered(request, accepted.budget),
+                                             request.request_id, max_active=max_active,
+                                             explicit=explicit)
+        if accepted.full:
+            await self.store.watch_again(pipeline_id, FULL_RETRY_MS)
+        elif accepted.status in ("budget", "lower"):
+            # `internal`: retried like any infrastructure refusal, if the node has retries.
+            return ErrorInfo("internal", "refused: a budget of the principal has no room for "
+                             "it (" + budgets.refusal(accepted).detail + ")")
+        return None
+
+    def _inputs(self, spec: NodeSpec, outputs: dict[str, NodeResult]
+                ) -> tuple[list[Any], str | None]:
+        """The node's inputs with references resolved, or what is wrong with them."""
+        values = []
+        for index, item in enumerate(spec.inputs):
+            ref = ref_of(item)
+            if ref is None:
+                values.append(literal_of(item)[1])
+                continue
+            result = outputs.get(ref)
+            if result is None:
+                return [], f"input {index}: node {ref} has no output"
+            if result.output_ref is not None and result.output is None:
+                return [], (f"input {index}: the output of node {ref} is stored as a blob, "
+                            "which cannot be passed as an input yet")
+            try:
+                values.append(resolve_pointer(result.output, item.get("pointer", "")))
+            except Unresolvable as exc:
+                return [], f"input {index} ($ref {ref}): {exc}"
+        if spec.params is not None:
+            if len(values) != len(spec.params):
+                return [], (f"{spec.entrypoint} takes {len(spec.params)} inputs, got "
+                            f"{len(values)}")
+            for index, (kind, value) in enumerate(zip(spec.params, values, strict=True)):
+                problem = self.check_input(kind, value)
+                if problem is not None:
+                    return [], f"input {index}: {problem}"
+        return values, None
