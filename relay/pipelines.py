@@ -215,6 +215,8 @@ class NodeSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     explicit: list[str] = []
     """The policy limits the node set (budgets lower only the others)."""
     memoize: bool = True
+    memoizable: bool = False
+    """Its module's results follow from its inputs alone (relay.modules.memoizable)."""
 
 
 class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from relay import budgets
 from relay.bus import Bus, Script
 from relay.keys import Keys
+from relay.memo import Memo, MemoAccept, MemoKey, digest
 from relay.pipelines import (
     NodeResult,
     NodeSpec,
@@ -72,6 +73,7 @@ def consumer_name() -> str:
 class Scheduler:
     def __init__(self, client: aioredis.Redis, keys: Keys, bus: Bus, store: PipelineStore, *,
                  max_active: Callable[[str], int], cancel: Cancel, check_input: CheckInput,
+                 memo: Memo | None = None, memo_global: bool = False,
                  consumer: str | None = None, read_block_ms: int = 1000,
                  timer_interval_s: float = 0.05) -> None:
         self.client = client
@@ -81,6 +83,10 @@ class Scheduler:
         self.max_active = max_active
         self.cancel = cancel
         self.check_input = check_input
+        self.memo = memo
+        """Answers nodes (`memoize`, the default) from stored results (relay.memo)."""
+        self.memo_global = memo_global
+        """RELAY_MEMO_SCOPE=global: every principal's results answer every principal."""
         self.consumer = consumer or consumer_name()
         self.read_block_ms = read_block_ms
         self.timer_interval_s = timer_interval_s
@@ -237,8 +243,8 @@ class Scheduler:
                     request_id=request_id, cid=spec.cid, entrypoint=spec.entrypoint,
                     inputs=inputs, policy=spec.policy, user_id=principal, timestamp=now_iso(),
                     pipeline_id=pipeline_id)
-                if spec.memoize and "memoize" in WasmExecRequested.__struct_fields__:
-                    request = msgspec.structs.replace(request, **{"memoize": True})
+                if spec.memoize:
+                    request.memoize = True  # its result says `cached` (relay.memo)
                 starts.append((node, request, spec))
             refused = await asyncio.gather(*(self._accept(principal, pipeline_id, request, spec)
                                              for _, request, spec in starts))
@@ -261,15 +267,21 @@ class Scheduler:
         to fail it with when a budget refuses it."""
         explicit = frozenset(spec.explicit)
         max_active = self.max_active(principal)
+        memo: MemoAccept | None = None
+        if self.memo is not None and spec.memoize and spec.memoizable:
+            key = MemoKey(digest(spec.cid, spec.entrypoint, request.inputs),
+                          None if self.memo_global else principal)
+            memo = await self.memo.prepare(key, request)
         # The request id is the attempt's own: it is found again only by that id (a join).
+        # A memo hit finishes it at once: its completion comes back like any other's.
         accepted = await self.bus.accept(request, request.request_id, max_active=max_active,
-                                         explicit=explicit)
+                                         explicit=explicit, memo=memo)
         for _ in range(budgets.LOWER_ATTEMPTS):
             if accepted.status != "lower":
                 break
             accepted = await self.bus.accept(budgets.lowered(request, accepted.budget),
                                              request.request_id, max_active=max_active,
-                                             explicit=explicit)
+                                             explicit=explicit, memo=memo)
         if accepted.full:
             await self.store.watch_again(pipeline_id, FULL_RETRY_MS)
         elif accepted.status in ("budget", "lower"):

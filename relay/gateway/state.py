@@ -64,7 +64,8 @@ class Gateway:
             client, keys, self.bus, self.pipelines,
             max_active=lambda principal: (policies.caps(principal).max_active
                                           or settings.max_active),
-            cancel=self._cancel_node, check_input=input_problem)
+            cancel=self._cancel_node, check_input=input_problem, memo=self.pipeline.memo,
+            memo_global=settings.memo_scope == "global")
         """Advances pipelines: the consumer of their nodes' completions and their timers."""
         self.uploads = UploadSlots(settings.max_uploads)
         self.supervisor = Supervisor("relay.gateway")

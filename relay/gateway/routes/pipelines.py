@@ -27,7 +27,7 @@ from relay.errors import (
 )
 from relay.gateway.http import json_response, query_int
 from relay.gateway.state import Gateway, gateway_of
-from relay.modules import StoredModule, runs_as_command
+from relay.modules import StoredModule, memoizable, runs_as_command
 from relay.pipeline import validate
 from relay.pipelines import NodeSpec, check_graph, literal_of, pipeline_id_for, ref_of
 from relay.policy import ModuleResource
@@ -127,7 +127,7 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
         specs.append(NodeSpec(
             cid=cid, entrypoint=entrypoint, inputs=node.inputs, policy=policy, params=params,
             explicit=[f for f in ("max_gas", "max_time") if getattr(node.policy, f) is not None],
-            memoize=node.memoize))
+            memoize=node.memoize, memoizable=memoizable(info)))
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors[:MAX_ERRORS])
     return specs, list(resources.values())

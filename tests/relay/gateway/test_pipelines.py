@@ -366,3 +366,24 @@ async def test_sse_narrows_to_a_pipeline(served: Served, executor: Any) -> None:
         async with client(served, BOB_KEY) as bob:
             assert_problem(await bob.get(EVENTS, params={"pipeline_id": pipeline_id}), 404,
                            "not-found")
+
+
+async def test_a_memoized_rerun_reaches_no_executor(http: httpx.AsyncClient, executor: Any,
+                                                    settings: Any) -> None:
+    add = await _cid(http, ADD_WAT)
+    nodes = [{"id": "a", "cid": add, "inputs": [1, 2]},
+             {"id": "b", "cid": add, "inputs": [{"$ref": "a"}, 4]},
+             {"id": "fresh", "cid": add, "inputs": [5, 5], "memoize": False}]
+    first = await _finished(http, await _post(http, {"nodes": nodes}))
+    assert {n: s.get("cached") for n, s in first["nodes"].items()} == {
+        "a": False, "b": False, "fresh": None}
+    again = await _finished(http, await _post(http, {"nodes": nodes}))
+    assert again["status"] == "completed"
+    assert {n: (s["output"], s.get("cached")) for n, s in again["nodes"].items()} == {
+        "a": (3, True), "b": (7, True), "fresh": (10, None)}
+    started = {json.loads(fields[b"data"])["request_id"] for _, fields
+               in await event_entries(settings)
+               if json.loads(fields[b"data"])["type"] == "execution_started"}
+    assert again["nodes"]["a"]["request_id"] not in started
+    assert again["nodes"]["b"]["request_id"] not in started
+    assert again["nodes"]["fresh"]["request_id"] in started
