@@ -68,7 +68,8 @@ async def pipeline(http: httpx.AsyncClient, cid: str, nodes: int, width: int) ->
     for d in range(depth):
         for w in range(width):
             inputs: list[Any] = [0, 1] if d == 0 else [{"$ref": f"n{d - 1}_{w}"}, 1]
-            body["nodes"].append({"id": f"n{d}_{w}", "cid": cid, "inputs": inputs})
+            body["nodes"].append({"id": f"n{d}_{w}", "cid": cid, "inputs": inputs,
+                                  "memoize": False})  # runs, every round
     started = time.perf_counter()
     response = await http.post("/pipelines", json=body)
     assert response.status_code == 202, response.text
