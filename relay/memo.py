@@ -13,9 +13,9 @@ The gateway reads the entry and prepares the hit's bodies (`Memo.prepare`); the 
 answers with them only if the entry is still the one read (`of`), atomically with acceptance,
 so a hit never queues work nor reserves budget, and its execution record, events and
 idempotency key are those of any finished execution. Since the script has the last word, the
-gateway keeps the entries it read in memory (`Entries`) and reads Redis again only for one it
-does not hold, holds but which does not fit, or which the script found changed: a repeated hit
-costs the one round trip of its acceptance, as a replay does.
+gateway keeps the entries it read in memory (`Entries`, for a second) and reads Redis again
+only for one it does not hold, holds but which does not fit, or which the script found changed:
+a repeated hit costs the one round trip of its acceptance, as a replay does.
 
 Failures are never stored; nor are results of modules that are not `relay.modules.memoizable`
 (their responses say `"cached": false`).
@@ -24,6 +24,7 @@ Failures are never stored; nor are results of modules that are not `relay.module
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -99,48 +100,58 @@ class Entry(NamedTuple):
 
 
 class Entries:
-    """Memo entries a gateway read, by Redis key, the most recently used kept within
-    `max_bytes` of results."""
+    """Memo entries a process read, by Redis key, each for `ttl_s` after it was read, the most
+    recently used kept within `max_bytes` of results. The time bound makes a stale entry cost
+    at most that long of runs that could have been hits, even for a caller that does not tell
+    `Memo.missed`."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, ttl_s: float) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
         self._bytes = 0
 
     def get(self, key: str) -> Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        held = self._entries.get(key)
+        if held is None:
+            return None
+        if time.monotonic() - held[1] > self.ttl_s:
+            self.drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return held[0]
 
     def put(self, key: str, entry: Entry) -> None:
         self.drop(key)
         if len(entry.result) > self.max_bytes:
             return
-        self._entries[key] = entry
+        self._entries[key] = (entry, time.monotonic())
         self._bytes += len(entry.result)
         while self._bytes > self.max_bytes:
-            _, oldest = self._entries.popitem(last=False)
+            _, (oldest, _) = self._entries.popitem(last=False)
             self._bytes -= len(oldest.result)
 
     def drop(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= len(entry.result)
+        held = self._entries.pop(key, None)
+        if held is not None:
+            self._bytes -= len(held[0].result)
 
 
 CACHE_BYTES = 16 * 1024 * 1024
-"""Results a gateway keeps in memory (`Entries`)."""
+"""Results a process keeps in memory (`Entries`)."""
+CACHE_TTL_S = 1.0
+"""How long it trusts one it read (the accept script checks it anyway)."""
 
 
 class Memo:
     def __init__(self, client: aioredis.Redis, keys: Keys, *, ttl_ms: int,
-                 record_ttl_ms: int, cache_bytes: int = CACHE_BYTES) -> None:
+                 record_ttl_ms: int, cache_bytes: int = CACHE_BYTES,
+                 cache_ttl_s: float = CACHE_TTL_S) -> None:
         self.client = client
         self.keys = keys
         self.ttl_ms = ttl_ms
         self.record_ttl_ms = record_ttl_ms
-        self.entries = Entries(cache_bytes)
+        self.entries = Entries(cache_bytes, cache_ttl_s)
 
     async def prepare(self, key: MemoKey, request: WasmExecRequested) -> MemoAccept:
         """The entry of `key` (read from Redis unless held and fitting) and, when its run fits
@@ -161,8 +172,8 @@ class Memo:
                           hit)
 
     def missed(self, memo: MemoAccept) -> None:
-        """The accept script found the entry `memo` was prepared from gone or replaced: read
-        it again next time."""
+        """The accept script found the entry `memo` was prepared from gone or replaced (a hit
+        was prepared, `memo.hit`, and the script did not take it): read it again next time."""
         self.entries.drop(memo.key)
 
 
