@@ -252,6 +252,11 @@ class Scheduler:
                 if refusal is not None:
                     followups.append(await self._fail(pipeline_id, node, request.request_id,
                                                       refusal))
+            # Stopped (DELETE, fail_fast) while these were accepted: its cancel did not find
+            # them yet, so cancel them here.
+            if starts and (await self.store.principal_of(pipeline_id))[1]:
+                await asyncio.gather(*(self.cancel(principal, request.request_id)
+                                       for _, request, _ in starts))
         for reply in followups:
             await self.apply(pipeline_id, reply)
 
