@@ -55,7 +55,8 @@ REF = "#/components/schemas/{name}"
 
 # Types the document names besides the bodies in OPERATIONS: the problem every error carries,
 # and the bus events (for internal consumers).
-DOCUMENTED: tuple[Any, ...] = (schemas.Problem, schemas.Event, schemas.EventsLost)
+DOCUMENTED: tuple[Any, ...] = (schemas.Problem, schemas.Event, schemas.EventsLost,
+                                schemas.PipelineProgress, schemas.PipelineComplete)
 NAMED = {schemas.Event: "Event"}
 
 
@@ -182,7 +183,8 @@ OPERATIONS = (
         "GET", "/intent/execute-wasm/events", "events",
         "Server-Sent Events of the caller's executions",
         (Reply(200, "`text/event-stream`: each message has `id:` (the stream entry id) and one "
-               "`data:` line, an Event (or EventsLost first, when history was trimmed).",
+               "`data:` line, an Event (or EventsLost first, when history was trimmed), or "
+               "a PipelineProgress or PipelineComplete.",
                SSE_MESSAGE, EVENT_STREAM),),
         (*STORE, InvalidRequest, Forbidden, NotFound, TooManyStreams),
         parameters=("request_id_query", "session_id_query", "pipeline_id_query", "last_event_id",
