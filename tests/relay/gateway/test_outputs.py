@@ -15,6 +15,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from executor.progress import FLUSH_IN_FLIGHT, OUTPUT_CHUNK_BYTES
 from executor.worker import Executor
 from relay import connection
 from relay.blobs import CHUNK_BYTES
@@ -29,6 +30,7 @@ from tests.conftest import (
     assert_problem,
     cid_of,
     client_for,
+    event_entries,
     upload,
     wait_for,
     with_settings,
@@ -359,3 +361,33 @@ async def test_a_memoized_large_output_keeps_its_blob_as_long_as_the_entry(
             assert output.content == written(size)
         finally:
             await client.aclose()
+
+
+async def test_the_last_output_is_published_a_bounded_number_of_events_at_a_time(
+        clients: Any, settings: Settings) -> None:
+    alice, _ = clients
+    size = 8 * 1024 * 1024  # 512 chunks of execution_output, all written before the run ends
+    writer = await upload(alice, WRITER_WAT % size)
+    in_flight = 0
+    done = False
+
+    async def watch() -> None:
+        nonlocal in_flight
+        while not done:
+            emits = [task for task in asyncio.all_tasks()
+                     if task.get_coro().__qualname__ == "LiveRun._emit"]  # type: ignore[union-attr]
+            in_flight = max(in_flight, len(emits))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        body = (await run(alice, writer["cid"])).json()
+    finally:
+        done = True
+        await watcher
+    assert body["output_ref"]["size"] == size
+    print(f"\n{size >> 20} MiB of output: at most {in_flight} output events in flight")
+    assert 0 < in_flight <= FLUSH_IN_FLIGHT + 2
+    outputs = [entry for _, entry in await event_entries(settings)
+               if b'"execution_output"' in entry[b"data"][:40]]
+    assert len(outputs) == size // OUTPUT_CHUNK_BYTES  # every chunk, none lost
