@@ -150,6 +150,11 @@ LOOSE_LIMITS = {"max_gas": 10**14, "max_time": 10**9, "max_executions": 10**6}
 RELAY_MAX_GAS, 10^12, and bench/fuzz.py runs tens of thousands); a fuzzed budget under them
 is made generous again (`keep_seeds`), so executes and session calls keep working."""
 SESSION_GONE = ("/problems/session-closed", "/problems/session-exhausted")
+RETRYING_PIPELINE = {"nodes": [{"id": "trap", "cid": "glyph://fuzz-calc", "entrypoint": "div",
+                                "inputs": [1, 0], "retries": 10, "retry_on": ["trap"],
+                                "memoize": False}]}
+"""A pipeline that runs for about 8 minutes at almost no cost: its node traps (a division by
+zero) and waits ever longer (0.5 s x 2^k) between its 11 attempts."""
 
 
 def _object(response: schemathesis.Response) -> dict[str, Any]:
@@ -181,6 +186,9 @@ class Seeds:
     """Sessions that take calls: neither closed nor used up."""
     snapshots: collections.deque[str] = field(default_factory=_recent)
     budgets: collections.deque[str] = field(default_factory=_recent)
+    pipelines: collections.deque[str] = field(default_factory=_recent)
+    """Pipelines (the seeded one runs for minutes: a node retrying a trap, so a DELETE has one
+    to cancel)."""
     principal: str = ""
     """The caller's principal (what a budget's `principal` defaults to)."""
     tight: list[str] = field(default_factory=list)
@@ -198,12 +206,12 @@ class Seeds:
     def by_parameter(self) -> dict[str, collections.deque[str]]:
         """Path parameter -> the ids it takes."""
         return {"session_id": self.sessions, "snapshot_id": self.snapshots,
-                "budget_id": self.budgets}
+                "budget_id": self.budgets, "pipeline_id": self.pipelines}
 
     def wanting(self) -> bool:
         """Something the generators need is gone, or a budget may refuse executions."""
         return (self.modules_lost or not self.sessions or not self.snapshots
-                or not self.budgets or bool(self.tight))
+                or not self.budgets or not self.pipelines or bool(self.tight))
 
     def record(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
         """Remember what a response created (executions, session calls, sessions, branches,
@@ -229,6 +237,10 @@ class Seeds:
                 _append(self.budgets, body.get("budget_id"))
             if _tight(body) and isinstance(body.get("budget_id"), str):
                 self.tight.append(body["budget_id"])
+        elif label == "POST /pipelines":
+            _append(self.pipelines, body.get("pipeline_id"))
+        elif label == "DELETE /pipelines/{pipeline_id}":
+            _discard(self.pipelines, ids["pipeline_id"])
         elif label == "DELETE /snapshots/{snapshot_id}":
             _discard(self.snapshots, ids["snapshot_id"])
         elif label == "DELETE /budgets/{budget_id}":
@@ -301,6 +313,10 @@ def keep_seeds(client: Any) -> None:
         assert made.status_code == 201, made.text
         SEEDS.budgets.append(made.json()["budget_id"])
         SEEDS.principal = made.json()["principal"]
+    if not SEEDS.pipelines:
+        made = client.post("/pipelines", json=RETRYING_PIPELINE)
+        assert made.status_code == 202, made.text
+        SEEDS.pipelines.append(made.json()["pipeline_id"])
     while SEEDS.tight:
         loosened = client.put(f"/budgets/{SEEDS.tight.pop()}", json=GENEROUS_BUDGET)
         assert loosened.status_code in (200, 404), loosened.text  # 404: deleted meanwhile
@@ -411,6 +427,24 @@ def runnable_restore() -> st.SearchStrategy[dict[str, Any]]:
                                  optional={"budget": SESSION_BUDGETS})
 
 
+def runnable_pipeline() -> st.SearchStrategy[dict[str, Any]]:
+    """A `POST /pipelines` of one to three calculator nodes, the later ones maybe referring to
+    the first one's output."""
+    calc = st.sampled_from(SEEDS.references("fuzz-calc"))
+    entrypoints = st.sampled_from(["main", "add", "sub", "mul"])
+    first = st.fixed_dictionaries({"id": st.just("a"), "cid": calc,
+                                   "inputs": st.lists(I32, min_size=2, max_size=2)},
+                                  optional={"entrypoint": entrypoints})
+    later = st.fixed_dictionaries(
+        {"cid": calc, "inputs": st.tuples(st.just({"$ref": "a"}) | I32, I32).map(list)},
+        optional={"entrypoint": entrypoints, "retries": st.integers(0, 2)})
+    nodes = st.tuples(first, st.lists(later, max_size=2)).map(
+        lambda found: [found[0], *({**node, "id": f"n{i}"} for i, node in enumerate(found[1]))])
+    return st.fixed_dictionaries({"nodes": nodes}, optional={
+        "max_concurrency": st.integers(1, 64), "fail_fast": st.booleans(),
+        "idempotency_key": st.text(min_size=1, max_size=40)})
+
+
 def generous_budget() -> st.SearchStrategy[dict[str, Any]]:
     """A budget of the caller's own (another's needs admin) that refuses no execution."""
     limits = {name: st.integers(limit, GENEROUS_BUDGET[name])
@@ -427,7 +461,8 @@ SESSION_BUDGETS = st.fixed_dictionaries({}, optional={
 RUNNABLE_BODIES: dict[str, Callable[[], st.SearchStrategy[dict[str, Any]]]] = {
     "POST /sessions": runnable_session, f"POST {CALLS_PATH}": runnable_call,
     "POST /snapshots/{snapshot_id}/restore": runnable_restore,
-    "POST /budgets": generous_budget, "PUT /budgets/{budget_id}": generous_budget}
+    "POST /budgets": generous_budget, "PUT /budgets/{budget_id}": generous_budget,
+    "POST /pipelines": runnable_pipeline}
 """Operation -> a body it accepts, given what SEEDS holds."""
 
 

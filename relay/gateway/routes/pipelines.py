@@ -160,10 +160,8 @@ async def list_pipelines(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
     limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
-    cursor = request.query_params.get("cursor", "0")
-    if not cursor.isdigit():
-        raise InvalidRequest("cursor must be a next_cursor from an earlier page")
-    return json_response(await gw.pipelines.page(principal, int(cursor), limit))
+    cursor = query_int(request, "cursor", 0, 0, 2**31)
+    return json_response(await gw.pipelines.page(principal, cursor, limit))
 
 
 async def cancel_pipeline(request: Request) -> Response:
