@@ -179,8 +179,9 @@ async def test_retries_back_off_and_then_fail(http: httpx.AsyncClient, executor:
                  if e.get("node") == "t" and e.get("node_status") == "queued"]
     assert len(queued_at) == 3
     first, second = queued_at[1] - queued_at[0], queued_at[2] - queued_at[1]
-    assert 0.25 <= first < 0.9, first
-    assert 0.5 <= second < 1.5, second
+    # At least the backoff; at most it plus a loaded machine's latency.
+    assert 0.25 <= first < 1.25, first
+    assert 0.5 <= second < 2.0, second
     ids = {node_request_id(pipeline_id, "t", k) for k in (1, 2, 3)}
     for request_id in ids:
         assert (await http.get(f"/executions/{request_id}")).json()["error"]["code"] == "trap"
