@@ -473,7 +473,8 @@ class PipelineStore:
 
 def _progress(counts: dict[str, int], total: int) -> PipelineProgressCounts:
     ended = counts["completed"] + counts["failed"] + counts["skipped"] + counts["cancelled"]
-    percent = 100.0 if total == 0 else round(100 * ended / total, 2)
+    # As the scripts' events say it (pipeline.lib.lua): hundredths, rounded down.
+    percent = 100.0 if total == 0 else (10_000 * ended // total) / 100
     return PipelineProgressCounts(total=total, percent=percent, **counts)
 
 
