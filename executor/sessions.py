@@ -172,9 +172,11 @@ class SessionStates:
         if call.resident is not None and call.ran_in is None:
             self._keep(session_id, call.resident)
 
-    def holds(self, session_id: str) -> bool:
-        """Whether this executor keeps the session's instance (it ran its last call)."""
-        return session_id in self._residents
+    def holds(self, session_id: str, state_cid: str) -> bool:
+        """Whether this executor keeps the session's instance in the state `state_cid` (it ran
+        the call that committed it)."""
+        resident = self._residents.get(session_id)
+        return resident is not None and resident.state_cid == state_cid
 
     def _keep(self, session_id: str, resident: Resident) -> None:
         self._residents[session_id] = resident
