@@ -133,13 +133,18 @@ async def test_an_upload_is_validated_not_compiled(http: httpx.AsyncClient) -> N
     began = time.monotonic()
     response = await http.post("/modules", content=wasm, headers=WASM)
     took = time.monotonic() - began
+    began = time.monotonic()
+    wasmtime.Module(wasmtime.Engine(), wasm)  # what compiling it costs, on this machine now
+    compiling = time.monotonic() - began
     print(f"\n[upload inspect] {len(wasm)} bytes, 20,000 functions: stored in "
-          f"{took * 1000:.0f} ms")
+          f"{took * 1000:.0f} ms; compiling it takes {compiling * 1000:.0f} ms")
     assert response.status_code == 201, response.text
     exports = response.json()["exports"]
     assert len(exports) == 20_000
     assert exports[7] == {"name": "f7", "params": ["i32"], "results": ["i32"]}
-    assert took < 0.5, f"the upload took {took:.2f} s"
+    # A ratio in one run, not a fixed time (the machine is shared): an upload that compiled
+    # would take at least as long as the compile.
+    assert took < compiling / 2, f"the upload took {took:.2f} s, compiling {compiling:.2f} s"
 
 
 def test_a_v128_signature_does_not_crash_the_gateway(processes: Processes) -> None:
