@@ -12,10 +12,10 @@ imported from it), at a larger scale and over a real socket:
 - runs the schemathesis CLI against `GET /openapi.json` (phases examples, coverage and fuzzing,
   `--max-examples` per operation, 1,000 by default; the event stream gets a tenth of that, each
   read for 0.3 s) with this file as its hooks file (SCHEMATHESIS_HOOKS): the server is seeded
-  (modules, an execution, a session, a snapshot, a budget; made again when a fuzzed request
-  deletes, closes or uses up the last one, and a budget a fuzzed request made tight is made
-  generous again, so executes keep working), the generators lean towards the seeds, and every
-  response is counted;
+  (modules, an execution, a session, a snapshot, a budget, a pipeline; made again when a
+  fuzzed request deletes, closes, cancels or uses up the last one, and a budget a fuzzed
+  request made tight is made generous again, so executes keep working), the generators lean
+  towards the seeds, and every response is counted;
 - prints schemathesis's report (every distinct failure with a curl to reproduce it), then the
   responses per operation by status class. What it finds belongs in the FOUND of
   tests/system/test_fuzz.py.
@@ -52,6 +52,8 @@ CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,response_headers_conformance,unsupported_method,"
           "allow_header_conformance,ignored_auth,problem_json")
 EVENTS_READ_S = 0.3
+CANCEL_READ_S = 8.0
+"""A pipeline's DELETE answers once its running nodes have ended, or after 5 s (202)."""
 
 
 # --- inside the schemathesis process (this file as its hooks file) ---
@@ -161,6 +163,10 @@ with-security-parameters = false
 include-operation-id = "events"
 request-timeout = {EVENTS_READ_S}
 generation.max-examples = {events_examples}
+
+[[operations]]
+include-operation-id = "cancelPipeline"
+request-timeout = {CANCEL_READ_S}
 """)
 
 

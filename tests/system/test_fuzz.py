@@ -13,18 +13,20 @@ complete. Each response must:
   `status` (the HTTP status) and `detail`.
 
 The generators lean towards what exists (seeded modules in every CID form and by glyph name,
-executions, sessions, snapshots and budgets seeded or made during the run) and make runnable
-bodies (executes and session calls, sessions of the counter seed, restores of a few branches,
-budgets that refuse nothing) about half of the time, so the success paths are fuzzed too, not
-only the refusals; only values that conform to the document are replaced, so a request
-schemathesis made invalid on purpose stays invalid (the coverage phase, which the generation
-hooks do not reach, gets seeded session, snapshot and budget ids in every other case). The event
-stream never ends: it is read for READ_TIMEOUT_S, then cut. The WebSocket routes are not in the
-document, so they are not fuzzed. Every operation's test has its own key prefix and its own
-seeds; what a fuzzed delete, close or budget change takes away is made again (`keep_seeds`).
+executions, sessions, snapshots, budgets and pipelines seeded or made during the run) and make
+runnable bodies (executes and session calls, sessions of the counter seed, restores of a few
+branches, budgets that refuse nothing, pipelines of the seeds) about half of the time, so the
+success paths are fuzzed too, not only the refusals; only values that conform to the document
+are replaced, so a request schemathesis made invalid on purpose stays invalid (the coverage
+phase, which the generation hooks do not reach, gets seeded session, snapshot, budget and
+pipeline ids in every other case; a DELETE of a pipeline names one that may be running). The
+event stream never ends: it is read for READ_TIMEOUT_S, then cut. The WebSocket routes are
+not in the document, so they are not fuzzed. Every operation's test has its own key prefix and
+its own seeds; what a fuzzed delete, close, cancel or budget change takes away is made again
+(`keep_seeds`).
 
-Bounded: FUZZ_EXAMPLES generated requests per operation (EXECUTE_EXAMPLES for execute) plus
-schemathesis's examples and coverage cases, with a fixed seed: about 1,600 requests, ~30 s
+Bounded: FUZZ_EXAMPLES generated requests per operation (more for execute and pipelines) plus
+schemathesis's examples and coverage cases, with a fixed seed: about 1,650 requests, ~25 s
 (half of it the event stream's reads).
 `bench/fuzz.py` reuses this kit (checks, seeds, generation hooks) against `relay dev` with many
 more and a new seed every run; what it finds goes into FOUND, replayed here every run.
@@ -40,6 +42,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,10 +76,17 @@ from relay.settings import Settings
 from tests.conftest import ALICE_KEY, ROOT
 
 FUZZ_EXAMPLES = 12
-"""Generated requests per operation in the fuzzing phase (EXECUTE_EXAMPLES for execute)."""
+"""Generated requests per operation in the fuzzing phase (EXECUTE_EXAMPLES for execute,
+PIPELINE_EXAMPLES for POST /pipelines)."""
 EXECUTE_EXAMPLES = 40
+PIPELINE_EXAMPLES = 30
+"""Those of `POST /pipelines`: about a quarter are runnable (half are invalid on purpose, half
+of the rest arbitrary), and 12 made two or three."""
 READ_TIMEOUT_S = 1.0
 """How long a response (in practice, the event stream's) is read before it is cut."""
+CANCEL_TIMEOUT_S = 8.0
+"""How long a `DELETE /pipelines/{id}` is waited for: it answers once the pipeline's running
+nodes have ended, or after 5 s (202)."""
 SEED = int(os.environ.get("RELAY_FUZZ_SEED", "20240115"))
 """The suite's runs are reproducible (RELAY_FUZZ_SEED picks another seed, to look further by
 hand); bench/fuzz.py draws a new seed every run."""
@@ -150,11 +160,16 @@ LOOSE_LIMITS = {"max_gas": 10**14, "max_time": 10**9, "max_executions": 10**6}
 RELAY_MAX_GAS, 10^12, and bench/fuzz.py runs tens of thousands); a fuzzed budget under them
 is made generous again (`keep_seeds`), so executes and session calls keep working."""
 SESSION_GONE = ("/problems/session-closed", "/problems/session-exhausted")
-RETRYING_PIPELINE = {"nodes": [{"id": "trap", "cid": "glyph://fuzz-calc", "entrypoint": "div",
-                                "inputs": [1, 0], "retries": 10, "retry_on": ["trap"],
-                                "memoize": False}]}
-"""A pipeline that runs for about 8 minutes at almost no cost: its node traps (a division by
-zero) and waits ever longer (0.5 s x 2^k) between its 11 attempts."""
+SEED_PIPELINE = {"max_concurrency": 2, "nodes": [
+    {"id": "sum", "cid": "glyph://fuzz-calc", "entrypoint": "add", "inputs": [2, 3]},
+    {"id": "count", "cid": f"glyph://{SESSION_MODULE}", "entrypoint": "add",
+     "inputs": [{"$ref": "sum"}]},
+    {"id": "trap", "cid": "glyph://fuzz-calc", "entrypoint": "div", "inputs": [{"$ref": "sum"}, 0],
+     "retries": 10, "retry_on": ["trap"], "memoize": False}]}
+"""A pipeline of the calculator and counter seeds that runs for about 8 minutes at almost no
+cost, so a DELETE has one to cancel: two nodes complete (the second from the first's output),
+the third traps (a division by zero) and waits ever longer (0.5 s x 2^k) between its 11
+attempts."""
 
 
 def _object(response: schemathesis.Response) -> dict[str, Any]:
@@ -187,8 +202,11 @@ class Seeds:
     snapshots: collections.deque[str] = field(default_factory=_recent)
     budgets: collections.deque[str] = field(default_factory=_recent)
     pipelines: collections.deque[str] = field(default_factory=_recent)
-    """Pipelines (the seeded one runs for minutes: a node retrying a trap, so a DELETE has one
-    to cancel)."""
+    """Pipelines, running or ended (a cancelled one still answers GET)."""
+    running: collections.deque[str] = field(default_factory=_recent)
+    """Pipelines a DELETE may find running (the seeded one runs for minutes, SEED_PIPELINE)."""
+    cancelled: list[str] = field(default_factory=list)
+    """Pipelines a fuzzed DELETE cancelled, to check that GET still answers them."""
     principal: str = ""
     """The caller's principal (what a budget's `principal` defaults to)."""
     tight: list[str] = field(default_factory=list)
@@ -203,15 +221,19 @@ class Seeds:
                 multibase.encode(cid.digest, "base58btc")[1:],  # CIDv0: the bare multihash
                 f"glyph://{name}@latest", f"glyph://{name}"]
 
-    def by_parameter(self) -> dict[str, collections.deque[str]]:
-        """Path parameter -> the ids it takes."""
+    def by_parameter(self, method: str) -> dict[str, collections.deque[str]]:
+        """Path parameter -> the ids it takes in a request of `method` (a DELETE of a pipeline
+        names a running one: an ended one is 409)."""
+        running = method.upper() == "DELETE"
         return {"session_id": self.sessions, "snapshot_id": self.snapshots,
-                "budget_id": self.budgets, "pipeline_id": self.pipelines}
+                "budget_id": self.budgets,
+                "pipeline_id": self.running if running else self.pipelines}
 
     def wanting(self) -> bool:
         """Something the generators need is gone, or a budget may refuse executions."""
         return (self.modules_lost or not self.sessions or not self.snapshots
-                or not self.budgets or not self.pipelines or bool(self.tight))
+                or not self.budgets or not self.running or bool(self.tight)
+                or bool(self.cancelled))
 
     def record(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
         """Remember what a response created (executions, session calls, sessions, branches,
@@ -221,6 +243,8 @@ class Seeds:
         if status >= 300:
             if "session_id" in ids and _object(response).get("type") in SESSION_GONE:
                 _discard(self.sessions, ids["session_id"])
+            if label == "DELETE /pipelines/{pipeline_id}" and status == 409:  # it had ended
+                _discard(self.running, ids["pipeline_id"])
             return
         body = _object(response)
         if label in (f"POST {EXECUTE_PATH}", f"POST {CALLS_PATH}"):
@@ -239,8 +263,11 @@ class Seeds:
                 self.tight.append(body["budget_id"])
         elif label == "POST /pipelines":
             _append(self.pipelines, body.get("pipeline_id"))
+            _append(self.running, body.get("pipeline_id"))
         elif label == "DELETE /pipelines/{pipeline_id}":
-            _discard(self.pipelines, ids["pipeline_id"])
+            _discard(self.running, ids["pipeline_id"])
+            if body.get("status") == "cancelled":
+                self.cancelled.append(ids["pipeline_id"])
         elif label == "DELETE /snapshots/{snapshot_id}":
             _discard(self.snapshots, ids["snapshot_id"])
         elif label == "DELETE /budgets/{budget_id}":
@@ -298,8 +325,9 @@ def seed_session(client: Any) -> None:
 
 def keep_seeds(client: Any) -> None:
     """Make again what the run lost (see Seeds.wanting), through `client` (see seed_modules):
-    the seed modules, a session, a snapshot of it, a generous budget of the caller's; and make
-    generous the budgets a fuzzed request left tight."""
+    the seed modules, a session, a snapshot of it, a generous budget of the caller's, a running
+    pipeline; make generous the budgets a fuzzed request left tight; and check that the
+    pipelines a fuzzed DELETE cancelled still answer GET, cancelled."""
     if SEEDS.modules_lost:
         seed_modules(client)
     if not SEEDS.sessions:
@@ -313,13 +341,31 @@ def keep_seeds(client: Any) -> None:
         assert made.status_code == 201, made.text
         SEEDS.budgets.append(made.json()["budget_id"])
         SEEDS.principal = made.json()["principal"]
-    if not SEEDS.pipelines:
-        made = client.post("/pipelines", json=RETRYING_PIPELINE)
-        assert made.status_code == 202, made.text
-        SEEDS.pipelines.append(made.json()["pipeline_id"])
+    if not SEEDS.running:
+        seed_pipeline(client)
+    while SEEDS.cancelled:  # a cancelled pipeline is still there, ended, for GET to show
+        pipeline_id = SEEDS.cancelled.pop()
+        shown = client.get(f"/pipelines/{pipeline_id}")
+        assert shown.status_code == 200 and shown.json()["status"] == "cancelled", shown.text
     while SEEDS.tight:
         loosened = client.put(f"/budgets/{SEEDS.tight.pop()}", json=GENEROUS_BUDGET)
         assert loosened.status_code in (200, 404), loosened.text  # 404: deleted meanwhile
+
+
+def seed_pipeline(client: Any) -> None:
+    """SEED_PIPELINE, once its trap node waits for a retry: a DELETE landing while an attempt
+    is ending may wait the whole 5 s for a cancel's confirmation that never comes (the attempt
+    ended first), one in the backoff answers at once."""
+    made = client.post("/pipelines", json=SEED_PIPELINE)
+    assert made.status_code == 202, made.text
+    pipeline_id = made.json()["pipeline_id"]
+    deadline = time.monotonic() + 10
+    while (shown := client.get(f"/pipelines/{pipeline_id}").json())["nodes"]["trap"][
+            "status"] != "retrying":
+        assert time.monotonic() < deadline, f"the seed pipeline's trap never retried: {shown}"
+        time.sleep(0.02)
+    SEEDS.pipelines.append(pipeline_id)
+    SEEDS.running.append(pipeline_id)
 
 
 def seed(client: Any) -> None:
@@ -428,20 +474,27 @@ def runnable_restore() -> st.SearchStrategy[dict[str, Any]]:
 
 
 def runnable_pipeline() -> st.SearchStrategy[dict[str, Any]]:
-    """A `POST /pipelines` of one to three calculator nodes, the later ones maybe referring to
-    the first one's output."""
+    """A `POST /pipelines` of one to three nodes of the calculator and counter seeds, the later
+    ones maybe referring to the first one's output (an i32, which fits both)."""
     calc = st.sampled_from(SEEDS.references("fuzz-calc"))
-    entrypoints = st.sampled_from(["main", "add", "sub", "mul"])
+    counter = st.sampled_from(SEEDS.references(SESSION_MODULE))
+    first_ref = st.just({"$ref": "a"})
     first = st.fixed_dictionaries({"id": st.just("a"), "cid": calc,
                                    "inputs": st.lists(I32, min_size=2, max_size=2)},
-                                  optional={"entrypoint": entrypoints})
-    later = st.fixed_dictionaries(
-        {"cid": calc, "inputs": st.tuples(st.just({"$ref": "a"}) | I32, I32).map(list)},
-        optional={"entrypoint": entrypoints, "retries": st.integers(0, 2)})
+                                  optional={"entrypoint": st.sampled_from(["main", "add", "mul"])})
+    later_calc = st.fixed_dictionaries(
+        {"cid": calc, "inputs": st.tuples(first_ref | I32, I32).map(list)},
+        optional={"entrypoint": st.sampled_from(["main", "add", "sub", "mul"])})
+    later_counter = st.fixed_dictionaries(
+        {"cid": counter, "inputs": st.tuples(first_ref | I64).map(list)},
+        optional={"entrypoint": st.just("add")})
+    later = st.tuples(later_calc | later_counter, st.fixed_dictionaries({}, optional={
+        "retries": st.integers(0, 2), "memoize": st.booleans()})).map(
+        lambda found: {**found[0], **found[1]})
     nodes = st.tuples(first, st.lists(later, max_size=2)).map(
         lambda found: [found[0], *({**node, "id": f"n{i}"} for i, node in enumerate(found[1]))])
     return st.fixed_dictionaries({"nodes": nodes}, optional={
-        "max_concurrency": st.integers(1, 64), "fail_fast": st.booleans(),
+        "max_concurrency": st.integers(1, 3), "fail_fast": st.booleans(),
         "idempotency_key": st.text(min_size=1, max_size=40)})
 
 
@@ -471,9 +524,10 @@ _coverage_cases = itertools.count()
 
 def name_seeds_in_coverage(case: schemathesis.Case) -> None:
     """Every other case of the coverage phase (made without the generation hooks) that names a
-    session, snapshot or budget by a valid id gets a seeded one: without it, every variation of
-    such a route's body and query would be refused with 404 before it is read."""
-    ids = {name: seeded for name, seeded in SEEDS.by_parameter().items()
+    session, snapshot, budget or pipeline by a valid id gets a seeded one (a running pipeline
+    for a DELETE): without it, every variation of such a route's body and query would be
+    refused with 404 before it is read."""
+    ids = {name: seeded for name, seeded in SEEDS.by_parameter(case.operation.method).items()
            if name in (case.path_parameters or {})}
     if not ids or case.meta is None or case.meta.phase.name != "coverage" or \
             not conforms(case, "path", case.path_parameters) or next(_coverage_cases) % 2:
@@ -494,7 +548,7 @@ def install_hooks(schema: Any) -> None:
         real: dict[str, st.SearchStrategy[str]] = {}
         if "request_id" in path_parameters:
             real["request_id"] = recent(SEEDS.request_ids)
-        for name, ids in SEEDS.by_parameter().items():
+        for name, ids in SEEDS.by_parameter(context.operation.method).items():
             if name in path_parameters and ids:
                 real[name] = recent(ids)
         if "cid" in path_parameters:
@@ -584,7 +638,9 @@ CONFIG = schemathesis.Config.from_dict({
     "generation": {"mode": "all", "max-examples": FUZZ_EXAMPLES, "database": "none",
                    "with-security-parameters": False},
     "operations": [{"include-operation-id": "executeWasm",
-                    "generation": {"max-examples": EXECUTE_EXAMPLES}}],
+                    "generation": {"max-examples": EXECUTE_EXAMPLES}},
+                   {"include-operation-id": "createPipeline",
+                    "generation": {"max-examples": PIPELINE_EXAMPLES}}],
 })
 
 
@@ -680,12 +736,13 @@ def fuzz_app(settings: Settings, executor_thread: Executor) -> Iterator[Starlett
 @hypothesis.settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_document(case: schemathesis.Case, fuzz_app: Starlette) -> None:
     name_seeds_in_coverage(case)
-    response = case.call(timeout=READ_TIMEOUT_S)
+    timeout = CANCEL_TIMEOUT_S if case.operation.label == "DELETE /pipelines/{pipeline_id}" \
+        else READ_TIMEOUT_S
+    response = case.call(timeout=timeout)
     STATUSES[(case.operation.label, response.status_code)] += 1
     SEEDS.record(case, response)
     try:
-        case.validate_response(response, checks=CHECKS,
-                               transport_kwargs={"timeout": READ_TIMEOUT_S})
+        case.validate_response(response, checks=CHECKS, transport_kwargs={"timeout": timeout})
     except BaseException:
         FAILED.add(case.operation.label)
         raise
