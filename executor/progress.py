@@ -87,7 +87,8 @@ class LiveRun:
         """The start script's, once announced."""
         self.started = ExecutionStarted(request_id=request.request_id,
                                         executor_node=executor_node, timestamp=now_iso(),
-                                        session_id=request.session_id or UNSET)
+                                        session_id=request.session_id or UNSET,
+                                        pipeline_id=request.pipeline_id or UNSET)
         self._announced: asyncio.Task[bool] | None = None
         self.control = LiveControl(max_pause_ms=max_pause_ms, on_event=self.on_event,
                                    step_gas=request.step_gas, places=pause_places)
@@ -212,8 +213,11 @@ class LiveRun:
                                       data=text, timestamp=now_iso()))
 
     def _publish(self, event: BusMessage, status: str = "") -> None:
+        # A session call's and a pipeline node's events carry their session or pipeline.
         if self.request.session_id is not None:
-            event.session_id = self.request.session_id  # a session call's events carry it
+            event.session_id = self.request.session_id
+        if self.request.pipeline_id is not None:
+            event.pipeline_id = self.request.pipeline_id
         task = asyncio.create_task(self._emit(event, status))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)

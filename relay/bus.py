@@ -254,6 +254,7 @@ class Bus:
                 request.policy.max_time,
                 request.request_id,
                 *_memo_arguments(memo),
+                request.pipeline_id or "",
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result,

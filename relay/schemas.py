@@ -118,6 +118,7 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     executed_at: str | UnsetType = UNSET
     error: ErrorInfo | UnsetType | None = UNSET
     session_id: str | UnsetType = UNSET
+    pipeline_id: str | UnsetType = UNSET
     state_cid: str | UnsetType | None = UNSET
     cached: bool | UnsetType = UNSET
     memo_of: str | UnsetType = UNSET

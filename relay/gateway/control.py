@@ -80,14 +80,16 @@ class Controller:
     async def state(self, principal: str, request_id: str) -> ExecutionState:
         """The execution as `GET /executions/{id}` shows it. Raises NotFound (also when it is
         another principal's: their ids are not ours to confirm)."""
-        owner, status, cid, result, session, gas_seen = await self.client.hmget(
+        owner, status, cid, result, session, pipeline, gas_seen = await self.client.hmget(
             self.keys.execution(request_id),
-            ["principal", "status", "cid", "result", "session", "gas_seen"])
+            ["principal", "status", "cid", "result", "session", "pipeline", "gas_seen"])
         if owner is None or owner.decode() != principal:
             raise NotFound(f"no execution {request_id}")
         view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
         if session is not None:
             view.session_id = session.decode()
+        if pipeline is not None:
+            view.pipeline_id = pipeline.decode()
         if result is None:
             # Running or paused: the gas used as last reported (progress, or the pause).
             if view.status == "paused":

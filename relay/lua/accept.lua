@@ -75,6 +75,9 @@ budgets_reserve(KEYS[1], budget_windows, ARGV[16], ARGV[18], true)  -- budgets.l
 if session ~= '' then
   redis.call('HSET', KEYS[1], 'session', session)
 end
+if ARGV[27] ~= '' then  -- a pipeline node's (GET /executions/{id} shows it)
+  redis.call('HSET', KEYS[1], 'pipeline', ARGV[27])
+end
 if ARGV[20] ~= '' then  -- its settle stores a success as the memo entry (settle.lua)
   redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21])
 end

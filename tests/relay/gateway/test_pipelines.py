@@ -86,6 +86,12 @@ async def test_a_diamond_computes_its_value(http: httpx.AsyncClient, executor: A
     assert node["request_id"] == node_request_id(pipeline_id, "d", 1)
     execution = (await http.get(f"/executions/{node['request_id']}")).json()
     assert execution["status"] == "completed" and execution["output"] == 19
+    assert execution["pipeline_id"] == pipeline_id
+    its_events = [json.loads(fields[b"data"]) for _, fields in await event_entries(settings)
+                  if json.loads(fields[b"data"]).get("request_id") == node["request_id"]]
+    assert {e["type"] for e in its_events} >= {"execution_queued", "execution_started",
+                                               "execution_complete"}
+    assert all(e["pipeline_id"] == pipeline_id for e in its_events)
     events = await _pipeline_events(settings, pipeline_id)
     assert events[-1]["type"] == "pipeline_complete" and events[-1]["status"] == "completed"
     assert [e for e in events if e["type"] == "pipeline_complete"] == events[-1:]
