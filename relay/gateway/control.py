@@ -145,6 +145,10 @@ class Controller:
             # An executor started it meanwhile: cancel it where it runs.
         confirmation = self.fan_in.watch(request_id, _EXPECTED[action])
         try:
+            # It may have ended between the read above and the watch: its terminal event has
+            # gone by, and waiting for it would take the whole confirmation wait.
+            if await self.client.hexists(key, "result"):
+                return True, await self.state(principal, request_id)
             await self.client.publish(self.keys.control, encode(ControlMessage(
                 request_id=request_id, action=action, additional_gas=additional_gas)))
             try:
