@@ -102,3 +102,17 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     if not DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
         raise InvalidRequest(f"{name} must be an integer from {low} to {high}")
     return int(raw)
+
+
+LIST_LIMIT = 500
+"""The most items one page of a v1.1 list endpoint holds (`?limit=`, default 50)."""
+
+
+def list_limit(request: Request) -> int:
+    """A v1.1 list endpoint's `?limit=`. Raises InvalidRequest."""
+    return query_int(request, "limit", 50, 1, LIST_LIMIT)
+
+
+def list_offset(request: Request) -> int:
+    """A v1.1 list endpoint's `?cursor=`, where it is an offset. Raises InvalidRequest."""
+    return query_int(request, "cursor", 0, 0, 2**31)

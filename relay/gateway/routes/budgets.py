@@ -11,13 +11,11 @@ from starlette.responses import Response
 
 from relay.budgets import BudgetStore
 from relay.errors import InvalidRequest, decode_body
-from relay.gateway.http import json_response, query_int
+from relay.gateway.http import json_response, list_limit
 from relay.gateway.state import Gateway, gateway_of
 from relay.pipeline.validate import read_body
 from relay.principals import RULE, is_principal
 from relay.schemas import BudgetRequest, decode_budget_request
-
-MAX_PAGE_SIZE = 500
 
 
 async def create_budget(request: Request) -> Response:
@@ -37,7 +35,7 @@ async def create_budget(request: Request) -> Response:
 async def list_budgets(request: Request) -> Response:
     gw = gateway_of(request)
     caller = await gw.authenticate(request)
-    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+    limit = list_limit(request)
     return json_response(await _store(gw).page(caller, request.query_params.get("cursor"),
                                                limit))
 

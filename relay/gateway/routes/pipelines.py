@@ -25,7 +25,7 @@ from relay.errors import (
     NotFound,
     decode_body,
 )
-from relay.gateway.http import json_response, query_int
+from relay.gateway.http import json_response, list_limit, list_offset
 from relay.gateway.state import Gateway, gateway_of
 from relay.modules import StoredModule, memoizable, runs_as_command
 from relay.pipeline import validate
@@ -40,7 +40,6 @@ from relay.schemas import (
     encode,
 )
 
-MAX_PAGE_SIZE = 500
 MAX_ERRORS = 100
 """Field errors listed in one answer, at most."""
 STOP_WAIT_S = 5.0
@@ -159,8 +158,8 @@ async def get_pipeline(request: Request) -> Response:
 async def list_pipelines(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
-    cursor = query_int(request, "cursor", 0, 0, 2**31)
+    limit = list_limit(request)
+    cursor = list_offset(request)
     return json_response(await gw.pipelines.page(principal, cursor, limit))
 
 

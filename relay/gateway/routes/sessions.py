@@ -16,7 +16,7 @@ from starlette.responses import Response
 from relay.capture import why_not_capturable
 from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, RelayError, decode_body
 from relay.gateway.answers import answer
-from relay.gateway.http import json_response, query_int
+from relay.gateway.http import json_response, list_limit, list_offset
 from relay.gateway.state import Gateway, gateway_of
 from relay.pipeline.validate import read_body
 from relay.policy import ModuleResource
@@ -32,7 +32,6 @@ from relay.schemas import (
 )
 from relay.sessions import Session
 
-MAX_PAGE_SIZE = 500
 CANCEL_CONCURRENCY = 16
 """Calls a close cancels at once (each takes a Redis connection for a few round trips)."""
 
@@ -61,8 +60,8 @@ async def create_session(request: Request) -> Response:
 async def list_sessions(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    cursor = query_int(request, "cursor", 0, 0, 2**31)
-    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+    cursor = list_offset(request)
+    limit = list_limit(request)
     items, next_cursor = await gw.sessions.page(principal, cursor, limit)
     return json_response(SessionPage(
         items=items, next_cursor=None if next_cursor is None else str(next_cursor)))

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.errors import decode_body
-from relay.gateway.http import json_response, query_int
+from relay.gateway.http import json_response, list_limit, list_offset
 from relay.gateway.state import gateway_of
 from relay.pipeline.validate import read_body
 from relay.schemas import (
@@ -22,8 +22,6 @@ from relay.schemas import (
     decode_restore_snapshot,
     now_iso,
 )
-
-MAX_PAGE_SIZE = 500
 
 
 async def create_snapshot(request: Request) -> Response:
@@ -39,8 +37,8 @@ async def create_snapshot(request: Request) -> Response:
 async def list_snapshots(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    cursor = query_int(request, "cursor", 0, 0, 2**31)
-    limit = query_int(request, "limit", 50, 1, MAX_PAGE_SIZE)
+    cursor = list_offset(request)
+    limit = list_limit(request)
     items, next_cursor = await gw.snapshots.page(principal, cursor, limit)
     return json_response(SnapshotPage(
         items=items, next_cursor=None if next_cursor is None else str(next_cursor)))
