@@ -37,6 +37,7 @@ import wasmtime
 from executor import wasi
 from executor.binary import export_state
 from executor.control import TIMEOUT_MESSAGE, LiveControl
+from relay.blobs import decode_output
 from relay.modules import WASI_MODULE
 from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
 from relay.wasmtypes import read_uleb, sections
@@ -364,7 +365,7 @@ class Sandbox:
             if inline_output_bytes is not None and len(stdout) > inline_output_bytes:
                 return outcome._replace(output=LargeOutput(stdout))
             stdout.release()
-            return outcome._replace(output=_decode_stdout(output.read("stdout")))
+            return outcome._replace(output=decode_output(output.read("stdout")))
         if outcome.error is not None and outcome.error.code == "exit_nonzero":
             tail = output.read("stderr", 0, STDERR_IN_MESSAGE_BYTES).decode(
                 "utf-8", "replace").strip()
@@ -477,11 +478,3 @@ def _table_count(wasm: bytes) -> int:
         if section == _TABLE_SECTION:
             return read_uleb(wasm, start)[0]
     return 0
-
-
-def _decode_stdout(data: bytes) -> Any:
-    """stdout as JSON when it parses, else as text."""
-    try:
-        return msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return data.decode("utf-8", "replace")

@@ -27,7 +27,7 @@ from executor.control import NoPlace, PausePlaces
 from executor.progress import LiveRun
 from executor.sandbox import LargeOutput, LinkError, Outcome, Refused, Sandbox
 from executor.sessions import SessionCall, SessionStates
-from relay.blobs import BlobStore
+from relay.blobs import BlobGone, BlobStore
 from relay.bus import Bus, Commit
 from relay.keys import Keys
 from relay.metrics import Metrics
@@ -361,11 +361,11 @@ class Executor:
                     return None, None  # not ours to run (parked, taken over, finished)
             if live.announced and not await live.announce():
                 return None, None  # announced while the module was fetched, and not ours
+            inputs = await self._inputs(request)
             # Tried inline (at most 10 ms on this loop) without a place: most runs end there.
             # Not a session call: its state is restored and captured in a controlled run; nor
             # a stepped one: it pauses, in a thread.
-            inline = (self.sandbox.try_inline(prepared, request.entrypoint, request.inputs,
-                                              policy)
+            inline = (self.sandbox.try_inline(prepared, request.entrypoint, inputs, policy)
                       if session is None and request.step_gas is None else None)
             if inline is not None:
                 outcome = inline
@@ -377,8 +377,8 @@ class Executor:
                 inline_bytes = self.settings.inline_output_bytes
                 outcome = await asyncio.get_running_loop().run_in_executor(
                     self._threads,
-                    lambda: self.sandbox.run(prepared, request.entrypoint, request.inputs,
-                                             policy, command=command,
+                    lambda: self.sandbox.run(prepared, request.entrypoint, inputs, policy,
+                                             command=command,
                                              max_output_bytes=self.settings.max_output_bytes,
                                              control=control, state=session,
                                              inline_output_bytes=inline_bytes),
@@ -420,6 +420,28 @@ class Executor:
             base = commit.base if commit else session.base if session else ""
             response.state_cid = (commit.state_cid if commit else base) or None
         return response, commit
+
+    async def _inputs(self, request: WasmExecRequested) -> list[Any]:
+        """The run's inputs, those passed by reference read from their blobs (a pipeline
+        node's references to large outputs): JSON goes to stdin as written (a msgspec.Raw, never
+        decoded here), anything else as a string, as it would have been answered inline."""
+        if not request.input_refs:
+            return request.inputs
+        inputs = list(request.inputs)
+        for ref in request.input_refs:
+            data = bytearray()
+            try:
+                async for part in self.blobs.read(ref.cid, 0, ref.size):
+                    data += part
+            except BlobGone:
+                raise Refused(ErrorInfo("invalid_input", f"input {ref.index} was a large output "
+                                        "that has expired")) from None
+            try:
+                msgspec.json.decode(data, type=msgspec.Raw)  # is it JSON? (builds nothing)
+                inputs[ref.index] = msgspec.Raw(data)
+            except msgspec.DecodeError:
+                inputs[ref.index] = data.decode("utf-8", "replace")
+        return inputs
 
     async def _store_large(self, output: Any, command: bool) -> OutputRef | None:
         """An output over RELAY_INLINE_OUTPUT_BYTES stored as a blob, before the settle names it

@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from relay.bus import Script
@@ -32,6 +33,15 @@ THREAD_BYTES = 1 << 20
 """Hashing more than this goes to a thread (hashlib lets go of the GIL), off the event loop."""
 
 _HOLD = Script.named("blob_hold", libs=("blobs",))
+
+
+def decode_output(data: bytes) -> Any:
+    """An output's value from its bytes: JSON when it parses, else text (a WASI command's
+    stdout is answered so inline, and a function's result is JSON)."""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode("utf-8", "replace")
 
 
 class BlobGone(LookupError):

@@ -28,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 
 from relay import budgets
+from relay.blobs import BlobGone, BlobStore, decode_output
 from relay.bus import Bus, Script
 from relay.keys import Keys
 from relay.memo import Memo, MemoAccept, MemoKey, digest
@@ -42,7 +43,7 @@ from relay.pipelines import (
     ref_of,
     resolve_pointer,
 )
-from relay.schemas import ErrorInfo, WasmExecRequested, decode_completed, now_iso
+from relay.schemas import ErrorInfo, InputRef, WasmExecRequested, decode_completed, now_iso
 
 log = logging.getLogger("relay.scheduler")
 _RECLAIM = Script.named("pipeline_reclaim")
@@ -59,6 +60,10 @@ TIMERS_PER_ROUND = 100
 FULL_RETRY_MS = 1000
 """When the queue is full (`RELAY_MAX_QUEUE`), a pipeline's queued nodes are tried again
 this much later."""
+READ_BLOB_BYTES = 1 << 20
+"""The largest large output a reference is resolved from here: one with a pointer, or one a
+function's parameter takes (read and decoded in this process). A whole output for a WASI
+command is passed by reference, whatever its size: the executor reads it."""
 
 CheckInput = Callable[[str, Any], "str | None"]
 """What is wrong with a value for a parameter of a wasm type, if anything."""
@@ -73,6 +78,7 @@ def consumer_name() -> str:
 class Scheduler:
     def __init__(self, client: aioredis.Redis, keys: Keys, bus: Bus, store: PipelineStore, *,
                  max_active: Callable[[str], int], cancel: Cancel, check_input: CheckInput,
+                 max_input_bytes: int,
                  memo: Memo | None = None, memo_global: bool = False,
                  consumer: str | None = None, read_block_ms: int = 1000,
                  timer_interval_s: float = 0.05) -> None:
@@ -83,6 +89,10 @@ class Scheduler:
         self.max_active = max_active
         self.cancel = cancel
         self.check_input = check_input
+        self.max_input_bytes = max_input_bytes
+        """What a node's inputs passed by reference add up to at most (RELAY_MAX_OUTPUT_BYTES:
+        the largest output a run may write is the largest input a run is given)."""
+        self.blobs = BlobStore(client, keys)
         self.memo = memo
         """Answers nodes (`memoize`, the default) from stored results (relay.memo)."""
         self.memo_global = memo_global
@@ -234,7 +244,7 @@ class Scheduler:
             for (node, request_id), spec in zip(missing, specs, strict=True):
                 if spec is None:
                     continue
-                inputs, problem = self._inputs(spec, outputs)
+                inputs, by_reference, problem = await self._inputs(spec, outputs)
                 if problem is not None:
                     followups.append(await self._fail(pipeline_id, node, request_id,
                                                       ErrorInfo("invalid_input", problem)))
@@ -243,6 +253,8 @@ class Scheduler:
                     request_id=request_id, cid=spec.cid, entrypoint=spec.entrypoint,
                     inputs=inputs, policy=spec.policy, user_id=principal, timestamp=now_iso(),
                     pipeline_id=pipeline_id)
+                if by_reference:
+                    request.input_refs = by_reference
                 if spec.memoize:
                     request.memoize = True  # its result says `cached` (relay.memo)
                 starts.append((node, request, spec))
@@ -274,7 +286,7 @@ class Scheduler:
         max_active = self.max_active(principal)
         memo: MemoAccept | None = None
         if self.memo is not None and spec.memoize and spec.memoizable:
-            key = MemoKey(digest(spec.cid, spec.entrypoint, request.inputs),
+            key = MemoKey(digest(spec.cid, spec.entrypoint, memo_inputs(request)),
                           None if self.memo_global else principal)
             memo = await self.memo.prepare(key, request)
         # The request id is the attempt's own: it is found again only by that id (a join).
@@ -295,10 +307,12 @@ class Scheduler:
                              "it (" + budgets.refusal(accepted).detail + ")")
         return None
 
-    def _inputs(self, spec: NodeSpec, outputs: dict[str, NodeResult]
-                ) -> tuple[list[Any], str | None]:
-        """The node's inputs with references resolved, or what is wrong with them."""
-        values = []
+    async def _inputs(self, spec: NodeSpec, outputs: dict[str, NodeResult]
+                      ) -> tuple[list[Any], list[InputRef], str | None]:
+        """The node's inputs with references resolved (a large output for a WASI command by
+        reference: null in its place, and an InputRef), or what is wrong with them."""
+        values: list[Any] = []
+        by_reference: list[InputRef] = []
         for index, item in enumerate(spec.inputs):
             ref = ref_of(item)
             if ref is None:
@@ -306,20 +320,49 @@ class Scheduler:
                 continue
             result = outputs.get(ref)
             if result is None:
-                return [], f"input {index}: node {ref} has no output"
-            if result.output_ref is not None and result.output is None:
-                return [], (f"input {index}: the output of node {ref} is stored as a blob, "
-                            "which cannot be passed as an input yet")
+                return [], [], f"input {index}: node {ref} has no output"
+            pointer, output = item.get("pointer", ""), result.output
+            blob = result.output_ref if output is None else None
+            if blob is not None:
+                cid, size = blob["cid"], blob["size"]
+                if not pointer and spec.params is None:
+                    values.append(None)
+                    by_reference.append(InputRef(index=index, cid=cid, size=size))
+                    continue
+                if size > READ_BLOB_BYTES:
+                    return [], [], (
+                        f"input {index}: the output of node {ref} is {size} bytes, stored as a "
+                        f"blob: a WASI command is given it whole, but a JSON pointer into it or "
+                        f"a function's parameter reads at most {READ_BLOB_BYTES} bytes; have "
+                        f"node {ref} write the part needed as its own output")
+                try:
+                    output = decode_output(b"".join([part async for part in
+                                                     self.blobs.read(cid, 0, size)]))
+                except BlobGone:
+                    return [], [], f"input {index}: the output of node {ref} has expired"
             try:
-                values.append(resolve_pointer(result.output, item.get("pointer", "")))
+                values.append(resolve_pointer(output, pointer))
             except Unresolvable as exc:
-                return [], f"input {index} ($ref {ref}): {exc}"
+                return [], [], f"input {index} ($ref {ref}): {exc}"
+        total = sum(ref.size for ref in by_reference)
+        if total > self.max_input_bytes:
+            return [], [], (f"the outputs this node is given by reference add up to {total} "
+                            f"bytes, over the {self.max_input_bytes} a run may be given")
         if spec.params is not None:
             if len(values) != len(spec.params):
-                return [], (f"{spec.entrypoint} takes {len(spec.params)} inputs, got "
-                            f"{len(values)}")
+                return [], [], (f"{spec.entrypoint} takes {len(spec.params)} inputs, got "
+                                f"{len(values)}")
             for index, (kind, value) in enumerate(zip(spec.params, values, strict=True)):
                 problem = self.check_input(kind, value)
                 if problem is not None:
-                    return [], f"input {index}: {problem}"
-        return values, None
+                    return [], [], f"input {index}: {problem}"
+        return values, by_reference, None
+
+
+def memo_inputs(request: WasmExecRequested) -> Any:
+    """What a node's memo key takes for its inputs: with inputs passed by reference, the blobs'
+    CIDs too (in a shape no list of literal inputs has)."""
+    if not request.input_refs:
+        return request.inputs
+    return {"inputs": request.inputs,
+            "by_reference": [[ref.index, ref.cid] for ref in request.input_refs]}

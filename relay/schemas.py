@@ -73,6 +73,15 @@ class OutputRef(msgspec.Struct, kw_only=True):
     (a function's result)."""
 
 
+class InputRef(msgspec.Struct, kw_only=True):
+    """An input passed by reference: a pipeline node's `$ref` to a large output. The executor
+    reads the blob into the run's stdin in place of `inputs[index]` (null on the bus)."""
+
+    index: int
+    cid: str
+    size: int
+
+
 class ExecuteResponse(msgspec.Struct, kw_only=True):
     success: bool
     request_id: str
@@ -229,6 +238,8 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     each `step` that gives no gas of its own."""
     memoize: bool | UnsetType = UNSET
     """True: its response says `cached` (relay.memo); absent otherwise, as in v1."""
+    input_refs: list[InputRef] | UnsetType = UNSET
+    """Inputs the executor reads from blobs (a pipeline node's references to large outputs)."""
 
 
 class ExecutionQueued(BusMessage, tag="execution_queued", kw_only=True):

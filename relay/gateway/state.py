@@ -65,7 +65,8 @@ class Gateway:
             max_active=lambda principal: (policies.caps(principal).max_active
                                           or settings.max_active),
             cancel=self._cancel_node, check_input=input_problem, memo=self.pipeline.memo,
-            memo_global=settings.memo_scope == "global")
+            memo_global=settings.memo_scope == "global",
+            max_input_bytes=settings.max_output_bytes)
         """Advances pipelines: the consumer of their nodes' completions and their timers."""
         self.uploads = UploadSlots(settings.max_uploads)
         self.supervisor = Supervisor("relay.gateway")
