@@ -181,6 +181,12 @@ class Keys:
         `:requests`, `:ready`, `:active`), which the pipeline scripts build from it too."""
         return f"{self.prefix}:pipeline:{pipeline_id}"
 
+    def executions(self, principal: str) -> str:
+        """Sorted set of the principal's executions, `<acceptance ms, 13 digits>:<request id>`,
+        all of score 0 (so in time order by lex): `GET /executions` (relay.gateway.listing).
+        The accept script names it from the prefix."""
+        return f"{self.prefix}:executions:{principal}"
+
     def pipelines(self, principal: str) -> str:
         """Sorted set of the principal's pipelines, scored by creation time (ms)."""
         return f"{self.prefix}:pipelines:{principal}"

@@ -133,6 +133,13 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     memo_of: str | UnsetType = UNSET
 
 
+class ExecutionPage(msgspec.Struct, kw_only=True):
+    """`GET /executions`."""
+
+    items: list[ExecutionState]
+    next_cursor: str | None
+
+
 class FunctionSignature(msgspec.Struct, kw_only=True):
     name: str
     params: list[str]

@@ -41,6 +41,7 @@ ROUTES = [
     Route("/intent/execute-wasm/health", health.health, methods=["GET"]),
     Route(health.EVENTS_PATH, sse.Sse(), methods=["GET"]),
     Route("/auth/tokens", tokens.mint_token, methods=["POST"]),
+    Route("/executions", executions.list_executions, methods=["GET"]),
     Route("/executions/{request_id}", by_method(GET=executions.get_execution,
                                                 DELETE=executions.cancel_execution),
           methods=["GET", "DELETE"]),

@@ -2,13 +2,34 @@
 -- then emits `execution_queued` and enqueues the request, all or nothing. Refuses when the
 -- glyph name the request used moved (`moved`), when not permitted (`forbidden`, only for a new
 -- execution: a replay needs no new authorization) or when too much is queued (`full`).
+
+-- A new execution joins its principal's list (relay.gateway.listing: GET /executions): members
+-- `<acceptance time, ms, 13 digits>:<request id>`, all of score 0, so that the list is in time
+-- order by lex and a page starts exactly after the last one's member. The record names its
+-- member ('listed'), so an execution accepted again (retryable) is listed once. The list keeps
+-- the newest LISTED_MAX and lives a week past the last one; ids whose record has expired are
+-- dropped as the list is read.
+local LISTED_MAX, LISTED_TTL_MS = 100000, 604800000
+local function list_execution(previous)
+  local list = ARGV[14] .. ':executions:' .. ARGV[1]
+  local time = redis.call('TIME')
+  local member = string.format('%013d:%s', time[1] * 1000 + math.floor(time[2] / 1000), ARGV[19])
+  if previous then
+    redis.call('ZREM', list, previous)
+  end
+  redis.call('ZADD', list, 0, member)
+  redis.call('ZREMRANGEBYRANK', list, 0, -LISTED_MAX - 1)
+  redis.call('PEXPIRE', list, LISTED_TTL_MS)
+  redis.call('HSET', KEYS[1], 'listed', member)
+end
 if ARGV[9] ~= '' then
   local bound = redis.call('HGET', KEYS[5], ARGV[9])
   if bound ~= ARGV[3] then
     return {'moved', '', false}
   end
 end
-local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'retryable')
+local found = redis.call('HMGET', KEYS[1], 'status', 'fingerprint', 'result', 'retryable',
+                         'listed')
 if found[1] and found[4] ~= '1' then
   return {found[1], found[2], found[3]}
 end
@@ -40,6 +61,7 @@ if ARGV[20] ~= '' and ARGV[22] ~= '' and redis.call('HGET', KEYS[7], 'of') == AR
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[25], 'user', ARGV[1])
   redis.call('PEXPIRE', KEYS[1], ARGV[26])
   redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[26])
+  list_execution(found[5])
   return {'hit', ARGV[2], ARGV[23]}
 end
 -- A session's call (sessions.lib.lua): refused when its session is not the caller's, closed or
@@ -91,4 +113,5 @@ redis.call('PERSIST', KEYS[1] .. ':events')
 if session == '' or session_enqueue(ARGV[14], KEYS[6], session, ARGV[19]) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
 end
+list_execution(found[5])
 return {'new', ARGV[2], false}

@@ -11,11 +11,24 @@ from starlette.responses import Response, StreamingResponse
 from relay import cid
 from relay.blobs import BlobStore
 from relay.errors import Conflict, NotFound, decode_body
+from relay.gateway import listing
 from relay.gateway.byteranges import not_modified, requested_range
-from relay.gateway.http import json_response
+from relay.gateway.http import json_response, list_limit
 from relay.gateway.state import gateway_of
 from relay.pipeline.validate import read_body
-from relay.schemas import Action, OutputRef, decode_resume, decode_step, encode
+from relay.schemas import Action, ExecutionPage, OutputRef, decode_resume, decode_step, encode
+
+
+async def list_executions(request: Request) -> Response:
+    """The caller's executions, newest first; `?status=`, `?session_id=`, `?pipeline_id=` and
+    `?batch_id=` narrow them (relay.gateway.listing)."""
+    gw = gateway_of(request)
+    principal = await gw.authenticate(request)
+    wanted = listing.filters_of(request.query_params)
+    limit, cursor = list_limit(request), listing.cursor_of(request.query_params.get("cursor"))
+    items, next_cursor = await listing.page(gw.client, gw.keys, gw.controller, principal,
+                                            wanted, limit, cursor)
+    return json_response(ExecutionPage(items=items, next_cursor=next_cursor))
 
 
 async def get_execution(request: Request) -> Response:
