@@ -207,7 +207,7 @@ class Bus:
     async def accept(self, request: WasmExecRequested, fingerprint: str,
                      name: GlyphName | None = None, *, permitted: bool = True,
                      max_active: int = 2**62, explicit: frozenset[str] = frozenset(),
-                     memo: MemoAccept | None = None) -> Accepted:
+                     memo: MemoAccept | None = None, callback: bytes = b"") -> Accepted:
         """Claim `request.request_id` and enqueue it, unless a live record exists already.
 
         With `name`, only while that name still points at `request.cid`; otherwise the status
@@ -223,6 +223,7 @@ class Bus:
         With `memo` (relay.memo), a new execution is answered by its hit, if it has one and the
         entry is unchanged (status `hit`, its `result` the response); otherwise a success of it
         becomes the entry.
+        `callback`: the JSON of its webhook callback (relay.webhooks), kept in a new record.
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
@@ -255,6 +256,7 @@ class Bus:
                 request.request_id,
                 *_memo_arguments(memo),
                 request.pipeline_id or "",
+                callback,  # the last argument: accept.lua reads it as ARGV[#ARGV]
             ],
         ))
         return Accepted(status.decode(), found_fingerprint.decode(), result,

@@ -1,4 +1,4 @@
-"""The `relay` command: `dev` (the whole system), `gateway`, `executor`."""
+"""The `relay` command: `dev` (the whole system), `gateway`, `executor`, `webhooks`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--host", default="127.0.0.1")
         command.add_argument("--port", type=int, default=8000)
     commands.add_parser("executor", help="a sandboxed executor reading the bus")
+    commands.add_parser("webhooks", help="a webhook deliverer alone (every gateway runs one)")
     keys = commands.add_parser("keys", help="API keys stored in Redis").add_subparsers(
         dest="keys_command", required=True)
     keys.add_parser("create", help="create a key for PRINCIPAL; it is printed once").add_argument(
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "gateway":
             with redis_for(settings) as settings:
                 serve_gateway(settings, args.host, args.port)
+        elif args.command == "webhooks":
+            with redis_for(settings) as settings:
+                run_webhooks(settings)
         else:
             with redis_for(settings) as settings:
                 run_executor(settings)
@@ -147,6 +151,48 @@ def run_executor(settings: Settings) -> None:
         try:
             await executor.run()
         finally:
+            await client.aclose()
+
+    run_event_loop(serve())
+
+
+def run_webhooks(settings: Settings) -> None:
+    """The webhook deliverer on its own (relay.deliverer): for deployments that want to scale
+    deliveries apart from the gateways, which each run one too."""
+    import redis
+
+    from relay.connection import connect
+    from relay.deliverer import Deliverer
+    from relay.keys import Keys
+    from relay.metrics import Metrics
+    from relay.supervise import Supervisor
+    from relay.webhooks import Webhooks
+
+    async def serve() -> None:
+        assert settings.redis_url is not None
+        client = connect(settings.redis_url)
+        keys = Keys(settings.prefix)
+        metrics = Metrics(client, keys)
+        webhooks = Webhooks(client, keys, schedule=settings.webhook_schedule_ms,
+                            rotation_grace_ms=settings.webhook_rotation_grace_ms)
+        deliverer = Deliverer(client, keys, settings, webhooks, metrics)
+        supervisor = Supervisor("relay.webhooks")
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopped.set)
+        supervisor.start("webhook events", deliverer.consume)
+        supervisor.start("webhook deliveries", deliverer.deliver)
+        supervisor.start("metrics", metrics.run)
+        logging.getLogger("relay.webhooks").info("webhook deliverer %s reading the bus",
+                                                 deliverer.consumer)
+        try:
+            await stopped.wait()
+        finally:
+            await supervisor.stop()
+            await deliverer.aclose()
+            with contextlib.suppress(redis.RedisError):
+                await metrics.flush()
             await client.aclose()
 
     run_event_loop(serve())

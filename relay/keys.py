@@ -15,6 +15,8 @@ class Keys:
     EXECUTOR_GROUP = "executors"
     PIPELINE_GROUP = "pipelines"
     """The consumer group on `relay:events` that advances pipelines (relay.scheduler)."""
+    WEBHOOK_GROUP = "webhooks"
+    """The consumer group on `relay:events` that queues webhook deliveries (relay.deliverer)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -190,3 +192,25 @@ class Keys:
     def pipelines(self, principal: str) -> str:
         """Sorted set of the principal's pipelines, scored by creation time (ms)."""
         return f"{self.prefix}:pipelines:{principal}"
+
+    @property
+    def webhook_due(self) -> str:
+        """Sorted set of webhook delivery ids, scored by when each is due (ms), or by when the
+        lease of the deliverer sending it ends (relay.webhooks)."""
+        return f"{self.prefix}:webhook-due"
+
+    def webhook(self, delivery_id: str) -> str:
+        """Hash holding one webhook delivery (relay.webhooks): `url`, `principal`, `body`, the
+        key of its `log`, and the number of the last `attempt` made."""
+        return f"{self.prefix}:webhook:{delivery_id}"
+
+    def webhook_log(self, kind: str, owner_id: str) -> str:
+        """List of the JSON records of every delivery attempt for one execution or pipeline
+        (`kind`); this key + `:owner` holds the principal it belongs to (the Lua scripts build
+        that one from this key)."""
+        return f"{self.prefix}:webhook-log:{kind}:{owner_id}"
+
+    def webhook_secret(self, principal: str) -> str:
+        """Hash of a principal's webhook signing secrets: `current`, and `previous` with
+        `rotated_ms` (when it was replaced) after a rotation."""
+        return f"{self.prefix}:webhook-secret:{principal}"

@@ -28,6 +28,15 @@ COUNTERS = {
     "permission_denied": "Requests refused by the authorization policies (403).",
     "idempotent_hit": "Execute requests answered by an earlier execution (replay or join).",
 }
+WEBHOOK_COUNTERS = (
+    # (metric, counted field prefix, label, its values, help)
+    ("relay_webhook_attempts_total", "webhook_attempt:", "outcome",
+     ("success", "http_error", "gone", "timeout", "connection_error", "refused"),
+     "Webhook delivery attempts by outcome (refused: the URL failed the SSRF check)."),
+    ("relay_webhook_deliveries_total", "webhook_delivery:", "result",
+     ("delivered", "gone", "exhausted"),
+     "Webhook deliveries finished: delivered (2xx), gone (410) or exhausted (retries used up)."),
+)
 HISTOGRAMS = {
     "duration_seconds": ("Wall-clock time of executions.",
                          (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -106,6 +115,10 @@ class Metrics:
                 for field in sorted(f for f in totals if f.startswith("error:")):
                     code = field.partition(":")[2]
                     lines.append(f'{metric}{{code="{code}"}} {_number(totals[field])}')
+        for metric, field, label, values, help_text in WEBHOOK_COUNTERS:
+            lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+            lines += [f'{metric}{{{label}="{value}"}} {_number(totals.get(field + value, 0))}'
+                      for value in values]
         for name, (help_text, bounds) in HISTOGRAMS.items():
             metric = f"{PREFIX}_{name}"
             lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]

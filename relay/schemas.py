@@ -35,6 +35,9 @@ class ExecuteRequest(Request):
     """Pause in place once this much more gas is used (from the start, then from each step)."""
     memoize: bool = False
     """Answer with a stored result of the same computation when there is one (relay.memo)."""
+    callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
+    """POST the execution's events here (relay.webhooks), signed by the principal's secret."""
+    callback_events: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
 
 
 class NameBinding(Request):
@@ -470,6 +473,8 @@ class SessionCall(Request):
     policy: Policy = msgspec.field(default_factory=Policy)
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     step_gas: PositiveInt | None = None
+    callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
+    callback_events: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
 
 
 class PatchSession(Request):

@@ -13,6 +13,7 @@ into a silent default at run time.
 from __future__ import annotations
 
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -80,6 +81,22 @@ def _whole_seconds_ms(name: str, raw: str) -> int:
     if value % 1000:
         raise SettingsError(f"{name} is in milliseconds and must be whole seconds, got {value}")
     return value
+
+
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def _durations(name: str, raw: str) -> tuple[int, ...]:
+    """Comma-separated durations with units (`5s,5m,2h`), as milliseconds."""
+    delays = []
+    for part in raw.split(","):
+        found = _DURATION.fullmatch(part)
+        if found is None:
+            raise SettingsError(f"{name} must be comma-separated durations such as 5s,5m,2h "
+                                f"(units ms, s, m, h, d), got {part.strip()!r}")
+        delays.append(round(float(found.group(1)) * _UNIT_MS[found.group(2)]))
+    return tuple(delays)
 
 
 def _bool(name: str, raw: str) -> bool:
@@ -348,6 +365,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "RELAY_MAX_STREAMS", _int, EVENTS, "streams",
         "event streams (SSE and WebSocket together) one principal may hold open at once, "
         "counted across all gateways; one more is 429 `too-many-streams`")] = 64
+    webhook_schedule_ms: Annotated[tuple[int, ...], Variable(
+        "RELAY_WEBHOOK_SCHEDULE", _durations, EVENTS, "durations",
+        "delays before each retry of a webhook delivery that failed, each times a random "
+        "factor in [0.8, 1.2]; then it is given up",
+        "`5s,5m,30m,2h,5h,10h,10h`")] = (5_000, 300_000, 1_800_000, 7_200_000, 18_000_000,
+                                       36_000_000, 36_000_000)
+    webhook_timeout_ms: Annotated[int, Variable(
+        "RELAY_WEBHOOK_TIMEOUT", _int, EVENTS, "ms",
+        "how long a webhook receiver has to answer an attempt")] = 15_000
+    webhook_rotation_grace_ms: Annotated[int, Variable(
+        "RELAY_WEBHOOK_ROTATION_GRACE", _count_or_zero, EVENTS, "ms",
+        "after a rotation of a signing secret, how long deliveries carry a signature by the "
+        "old secret too")] = 86_400_000
+    webhook_allow_http: Annotated[bool, Variable(
+        "RELAY_WEBHOOK_ALLOW_HTTP", _bool, EVENTS, "",
+        "allow `http://` callback URLs (only `https://` otherwise)")] = False
+    webhook_allow_private: Annotated[bool, Variable(
+        "RELAY_WEBHOOK_ALLOW_PRIVATE", _bool, EVENTS, "",
+        "allow callback URLs whose host is or resolves to an address that is not globally "
+        "routable (loopback, private, link-local ...): for tests and closed networks only")] = False
 
     cors_origins: Annotated[tuple[str, ...], Variable(
         "RELAY_CORS_ORIGINS", _csv, LOGS, "",

@@ -14,6 +14,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from relay import connection
+from relay.deliverer import Deliverer
 from relay.gateway import problems
 from relay.gateway.http import RequestIdMiddleware, by_method
 from relay.gateway.routes import (
@@ -27,6 +28,7 @@ from relay.gateway.routes import (
     snapshots,
     sse,
     tokens,
+    webhooks,
     websocket,
 )
 from relay.gateway.state import Gateway
@@ -46,6 +48,8 @@ ROUTES = [
                                                 DELETE=executions.cancel_execution),
           methods=["GET", "DELETE"]),
     Route("/executions/{request_id}/output", executions.get_output, methods=["GET"]),
+    Route("/executions/{request_id}/deliveries", webhooks.execution_deliveries,
+          methods=["GET"]),
     Route("/executions/{request_id}/pause", executions.pause_execution, methods=["POST"]),
     Route("/executions/{request_id}/resume", executions.resume_execution, methods=["POST"]),
     Route("/executions/{request_id}/step", executions.step_execution, methods=["POST"]),
@@ -86,6 +90,10 @@ ROUTES = [
     Route("/pipelines/{pipeline_id}", by_method(GET=pipelines.get_pipeline,
                                                 DELETE=pipelines.cancel_pipeline),
           methods=["GET", "DELETE"]),
+    Route("/pipelines/{pipeline_id}/deliveries", webhooks.pipeline_deliveries,
+          methods=["GET"]),
+    Route("/webhooks/secret", by_method(GET=webhooks.get_secret, POST=webhooks.rotate_secret),
+          methods=["GET", "POST"]),
     Route("/", health.index, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
     Route("/readyz", health.readyz, methods=["GET"]),
@@ -127,12 +135,18 @@ def create_app(settings: Settings) -> Starlette:
         await gateway.scheduler.ensure_group()
         gateway.supervisor.start("pipeline scheduler", gateway.scheduler.consume)
         gateway.supervisor.start("pipeline timers", gateway.scheduler.timers)
+        # Webhooks: apart from the fan-in, so a slow receiver never delays events.
+        deliverer = Deliverer(client, gateway.keys, settings, gateway.webhooks, gateway.metrics)
+        await deliverer.ensure_group()
+        gateway.supervisor.start("webhook events", deliverer.consume)
+        gateway.supervisor.start("webhook deliveries", deliverer.deliver)
         app.state.gateway = gateway
         try:
             yield
         finally:
             gateway.fan_in.stop()
             await gateway.supervisor.stop()
+            await deliverer.aclose()
             gateway.uploads.close()
             with contextlib.suppress(redis.RedisError):
                 await gateway.metrics.flush()

@@ -60,6 +60,8 @@ class Gateway:
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
             metrics=self.metrics, sessions=self.sessions)
         self.pipelines = PipelineStore(client, keys, events_retention=settings.events_retention)
+        self.webhooks = self.pipeline.webhooks
+        """Webhook secrets and deliveries (relay.webhooks); relay.deliverer sends them."""
         self.scheduler = Scheduler(
             client, keys, self.bus, self.pipelines,
             max_active=lambda principal: (policies.caps(principal).max_active

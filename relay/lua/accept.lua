@@ -53,6 +53,9 @@ if ARGV[20] ~= '' and ARGV[22] ~= '' and redis.call('HGET', KEYS[7], 'of') == AR
   redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status',
              'completed', 'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5],
              'result', ARGV[23])
+  if ARGV[#ARGV] ~= '' then  -- its webhook callback, as below
+    redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
+  end
   for _, event in ipairs({ARGV[6] .. '0}', ARGV[24]}) do
     redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index, as below
                redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', event,
@@ -99,6 +102,11 @@ if session ~= '' then
 end
 if ARGV[27] ~= '' then  -- a pipeline node's (GET /executions/{id} shows it)
   redis.call('HSET', KEYS[1], 'pipeline', ARGV[27])
+end
+-- The last argument: the execution's webhook callback, JSON ('' for none), which the
+-- deliverer reads with the record (relay.deliverer).
+if ARGV[#ARGV] ~= '' then
+  redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
 end
 if ARGV[20] ~= '' then  -- its settle stores a success as the memo entry (settle.lua)
   redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21])

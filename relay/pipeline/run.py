@@ -37,9 +37,10 @@ from relay.pipeline.authorize import Authorizer
 from relay.pipeline.ratelimit import RateCheck, RateLimiter
 from relay.pipeline.validate import Validated, read_body, validate
 from relay.policy import ModuleResource, Policies
-from relay.schemas import WasmExecRequested
+from relay.schemas import WasmExecRequested, encode
 from relay.sessions import Sessions
 from relay.settings import Settings
+from relay.webhooks import Webhooks
 
 MAX_NAME_RETRIES = 3
 QUEUE_FULL_RETRY_S = 5
@@ -96,6 +97,8 @@ class ExecutePipeline:
         self.sessions = sessions
         self.memo = Memo(bus.client, bus.keys, ttl_ms=settings.memo_ttl_ms,
                          record_ttl_ms=settings.idempotency_ttl_ms)
+        self.webhooks = Webhooks(bus.client, bus.keys, schedule=settings.webhook_schedule_ms,
+                                 rotation_grace_ms=settings.webhook_rotation_grace_ms)
 
     async def admit(self, request: Request, session_id: str | None = None) -> Admission:
         """Run the pipeline on one `POST /intent/execute-wasm` (or, with `session_id`, one
@@ -138,6 +141,10 @@ class ExecutePipeline:
         completion = self.completions.completion(request.request_id) if sync else None
         try:
             max_active = self.policies.caps(principal).max_active or self.settings.max_active
+            callback = b""
+            if validated.callback is not None:  # kept with the record (relay.webhooks)
+                callback = encode(validated.callback)
+                await self.webhooks.ensure_secret(principal)
             # A memoize request's stored result, if any, answers it (relay.memo).
             memo = (await self.memo.prepare(validated.memo, request)
                     if validated.memo is not None else None)
@@ -145,7 +152,8 @@ class ExecutePipeline:
             def accept(published: WasmExecRequested) -> Awaitable[Accepted]:
                 return self.bus.accept(published, validated.fingerprint, validated.name,
                                        permitted=permitted, max_active=max_active,
-                                       explicit=validated.explicit, memo=memo)
+                                       explicit=validated.explicit, memo=memo,
+                                       callback=callback)
 
             accepted = await accept(request)
             # Over what the principal's budgets have left, with limits the request left out:

@@ -40,6 +40,7 @@ from relay.schemas import (
 )
 from relay.sessions import Session
 from relay.settings import Settings
+from relay.webhooks import Callback, check_callback, fingerprinted
 
 _MAX_KEY_LENGTH = 256
 _INT_RANGES = {"i32": (-(2**31), 2**31 - 1), "i64": (-(2**63), 2**63 - 1)}
@@ -61,6 +62,8 @@ class Validated(NamedTuple):
     and lowers the others)."""
     memo: memo.MemoKey | None = None
     """A `memoize` request of a memoizable module: its computation (relay.memo)."""
+    callback: Callback | None = None
+    """Where its events are delivered (relay.webhooks): kept with its record at acceptance."""
 
 
 async def validate(body: bytes, header_key: str | None, principal: str,
@@ -76,6 +79,8 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         call = decode_body(decode_session_call, body)
         request = ExecuteRequest(cid=session.cid, entrypoint=call.entrypoint, inputs=call.inputs,
                                  policy=call.policy, idempotency_key=call.idempotency_key,
+                                 callback_url=call.callback_url,
+                                 callback_events=call.callback_events,
                                  step_gas=call.step_gas)
     else:
         request = decode_body(decode_execute_request, body)
@@ -105,6 +110,11 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         policy = _within_budget(policy, explicit, session)
     fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy, session_id,
                                           request.step_gas, request.memoize)
+    callback = await check_callback(request.callback_url, request.callback_events, "execution",
+                                    allow_http=settings.webhook_allow_http,
+                                    allow_private=settings.webhook_allow_private)
+    if callback is not None:  # not otherwise: v1 requests keep their fingerprints
+        fingerprint = fingerprinted(fingerprint, callback)
     if session is None:
         request_id = idempotency.request_id(principal, key or fingerprint)
     else:  # a call without a key is new work, every time
@@ -120,7 +130,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         memo_key = memo.MemoKey(memo.digest(cid, entrypoint, request.inputs),
                                 None if settings.memo_scope == "global" else principal)
     return Validated(published, fingerprint, key is not None, name, stored.owner, explicit,
-                     memo_key)
+                     memo_key, callback)
 
 
 def _within_budget(policy: EffectivePolicy, explicit: frozenset[str],

@@ -39,6 +39,7 @@ from relay.schemas import (
     decode_create_pipeline,
     encode,
 )
+from relay.webhooks import check_callback
 
 MAX_ERRORS = 100
 """Field errors listed in one answer, at most."""
@@ -62,12 +63,17 @@ async def create_pipeline(request: Request) -> Response:
                                 f"{gw.settings.max_pipeline_nodes}")
     graph = check_graph(body.nodes)
     specs, resources = await _check_nodes(gw, principal, body.nodes)
+    callback = await check_callback(body.callback_url, body.callback_events, "pipeline",
+                                    allow_http=gw.settings.webhook_allow_http,
+                                    allow_private=gw.settings.webhook_allow_private)
     for resource in resources:
         gw.authorizer.require(principal, "execute", resource)
     key = body.idempotency_key or header_key
     pipeline_id = pipeline_id_for(principal, key)
     fingerprint = hashlib.sha256(encode(msgspec.structs.replace(body, idempotency_key=None))
                                  ).hexdigest()
+    if callback is not None:
+        await gw.webhooks.ensure_secret(principal)
     created = await gw.pipelines.create(
         pipeline_id, principal, body.nodes, specs, graph, max_concurrency=body.max_concurrency,
         fail_fast=body.fail_fast, fingerprint=fingerprint, callback_url=body.callback_url,

@@ -1,0 +1,287 @@
+"""The webhook deliverer: queues a delivery for each event someone asked to be called back
+for, and sends the deliveries that are due (relay.webhooks holds their state).
+
+Two loops, in every gateway process (so in `relay dev`) and alone in `relay webhooks`:
+- `consume`: reads `relay:events` in its own consumer group (`webhooks`), as the pipeline
+  scheduler reads it in `pipelines`: entries that cannot be deliverable are told apart by
+  their bytes, the callbacks of the others are read in one round trip a batch, the deliveries
+  queued, and only then the entries acknowledged. An entry a dead process left pending is
+  taken over by a peer (XAUTOCLAIM) and queued again, which changes nothing (one delivery per
+  event id). It is apart from the gateway's fan-in, so a slow receiver never delays events.
+- `deliver`: takes due deliveries under a lease and sends each: the URL checked by the SSRF
+  guard again, the connection made to the address checked, no redirects followed, no proxy
+  from the environment; then records the attempt and when the next one is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import ipaddress
+import logging
+import time
+from typing import Any
+
+import httpx
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from relay import ssrf
+from relay.bus import Script
+from relay.keys import Keys
+from relay.metrics import Metrics
+from relay.scheduler import consumer_name
+from relay.schemas import decode_head
+from relay.settings import Settings
+from relay.webhooks import (
+    DEFAULT_EVENTS,
+    Due,
+    Kind,
+    NewDelivery,
+    Webhooks,
+    decode_callback,
+    retry_delay_ms,
+    signature,
+)
+
+log = logging.getLogger("relay.webhooks")
+
+# The pipeline scheduler's reclaim script takes any group's idle entries (group as argument).
+_RECLAIM = Script.named("pipeline_reclaim")
+
+CANDIDATES = (b'{"type":"execution_', b'{"type":"pipeline_', b'{"type":"batch_')
+"""How every event a callback may ask for begins (`wasm_exec_*` and the rest never are)."""
+READ_COUNT = 200
+RECLAIM_IDLE_MS = 10_000
+RECLAIM_EVERY_S = 5.0
+CONCURRENCY = 64
+"""Attempts one process sends at once."""
+IDLE_POLL_S = 1.0
+"""How often the deliver loop looks for due deliveries that peers queued, at the longest."""
+LEASE_MARGIN_MS = 10_000
+"""A taken delivery's lease: the attempt's timeout plus this, then a peer may take it."""
+MAX_ERROR_CHARS = 300
+
+
+class Deliverer:
+    def __init__(self, client: aioredis.Redis, keys: Keys, settings: Settings,
+                 webhooks: Webhooks, metrics: Metrics, *, consumer: str | None = None,
+                 read_block_ms: int = 1000) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.webhooks = webhooks
+        self.metrics = metrics
+        self.consumer = consumer or consumer_name()
+        self.read_block_ms = read_block_ms
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._sending: set[asyncio.Task[None]] = set()
+        timeout_s = settings.webhook_timeout_ms / 1000
+        self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+                                      timeout=httpx.Timeout(timeout_s),
+                                      limits=httpx.Limits(max_connections=CONCURRENCY))
+
+    async def aclose(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+        await self.http.aclose()
+
+    # --- events -> deliveries ---
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(self.keys.events, Keys.WEBHOOK_GROUP, id="0",
+                                            mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def consume(self) -> None:
+        """Queue the deliveries events call for, until cancelled."""
+        await self.ensure_group()
+        next_reclaim = 0.0
+        while True:
+            if time.monotonic() >= next_reclaim:
+                await self.reclaim()
+                next_reclaim = time.monotonic() + RECLAIM_EVERY_S
+            try:
+                reply = await self.client.xreadgroup(
+                    Keys.WEBHOOK_GROUP, self.consumer, {self.keys.events: ">"},
+                    count=READ_COUNT, block=self.read_block_ms)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()
+                continue
+            entries = [(entry_id, fields.get(b"data", b""), fields.get(b"user", b""))
+                       for _, found in reply or () for entry_id, fields in found]
+            if entries:
+                await self.handle(entries)
+
+    async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
+        """Take over the entries another consumer left pending (it died before queueing)."""
+        cursor: bytes | str = "0-0"
+        while True:
+            cursor, *entries = await _RECLAIM.run(
+                self.client, [self.keys.events],
+                [Keys.WEBHOOK_GROUP, self.consumer, min_idle_ms, cursor, READ_COUNT])
+            if entries:
+                # The reclaim script returns no `user`: the deliverer reads the owner from the
+                # execution's record or the pipeline's hash, which hold it too.
+                await self.handle([(entry_id, data, None) for entry_id, data in entries])
+            if cursor in (b"0-0", "0-0"):
+                return
+
+    async def handle(self, entries: list[tuple[bytes, bytes, bytes | None]]) -> None:
+        """Queue the deliveries `entries` call for, then acknowledge them all."""
+        candidates: list[tuple[bytes, bytes, bytes | None, str, Kind, str]] = []
+        for entry_id, data, user in entries:
+            if data.startswith(CANDIDATES):
+                head = decode_head(data)
+                if head.type.startswith("execution_") and head.request_id:
+                    candidates.append((entry_id, data, user, head.type, "execution",
+                                       head.request_id))
+                elif head.type.startswith("pipeline_") and head.pipeline_id:
+                    candidates.append((entry_id, data, user, head.type, "pipeline",
+                                       head.pipeline_id))
+        if candidates:
+            lookup = self.client.pipeline(transaction=False)
+            for *_, kind, owner_id in candidates:
+                if kind == "execution":
+                    lookup.hmget(self.keys.execution(owner_id), "callback", "principal")
+                else:
+                    lookup.hmget(self.keys.pipeline(owner_id), "callback_url",
+                                 "callback_events", "principal")
+            found = await lookup.execute()
+            deliveries = []
+            for (entry_id, data, user, event_type, kind, owner_id), fields in zip(
+                    candidates, found, strict=True):
+                target = _callback_of(kind, fields)
+                if target is None or event_type not in target[1]:
+                    continue
+                principal = (user or fields[-1] or b"").decode()
+                deliveries.append(NewDelivery(entry_id.decode(), kind, owner_id, target[0],
+                                              principal, data))
+            if deliveries:
+                await self.webhooks.queue(deliveries)
+                self._wake.set()
+        await self.client.xack(self.keys.events, Keys.WEBHOOK_GROUP,
+                               *(entry_id for entry_id, _, _ in entries))
+
+    # --- sending ---
+
+    async def deliver(self) -> None:
+        """Send due deliveries, until cancelled."""
+        lease_ms = self.settings.webhook_timeout_ms + LEASE_MARGIN_MS
+        while True:
+            free = CONCURRENCY - len(self._sending)
+            self._wake.clear()  # before claiming: a delivery queued meanwhile wakes the wait
+            due, next_due = await self.webhooks.claim(free, lease_ms) if free else ([], None)
+            for item in due:
+                task = asyncio.create_task(self._send(item))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
+            if len(due) == free and free:
+                continue  # more may be due
+            wait = IDLE_POLL_S if next_due is None else min(
+                IDLE_POLL_S, max(next_due - time.time(), 0.0))
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _send(self, due: Due) -> None:
+        try:
+            status, error, retry_after_ms = await self.attempt(due)
+        except Exception as exc:  # never lose a delivery to a bug: it is tried again later
+            log.exception("a webhook attempt failed unexpectedly")
+            status, error, retry_after_ms = None, f"internal: {type(exc).__name__}", None
+        if status is not None and 200 <= status < 300:
+            outcome, next_delay = "success", None
+        elif status == 410:
+            outcome, next_delay = "gone", None
+        else:
+            outcome = ("http_error" if status is not None
+                       else "refused" if error and error.startswith("refused")
+                       else "timeout" if error == "timeout" else "connection_error")
+            next_delay = retry_delay_ms(self.webhooks.schedule, due.attempt, retry_after_ms)
+        self.metrics.count(f"webhook_attempt:{outcome}")
+        if next_delay is None:
+            self.metrics.count("webhook_delivery:" + (
+                "delivered" if outcome == "success" else "gone" if outcome == "gone"
+                else "exhausted"))
+        await self.webhooks.record(due, status, error, next_delay)
+        self._wake.set()  # a slot is free, and its next attempt may be the earliest due
+
+    async def attempt(self, due: Due) -> tuple[int | None, str | None, int | None]:
+        """Send one attempt: (status code or None, error or None, Retry-After in ms or None)."""
+        settings = self.settings
+        try:
+            target = await ssrf.check(due.url, allow_http=settings.webhook_allow_http,
+                                      allow_private=settings.webhook_allow_private)
+        except ssrf.Refused as exc:
+            return None, f"refused: {exc}"[:MAX_ERROR_CHARS], None
+        timestamp = int(time.time())
+        signatures = [signature_of(secret, due, timestamp)
+                      for secret in await self.webhooks.signing_secrets(due.principal)]
+        address = target.addresses[0]
+        url = target.url
+        netloc = (f"[{address}]" if isinstance(address, ipaddress.IPv6Address) else str(address)
+                  ) + f":{target.port}"
+        # To the address checked, never a second lookup; the Host header, SNI and certificate
+        # check name the URL's host.
+        request_url = url._replace(netloc=netloc, fragment="").geturl()
+        host_header = url.netloc.rpartition("@")[2]
+        extensions: dict[str, Any] = {}
+        if url.scheme == "https":
+            extensions["sni_hostname"] = target.host
+        headers = {"host": host_header, "content-type": "application/json",
+                   "user-agent": "relay-webhooks/1", "webhook-id": due.delivery_id,
+                   "webhook-timestamp": str(timestamp),
+                   "webhook-signature": " ".join(signatures),
+                   "relay-attempt": str(due.attempt)}
+        try:
+            response = await self.http.post(request_url, content=due.body, headers=headers,
+                                            extensions=extensions)
+        except httpx.TimeoutException:
+            return None, "timeout", None
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS], None
+        await response.aclose()
+        return response.status_code, None, _retry_after_ms(response.headers.get("retry-after"))
+
+
+def signature_of(secret: str, due: Due, timestamp: int) -> str:
+    return signature(secret, due.delivery_id, timestamp, due.body)
+
+
+def _callback_of(kind: Kind, fields: list[Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(url, event types) from what the record holds, or None without a callback."""
+    if kind == "execution":
+        raw = fields[0]
+        if not raw:
+            return None
+        callback = decode_callback(raw)
+        return callback.url, tuple(callback.events)
+    url, events = fields[0], fields[1]
+    if not url:
+        return None
+    names = tuple(msgspec.json.decode(events)) if events else DEFAULT_EVENTS[kind]
+    return url.decode(), names
+
+
+def _retry_after_ms(value: str | None) -> int | None:
+    """A Retry-After header (seconds, or an HTTP date) in milliseconds."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value) * 1000
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(int((when.timestamp() - time.time()) * 1000), 0)
