@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from relay import schemas
+from relay import schemas, webhooks
 from relay.cid import NAME_PATTERN
 from relay.errors import (
     BudgetExhausted,
@@ -423,6 +423,34 @@ OPERATIONS = (
          Reply(202, "Cancelling: the pipeline so far (its running nodes have not ended yet).",
                schemas.PipelineView)),
         (*STORE, NotFound, Conflict),
+    ),
+    Operation(
+        "GET", "/executions/{request_id}/deliveries", "listExecutionDeliveries",
+        "Every attempt to deliver the execution's events to its callback_url, oldest first",
+        (Reply(200, "A page of attempts.", webhooks.DeliveryPage),),
+        (*STORE, InvalidRequest, NotFound),
+        parameters=("page_limit", "cursor"),
+    ),
+    Operation(
+        "GET", "/pipelines/{pipeline_id}/deliveries", "listPipelineDeliveries",
+        "Every attempt to deliver the pipeline's events to its callback_url, oldest first",
+        (Reply(200, "A page of attempts.", webhooks.DeliveryPage),),
+        (*STORE, InvalidRequest, NotFound),
+        parameters=("page_limit", "cursor"),
+    ),
+    Operation(
+        "GET", "/webhooks/secret", "getWebhookSecret",
+        "The caller's webhook signing secret (made now if it has none yet)",
+        (Reply(200, "The current secret: `whsec_` and base64 of 32 bytes.",
+               webhooks.WebhookSecret),),
+        STORE,
+    ),
+    Operation(
+        "POST", "/webhooks/secret", "rotateWebhookSecret",
+        "Replace the caller's webhook signing secret; the old one still signs during the "
+        "grace period (RELAY_WEBHOOK_ROTATION_GRACE)",
+        (Reply(200, "The new secret.", webhooks.WebhookSecret),),
+        STORE,
     ),
     Operation("GET", "/", "index", "Links to the API's entry points",
               (Reply(200, "The links.", schemas.Index),), auth=False),

@@ -80,6 +80,19 @@ class Attempt(msgspec.Struct, kw_only=True):
 decode_attempt = msgspec.json.Decoder(Attempt).decode
 
 
+class DeliveryPage(msgspec.Struct, kw_only=True):
+    """`GET /executions/{id}/deliveries`: a page of its attempts, oldest first."""
+
+    items: list[Attempt]
+    next_cursor: str | None
+
+
+class WebhookSecret(msgspec.Struct):
+    """`GET` and `POST /webhooks/secret`: the principal's signing secret."""
+
+    secret: str
+
+
 class NewDelivery(NamedTuple):
     """A delivery to queue: an event's, to its execution's or pipeline's callback."""
 

@@ -8,35 +8,25 @@ every attempt; another principal's execution or pipeline is 404, as everywhere.
 
 from __future__ import annotations
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from relay.errors import NotFound
 from relay.gateway.http import json_response, list_limit, list_offset
 from relay.gateway.state import Gateway, gateway_of
-from relay.webhooks import Attempt, Kind
-
-
-class Secret(msgspec.Struct):
-    secret: str
-
-
-class AttemptPage(msgspec.Struct, kw_only=True):
-    items: list[Attempt]
-    next_cursor: str | None
+from relay.webhooks import DeliveryPage, Kind, WebhookSecret
 
 
 async def get_secret(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    return json_response(Secret(await gw.webhooks.secret(principal)))
+    return json_response(WebhookSecret(await gw.webhooks.secret(principal)))
 
 
 async def rotate_secret(request: Request) -> Response:
     gw = gateway_of(request)
     principal = await gw.authenticate(request)
-    return json_response(Secret(await gw.webhooks.rotate(principal)))
+    return json_response(WebhookSecret(await gw.webhooks.rotate(principal)))
 
 
 async def execution_deliveries(request: Request) -> Response:
@@ -57,7 +47,7 @@ async def _deliveries(request: Request, kind: Kind, owner_id: str) -> Response:
     if owner != principal:
         raise NotFound(f"no {kind} {owner_id}")
     more = len(items) > limit
-    return json_response(AttemptPage(items=items[:limit],
+    return json_response(DeliveryPage(items=items[:limit],
                                      next_cursor=str(offset + limit) if more else None))
 
 
