@@ -128,6 +128,16 @@ OPERATIONS = (
         rate_limited=True,
     ),
     Operation(
+        "GET", "/executions", "listExecutions",
+        "The caller's executions, newest first, optionally filtered",
+        (Reply(200, "A page of executions, each as GET /executions/{request_id} shows it. A "
+               "page looks at 5000 executions at most: with a rare filter it may hold fewer "
+               "than `limit` and still have a `next_cursor`.", schemas.ExecutionPage),),
+        (*STORE, InvalidRequest),
+        parameters=("status_filter", "session_filter", "pipeline_filter", "batch_filter",
+                    "page_limit", "cursor"),
+    ),
+    Operation(
         "GET", "/executions/{request_id}", "getExecution", "An execution's state and result",
         (Reply(200, "Its state; once finished, the execute response's fields too.",
                schemas.ExecutionState),),
@@ -513,6 +523,15 @@ PARAMETERS = {
                                     {"type": "string"}),
     "session_id_query": _parameter("query", "session_id", "Only this session's calls' events.",
                                    {"type": "string"}),
+    "status_filter": _parameter("query", "status", "Only executions in this status.",
+                                {"enum": ["queued", "running", "paused", "completed", "failed",
+                                          "cancelled"]}),
+    "session_filter": _parameter("query", "session_id", "Only this session's calls.",
+                                 {"type": "string"}),
+    "pipeline_filter": _parameter("query", "pipeline_id", "Only this pipeline's nodes.",
+                                  {"type": "string"}),
+    "batch_filter": _parameter("query", "batch_id", "Only this batch's items.",
+                               {"type": "string"}),
     "page_limit": _parameter("query", "limit", "Items per page.",
                              {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
     "request_id_query": _parameter("query", "request_id",
