@@ -2,7 +2,8 @@
 
 Every gateway process runs one (`relay dev` runs the gateway app, so it has one too), in the
 consumer group `pipelines` on `relay:events`. It reads the `wasm_exec_completed` entries of
-node executions (told apart from the rest by their bytes, before decoding anything), runs the
+node executions (told apart from the rest by their bytes, before decoding anything) when the
+gateway's fan-in saw one pass (`wake`), or after a second without any, runs the
 one script of that transition, starts the nodes it queued and cancels what it says to cancel,
 and only then acknowledges the entry. An entry left pending by a process that died is taken
 over by a peer (XAUTOCLAIM) and done again: the script changes nothing twice, and lists again
@@ -14,6 +15,7 @@ A second loop runs the pipelines' timers: retries in backoff, and each pipeline'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -100,6 +102,7 @@ class Scheduler:
         self.consumer = consumer or consumer_name()
         self.read_block_ms = read_block_ms
         self.timer_interval_s = timer_interval_s
+        self._wake = asyncio.Event()
 
     # --- the consumer ---
 
@@ -111,18 +114,30 @@ class Scheduler:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def wake(self) -> None:
+        """A node's completion is on the stream (the gateway's fan-in saw it): read now."""
+        self._wake.set()
+
     async def consume(self) -> None:
-        """Advance pipelines from their nodes' completions, until cancelled."""
+        """Advance pipelines from their nodes' completions, until cancelled.
+
+        The group is read when `wake` says a node completed, and every `read_block_ms`
+        anyway; it is not blocked on. Most entries are other executions' events, and a
+        blocking read woke this process for each burst of them: a memo hit's three events cost
+        it a read and an acknowledgement, more Redis round trips than the hit itself. The
+        read every `read_block_ms` takes a completion nobody told about (the fan-in was
+        reconnecting) and acknowledges the others in bulk."""
         await self.ensure_group()
         next_reclaim = 0.0
         while True:
             if time.monotonic() >= next_reclaim:
                 await self.reclaim()
                 next_reclaim = time.monotonic() + RECLAIM_EVERY_S
+            self._wake.clear()  # before the read: a completion seen during it reads again
             try:
                 reply = await self.client.xreadgroup(
                     Keys.PIPELINE_GROUP, self.consumer, {self.keys.events: ">"},
-                    count=READ_COUNT, block=self.read_block_ms)
+                    count=READ_COUNT)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -132,6 +147,10 @@ class Scheduler:
                        for entry_id, fields in found]
             if entries:
                 await self.handle(entries)
+            if len(entries) < READ_COUNT:  # else more are waiting: read on
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.read_block_ms / 1000):
+                        await self._wake.wait()
 
     async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
         """Take over the entries another consumer left pending (it died mid-transition)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import redis
@@ -179,6 +180,9 @@ class EventFanIn:
         self.shutting_down = False
         """The server began to stop: streams end (with a hint to come back soon)."""
         self._pinger: asyncio.TimerHandle | None = None
+        self.node_completed: Callable[[], None] | None = None
+        """Told when a pipeline node's `wasm_exec_completed` passes: the pipeline scheduler
+        reads its group then (relay.scheduler.Scheduler.wake)."""
 
     def start(self, last_id: bytes) -> None:
         """Follow the stream from `last_id` (exclusive) once `follow` runs, and start the
@@ -317,6 +321,9 @@ class EventFanIn:
             if self._watchers or data.startswith(COMPLETED_PREFIX):
                 head = decode_head(data)
                 self._notify(head.request_id, head.type, data)
+                if (head.pipeline_id is not None and head.type == "wasm_exec_completed"
+                        and self.node_completed is not None):
+                    self.node_completed()
             user = fields.get(b"user", b"").decode()
             if user in self._subscribers and for_clients(data):
                 by_user.setdefault(user, []).append(entry(entry_id, data))

@@ -70,6 +70,7 @@ class Gateway:
             memo_global=settings.memo_scope == "global",
             max_input_bytes=settings.max_output_bytes)
         """Advances pipelines: the consumer of their nodes' completions and their timers."""
+        self.fan_in.node_completed = self.scheduler.wake
         self.uploads = UploadSlots(settings.max_uploads)
         self.supervisor = Supervisor("relay.gateway")
         """Runs the background loops: the events fan-in, the policy watch, metrics, stream

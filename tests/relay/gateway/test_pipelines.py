@@ -105,6 +105,33 @@ async def test_a_diamond_computes_its_value(http: httpx.AsyncClient, executor: A
     assert listed["next_cursor"] is None
 
 
+async def test_a_completion_advances_its_pipeline_at_once(http: httpx.AsyncClient,
+                                                           executor: Any, settings: Any) -> None:
+    """The scheduler reads its group as soon as the gateway's fan-in sees a node's completion
+    pass, not on its once-a-second fallback read: along a chain, from each node's
+    `execution_complete` to its pipeline's `completed` for it (when Redis appended each) takes
+    milliseconds."""
+    add = await _cid(http, ADD_WAT)
+    nodes = [{"id": "n0", "cid": add, "inputs": [0, 1], "memoize": False}]
+    nodes += [{"id": f"n{i}", "cid": add, "inputs": [{"$ref": f"n{i - 1}"}, 1],
+               "memoize": False} for i in range(1, 12)]
+    pipeline_id = await _post(http, {"nodes": nodes})
+    view = await _finished(http, pipeline_id)
+    assert view["nodes"]["n11"]["output"] == 12
+    appended: dict[tuple[str, str], float] = {}
+    requests = {node["request_id"]: name for name, node in view["nodes"].items()}
+    for entry_id, fields in await event_entries(settings):
+        event = json.loads(fields[b"data"])
+        at = int(entry_id.split(b"-")[0]) / 1000
+        if event["type"] == "execution_complete" and event["request_id"] in requests:
+            appended[(requests[event["request_id"]], "ran")] = at
+        elif event["type"] == "pipeline_progress" and event["pipeline_id"] == pipeline_id \
+                and event["node_status"] == "completed":
+            appended[(event["node"], "counted")] = at
+    gaps = sorted(appended[(f"n{i}", "counted")] - appended[(f"n{i}", "ran")] for i in range(12))
+    assert gaps[len(gaps) // 2] < 0.2, gaps
+
+
 async def test_fan_out_never_exceeds_max_concurrency(http: httpx.AsyncClient, executor: Any,
                                                      settings: Any) -> None:
     spin = await _cid(http, SPIN_WAT)
