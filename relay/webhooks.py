@@ -38,6 +38,7 @@ _RECORD = Script.named("webhook_record")
 _ROTATE = Script.named("webhook_rotate")
 
 SECRET_PREFIX = "whsec_"
+SECRET_CACHE_S = 1.0
 EXECUTION_EVENTS = ("execution_queued", "execution_started", "execution_progress",
                     "execution_output", "execution_paused", "execution_resumed",
                     "execution_complete", "execution_error")
@@ -191,6 +192,8 @@ class Webhooks:
         self.ttl_ms = sum(schedule) * 2 + MAX_RETRY_AFTER_MS * (len(schedule) + 1)
         self._have_secret: set[str] = set()
         """Principals known to have a secret (one is never deleted): no round trip for them."""
+        self._secrets: dict[str, tuple[float, str, str | None, int]] = {}
+        """Principal -> (read until, current, previous, rotated_ms), for signing."""
 
     # --- secrets ---
 
@@ -213,20 +216,28 @@ class Webhooks:
         await _ROTATE.run(self.client, [self.keys.webhook_secret(principal)],
                           [secret, int(time.time() * 1000)])
         self._have_secret.add(principal)
+        self._secrets.pop(principal, None)
         return secret
 
     async def signing_secrets(self, principal: str) -> list[str]:
         """The secrets a delivery is signed with now: the current one, and the previous one
-        during the grace period after a rotation."""
-        current, previous, rotated_ms = await self.client.hmget(
-            self.keys.webhook_secret(principal), "current", "previous", "rotated_ms")
-        if current is None:
-            return [await self.secret(principal)]
-        found = [current.decode()]
-        if previous is not None and rotated_ms is not None and (
-                time.time() * 1000 < int(rotated_ms) + self.rotation_grace_ms):
-            found.append(previous.decode())
-        return found
+        during the grace period after a rotation. Read from Redis at most once a second per
+        principal (a rotation by another process signs within a second)."""
+        now = time.monotonic()
+        cached = self._secrets.get(principal)
+        if cached is None or cached[0] < now:
+            current, previous, rotated_ms = await self.client.hmget(
+                self.keys.webhook_secret(principal), "current", "previous", "rotated_ms")
+            if current is None:
+                current = (await self.secret(principal)).encode()
+            cached = (now + SECRET_CACHE_S, current.decode(),
+                      None if previous is None else previous.decode(),
+                      0 if rotated_ms is None else int(rotated_ms))
+            self._secrets[principal] = cached
+        _, current_secret, previous_secret, rotated = cached
+        if previous_secret is not None and time.time() * 1000 < rotated + self.rotation_grace_ms:
+            return [current_secret, previous_secret]
+        return [current_secret]
 
     # --- deliveries ---
 
@@ -253,21 +264,12 @@ class Webhooks:
         """Take up to `count` due deliveries for `lease_ms`; also when the next one is due
         (Unix seconds; None when nothing waits)."""
         now_ms = int(time.time() * 1000)
-        next_due, ids = await _CLAIM.run(self.client, [self.keys.webhook_due],
-                                         [now_ms, now_ms + lease_ms, count])
-        due: list[Due] = []
-        if ids:
-            pipe = self.client.pipeline(transaction=False)
-            for delivery_id in ids:
-                pipe.hmget(self.keys.webhook(delivery_id.decode()), "url", "principal", "body",
-                           "log", "attempt")
-            for delivery_id, (url, principal, body, log, attempt) in zip(
-                    ids, await pipe.execute(), strict=True):
-                if url is None or body is None:  # expired, or finished by a late peer
-                    await self.client.zrem(self.keys.webhook_due, delivery_id)
-                    continue
-                due.append(Due(delivery_id.decode(), url.decode(), principal.decode(), body,
-                               log.decode(), int(attempt) + 1))
+        next_due, taken = await _CLAIM.run(self.client, [self.keys.webhook_due],
+                                           [now_ms, now_ms + lease_ms, count,
+                                            self.keys.webhook("")])
+        due = [Due(delivery_id.decode(), url.decode(), principal.decode(), body, log.decode(),
+                   int(attempt) + 1)
+               for delivery_id, url, principal, body, log, attempt in taken]
         return due, None if next_due in (b"", "", None) else int(next_due) / 1000
 
     async def record(self, due: Due, status_code: int | None, error: str | None,

@@ -270,3 +270,38 @@ async def test_deliveries_and_secrets_are_each_principals_own(
         assert (await http.get(f"/executions/{plain}/deliveries")).json() == {
             "items": [], "next_cursor": None}
         assert_problem(await bob.get(f"/executions/{plain}/deliveries"), 404, "not-found")
+
+
+async def test_a_pipeline_and_a_session_call_are_called_back(
+        settings: Settings, executor: Any, httpserver: HTTPServer) -> None:
+    receiver = Receiver(httpserver, "/hook", 200)
+    async with gateway(settings, **LOCAL) as (http, _):
+        secret = (await http.get("/webhooks/secret")).json()["secret"]
+        cid = (await upload(http, ADD_WAT))["cid"]
+        response = await http.post("/pipelines", json={
+            "nodes": [{"id": "a", "cid": cid, "inputs": [1, 2]},
+                      {"id": "b", "cid": cid, "inputs": [{"$ref": "a"}, 4]}],
+            "callback_url": receiver.url})
+        assert response.status_code == 202, response.text
+        pipeline_id = response.json()["pipeline_id"]
+        await wait_for(lambda: len(receiver.got) == 1, timeout_s=15)
+        event = _verify(secret, receiver.got[0][1], receiver.got[0][2])
+        # Its default: the one terminal event, not its nodes' or its progress.
+        assert event == {**event, "type": "pipeline_complete", "pipeline_id": pipeline_id,
+                         "status": "completed"}
+        async def pipeline_log() -> list[dict[str, Any]] | None:
+            items: list[dict[str, Any]] = (
+                await http.get(f"/pipelines/{pipeline_id}/deliveries")).json()["items"]
+            return items or None
+        log = await wait_for(pipeline_log, timeout_s=5)
+        assert [(e["status_code"], e["url"]) for e in log] == [(200, receiver.url)]
+
+        session = (await http.post("/sessions", json={"cid": cid})).json()["session_id"]
+        response = await http.post(f"/sessions/{session}/calls", json={
+            "entrypoint": "main", "inputs": [40, 2], "callback_url": receiver.url,
+            "callback_events": ["execution_complete"]})
+        assert response.status_code == 200, response.text
+        await wait_for(lambda: len(receiver.got) == 2, timeout_s=15)
+        event = _verify(secret, receiver.got[1][1], receiver.got[1][2])
+        assert (event["type"], event["output"], event["session_id"]) == (
+            "execution_complete", 42, session)
