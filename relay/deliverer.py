@@ -187,14 +187,17 @@ class Deliverer:
                 elif head.type.startswith("pipeline_") and head.pipeline_id:
                     candidates.append((entry_id, data, user, head.type, "pipeline",
                                        head.pipeline_id))
+                elif head.type.startswith("batch_") and head.batch_id:
+                    candidates.append((entry_id, data, user, head.type, "batch", head.batch_id))
         if candidates:
             lookup = self.client.pipeline(transaction=False)
             for *_, kind, owner_id in candidates:
                 if kind == "execution":
                     lookup.hmget(self.keys.execution(owner_id), "callback", "principal")
                 else:
-                    lookup.hmget(self.keys.pipeline(owner_id), "callback_url",
-                                 "callback_events", "principal")
+                    owner = (self.keys.pipeline(owner_id) if kind == "pipeline"
+                             else self.keys.batch(owner_id))
+                    lookup.hmget(owner, "callback_url", "callback_events", "principal")
             found = await lookup.execute()
             deliveries = []
             for (entry_id, data, user, event_type, kind, owner_id), fields in zip(

@@ -183,6 +183,10 @@ class Keys:
         `:requests`, `:ready`, `:active`), which the pipeline scripts build from it too."""
         return f"{self.prefix}:pipeline:{pipeline_id}"
 
+    def batch(self, batch_id: str) -> str:
+        """Hash of one batch (relay.batches); `:waiting` and `:ended` beside it."""
+        return f"{self.prefix}:batch:{batch_id}"
+
     def executions(self, principal: str) -> str:
         """Sorted set of the principal's executions, `<acceptance ms, 13 digits>:<request id>`,
         all of score 0 (so in time order by lex): `GET /executions` (relay.gateway.listing).

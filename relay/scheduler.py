@@ -30,6 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from relay import budgets
+from relay.batches import BatchStore
 from relay.blobs import BlobGone, BlobStore, decode_output
 from relay.bus import Bus, Script
 from relay.keys import Keys
@@ -53,6 +54,14 @@ _RECLAIM = Script.named("pipeline_reclaim")
 COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
 PIPELINE_MARK = b'"pipeline_id":"'
 """In a completion's bytes only when it belongs to a pipeline (outside one it is null)."""
+BATCH_MARK = b'"batch_id":"'
+"""In a completion's bytes only when it belongs to a batch (outside one it is absent)."""
+
+
+def _ours(data: bytes) -> bool:
+    """A pipeline node's or a batch item's completion (or, rarely, another one whose inputs
+    have such a member: decoding tells)."""
+    return data.startswith(COMPLETED_PREFIX) and (PIPELINE_MARK in data or BATCH_MARK in data)
 READ_COUNT = 100
 RECLAIM_IDLE_MS = 10_000
 """An entry pending this long lost its consumer (a transition takes milliseconds, or the
@@ -80,7 +89,7 @@ def consumer_name() -> str:
 class Scheduler:
     def __init__(self, client: aioredis.Redis, keys: Keys, bus: Bus, store: PipelineStore, *,
                  max_active: Callable[[str], int], cancel: Cancel, check_input: CheckInput,
-                 max_input_bytes: int,
+                 max_input_bytes: int, batches: BatchStore | None = None,
                  memo: Memo | None = None, memo_global: bool = False,
                  consumer: str | None = None, read_block_ms: int = 1000,
                  timer_interval_s: float = 0.05) -> None:
@@ -95,6 +104,8 @@ class Scheduler:
         """What a node's inputs passed by reference add up to at most (RELAY_MAX_OUTPUT_BYTES:
         the largest output a run may write is the largest input a run is given)."""
         self.blobs = BlobStore(client, keys)
+        self.batches = batches
+        """Told when a batch's item ends (relay.batches): this consumer reads those too."""
         self.memo = memo
         """Answers nodes (`memoize`, the default) from stored results (relay.memo)."""
         self.memo_global = memo_global
@@ -167,10 +178,8 @@ class Scheduler:
     async def handle(self, entries: list[tuple[bytes, bytes]]) -> None:
         """Advance pipelines by the completions among `entries`; acknowledge every entry but
         those whose transition failed (they stay pending and are taken over later)."""
-        ours = [(entry_id, data) for entry_id, data in entries
-                if data.startswith(COMPLETED_PREFIX) and PIPELINE_MARK in data]
-        done: list[bytes] = [entry_id for entry_id, data in entries
-                             if not (data.startswith(COMPLETED_PREFIX) and PIPELINE_MARK in data)]
+        ours = [(entry_id, data) for entry_id, data in entries if _ours(data)]
+        done: list[bytes] = [entry_id for entry_id, data in entries if not _ours(data)]
         if ours:
             outcomes = await asyncio.gather(*(self.completed(data) for _, data in ours),
                                             return_exceptions=True)
@@ -186,8 +195,13 @@ class Scheduler:
             await self.client.xack(self.keys.events, Keys.PIPELINE_GROUP, *done)
 
     async def completed(self, data: bytes) -> None:
-        """One node execution's `wasm_exec_completed`: its transition, then what it started."""
+        """One node execution's `wasm_exec_completed`: its transition, then what it started
+        (or a batch item's: the batch is told)."""
         event = decode_completed(data)
+        if event.batch_id and self.batches is not None:
+            code = event.error.code if event.error is not None else ""
+            await self.batches.ended(event.batch_id, event.request_id, "completed" if event.success
+                                     else "cancelled" if code == "cancelled" else "failed")
         pipeline_id = event.pipeline_id
         if pipeline_id is None:
             return

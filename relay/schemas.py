@@ -243,6 +243,8 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     session_id: str | None = None  # always on the bus (v1), null outside sessions
     pipeline_id: str | None = None
     """The pipeline a node's execution belongs to (relay.pipelines), null outside pipelines."""
+    batch_id: str | UnsetType = UNSET
+    """The batch an item's execution belongs to (relay.batches), absent outside batches."""
     step_gas: int | None = None
     """Set: the run pauses (reason `step`) once it has used this much gas, then again after
     each `step` that gives no gas of its own."""
@@ -437,6 +439,7 @@ class EventHead(msgspec.Struct):
     request_id: str = ""
     session_id: str | None = None
     pipeline_id: str | None = None
+    batch_id: str | None = None
 
 
 MAX_SESSION_TTL_MS = 366 * 86_400_000
@@ -770,6 +773,48 @@ def queued_template(request_id: str, cid: str, timestamp: str,
                                   pipeline_id=pipeline_id or UNSET))
     assert body.endswith(b'"position":0}')
     return body[:-2]
+
+
+class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """`POST /intent/execute-wasm/batch`: each item an execute request body, checked on its
+    own (relay.pipeline.validate)."""
+
+    items: list[msgspec.Raw]
+    callback_url: str | None = None
+    callback_events: list[str] | None = None
+
+
+class BatchLinks(msgspec.Struct, rename={"self_": "self"}):
+    self_: str
+
+
+class BatchAccepted(msgspec.Struct, kw_only=True):
+    """`POST /intent/execute-wasm/batch` with `Prefer: respond-async`: 202."""
+
+    batch_id: str
+    links: BatchLinks
+
+
+class BatchItemState(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str | None
+    """Null for an item refused (its `problem` says why)."""
+    status: str
+    """The execution's status, or `refused`, or `expired` (it ended unseen and its record
+    is gone)."""
+    problem: dict[str, Any] | None = None
+
+
+class BatchView(msgspec.Struct, kw_only=True):
+    """`GET /batches/{id}`."""
+
+    batch_id: str
+    status: Literal["running", "completed"]
+    total: int
+    completed: int
+    """Items that have ended, refused ones included."""
+    items: list[BatchItemState]
+    created_at: str
+    finished_at: str | None
 
 
 def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:

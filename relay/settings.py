@@ -328,6 +328,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_snapshots: Annotated[int, Variable(
         "RELAY_MAX_SNAPSHOTS", _int, EXECUTOR, "snapshots",
         "snapshots one principal may keep; one more is 403 `quota-exceeded`")] = 1000
+    max_batch: Annotated[int, Variable(
+        "RELAY_MAX_BATCH", _int, EXECUTOR, "items",
+        "items one batch may have; more is 400 (the 1 MiB body holds them all)")] = 100
     max_pipeline_nodes: Annotated[int, Variable(
         "RELAY_MAX_PIPELINE_NODES", _int, EXECUTOR, "nodes",
         "nodes one pipeline may have; more is 400")] = 10_000

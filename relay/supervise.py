@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+CANCEL_AGAIN_S = 0.05
+
 
 class Supervisor:
     def __init__(self, logger_name: str = "relay.supervise", *, min_backoff_s: float = 0.1,
@@ -48,10 +50,14 @@ class Supervisor:
         a cancellation that lands while it connects (redis-py #2028, #2551), and such a task
         ends only once its client is closed."""
         tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while tasks and time.monotonic() < deadline:
+            # Cancelled again until done: Python 3.11 loses a cancellation that lands as an
+            # `asyncio.timeout` around the loop's wait expires (the loop then goes on).
+            for task in tasks:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=min(CANCEL_AGAIN_S, deadline - time.monotonic()))
+            tasks = [task for task in tasks if not task.done()]
 
     async def _supervise(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         failures = 0

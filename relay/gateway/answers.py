@@ -24,7 +24,7 @@ async def answer(gw: Gateway, admission: Admission) -> Response:
     if admission.completion is None:
         return _accepted(request_id, headers)
     try:
-        result = await _wait_result(gw, request_id, admission.completion)
+        result = await wait_result(gw, request_id, admission.completion)
     finally:
         gw.fan_in.release(request_id, admission.completion)
     if result is None:
@@ -32,7 +32,7 @@ async def answer(gw: Gateway, admission: Admission) -> Response:
     return json_response(result, headers=headers)
 
 
-async def _wait_result(gw: Gateway, request_id: str, completion: asyncio.Future[bytes],
+async def wait_result(gw: Gateway, request_id: str, completion: asyncio.Future[bytes],
                        ) -> bytes | None:
     try:
         async with asyncio.timeout(gw.settings.sync_wait_ms / 1000):
@@ -44,8 +44,13 @@ async def _wait_result(gw: Gateway, request_id: str, completion: asyncio.Future[
         return stored
 
 
+def accepted_body(request_id: str) -> bytes:
+    """202's body: where to follow the execution."""
+    return encode(Accepted(request_id=request_id, links=Links(
+        self_=f"/executions/{request_id}",
+        events=f"/intent/execute-wasm/events?request_id={request_id}")))
+
+
 def _accepted(request_id: str, headers: dict[str, str]) -> Response:
-    location = f"/executions/{request_id}"
-    body = Accepted(request_id=request_id, links=Links(
-        self_=location, events=f"/intent/execute-wasm/events?request_id={request_id}"))
-    return json_response(body, 202, {**headers, "Location": location})
+    return json_response(accepted_body(request_id), 202,
+                         {**headers, "Location": f"/executions/{request_id}"})

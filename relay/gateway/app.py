@@ -18,6 +18,7 @@ from relay.deliverer import Deliverer
 from relay.gateway import problems
 from relay.gateway.http import RequestIdMiddleware, by_method
 from relay.gateway.routes import (
+    batches,
     budgets,
     execute,
     executions,
@@ -43,6 +44,8 @@ ROUTES = [
     Route("/intent/execute-wasm/health", health.health, methods=["GET"]),
     Route(health.EVENTS_PATH, sse.Sse(), methods=["GET"]),
     Route("/auth/tokens", tokens.mint_token, methods=["POST"]),
+    Route("/intent/execute-wasm/batch", batches.execute_batch, methods=["POST"]),
+    Route("/batches/{batch_id}", batches.get_batch, methods=["GET"]),
     Route("/executions", executions.list_executions, methods=["GET"]),
     Route("/executions/{request_id}", by_method(GET=executions.get_execution,
                                                 DELETE=executions.cancel_execution),

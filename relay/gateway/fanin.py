@@ -321,7 +321,8 @@ class EventFanIn:
             if self._watchers or data.startswith(COMPLETED_PREFIX):
                 head = decode_head(data)
                 self._notify(head.request_id, head.type, data)
-                if (head.pipeline_id is not None and head.type == "wasm_exec_completed"
+                if ((head.pipeline_id is not None or head.batch_id is not None)
+                        and head.type == "wasm_exec_completed"
                         and self.node_completed is not None):
                     self.node_completed()
             user = fields.get(b"user", b"").decode()

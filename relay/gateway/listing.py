@@ -20,9 +20,8 @@ from relay.gateway.control import Controller
 from relay.keys import Keys
 from relay.schemas import ExecutionState
 
-FILTERS = {"status": "status", "session_id": "session", "pipeline_id": "pipeline",
-           "batch_id": "batch"}
-"""Query parameter -> the record field it must equal."""
+FILTERS = {"status": "status", "session_id": "session", "pipeline_id": "pipeline"}
+"""Query parameter -> the record field it must equal. (`batch_id` is the batch's own list.)"""
 STATUSES = frozenset({"queued", "running", "paused", "completed", "failed", "cancelled"})
 SCAN_MAX = 5000
 """Ids one page looks at, at most."""
@@ -32,10 +31,10 @@ CURSOR = re.compile(r"\d{13}:[A-Za-z0-9_.:-]{1,200}")
 
 def filters_of(query: Any) -> dict[str, str]:
     """The record fields and values the query asks for. Raises InvalidRequest."""
-    unknown = sorted(set(query) - {*FILTERS, "limit", "cursor"})
+    unknown = sorted(set(query) - {*FILTERS, "batch_id", "limit", "cursor"})
     if unknown:
         raise InvalidRequest(f"unknown query parameter {unknown[0]!r}; the filters are "
-                             + ", ".join(FILTERS))
+                             + ", ".join([*FILTERS, "batch_id"]))
     wanted = {field: query[name] for name, field in FILTERS.items() if name in query}
     if "status" in wanted and wanted["status"] not in STATUSES:
         raise InvalidRequest(f"status must be one of {', '.join(sorted(STATUSES))}")
@@ -51,9 +50,11 @@ def cursor_of(raw: str | None) -> str | None:
 
 async def page(client: aioredis.Redis, keys: Keys, controller: Controller, principal: str,
                wanted: dict[str, str], limit: int, cursor: str | None,
-               ) -> tuple[list[ExecutionState], str | None]:
-    """Up to `limit` of the principal's executions matching `wanted`, newest first, after
-    `cursor`; and the cursor of the next page (None: there is none)."""
+               only: set[str] | None = None) -> tuple[list[ExecutionState], str | None]:
+    """Up to `limit` of the principal's executions matching `wanted` (and among `only`, if
+    given), newest first, after `cursor`; and the cursor of the next page (None: none)."""
+    if only is not None and not only:
+        return [], None
     listed = keys.executions(principal)
     fields = list(wanted)
     top = "+" if cursor is None else "(" + cursor
@@ -73,8 +74,9 @@ async def page(client: aioredis.Redis, keys: Keys, controller: Controller, princ
         for member, (owner, *values) in zip(members, await pipe.execute(), strict=True):
             if owner is None:
                 gone.append(member)
-            elif all(value is not None and value.decode() == wanted[field]
-                     for field, value in zip(fields, values, strict=True)):
+            elif (only is None or _request_id(member) in only) and all(
+                    value is not None and value.decode() == wanted[field]
+                    for field, value in zip(fields, values, strict=True)):
                 matches.append((member.decode(), _request_id(member)))
         if gone:
             await client.zrem(listed, *gone)

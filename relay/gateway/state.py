@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 from starlette.requests import HTTPConnection
 
 from relay.apikeys import StoredKeys
+from relay.batches import BatchStore
 from relay.bus import Bus
 from relay.errors import Conflict, NotFound
 from relay.gateway.control import Controller
@@ -68,7 +69,8 @@ class Gateway:
                                           or settings.max_active),
             cancel=self._cancel_node, check_input=input_problem, memo=self.pipeline.memo,
             memo_global=settings.memo_scope == "global",
-            max_input_bytes=settings.max_output_bytes)
+            max_input_bytes=settings.max_output_bytes,
+            batches=BatchStore(client, keys, events_retention=settings.events_retention))
         """Advances pipelines: the consumer of their nodes' completions and their timers."""
         self.fan_in.node_completed = self.scheduler.wake
         self.uploads = UploadSlots(settings.max_uploads)

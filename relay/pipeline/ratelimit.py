@@ -65,10 +65,35 @@ class RateLimiter:
         self._window_ends: dict[str, float] = {}
         """When each window this gateway has seen ends (Unix time)."""
 
+    async def hit_many(self, principal: str, count: int) -> list[RateState | RateLimited | None]:
+        """Count `count` requests at once (a batch's items, one round trip): each one's state
+        (None: not limited), or the RateLimited it is refused with, in order."""
+        counted = await self._count(principal, "", count)
+        if counted is None:
+            return [None] * count
+        state, total = counted
+        verdicts: list[RateState | RateLimited | None] = []
+        for index in range(count):
+            used = total - count + index + 1  # this item's place in the window
+            own = state._replace(remaining=max(state.limit - used, 0))
+            verdicts.append(own if used <= state.limit else _refusal(own))
+        return verdicts
+
     async def hit(self, principal: str, scope: str = "") -> RateState | None:
         """Count one request. Raises RateLimited (with the RateLimit fields) when over; None
         when this principal is not limited. A `scope` ("upload") counts apart from execute,
         under the same numbers."""
+        counted = await self._count(principal, scope, 1)
+        if counted is None:
+            return None
+        state, total = counted
+        if total > state.limit:
+            raise _refusal(state)
+        return state
+
+    async def _count(self, principal: str, scope: str, amount: int,
+                     ) -> tuple[RateState, int] | None:
+        """Add `amount` to the principal's window: its state after, and the window's count."""
         caps = self._policies.caps(principal)
         own = caps.rate_limit is not None or caps.rate_window is not None
         limit = caps.rate_limit or self._settings.rate_limit
@@ -80,9 +105,9 @@ class RateLimiter:
         # The library's hit() then get_window_stats() would be three round trips in a row. The
         # count comes back from the increment; when the window ends is read once per window
         # (or learned, when this increment opened it), then remembered.
-        count = await self._storage.incr(key, item.get_expiry())
+        count = await self._storage.incr(key, item.get_expiry(), amount=amount)
         now = time.time()
-        if count == 1:
+        if count == amount:
             window_end = now + window_s
         else:
             window_end = self._window_ends.get(key, 0.0)
@@ -93,14 +118,15 @@ class RateLimiter:
         self._window_ends[key] = window_end
         reset_s = min(max(math.ceil(window_end - now), 0), window_s)
         policy = "principal" if own else "default"
-        state = RateState(f"{scope}-{policy}" if scope else policy, limit, window_s,
-                          max(limit - count, 0), reset_s)
-        if count > limit:
-            retry_after = max(reset_s, 1)
-            raise RateLimited(
-                f"over {limit} requests per {window_s} s; retry in {retry_after} s",
-                retry_after_s=retry_after, headers=state.headers())
-        return state
+        return RateState(f"{scope}-{policy}" if scope else policy, limit, window_s,
+                         max(limit - count, 0), reset_s), count
+
+
+def _refusal(state: RateState) -> RateLimited:
+    retry_after = max(state.reset_s, 1)
+    return RateLimited(
+        f"over {state.limit} requests per {state.window_s} s; retry in {retry_after} s",
+        retry_after_s=retry_after, headers=state.headers())
 
 
 class RateCheck:
@@ -131,6 +157,21 @@ class RateCheck:
         if not self._counted.done():
             self._counted.cancel()
             self._counted.add_done_callback(_retrieve)
+
+
+class Counted:
+    """A count made already (a batch's item's, by `hit_many`), answering as RateCheck does."""
+
+    def __init__(self, verdict: RateState | RateLimited | None, metrics: Metrics) -> None:
+        self._verdict = verdict
+        self._metrics = metrics
+
+    async def headers(self) -> dict[str, str]:
+        """The RateLimit fields for the answer. Raises RateLimited."""
+        if isinstance(self._verdict, RateLimited):
+            self._metrics.count("rate_limited")
+            raise self._verdict
+        return {} if self._verdict is None else self._verdict.headers()
 
 
 def _retrieve(future: asyncio.Future[RateState | None]) -> None:

@@ -57,6 +57,14 @@ class Completions(Protocol):
     def release(self, request_id: str, future: asyncio.Future[bytes] | None) -> None: ...
 
 
+class Counted(Protocol):
+    """A request's count under the rate limit (relay.pipeline.ratelimit)."""
+
+    async def headers(self) -> dict[str, str]:
+        """The RateLimit fields for the answer. Raises RateLimited."""
+        ...
+
+
 class Admission(NamedTuple):
     """An accepted request: what to answer with, or wait for."""
 
@@ -107,15 +115,34 @@ class ExecutePipeline:
         principal = await self.authenticate(request)
         rate = RateCheck(self.rate_limiter, principal, self.metrics)  # its round trip overlaps
         try:
-            body = await read_body(request, self.settings.max_request_bytes)
-            sync = "respond-async" not in request.headers.get("prefer", "")
+            try:
+                body = await read_body(request, self.settings.max_request_bytes)
+            except RelayError as error:
+                await self._refused(error, rate)
+                raise
+            return await self.admit_body(
+                principal, body, request.headers.get("idempotency-key"), rate,
+                sync="respond-async" not in request.headers.get("prefer", ""),
+                session_id=session_id)
+        finally:
+            rate.abandon()
+
+    async def admit_body(self, principal: str, body: bytes, header_key: str | None,
+                         rate: Counted, *, sync: bool, session_id: str | None = None,
+                         batch_id: str | None = None) -> Admission:
+        """The stages after authentication, for one request body (a batch's item too, with
+        `batch_id`); `rate` is its count under the rate limit. Raises a RelayError for the
+        first stage that refuses it (with the RateLimit fields)."""
+        try:
             for _ in range(MAX_NAME_RETRIES):
                 session = (None if session_id is None
                            else await self.sessions.callable(principal, session_id))
-                validated = await validate(body, request.headers.get("idempotency-key"),
+                validated = await validate(body, header_key,
                                            principal, self.modules, self.settings,
                                            self.policies.caps(principal), session)
                 headers = await rate.headers()  # a 429 wins over everything after validation
+                if batch_id is not None:
+                    validated.request.batch_id = batch_id
                 admission = await self._accept(validated, principal, sync, headers)
                 if admission is not None:
                     return admission
@@ -123,13 +150,15 @@ class ExecutePipeline:
                 self.modules.forget(validated.name)  # its cached binding was stale
             raise Conflict("the module's name moved while the request was accepted; retry")
         except RelayError as error:
-            if not isinstance(error, RateLimited):
-                error.headers.update(await rate.headers())  # raises instead, when over
-            if isinstance(error, INVALID):
-                self.metrics.count("invalid_request")
+            await self._refused(error, rate)
             raise
-        finally:
-            rate.abandon()
+
+    async def _refused(self, error: RelayError, rate: Counted) -> None:
+        """Count a refusal, and give it the RateLimit fields (or raise RateLimited instead)."""
+        if not isinstance(error, RateLimited):
+            error.headers.update(await rate.headers())  # raises instead, when over
+        if isinstance(error, INVALID):
+            self.metrics.count("invalid_request")
 
     async def _accept(self, validated: Validated, principal: str, sync: bool,
                       headers: dict[str, str]) -> Admission | None:

@@ -155,6 +155,29 @@ async def test_stop_gives_up_on_a_loop_that_swallows_its_cancellation() -> None:
                    timeout_s=5, interval_s=0.005)
 
 
+async def test_stop_cancels_again_a_loop_that_lost_one_cancellation() -> None:
+    """Python 3.11 loses a cancellation that lands as an `asyncio.timeout` expires: the loop
+    goes round again. Stop cancels until it ends."""
+    supervisor = Supervisor()
+    swallowed = 0
+
+    async def loses_the_first() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    supervisor.start("loses", loses_the_first)
+    await asyncio.sleep(0)
+    await supervisor.stop(timeout_s=5)
+    assert swallowed == 1
+    assert not any(t.get_name() == "loses" for t in asyncio.all_tasks())
+
+
 # --- The executor's loops. ---
 
 LOOP_WAT = '(module (func (export "main") (loop br 0)))'

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from relay import cid
+from relay.batches import BatchStore
 from relay.blobs import BlobStore
 from relay.errors import Conflict, NotFound, decode_body
 from relay.gateway import listing
@@ -26,8 +27,12 @@ async def list_executions(request: Request) -> Response:
     principal = await gw.authenticate(request)
     wanted = listing.filters_of(request.query_params)
     limit, cursor = list_limit(request), listing.cursor_of(request.query_params.get("cursor"))
+    batch_id = request.query_params.get("batch_id")
+    only = (None if batch_id is None else await BatchStore(
+        gw.client, gw.keys, events_retention=gw.settings.events_retention,
+    ).request_ids(principal, batch_id))
     items, next_cursor = await listing.page(gw.client, gw.keys, gw.controller, principal,
-                                            wanted, limit, cursor)
+                                            wanted, limit, cursor, only)
     return json_response(ExecutionPage(items=items, next_cursor=next_cursor))
 
 
