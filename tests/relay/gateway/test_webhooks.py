@@ -305,3 +305,29 @@ async def test_a_pipeline_and_a_session_call_are_called_back(
         event = _verify(secret, receiver.got[1][1], receiver.got[1][2])
         assert (event["type"], event["output"], event["session_id"]) == (
             "execution_complete", 42, session)
+
+
+async def test_the_callback_is_part_of_the_request_and_attempts_are_counted(
+        settings: Settings, executor: Any, httpserver: HTTPServer) -> None:
+    receiver = Receiver(httpserver, "/hook", 200)
+    async with gateway(settings, **LOCAL) as (http, _):
+        cid = (await upload(http, ADD_WAT))["cid"]
+        body = {"cid": cid, "inputs": [2, 3], "idempotency_key": "k",
+                "callback_url": receiver.url}
+        first = await http.post("/intent/execute-wasm", json=body)
+        assert first.status_code == 200
+        reused = await http.post("/intent/execute-wasm",
+                                 json={**body, "callback_url": receiver.url + "/other"})
+        assert_problem(reused, 422, "idempotency-key-reuse")
+        alone = await http.post("/intent/execute-wasm", json={
+            "cid": cid, "inputs": [2, 3], "callback_events": ["execution_error"]})
+        assert assert_problem(alone, 400, "invalid-request")["errors"][0]["pointer"] == (
+            "/callback_events")
+        await wait_for(lambda: _logged(http, first.json()["request_id"], 1), timeout_s=10)
+
+        async def counted() -> bool:
+            text = (await http.get("/metrics")).text
+            return ('relay_webhook_attempts_total{outcome="success"} 1' in text
+                    and 'relay_webhook_deliveries_total{result="delivered"} 1' in text)
+        await wait_for(counted, timeout_s=5, interval_s=0.2)
+    assert len(receiver.got) == 1
