@@ -128,6 +128,23 @@ OPERATIONS = (
         rate_limited=True,
     ),
     Operation(
+        "POST", "/intent/execute-wasm/batch", "executeBatch",
+        "Run many execute requests at once, each through the whole pipeline on its own",
+        (Reply(200, "Every item's answer, in order: its execute answer, 202's body for one "
+               "still running after the sync wait, or its problem (pointers into this body).",
+               schemas.BatchResults),
+         Reply(202, "Accepted (`Prefer: respond-async`): follow it at GET /batches/{batch_id}.",
+               schemas.BatchAccepted, headers=("Location",))),
+        (*STORE, InvalidRequest, PayloadTooLarge),
+        body=((JSON, schemas.BatchRequest),),
+        parameters=("Prefer",),
+    ),
+    Operation(
+        "GET", "/batches/{batch_id}", "getBatch", "A batch: every item's status",
+        (Reply(200, "The batch.", schemas.BatchView),),
+        (*STORE, NotFound),
+    ),
+    Operation(
         "GET", "/executions", "listExecutions",
         "The caller's executions, newest first, optionally filtered",
         (Reply(200, "A page of executions, each as GET /executions/{request_id} shows it. A "
@@ -510,6 +527,9 @@ PARAMETERS = {
     "Idempotency-Key": _parameter("header", "Idempotency-Key",
                                   "As `idempotency_key` in the body (if both are sent, equal).",
                                   {}),
+    "environment": _parameter("path", "environment", "An environment's name.", NAME),
+    "batch_id": _parameter("path", "batch_id", "The batch's id.",
+                           {"type": "string", "pattern": "^bat_[0-9a-f]{24}$"}),
     "budget_id": _parameter("path", "budget_id", "The budget's id.",
                             {"type": "string", "pattern": "^bud_[0-9a-f]{24}$"}),
     "session_id": _parameter("path", "session_id", "The session's id.",

@@ -311,7 +311,8 @@ class PipelineStore:
     async def done(self, pipeline_id: str, node: str, request_id: str, outcome: str,
                    code: str, result: NodeResult, backoff_factor: float) -> Reply:
         """A node's attempt `request_id` ended: `outcome` completed, failed or cancelled
-        (`code` its error's). Changes nothing for an attempt that is not the current one."""
+        (`code` its error's). Changes nothing for an attempt that is not the current one.
+        `node` "": the node whose attempt `request_id` is (none: nothing changes)."""
         return _reply(await self._run(_DONE, [
             self.keys.pipeline(pipeline_id), self.keys.events, self.keys.pipeline_timers,
         ], [pipeline_id, node, request_id, outcome, code, encode(result), now_iso(),
@@ -363,33 +364,41 @@ class PipelineStore:
                                               ["principal", "stop"])
         return (owner.decode() if owner is not None else None), bool(stop)
 
-    async def specs(self, pipeline_id: str, nodes: list[str]) -> list[NodeSpec | None]:
-        raw = await self.client.hmget(self.keys.pipeline(pipeline_id) + ":spec", nodes)
-        return [decode_spec(r) if r is not None else None for r in raw]
-
-    async def results(self, pipeline_id: str, nodes: Iterable[str]) -> dict[str, NodeResult]:
-        """The stored results of the completed ones among `nodes`."""
-        wanted = sorted(set(nodes))
-        if not wanted:
-            return {}
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hmget(self.keys.pipeline(pipeline_id) + ":results", wanted)
-        pipe.hmget(self.keys.pipeline(pipeline_id) + ":status", wanted)
-        raw, statuses = await pipe.execute()
-        return {node: decode_result(r) for node, r, s in zip(wanted, raw, statuses, strict=True)
-                if r is not None and s == b"completed"}
-
-    async def assign(self, pipeline_id: str, attempts: list[tuple[str, str]]) -> None:
-        """Record (node, request id) as each node's current attempt, before accepting it."""
+    async def unstarted(self, pipeline_id: str, attempts: list[tuple[str, str]]
+                        ) -> tuple[str | None, bool, list[tuple[str, str, NodeSpec | None]]]:
+        """In one round trip: the pipeline's principal (None: it is gone), whether it is
+        stopping, and those of `attempts` (node, request id) whose execution does not exist
+        yet, each with its node's spec."""
         key = self.keys.pipeline(pipeline_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(key, ["principal", "stop"])
+        pipe.hmget(key + ":spec", [node for node, _ in attempts])
+        for _, request_id in attempts:
+            pipe.exists(self.keys.execution(request_id))
+        (owner, stop), specs, *found = await pipe.execute()
+        missing = [(node, request_id, decode_spec(raw) if raw is not None else None)
+                   for (node, request_id), raw, exists
+                   in zip(attempts, specs, found, strict=True) if not exists]
+        return (owner.decode() if owner is not None else None), bool(stop), missing
+
+    async def assign(self, pipeline_id: str, attempts: list[tuple[str, str]],
+                     refs: Iterable[str] = ()) -> dict[str, NodeResult]:
+        """Record (node, request id) as each node's current attempt, before accepting it; and,
+        in the same round trip, the stored results of the completed ones among `refs`."""
+        key = self.keys.pipeline(pipeline_id)
+        wanted = sorted(set(refs))
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key + ":current", mapping=dict(attempts))
         pipe.hset(key + ":requests", mapping={rid: node for node, rid in attempts})
-        await pipe.execute()
-
-    async def node_of(self, pipeline_id: str, request_id: str) -> str | None:
-        node = await self.client.hget(self.keys.pipeline(pipeline_id) + ":requests", request_id)
-        return node.decode() if node is not None else None
+        if wanted:
+            pipe.hmget(key + ":results", wanted)
+            pipe.hmget(key + ":status", wanted)
+        _, _, *read = await pipe.execute()
+        if not wanted:
+            return {}
+        raw, statuses = read
+        return {node: decode_result(r) for node, r, s in zip(wanted, raw, statuses, strict=True)
+                if r is not None and s == b"completed"}
 
     # --- reading ---
 

@@ -71,6 +71,10 @@ TIMERS_PER_ROUND = 100
 FULL_RETRY_MS = 1000
 """When the queue is full (`RELAY_MAX_QUEUE`), a pipeline's queued nodes are tried again
 this much later."""
+LAUNCHED_KEPT = 100_000
+"""Attempts this process accepted, remembered so that they need no look in Redis when a
+later transition lists them again; past this many they are forgotten (each then costs one
+EXISTS)."""
 READ_BLOB_BYTES = 1 << 20
 """The largest large output a reference is resolved from here: one with a pointer, or one a
 function's parameter takes (read and decoded in this process). A whole output for a WASI
@@ -114,6 +118,10 @@ class Scheduler:
         self.read_block_ms = read_block_ms
         self.timer_interval_s = timer_interval_s
         self._wake = asyncio.Event()
+        self._launching: set[str] = set()
+        """Attempts (request ids) this process is accepting now."""
+        self._launched: set[str] = set()
+        """Attempts this process accepted (at most LAUNCHED_KEPT)."""
 
     # --- the consumer ---
 
@@ -205,9 +213,6 @@ class Scheduler:
         pipeline_id = event.pipeline_id
         if pipeline_id is None:
             return
-        node = await self.store.node_of(pipeline_id, event.request_id)
-        if node is None:
-            return  # the pipeline expired
         output_ref = getattr(event, "output_ref", None)
         cached = getattr(event, "cached", None)
         result = NodeResult(output=event.output, error=event.error,
@@ -218,7 +223,8 @@ class Scheduler:
         else:
             code = event.error.code if event.error is not None else "internal"
             outcome = "cancelled" if code == "cancelled" else "failed"
-        reply = await self.store.done(pipeline_id, node, event.request_id, outcome, code, result,
+        # The script finds the node of the attempt (nothing if the pipeline expired).
+        reply = await self.store.done(pipeline_id, "", event.request_id, outcome, code, result,
                                       random.uniform(0.5, 1.0))
         await self.apply(pipeline_id, reply)
 
@@ -249,30 +255,40 @@ class Scheduler:
     async def launch(self, pipeline_id: str, queued: list[tuple[str, int]]) -> None:
         """Accept each queued node's attempt unless its execution exists already: inputs
         resolved from the outputs it refers to, or failed with `invalid_input` if they do not
-        fit. A stopping pipeline's nodes are cancelled instead."""
-        principal, stopping = await self.store.principal_of(pipeline_id)
-        if principal is None:
+        fit. A stopping pipeline's nodes are cancelled instead.
+
+        Every transition lists all the pipeline's queued nodes, and a batch of completions
+        runs its transitions at once: without looking aside at what this process accepted or
+        is accepting, each of 50 columns' transitions looked up all 50 queued executions and
+        accepted the other new ones again (joins), some nine accepts a node."""
+        attempts = [(node, request_id) for node, attempt in queued
+                    if (request_id := node_request_id(pipeline_id, node, attempt))
+                    not in self._launching and request_id not in self._launched]
+        if not attempts:
             return
-        attempts = [(node, node_request_id(pipeline_id, node, attempt))
-                    for node, attempt in queued]
-        pipe = self.client.pipeline(transaction=False)
-        for _, request_id in attempts:
-            pipe.exists(self.keys.execution(request_id))
-        missing = [pair for pair, found in zip(attempts, await pipe.execute(), strict=True)
-                   if not found]
-        if not missing:
+        self._launching.update(request_id for _, request_id in attempts)
+        try:
+            await self._launch(pipeline_id, attempts)
+        finally:
+            self._launching.difference_update(request_id for _, request_id in attempts)
+
+    async def _launch(self, pipeline_id: str, attempts: list[tuple[str, str]]) -> None:
+        """`launch` for attempts (node, request id) this process has not accepted."""
+        principal, stopping, unstarted = await self.store.unstarted(pipeline_id, attempts)
+        if principal is None or not unstarted:
             return
-        await self.store.assign(pipeline_id, missing)
+        missing = [(node, request_id) for node, request_id, _ in unstarted]
         followups: list[Reply] = []
         if stopping:
+            await self.store.assign(pipeline_id, missing)
             for node, request_id in missing:
                 followups.append(await self._fail(pipeline_id, node, request_id, ErrorInfo(
                     "cancelled", "the pipeline was stopped before it started")))
         else:
-            specs = await self.store.specs(pipeline_id, [node for node, _ in missing])
+            specs = [spec for _, _, spec in unstarted]
             refs = {ref for spec in specs if spec is not None for item in spec.inputs
                     if (ref := ref_of(item)) is not None}
-            outputs = await self.store.results(pipeline_id, refs)
+            outputs = await self.store.assign(pipeline_id, missing, refs)
             starts = []
             for (node, request_id), spec in zip(missing, specs, strict=True):
                 if spec is None:
@@ -332,6 +348,10 @@ class Scheduler:
             accepted = await self.bus.accept(budgets.lowered(request, accepted.budget),
                                              request.request_id, max_active=max_active,
                                              explicit=explicit, memo=memo)
+        if not accepted.full and accepted.status not in ("budget", "lower"):
+            if len(self._launched) >= LAUNCHED_KEPT:
+                self._launched.clear()
+            self._launched.add(request.request_id)
         if accepted.full:
             await self.store.watch_again(pipeline_id, FULL_RETRY_MS)
         elif accepted.status in ("budget", "lower"):

@@ -795,6 +795,15 @@ class BatchAccepted(msgspec.Struct, kw_only=True):
     links: BatchLinks
 
 
+class BatchResults(msgspec.Struct, kw_only=True):
+    """`POST /intent/execute-wasm/batch`: 200, each item's answer in item order."""
+
+    batch_id: str
+    results: list[Any]
+    """Each item's execute answer (an ExecuteResponse, or an Accepted body for one still
+    running after the sync wait), or the Problem it was refused with (with its `status`)."""
+
+
 class BatchItemState(msgspec.Struct, kw_only=True, omit_defaults=True):
     request_id: str | None
     """Null for an item refused (its `problem` says why)."""

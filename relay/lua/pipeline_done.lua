@@ -2,13 +2,19 @@
 -- `invalid_input` without running). Only once: an attempt that is not the node's current one,
 -- or a node no longer queued, changes nothing (a redelivered completion).
 -- KEYS: pipeline, relay:events, timers.
--- ARGV: pipeline id, node, request id, outcome (completed|failed|cancelled), error code, the
--- result's JSON, now (RFC 3339), events retention, ms to keep a finished pipeline, now (ms),
--- the backoff's random factor in [0.5, 1].
+-- ARGV: pipeline id, node ('': the one whose attempt the request is), request id, outcome
+-- (completed|failed|cancelled), error code, the result's JSON, now (RFC 3339), events
+-- retention, ms to keep a finished pipeline, now (ms), the backoff's random factor in [0.5, 1].
 local P, pid, node = KEYS[1], ARGV[1], ARGV[2]
 local events, timers, now, retention = KEYS[2], KEYS[3], ARGV[7], ARGV[8]
 if redis.call('EXISTS', P) == 0 then
   return {{}, {}}
+end
+if node == '' then  -- a completion read from the bus: the script finds its node (one round trip)
+  node = redis.call('HGET', P .. ':requests', ARGV[3])
+  if not node then
+    return {{}, {}}
+  end
 end
 local cancel = {}
 if redis.call('HGET', P .. ':current', node) == ARGV[3]

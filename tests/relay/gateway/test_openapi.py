@@ -37,7 +37,8 @@ TRAP_WAT = '(module (func (export "main") unreachable))'
 EXAMPLE_PATH_PARAMETERS = {"request_id": "0" * 64, "cid": cid_of(b"nothing stored"),
                            "name": "nobody", "tag": "latest",
                            "budget_id": "bud_" + "0" * 24, "session_id": "ses_" + "0" * 24,
-                           "snapshot_id": "snp_" + "0" * 24, "pipeline_id": "0" * 32}
+                           "snapshot_id": "snp_" + "0" * 24, "pipeline_id": "0" * 32,
+                           "environment": "nowhere", "batch_id": "bat_" + "0" * 24}
 
 
 def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:

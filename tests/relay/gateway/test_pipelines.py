@@ -132,6 +132,30 @@ async def test_a_completion_advances_its_pipeline_at_once(http: httpx.AsyncClien
     assert gaps[len(gaps) // 2] < 0.2, gaps
 
 
+async def test_each_attempt_is_accepted_once(http: httpx.AsyncClient, app: Any,
+                                             executor: Any) -> None:
+    """Every transition's reply lists all the pipeline's queued nodes, and a read's
+    completions run their transitions at once: the scheduler still accepts each attempt once
+    (accepting one again would only join it, but it cost some nine accepts a node)."""
+    gw = app.state.gateway
+    add = await _cid(http, ADD_WAT)
+    accepted: list[str] = []
+    real_accept = gw.bus.accept
+
+    async def counted(request: Any, *args: Any, **kwargs: Any) -> Any:
+        accepted.append(request.request_id)
+        return await real_accept(request, *args, **kwargs)
+    gw.bus.accept = counted
+    nodes = [{"id": f"n{d}_{w}", "cid": add, "memoize": False,
+              "inputs": [0, 1] if d == 0 else [{"$ref": f"n{d - 1}_{w}"}, 1]}
+             for d in range(4) for w in range(16)]
+    pipeline_id = await _post(http, {"nodes": nodes, "max_concurrency": 16})
+    view = await _finished(http, pipeline_id)
+    assert view["status"] == "completed"
+    assert all(view["nodes"][f"n3_{w}"]["output"] == 4 for w in range(16))
+    assert sorted(accepted) == sorted(node["request_id"] for node in view["nodes"].values())
+
+
 async def test_fan_out_never_exceeds_max_concurrency(http: httpx.AsyncClient, executor: Any,
                                                      settings: Any) -> None:
     spin = await _cid(http, SPIN_WAT)
