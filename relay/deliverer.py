@@ -190,18 +190,21 @@ class Deliverer:
                 elif head.type.startswith("batch_") and head.batch_id:
                     candidates.append((entry_id, data, user, head.type, "batch", head.batch_id))
         if candidates:
+            # One look-up per execution, pipeline or batch, however many of its events a read
+            # brings (a run's queued, started, progress and complete; a memo hit's two).
+            owners = list(dict.fromkeys((kind, owner_id) for *_, kind, owner_id in candidates))
             lookup = self.client.pipeline(transaction=False)
-            for *_, kind, owner_id in candidates:
+            for kind, owner_id in owners:
                 if kind == "execution":
                     lookup.hmget(self.keys.execution(owner_id), "callback", "principal")
                 else:
                     owner = (self.keys.pipeline(owner_id) if kind == "pipeline"
                              else self.keys.batch(owner_id))
                     lookup.hmget(owner, "callback_url", "callback_events", "principal")
-            found = await lookup.execute()
+            found = dict(zip(owners, await lookup.execute(), strict=True))
             deliveries = []
-            for (entry_id, data, user, event_type, kind, owner_id), fields in zip(
-                    candidates, found, strict=True):
+            for entry_id, data, user, event_type, kind, owner_id in candidates:
+                fields = found[(kind, owner_id)]
                 target = _callback_of(kind, fields)
                 if target is None or event_type not in target[1]:
                     continue
