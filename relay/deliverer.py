@@ -20,6 +20,7 @@ import contextlib
 import email.utils
 import ipaddress
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -83,8 +84,11 @@ MAX_ANSWER_BYTES = 65536
 class Deliverer:
     def __init__(self, client: aioredis.Redis, keys: Keys, settings: Settings,
                  webhooks: Webhooks, metrics: Metrics, *, consumer: str | None = None,
-                 read_every_ms: int = 100) -> None:
+                 read_every_ms: int = 100, verify: ssl.SSLContext | None = None) -> None:
+        """`verify`: the TLS context receivers' certificates are checked with (default: the
+        system's and certifi's roots, as httpx has them; tests pass their own CA's)."""
         self.client = client
+        self.verify: ssl.SSLContext | bool = True if verify is None else verify
         self.keys = keys
         self.settings = settings
         self.webhooks = webhooks
@@ -111,7 +115,8 @@ class Deliverer:
             # httpx's transport on its own: a client's layers (redirects, cookies, auth,
             # proxies from the environment) are all things a delivery must not do, and cost
             # a fifth of its CPU.
-            pool = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=PER_ORIGIN))
+            pool = httpx.AsyncHTTPTransport(verify=self.verify,
+                                            limits=httpx.Limits(max_connections=PER_ORIGIN))
             if len(self._pools) >= MAX_POOLS:
                 oldest = self._pools.pop(next(iter(self._pools)))
                 closing = asyncio.create_task(oldest.aclose())
