@@ -660,6 +660,45 @@ def _operation(operation: Operation, schema_of: dict[Any, dict[str, Any]]) -> di
     return result
 
 
+def _webhooks(schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    """The requests Relay sends to a `callback_url` (relay.deliverer): Standard Webhooks 1.0."""
+    def header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "in": "header", "required": True, "description": description,
+                "schema": schema}
+
+    return {"event": {"post": {
+        "operationId": "receiveEvent",
+        "summary": "An event a callback_url asked for (callback_events), signed by the "
+                   "principal's secret (GET /webhooks/secret)",
+        "description": "The event's JSON as the event stream carries it (a batch's "
+                       "`batch_complete` too). Answer 2xx to end the delivery, 410 to stop "
+                       "it; anything else, a timeout or a connection error is retried on "
+                       "RELAY_WEBHOOK_SCHEDULE, or after a longer Retry-After. At least once: "
+                       "deduplicate by webhook-id.",
+        "parameters": [
+            header("webhook-id", "The event's id on relay:events, the same on every attempt.",
+                   {"type": "string"}),
+            header("webhook-timestamp", "Unix seconds of this attempt.",
+                   {"type": "string", "pattern": "^[0-9]+$"}),
+            header("webhook-signature", "`v1,<base64 HMAC-SHA256 over "
+                   "\"<id>.<timestamp>.<body>\">`, keyed by the base64-decoded secret; "
+                   "space-separated, one per secret, during a rotation's grace period.",
+                   {"type": "string"}),
+            header("relay-attempt", "1 for the first attempt, 2 for the first retry, ...",
+                   {"type": "string", "pattern": "^[1-9][0-9]*$"}),
+        ],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
+            schema_of[schemas.Event], schema_of[schemas.PipelineProgress],
+            schema_of[schemas.PipelineComplete]]}}}},
+        "responses": {
+            "2XX": {"description": "Received: the delivery ends."},
+            "410": {"description": "Gone: the delivery stops, never retried."},
+            "default": {"description": "Anything else: retried."},
+        },
+        "security": [],
+    }}}
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("relay")
@@ -693,6 +732,7 @@ def document() -> dict[str, Any]:
                  "description": "Run untrusted WebAssembly behind an HTTP API."},
         "security": [{name: []} for name in SECURITY_SCHEMES],
         "paths": paths,
+        "webhooks": _webhooks(schema_of),
         "components": {"schemas": dict(sorted(components.items())), "parameters": parameters,
                        "headers": HEADERS,
                        "securitySchemes": {**SECURITY_SCHEMES, **URL_TOKEN}},
