@@ -109,3 +109,29 @@ async def test_a_certificate_from_an_unknown_ca_is_refused(
         _due(f"https://localhost:{right.server.port}/hook"))
     assert status is None and error is not None and "certificate" in error.lower(), error
     assert right.headers == []
+
+
+async def test_each_attempt_checks_the_url_again(settings: Settings) -> None:
+    """A URL accepted once (say while RELAY_WEBHOOK_ALLOW_PRIVATE was set, or while its name
+    resolved elsewhere) is refused by the attempt's own check, and nothing is sent."""
+    server = HTTPServer(host="127.0.0.1", port=0)
+    got: list[str] = []
+    server.expect_request("/hook").respond_with_handler(
+        lambda request: (got.append(request.path), Response("", status=204))[1])
+    server.start()
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    keys = Keys(settings.prefix)
+    strict = with_settings(settings, webhook_allow_http=True)  # private addresses refused
+    deliverer = Deliverer(client, keys, strict,
+                          Webhooks(client, keys, schedule=(1000,), rotation_grace_ms=0),
+                          Metrics(client, keys))
+    try:
+        status, error, _ = await deliverer.attempt(_due(f"http://127.0.0.1:{server.port}/hook"))
+    finally:
+        await deliverer.aclose()
+        await client.aclose()
+        server.clear()
+        server.stop()
+    assert status is None and error is not None and error.startswith("refused: "), error
+    assert got == []

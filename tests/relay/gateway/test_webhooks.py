@@ -331,3 +331,19 @@ async def test_the_callback_is_part_of_the_request_and_attempts_are_counted(
                     and 'relay_webhook_deliveries_total{result="delivered"} 1' in text)
         await wait_for(counted, timeout_s=5, interval_s=0.2)
     assert len(receiver.got) == 1
+
+
+async def test_a_delivery_is_given_up_after_its_schedule(
+        settings: Settings, executor: Any, httpserver: HTTPServer) -> None:
+    receiver = Receiver(httpserver, "/hook", 500)
+    async with gateway(settings, **LOCAL, webhook_schedule_ms=(100, 100)) as (http, _):
+        cid = (await upload(http, ADD_WAT))["cid"]
+        request_id = await _execute(http, cid, [4, 4], callback_url=receiver.url)
+        log = await wait_for(lambda: _logged(http, request_id, 3), timeout_s=10)
+
+        async def exhausted() -> bool:
+            text = (await http.get("/metrics")).text
+            return 'relay_webhook_deliveries_total{result="exhausted"} 1' in text
+        await wait_for(exhausted, timeout_s=5, interval_s=0.2)
+    assert [(e["attempt"], e["status_code"]) for e in log] == [(1, 500), (2, 500), (3, 500)]
+    assert log[2]["next_attempt_at"] is None and len(receiver.got) == 3
