@@ -71,10 +71,10 @@ TIMERS_PER_ROUND = 100
 FULL_RETRY_MS = 1000
 """When the queue is full (`RELAY_MAX_QUEUE`), a pipeline's queued nodes are tried again
 this much later."""
-LAUNCHED_KEPT = 100_000
+LAUNCHED_KEPT = 20_000
 """Attempts this process accepted, remembered so that they need no look in Redis when a
-later transition lists them again; past this many they are forgotten (each then costs one
-EXISTS)."""
+later transition lists them again (about 4 MiB); past this many they are forgotten (each then
+costs one EXISTS)."""
 READ_BLOB_BYTES = 1 << 20
 """The largest large output a reference is resolved from here: one with a pointer, or one a
 function's parameter takes (read and decoded in this process). A whole output for a WASI
