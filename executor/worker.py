@@ -1,8 +1,11 @@
 """The executor: read requests from the bus, run them in the sandbox, publish what happened.
 
-Any number of executors, on any number of hosts, share `relay:requests` through the consumer
-group `executors`. Each holds at most `concurrency + prefetch` entries: enough that its Redis
-round trips carry batches, few enough that little waits behind a busy thread while a peer idles.
+Any number of executors, on any number of hosts, share the requests streams (`relay:requests`,
+and `:high` and `:low` beside it) through the consumer group `executors`, taking high before
+normal before low, save that an entry waiting longer than RELAY_PRIORITY_STARVATION_MS goes
+before every one accepted after it (relay.bus.Bus.read). Each holds at most
+`concurrency + prefetch` entries: enough that its Redis round trips carry batches, few enough
+that little waits behind a busy thread while a peer idles.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ class Executor:
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         keys = Keys(settings.prefix)
         self.bus = Bus(client, keys, events_retention=settings.events_retention,
-                       requests_retention=settings.requests_retention)
+                       requests_retention=settings.requests_retention,
+                       starvation_ms=settings.priority_starvation_ms)
         self.sandbox = Sandbox(max_table_elements=settings.max_table_elements)
         self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
         self.sessions = SessionStates(client, keys, max_state_bytes=settings.max_state_bytes,

@@ -31,6 +31,7 @@ from relay.cid import GlyphName
 from relay.keys import Keys
 from relay.memo import MemoAccept
 from relay.schemas import (
+    PRIORITIES,
     BusMessage,
     ControlRefused,
     ExecuteResponse,
@@ -39,6 +40,7 @@ from relay.schemas import (
     ExecutionProgress,
     ExecutionStarted,
     OutputRef,
+    Priority,
     WasmExecCompleted,
     WasmExecRequested,
     encode,
@@ -94,6 +96,8 @@ _RENEW = Script.named("renew")
 _RECLAIM = Script.named("reclaim")
 
 _EMIT = Script.named("emit")
+
+_TAKE = Script.named("take")
 
 
 SESSION_REFUSALS = ("no-session", "session-closed", "session-exhausted")
@@ -158,6 +162,35 @@ class Commit(NamedTuple):
     size: int
 
 
+def priority_of(request: WasmExecRequested) -> Priority:
+    """The request's priority (its entry leaves `normal` out)."""
+    return "normal" if request.priority is UNSET else request.priority
+
+
+Entry = bytes
+"""What an executor holds an entry by: its id on `relay:requests`, or `<priority>/<id>` on the
+high or low stream (each stream numbers its own entries: two can hold the same id)."""
+
+
+def entry_of(priority: str, entry_id: bytes) -> Entry:
+    return entry_id if priority == "normal" else priority.encode() + b"/" + entry_id
+
+
+def _locate(entry: Entry) -> tuple[str, bytes]:
+    """(priority, id on its stream)."""
+    level, slash, entry_id = entry.partition(b"/")
+    return (level.decode(), entry_id) if slash else ("normal", entry)
+
+
+def _by_level(entries: list[Entry]) -> dict[str, list[bytes]]:
+    """Entries' ids on each stream that holds some."""
+    by_level: dict[str, list[bytes]] = {}
+    for entry in entries:
+        level, entry_id = _locate(entry)
+        by_level.setdefault(level, []).append(entry_id)
+    return by_level
+
+
 Verdict = Literal["started", "finished", "parked", "lost"]
 """What the start script decided: run it; nothing to run (it has a result); parked, as its
 principal has no place free (the entry went to its waiting list); or not this consumer's entry
@@ -173,7 +206,8 @@ class Bus:
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_retention: int,
-                 requests_retention: int, max_queue: int = 2**62) -> None:
+                 requests_retention: int, max_queue: int = 2**62,
+                 starvation_ms: int = 5000) -> None:
         self.client = client
         self.keys = keys
         self.events_retention = events_retention
@@ -184,8 +218,12 @@ class Bus:
         self._starts = Batcher(self._send)
         self._finishes = Batcher(self._send)
         self._emits = Batcher(self._send)
-        self._cursor = b"0-0"
-        """Where the next XAUTOCLAIM scan goes on from."""
+        self.starvation_ms = starvation_ms
+        """An entry waiting longer than this is read before any accepted after it, whatever
+        their priorities (RELAY_PRIORITY_STARVATION_MS)."""
+        self._streams = [keys.requests_of(priority) for priority in PRIORITIES]
+        self._cursors = dict.fromkeys(PRIORITIES, b"0-0")
+        """Where the next XAUTOCLAIM scan of each requests stream goes on from."""
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
@@ -230,9 +268,10 @@ class Bus:
         session = request.session_id or ""
         status, found_fingerprint, result, *budget = await self._accepts((
             _ACCEPT,
-            [keys.execution(request.request_id), keys.requests, keys.events, keys.queued,
-             name_key, keys.session(session) if session else keys.queued,
-             memo.key if memo else keys.queued],
+            [keys.execution(request.request_id), keys.requests_of(priority_of(request)),
+             keys.events, keys.queued, name_key,
+             keys.session(session) if session else keys.queued,
+             memo.key if memo else keys.queued, keys.queued_of(priority_of(request))],
             [
                 request.user_id,
                 fingerprint,
@@ -265,47 +304,67 @@ class Bus:
     # --- executor ---
 
     async def ensure_group(self) -> None:
-        """Create the executors' group (idempotent); both services call it at start."""
-        try:
-            await self.client.xgroup_create(
-                self.keys.requests, Keys.EXECUTOR_GROUP, id="0", mkstream=True
-            )
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the executors' group on every requests stream (idempotent); both services
+        call it at start."""
+        for stream in self._streams:
+            try:
+                await self.client.xgroup_create(stream, Keys.EXECUTOR_GROUP, id="0",
+                                                mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[bytes, bytes]]:
-        """Up to `count` new request entries for this consumer: (entry id, `data`)."""
-        try:
-            reply = await self.client.xreadgroup(
-                Keys.EXECUTOR_GROUP, consumer, {self.keys.requests: ">"}, count=count,
-                block=block_ms,
-            )
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            await self.ensure_group()  # the stream was deleted under us: recreate and go on
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[Entry, bytes]]:
+        """Up to `count` new request entries for this consumer, (entry, `data`), in the order
+        to start them: high before normal before low, except that an entry waiting longer than
+        `starvation_ms` comes before every entry accepted after it. One round trip while there
+        is work; with none, a blocking read of the three streams waits up to `block_ms` for
+        the next entry, then they are taken as above (a peer may have taken it: then none)."""
+        taken = await self._take(consumer, count)
+        if isinstance(taken, list) or block_ms <= 0:
+            return taken if isinstance(taken, list) else []
+        # XREAD, not XREADGROUP: it only wakes this reader, taking nothing, so the order above
+        # decides what is taken. From each stream's last delivered id: an entry added since the
+        # script ran wakes it at once.
+        await self.client.xread(dict(zip(self._streams, taken, strict=True)), count=1,
+                                block=block_ms)
+        taken = await self._take(consumer, count)
+        return taken if isinstance(taken, list) else []
+
+    async def _take(self, consumer: str, count: int,
+                    ) -> list[tuple[Entry, bytes]] | tuple[bytes, ...]:
+        """The take script's entries; with none, each stream's last delivered id."""
+        [reply] = await self._send([(_TAKE, self._streams, [
+            Keys.EXECUTOR_GROUP, consumer, count, self.starvation_ms])])
+        if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
+            await self.ensure_group()  # a stream was deleted under us: recreate and go on
             return []
-        return [(entry_id, fields[b"data"]) for _, entries in reply or () for entry_id, fields
-                in entries]
+        if isinstance(reply, Exception):
+            raise reply
+        if reply and reply[0] == b"tails":
+            return tuple(reply[1:])
+        return [(entry_of(PRIORITIES[level - 1], entry_id), data)
+                for level, entry_id, data in reply]
 
     async def start(self, started: ExecutionStarted, request: WasmExecRequested,
-                    entry_id: bytes, consumer: str) -> Verdict:
+                    entry: Entry, consumer: str) -> Verdict:
         """Mark the execution running and emit `execution_started`, taking one of its
         principal's places; or park the entry `consumer` holds, if the principal has none free
         (see `Verdict`)."""
         keys = self.keys
+        level, entry_id = _locate(entry)
+        priority = priority_of(request)
         verdict = await self._starts((
             _START,
             [keys.execution(started.request_id), keys.events, keys.queued,
-             keys.active(request.user_id), keys.waiting(request.user_id), keys.requests,
-             keys.deliveries],
+             keys.active(request.user_id), keys.waiting(request.user_id, priority),
+             keys.requests_of(level), keys.deliveries_of(level), keys.queued_of(priority)],
             [started.executor_node, encode(started), self.events_retention, request.request_id,
              entry_id, Keys.EXECUTOR_GROUP, consumer],
         ))
         return _VERDICTS[int(verdict)]
 
-    async def finish(self, entry_id: bytes, request: WasmExecRequested,
+    async def finish(self, entry_id: Entry, request: WasmExecRequested,
                      response: ExecuteResponse, ttl_ms: int, consumer: str,
                      started: ExecutionStarted | None = None,
                      commit: Commit | None = None) -> bool:
@@ -326,11 +385,14 @@ class Bus:
         return await self._settle(request, response, ttl_ms, only_if="queued")
 
     async def _settle(self, request: WasmExecRequested, response: ExecuteResponse, ttl_ms: int,
-                      *, entry_id: bytes = b"", only_if: str = "", consumer: str = "",
+                      *, entry_id: Entry = b"", only_if: str = "", consumer: str = "",
                       started: ExecutionStarted | None = None,
                       commit: Commit | None = None) -> bool:
         keys = self.keys
         session = request.session_id or ""
+        priority = priority_of(request)
+        # The entry's stream, to acknowledge it on (a cancel of a queued one has no entry).
+        level, entry_id = _locate(entry_id) if entry_id else (priority, b"")
         tagged = session or UNSET  # the session a call's events carry
         if request.memoize is True and response.cached is UNSET:
             response = msgspec.structs.replace(response, cached=False)  # it ran (relay.memo)
@@ -360,9 +422,10 @@ class Bus:
         retryable = "1" if response.error is not None and response.error.code == "internal" else "0"
         written = await self._finishes((
             _SETTLE,
-            [keys.execution(request.request_id), keys.events, keys.requests, keys.queued,
-             keys.deliveries, keys.active(request.user_id), keys.waiting(request.user_id),
-             keys.session(session) if session else keys.queued],
+            [keys.execution(request.request_id), keys.events, keys.requests_of(level),
+             keys.queued, keys.deliveries_of(level), keys.active(request.user_id),
+             keys.waiting(request.user_id), keys.session(session) if session else keys.queued,
+             keys.requests, keys.queued_of(priority)],
             [Keys.EXECUTOR_GROUP, entry_id, encode(response), status, retryable,
              encode(terminal), encode(completed), self.events_retention, ttl_ms, only_if,
              consumer, encode(started) if started else b"", request.request_id,
@@ -389,52 +452,66 @@ class Bus:
         await self.client.xadd(self.keys.events, {"data": encode(refusal), "user": ""},
                                maxlen=self.events_retention, approximate=True)
 
-    async def ack(self, entry_id: bytes) -> None:
-        await self.client.xack(self.keys.requests, Keys.EXECUTOR_GROUP, entry_id)
+    async def ack(self, entry: Entry) -> None:
+        level, entry_id = _locate(entry)
+        await self.client.xack(self.keys.requests_of(level), Keys.EXECUTOR_GROUP, entry_id)
 
     # --- leases: an executor holds each entry it runs; peers take over what lapses ---
 
-    async def renew(self, consumer: str, entry_ids: list[bytes]) -> set[bytes]:
+    async def renew(self, consumer: str, entries: list[Entry]) -> set[Entry]:
         """Reset the idle time of the entries `consumer` still holds; returns those (the others
-        were taken over by a peer after this executor stalled)."""
-        if not entry_ids:
+        were taken over by a peer after this executor stalled). One round trip."""
+        by_level = _by_level(entries)
+        if not by_level:
             return set()
-        [kept] = await self._send([(_RENEW, [self.keys.requests],
-                                    [Keys.EXECUTOR_GROUP, consumer, *entry_ids])])
-        if isinstance(kept, Exception):
-            raise kept
-        return set(kept)
+        replies = await self._send([(_RENEW, [self.keys.requests_of(level)],
+                                     [Keys.EXECUTOR_GROUP, consumer, *ids])
+                                    for level, ids in by_level.items()])
+        kept: set[Entry] = set()
+        for level, reply in zip(by_level, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            kept.update(entry_of(level, entry_id) for entry_id in reply)
+        return kept
 
-    async def hand_back(self, consumer: str, entry_ids: list[bytes]) -> None:
+    async def hand_back(self, consumer: str, entries: list[Entry]) -> None:
         """Make entries this executor will not finish claimable by peers at once."""
-        if entry_ids:
-            await self.client.xclaim(self.keys.requests, Keys.EXECUTOR_GROUP, consumer, 0,
-                                     entry_ids, idle=2**40, justid=True)
+        for level, ids in _by_level(entries).items():
+            await self.client.xclaim(self.keys.requests_of(level), Keys.EXECUTOR_GROUP,
+                                     consumer, 0, ids, idle=2**40, justid=True)
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int, max_deliveries: int,
-                      ) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-        """Take over entries idle past their lease (their executor died or stalled).
+                      ) -> tuple[list[tuple[Entry, bytes]], list[tuple[Entry, bytes]]]:
+        """Take over entries idle past their lease (their executor died or stalled), up to
+        `count` in all, from the high stream first, then normal, then low.
 
         Returns (entries to run again, entries delivered more than `max_deliveries` times,
         which the caller dead-letters). Entries trimmed away meanwhile are acknowledged.
         """
-        [reply] = await self._send([(_RECLAIM, [self.keys.requests, self.keys.deliveries],
-                                     [Keys.EXECUTOR_GROUP, consumer, min_idle_ms, self._cursor,
-                                      count])])
-        if isinstance(reply, Exception):
-            raise reply
-        self._cursor = reply[0]
-        again, dead = [], []
-        for entry_id, reclaims, data in reply[1:]:
-            if reclaims + 1 > max_deliveries:  # + the first delivery, which XREADGROUP made
-                dead.append((entry_id, data))
-            else:
-                again.append((entry_id, data))
+        again: list[tuple[Entry, bytes]] = []
+        dead: list[tuple[Entry, bytes]] = []
+        for level in PRIORITIES:
+            if count <= 0:
+                break
+            [reply] = await self._send([(
+                _RECLAIM, [self.keys.requests_of(level), self.keys.deliveries_of(level)],
+                [Keys.EXECUTOR_GROUP, consumer, min_idle_ms, self._cursors[level], count])])
+            if isinstance(reply, Exception):
+                raise reply
+            self._cursors[level] = reply[0]
+            for entry_id, reclaims, data in reply[1:]:
+                # + the first delivery, which the take script made
+                found = dead if reclaims + 1 > max_deliveries else again
+                found.append((entry_of(level, entry_id), data))
+                count -= 1
         return again, dead
 
-    async def dead_letter(self, entry_id: bytes, data: bytes, reason: str) -> None:
-        """Keep a request given up on in `relay:dead`, for an operator to look at."""
+    async def dead_letter(self, entry: Entry, data: bytes, reason: str) -> None:
+        """Keep a request given up on in `relay:dead`, for an operator to look at: its `entry`
+        id on its requests `stream`."""
+        level, entry_id = _locate(entry)
         await self.client.xadd(self.keys.dead, {"entry": entry_id, "data": data,
+                                                "stream": self.keys.requests_of(level),
                                                 "reason": reason, "at": now_iso()},
                                maxlen=self.requests_retention, approximate=True)
 

@@ -79,10 +79,30 @@ class Keys:
         `max_active`). Added by the start script, removed by the settle script."""
         return f"{self.prefix}:active:{principal}"
 
-    def waiting(self, principal: str) -> str:
-        """List of the principal's parked request entries (`data`), started while it had no
-        place free; the settle script moves them back to `relay:requests` as places free."""
-        return f"{self.prefix}:waiting:{principal}"
+    def waiting(self, principal: str, priority: str = "normal") -> str:
+        """List of the principal's parked request entries (`data`) of one priority, started
+        while it had no place free; the settle script moves them back to their requests stream
+        as places free, high ones first. It builds the high and low lists as the normal one +
+        `:high` / `:low` (a principal's name has no `:`)."""
+        base = f"{self.prefix}:waiting:{principal}"
+        return base if priority == "normal" else f"{base}:{priority}"
+
+    def requests_of(self, priority: str) -> str:
+        """The requests stream of a priority: `relay:requests` for normal (as in v1),
+        `relay:requests:high` and `relay:requests:low`; all read in group `executors`. The
+        settle script builds the other two from the first the same way."""
+        return self.requests if priority == "normal" else f"{self.requests}:{priority}"
+
+    def deliveries_of(self, priority: str) -> str:
+        """`deliveries` for the entries of one priority's requests stream (each stream numbers
+        its own entries, so two streams can hold the same id)."""
+        return self.deliveries if priority == "normal" else f"{self.deliveries}:{priority}"
+
+    def queued_of(self, priority: str) -> str:
+        """Counter of accepted executions of one priority not yet started (the per-priority
+        part of `queued`, for the queue depth gauge)."""
+        return f"{self.queued}:{priority}"
+
 
     def session(self, session_id: str) -> str:
         """Hash holding one session: owner, module, budget and use, committed state."""

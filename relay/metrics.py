@@ -101,8 +101,9 @@ class Metrics:
             except redis.RedisError as exc:
                 log.warning("cannot flush metrics, keeping them: %s", exc)
 
-    async def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        """The Prometheus text exposition of the totals, plus `gauges` (name: (help, value))."""
+    async def render(self, gauges: dict[str, tuple[str, float | dict[str, float]]]) -> str:
+        """The Prometheus text exposition of the totals, plus `gauges` (name: (help, value)),
+        a value being a number or {labels as written between braces: number}."""
         await self.flush()
         raw = await self.client.hgetall(self.keys.metrics)
         totals = {field.decode(): float(value) for field, value in raw.items()}
@@ -130,8 +131,11 @@ class Metrics:
             lines += [f"{metric}_sum {_number(totals.get(f'{name}:sum', 0))}",
                       f"{metric}_count {_number(totals.get(f'{name}:count', 0))}"]
         for name, (help_text, value) in gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge",
-                      f"{name} {_number(value)}"]
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+            if isinstance(value, dict):
+                lines += [f"{name}{{{labels}}} {_number(one)}" for labels, one in value.items()]
+            else:
+                lines.append(f"{name} {_number(value)}")
         return "\n".join(lines) + "\n"
 
 

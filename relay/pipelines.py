@@ -36,6 +36,7 @@ from relay.schemas import (
     PipelineProgressCounts,
     PipelineSummary,
     PipelineView,
+    Priority,
     encode,
     now_iso,
 )
@@ -217,6 +218,8 @@ class NodeSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     memoize: bool = True
     memoizable: bool = False
     """Its module's results follow from its inputs alone (relay.modules.memoizable)."""
+    priority: Priority = "normal"
+    """Each attempt's (checked against the principal's `max_priority` at POST)."""
 
 
 class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):

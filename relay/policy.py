@@ -28,7 +28,7 @@ import cedarpy
 import msgspec
 
 from relay.errors import pointer_from_msgspec
-from relay.schemas import encode
+from relay.schemas import Priority, encode
 
 log = logging.getLogger("relay.policy")
 
@@ -67,6 +67,8 @@ class PrincipalCaps(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Bytes of the modules stored at once."""
     max_active: _Positive | None = None
     """Executions running or paused at once; the rest wait queued."""
+    max_priority: Priority = "high"
+    """The highest `priority` its executions may ask for; over it is 400."""
 
 
 class ModuleResource(NamedTuple):

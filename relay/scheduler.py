@@ -306,6 +306,8 @@ class Scheduler:
                     request.input_refs = by_reference
                 if spec.memoize:
                     request.memoize = True  # its result says `cached` (relay.memo)
+                if spec.priority != "normal":  # left out for normal, as on execute
+                    request.priority = spec.priority
                 starts.append((node, request, spec))
             refused = await asyncio.gather(*(self._accept(principal, pipeline_id, request, spec)
                                              for _, request, spec in starts))

@@ -13,6 +13,10 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 PositiveInt = Annotated[int, Meta(gt=0)]
+Priority = Literal["high", "normal", "low"]
+"""Which requests stream an execution waits on; executors take high before normal before low."""
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+"""Highest first."""
 
 
 class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -38,6 +42,8 @@ class ExecuteRequest(Request):
     callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
     """POST the execution's events here (relay.webhooks), signed by the principal's secret."""
     callback_events: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
+    priority: Priority = "normal"
+    """At most the principal's `max_priority` (principals.toml)."""
 
 
 class NameBinding(Request):
@@ -134,6 +140,7 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     state_cid: str | UnsetType | None = UNSET
     cached: bool | UnsetType = UNSET
     memo_of: str | UnsetType = UNSET
+    priority: Priority = "normal"
 
 
 class ExecutionPage(msgspec.Struct, kw_only=True):
@@ -252,6 +259,9 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     """True: its response says `cached` (relay.memo); absent otherwise, as in v1."""
     input_refs: list[InputRef] | UnsetType = UNSET
     """Inputs the executor reads from blobs (a pipeline node's references to large outputs)."""
+    priority: Priority | UnsetType = UNSET
+    """Absent for `normal`, so a v1 request's entry is as it was; high and low entries wait on
+    their own streams (relay.keys.Keys.requests_of)."""
 
 
 class ExecutionQueued(BusMessage, tag="execution_queued", kw_only=True):
@@ -478,6 +488,7 @@ class SessionCall(Request):
     step_gas: PositiveInt | None = None
     callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
     callback_events: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
+    priority: Priority = "normal"
 
 
 class PatchSession(Request):
@@ -645,7 +656,7 @@ class PipelineNode(Request):
     retries: Annotated[int, Meta(ge=0, le=MAX_NODE_RETRIES)] = 0
     retry_on: list[RetryCode] = msgspec.field(default_factory=list)
     memoize: bool = True
-    priority: Literal["high", "normal", "low"] = "normal"
+    priority: Priority = "normal"
 
 
 class CreatePipeline(Request):

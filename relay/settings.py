@@ -305,6 +305,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_deliveries: Annotated[int, Variable(
         "RELAY_MAX_DELIVERIES", _int, EXECUTOR, "deliveries",
         "deliveries of one request entry before it is dead-lettered")] = 3
+    priority_starvation_ms: Annotated[int, Variable(
+        "RELAY_PRIORITY_STARVATION_MS", _count_or_zero, EXECUTOR, "ms",
+        "how long a queued execution waits before it is taken ahead of every one accepted "
+        "after it, whatever their priorities")] = 5_000
     drain_grace_ms: Annotated[int, Variable(
         "RELAY_DRAIN_GRACE", _count_or_zero, EXECUTOR, "ms",
         "how long a stopping executor lets its runs finish before handing them back")] = 30_000

@@ -54,7 +54,10 @@ GROUP_NOTES: dict[str, tuple[str, str]] = {
     EXECUTOR: ("Executors", "Read by `relay executor` (and by gateways for the executor count "
                "in health). An executor renews a lease on every entry it holds; a peer takes "
                "over an entry whose lease has not been renewed for `RELAY_LEASE`, and an entry "
-               "delivered `RELAY_MAX_DELIVERIES` times is dead-lettered instead of run again."),
+               "delivered `RELAY_MAX_DELIVERIES` times is dead-lettered instead of run again. "
+               "Executors take high-priority work before normal before low, except that work "
+               "waiting longer than `RELAY_PRIORITY_STARVATION_MS` goes before all accepted "
+               "after it."),
     EVENTS: ("Events and execution records", "Requests and events are Redis streams, trimmed "
              "to about their retention. An execution's record and result outlive its end by "
              "`RELAY_IDEMPOTENCY_TTL`: within it, the same idempotency key answers the same "

@@ -40,6 +40,7 @@ from relay.schemas import (
     ErrorInfo,
     ExecuteResponse,
     ExecutionState,
+    Priority,
     WasmExecRequested,
     decode_control_refused,
     decode_head,
@@ -67,6 +68,16 @@ _EXPECTED: dict[str, frozenset[str]] = {
 
 
 
+class _AcceptedIn(msgspec.Struct):
+    """The fields of a stored request that `GET /executions/{id}` shows (the rest, inputs
+    included, is skipped unread)."""
+
+    priority: Priority = "normal"
+
+
+_decode_environment = msgspec.json.Decoder(_AcceptedIn).decode
+
+
 class Controller:
     def __init__(self, client: aioredis.Redis, keys: Keys, bus: Bus, fan_in: EventFanIn,
                  settings: Settings, policies: Policies) -> None:
@@ -80,12 +91,15 @@ class Controller:
     async def state(self, principal: str, request_id: str) -> ExecutionState:
         """The execution as `GET /executions/{id}` shows it. Raises NotFound (also when it is
         another principal's: their ids are not ours to confirm)."""
-        owner, status, cid, result, session, pipeline, gas_seen = await self.client.hmget(
-            self.keys.execution(request_id),
-            ["principal", "status", "cid", "result", "session", "pipeline", "gas_seen"])
+        owner, status, cid, result, session, pipeline, gas_seen, accepted = (
+            await self.client.hmget(self.keys.execution(request_id), [
+                "principal", "status", "cid", "result", "session", "pipeline", "gas_seen",
+                "request"]))
         if owner is None or owner.decode() != principal:
             raise NotFound(f"no execution {request_id}")
         view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
+        accepted_in = _decode_environment(accepted) if accepted else _AcceptedIn()
+        view.priority = accepted_in.priority
         if session is not None:
             view.session_id = session.decode()
         if pipeline is not None:

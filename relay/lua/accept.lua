@@ -91,6 +91,7 @@ if position < 0 then
   redis.call('SET', KEYS[4], 1)
   position = 0
 end
+redis.call('INCR', KEYS[8])  -- its priority's part of the count (relay.keys.Keys.queued_of)
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
            'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
@@ -98,7 +99,9 @@ redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'statu
 redis.call('HSET', KEYS[1], 'max_active', ARGV[12])
 budgets_reserve(KEYS[1], budget_windows, ARGV[16], ARGV[18], true)  -- budgets.lib.lua
 if session ~= '' then
-  redis.call('HSET', KEYS[1], 'session', session)
+  -- 'stream': the requests stream of its priority, where the settle of the call before it
+  -- publishes it (sessions.lib.lua).
+  redis.call('HSET', KEYS[1], 'session', session, 'stream', KEYS[2])
 end
 if ARGV[27] ~= '' then  -- a pipeline node's (GET /executions/{id} shows it)
   redis.call('HSET', KEYS[1], 'pipeline', ARGV[27])

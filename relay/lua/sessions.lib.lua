@@ -61,7 +61,7 @@ end
 
 -- Counts a finished call (its use, its result, its state when it succeeded: the settle script
 -- took a reference to `new_state` already) and publishes the next call when this one was
--- running. `state_unref` comes from states.lib.lua.
+-- running (`requests`: relay:requests). `state_unref` comes from states.lib.lua.
 local function session_settled(prefix, key, session_id, request_id, gas, time_ms, result,
                                new_state, state_size, requests, retention)
   if redis.call('EXISTS', key) == 0 then
@@ -88,9 +88,12 @@ local function session_settled(prefix, key, session_id, request_id, gas, time_ms
     if not next_id then
       return
     end
-    local data = redis.call('HGET', prefix .. ':exec:' .. next_id, 'request')
-    if data then
-      redis.call('XADD', requests, 'MAXLEN', '~', retention, '*', 'data', data)
+    -- On its priority's stream (accept.lua records it; `requests`, the normal one, for a call
+    -- accepted before priorities existed).
+    local next_call = redis.call('HMGET', prefix .. ':exec:' .. next_id, 'request', 'stream')
+    if next_call[1] then
+      redis.call('XADD', next_call[2] or requests, 'MAXLEN', '~', retention, '*', 'data',
+                 next_call[1])
       return
     end
     redis.call('LPOP', calls)  -- its record is gone: nothing left to run

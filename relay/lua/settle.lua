@@ -28,6 +28,7 @@ end
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
   if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
     redis.call('DECR', KEYS[4])
+    redis.call('DECR', KEYS[10])  -- its priority's part (relay.keys.Keys.queued_of)
     if ARGV[12] ~= '' then
       redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
                  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[12],
@@ -62,23 +63,31 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   end
   if session ~= '' then
     session_settled(ARGV[16], KEYS[8], session, ARGV[13], ARGV[20], ARGV[21], ARGV[3],
-                    new_state, ARGV[19], KEYS[3], ARGV[14])
+                    new_state, ARGV[19], KEYS[9], ARGV[14])
   end
 end
 -- Places (see start.lua). Once the execution has a result its place is given back, whoever
--- settles it, exactly once (SREM); the principal's parked entries then go back to the stream,
--- as many as places are free, and at least one (records accepted under other caps may differ).
--- A settle refused above (lease lost) or a queued-only cancel of a started run frees nothing.
+-- settles it, exactly once (SREM); the principal's parked entries then go back to their
+-- streams, high ones first, as many as places are free, and at least one (records accepted
+-- under other caps may differ). A settle refused above (lease lost) or a queued-only cancel of
+-- a started run frees nothing. KEYS[7] is the principal's normal waiting list and KEYS[9]
+-- `relay:requests`: the high and low ones are named after them (relay.keys.Keys.waiting).
 if written == 1 or record[3] or not record[1] then
+  local levels = {':high', '', ':low'}
   if redis.call('SREM', KEYS[6], ARGV[13]) == 1 then
-    local free = tonumber(record[4] or '1') - redis.call('SCARD', KEYS[6])
-    for _ = 1, math.max(free, 1) do
-      local parked = redis.call('LPOP', KEYS[7])
-      if not parked then break end
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[14], '*', 'data', parked)
+    local free = math.max(tonumber(record[4] or '1') - redis.call('SCARD', KEYS[6]), 1)
+    for _, level in ipairs(levels) do
+      while free > 0 do
+        local parked = redis.call('LPOP', KEYS[7] .. level)
+        if not parked then break end
+        redis.call('XADD', KEYS[9] .. level, 'MAXLEN', '~', ARGV[14], '*', 'data', parked)
+        free = free - 1
+      end
     end
   elseif written == 1 and ARGV[10] == 'queued' and record[5] then
-    redis.call('LREM', KEYS[7], 1, record[5])  -- cancelled while it may have been parked
+    for _, level in ipairs(levels) do  -- cancelled while it may have been parked
+      redis.call('LREM', KEYS[7] .. level, 1, record[5])
+    end
   end
 end
 if ARGV[2] ~= '' then

@@ -2,9 +2,10 @@
 -- principal has a place: at most `max_active` (stored in the record at accept; none for a
 -- record an older gateway wrote) of its executions run or stay paused at once, their ids in the
 -- set KEYS[4]. Over the cap the entry is parked instead, still `queued`: pushed on the principal's
--- waiting list KEYS[5] and acknowledged (and deleted) in KEYS[6], so executors take other work;
--- the settle script moves it back to the stream when a place frees. Counting and parking are
--- one script, so no place can free in between and leave it parked for nothing.
+-- waiting list KEYS[5] (of its priority) and acknowledged (and deleted) in KEYS[6], its
+-- stream, so executors take other work; the settle script moves it back to its stream when a
+-- place frees. Counting and parking are one script, so no place can free in between and leave
+-- it parked for nothing.
 -- A run taken over by a peer (its executor died) is a member already: it keeps its one place.
 -- Returns 1 started, 0 nothing to run (a result exists), 2 parked, -1 the entry is no longer
 -- this consumer's (a peer took it over): nothing done.
@@ -28,6 +29,7 @@ if redis.call('SISMEMBER', KEYS[4], ARGV[4]) == 0 then
 end
 if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
   redis.call('DECR', KEYS[3])
+  redis.call('DECR', KEYS[8])  -- its priority's part (relay.keys.Keys.queued_of)
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
 redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)

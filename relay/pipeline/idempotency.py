@@ -23,9 +23,9 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 
 def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectivePolicy,
                 session_id: str | None = None, step_gas: int | None = None,
-                memoize: bool = False) -> str:
+                memoize: bool = False, priority: str = "normal") -> str:
     """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy (and
-    the session of a session call)."""
+    the session of a session call, the priority)."""
     canonical: dict[str, Any] = {"cid": cid, "entrypoint": entrypoint, "inputs": inputs,
                                  "policy": policy}
     if session_id is not None:
@@ -34,6 +34,8 @@ def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectiveP
         canonical["step_gas"] = step_gas
     if memoize:  # likewise
         canonical["memoize"] = True
+    if priority != "normal":  # likewise
+        canonical["priority"] = priority
     return hashlib.sha256(encode(canonical)).hexdigest()
 
 

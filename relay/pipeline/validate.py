@@ -30,9 +30,11 @@ from relay.modules import ModuleStore, memoizable, runs_as_command
 from relay.pipeline import idempotency
 from relay.policy import PrincipalCaps
 from relay.schemas import (
+    PRIORITIES,
     EffectivePolicy,
     ExecuteRequest,
     ModuleInfo,
+    Priority,
     WasmExecRequested,
     decode_execute_request,
     decode_session_call,
@@ -81,7 +83,8 @@ async def validate(body: bytes, header_key: str | None, principal: str,
                                  policy=call.policy, idempotency_key=call.idempotency_key,
                                  callback_url=call.callback_url,
                                  callback_events=call.callback_events,
-                                 step_gas=call.step_gas)
+                                 step_gas=call.step_gas,
+                                 priority=call.priority)
     else:
         request = decode_body(decode_execute_request, body)
     if header_key is not None and not 1 <= len(header_key) <= _MAX_KEY_LENGTH:
@@ -102,6 +105,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         _check_results(info, entrypoint)
         _check_inputs(info, entrypoint, request.inputs)
     policy = _effective_policy(request, settings, caps)
+    check_priority(request.priority, caps)
     explicit = frozenset(field for field in ("max_gas", "max_time")
                          if getattr(request.policy, field) is not None)
     session_id = None
@@ -109,7 +113,8 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         session_id = session.session_id
         policy = _within_budget(policy, explicit, session)
     fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy, session_id,
-                                          request.step_gas, request.memoize)
+                                          request.step_gas, request.memoize,
+                                          priority=request.priority)
     callback = await check_callback(request.callback_url, request.callback_events, "execution",
                                     allow_http=settings.webhook_allow_http,
                                     allow_private=settings.webhook_allow_private)
@@ -125,12 +130,21 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         policy=policy, user_id=principal, timestamp=now_iso(), session_id=session_id,
         step_gas=request.step_gas, memoize=True if request.memoize else msgspec.UNSET,
     )
+    if request.priority != "normal":  # left out for normal: a v1 request's entry is unchanged
+        published.priority = request.priority
     memo_key = None
     if request.memoize and memoizable(info):
         memo_key = memo.MemoKey(memo.digest(cid, entrypoint, request.inputs),
                                 None if settings.memo_scope == "global" else principal)
     return Validated(published, fingerprint, key is not None, name, stored.owner, explicit,
                      memo_key, callback)
+
+
+def check_priority(priority: Priority, caps: PrincipalCaps) -> None:
+    """Raises InvalidRequest (pointer `/priority`) over the principal's `max_priority`."""
+    if PRIORITIES.index(priority) < PRIORITIES.index(caps.max_priority):
+        raise InvalidRequest.at("/priority", f"priority {priority!r} is over your ceiling of "
+                                f"{caps.max_priority!r}")
 
 
 def _within_budget(policy: EffectivePolicy, explicit: frozenset[str],

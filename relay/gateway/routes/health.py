@@ -16,7 +16,15 @@ from relay.errors import Unavailable
 from relay.gateway.http import json_response
 from relay.gateway.state import gateway_of
 from relay.keys import Keys
-from relay.schemas import Health, HealthFeatures, HealthLimits, Index, Liveness, Readiness
+from relay.schemas import (
+    PRIORITIES,
+    Health,
+    HealthFeatures,
+    HealthLimits,
+    Index,
+    Liveness,
+    Readiness,
+)
 
 EVENTS_PATH = "/intent/execute-wasm/events"
 INDEX = json_response(Index(links={
@@ -86,15 +94,21 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gw = gateway_of(request)
     pipe = gw.client.pipeline(transaction=False)
-    pipe.get(gw.keys.queued)
-    pipe.xpending(gw.keys.requests, Keys.EXECUTOR_GROUP)
-    queued, pending = await pipe.execute()
+    for priority in PRIORITIES:
+        pipe.get(gw.keys.queued_of(priority))
+    for priority in PRIORITIES:
+        pipe.xpending(gw.keys.requests_of(priority), Keys.EXECUTOR_GROUP)
+    replies = await pipe.execute(raise_on_error=False)
+    # A stream with no group yet (no executor ever started) has nothing pending.
+    pending = sum(reply["pending"] for reply in replies[len(PRIORITIES):]
+                  if not isinstance(reply, Exception))
     executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
     text = await gw.metrics.render({
-        "relay_queue_depth": ("Accepted executions not yet started.",
-                              max(int(queued or 0), 0)),
+        "relay_queue_depth": ("Accepted executions not yet started, by priority.", {
+            f'priority="{priority}"': max(int(queued or 0), 0)
+            for priority, queued in zip(PRIORITIES, replies, strict=False)}),
         "relay_pending_entries": ("Request entries delivered to executors, not acknowledged.",
-                                  pending["pending"]),
+                                  pending),
         "relay_executors": ("Executors with a live heartbeat.", executors),
     })
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")

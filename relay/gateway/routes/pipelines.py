@@ -121,6 +121,7 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
                 _check_literals(node, params)
             policy = validate.effective_policy(ExecuteRequest(cid=cid, policy=node.policy),
                                                gw.settings, caps)
+            validate.check_priority(node.priority, caps)
         except (InvalidRequest, NotFound) as error:
             errors.extend(FieldError(at + e.pointer, e.detail) for e in error.errors or
                           [FieldError("", error.detail)])
@@ -132,7 +133,7 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
         specs.append(NodeSpec(
             cid=cid, entrypoint=entrypoint, inputs=node.inputs, policy=policy, params=params,
             explicit=[f for f in ("max_gas", "max_time") if getattr(node.policy, f) is not None],
-            memoize=node.memoize, memoizable=memoizable(info)))
+            memoize=node.memoize, memoizable=memoizable(info), priority=node.priority))
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors[:MAX_ERRORS])
     return specs, list(resources.values())

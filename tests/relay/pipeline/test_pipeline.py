@@ -227,7 +227,8 @@ async def test_metrics_move_when_their_events_happen(gateway: Any, executor: Exe
             return after if ok else None
 
         after = await wait_for(all_moved, timeout_s=10, interval_s=0.2)
-    assert after["relay_queue_depth"] == 0
+    assert [after[f'relay_queue_depth{{priority="{p}"}}'] for p in ("high", "normal", "low")] \
+        == [0, 0, 0]
     assert after["relay_pending_entries"] == 0
     assert after["relay_executors"] == 1
 

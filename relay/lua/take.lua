@@ -1,0 +1,97 @@
+-- Takes up to ARGV[3] new entries for consumer ARGV[2] of group ARGV[1] from the requests
+-- streams KEYS[1..3] (high, normal, low), one at a time in the order executors take work: the
+-- head of the highest level that has one, unless the oldest head of all has waited longer than
+-- ARGV[4] ms (an entry's id is the time it was added), which then goes first, so nothing
+-- accepted after a starving entry is taken before it. Deciding and reading are one script, so
+-- the order holds across executors. Returns {level, id, data} for each entry taken, in the
+-- order taken; with none, {'tails', last delivered id of each stream}, from which a blocking
+-- XREAD wakes on the next entry (relay.bus.Bus.read).
+local group, consumer, count, starving = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+
+local function older(a, b)
+  local a_ms, a_seq = id_parts(a)
+  local b_ms, b_seq = id_parts(b)
+  return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq)
+end
+
+-- The first entry after `after` on a stream, or nil (ids only are used; XRANGE has no JUSTID).
+local function head(stream, after)
+  local found = redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', 1)
+  return found[1] and found[1][1]
+end
+
+local delivered, heads = {}, {}
+for level, stream in ipairs(KEYS) do
+  if redis.call('EXISTS', stream) == 1 then
+    for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+      local fields = {}
+      for i = 1, #info, 2 do
+        fields[info[i]] = info[i + 1]
+      end
+      if fields['name'] == group then
+        delivered[level] = fields['last-delivered-id']
+      end
+    end
+  end
+  if not delivered[level] then
+    return redis.error_reply('NOGROUP no group ' .. group .. ' on ' .. stream)
+  end
+  heads[level] = head(stream, delivered[level])
+end
+
+local order, taken = {}, {0, 0, 0}
+for _ = 1, count do
+  local pick, oldest = nil, nil
+  for level = 1, #KEYS do
+    if heads[level] then
+      pick = pick or level
+      if not oldest or older(heads[level], heads[oldest]) then
+        oldest = level
+      end
+    end
+  end
+  if not pick then
+    break
+  end
+  if now_ms - id_parts(heads[oldest]) > starving then
+    pick = oldest
+  end
+  table.insert(order, pick)
+  taken[pick] = taken[pick] + 1
+  heads[pick] = head(KEYS[pick], heads[pick])
+end
+
+if #order == 0 then
+  return {'tails', delivered[1], delivered[2], delivered[3]}
+end
+-- Each level's entries taken are the first ones after its last delivered id: exactly what
+-- XREADGROUP `>` hands out.
+local read = {}
+for level = 1, #KEYS do
+  read[level] = {}
+  if taken[level] > 0 then
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', taken[level],
+                             'STREAMS', KEYS[level], '>')
+    for _, entry in ipairs(reply[1][2]) do
+      local data = ''
+      for i = 1, #entry[2], 2 do
+        if entry[2][i] == 'data' then data = entry[2][i + 1] end
+      end
+      table.insert(read[level], {entry[1], data})
+    end
+  end
+end
+local out, next_of = {}, {1, 1, 1}
+for _, level in ipairs(order) do
+  local entry = read[level][next_of[level]]
+  next_of[level] = next_of[level] + 1
+  table.insert(out, {level, entry[1], entry[2]})
+end
+return out
