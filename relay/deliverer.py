@@ -315,24 +315,33 @@ class Deliverer:
             extensions["sni_hostname"] = target.host
         pool = self._pool(target)
         response = None
-        for address in target.addresses:  # each one checked; the next if one refuses
-            # To the address checked, never a second lookup; the Host header, SNI and the
-            # certificate check name the URL's host.
-            netloc = (f"[{address}]" if isinstance(address, ipaddress.IPv6Address)
-                      else str(address)) + f":{target.port}"
-            request_url = url._replace(netloc=netloc, fragment="").geturl()
-            request = httpx.Request("POST", request_url, headers=headers, content=due.body,
-                                    extensions={**extensions, "timeout": self._timeout})
-            try:
-                response = await pool.handle_async_request(request)
-                await _drain(response)
-                break
-            except httpx.ConnectError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-            except httpx.TimeoutException:
-                return None, "timeout", None
-            except httpx.HTTPError as exc:
-                return None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS], None
+        error = ""
+        try:
+            # The whole attempt, not each of its phases (httpx times connect, each write and
+            # each read apart): a receiver answering a byte at a time must not outlast the
+            # lease, or a peer would send the delivery again meanwhile.
+            async with asyncio.timeout(self.settings.webhook_timeout_ms / 1000):
+                for address in target.addresses:  # each one checked; the next if one refuses
+                    # To the address checked, never a second lookup; the Host header, SNI and
+                    # the certificate check name the URL's host.
+                    netloc = (f"[{address}]" if isinstance(address, ipaddress.IPv6Address)
+                              else str(address)) + f":{target.port}"
+                    request_url = url._replace(netloc=netloc, fragment="").geturl()
+                    request = httpx.Request(
+                        "POST", request_url, headers=headers, content=due.body,
+                        extensions={**extensions, "timeout": self._timeout})
+                    try:
+                        response = await pool.handle_async_request(request)
+                        await _drain(response)
+                        break
+                    except httpx.ConnectError as exc:
+                        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+                    except httpx.TimeoutException:
+                        return None, "timeout", None
+                    except httpx.HTTPError as exc:
+                        return None, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS], None
+        except TimeoutError:
+            return None, "timeout", None
         if response is None:
             return None, error, None
         return response.status_code, None, _retry_after_ms(response.headers.get("retry-after"))

@@ -4,7 +4,9 @@ the Host header, while the connection goes to the address the SSRF guard checked
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -135,3 +137,44 @@ async def test_each_attempt_checks_the_url_again(settings: Settings) -> None:
         server.stop()
     assert status is None and error is not None and error.startswith("refused: "), error
     assert got == []
+
+
+async def test_an_attempt_ends_at_its_timeout_however_slowly_the_receiver_answers(
+        settings: Settings) -> None:
+    """A receiver that answers a byte every 50 ms never trips a read timeout; the attempt
+    still ends at RELAY_WEBHOOK_TIMEOUT, well within the lease that keeps peers off it."""
+    answers: list[asyncio.Task[None]] = []
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n":
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answers.append(asyncio.create_task(drip(reader, writer)))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    keys = Keys(settings.prefix)
+    local = with_settings(settings, webhook_allow_http=True, webhook_allow_private=True,
+                          webhook_timeout_ms=500)
+    deliverer = Deliverer(client, keys, local,
+                          Webhooks(client, keys, schedule=(1000,), rotation_grace_ms=0),
+                          Metrics(client, keys))
+    began = time.monotonic()
+    try:
+        status, error, _ = await deliverer.attempt(_due(f"http://127.0.0.1:{port}/hook"))
+    finally:
+        elapsed = time.monotonic() - began
+        await deliverer.aclose()
+        await client.aclose()
+        for task in answers:
+            task.cancel()
+        server.close()
+    assert (status, error) == (None, "timeout")
+    assert 0.45 <= elapsed < 1.5, elapsed
