@@ -507,19 +507,21 @@ def test_scaled_object_follows_the_executors_stream() -> None:
     (redis_port,) = [port["port"] for port in redis_service["spec"]["ports"]]
     triggers = scaled["spec"]["triggers"]
     assert {trigger["type"] for trigger in triggers} == {"redis-streams"}
-    measures = set()
+    measures: dict[str, set[str]] = {}
     for trigger in triggers:
         metadata = trigger["metadata"]
-        assert metadata["stream"] == keys.requests
         assert metadata["consumerGroup"] == Keys.EXECUTOR_GROUP
         # KEDA's operator runs in its own namespace: the Service's full name.
         assert metadata["address"] == (
             f"{REDIS}.{NAMESPACE}.svc.cluster.local:{redis_port}")
         auth = find("TriggerAuthentication", trigger["authenticationRef"]["name"])
         assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} == {"password"}
-        measures |= metadata.keys() & REDIS_STREAMS_MEASURES
-    # Backlog that no executor took yet plus work executors hold: see executor-scaledobject.yaml.
-    assert measures == {"pendingEntriesCount", "lagCount"}
+        measures.setdefault(metadata["stream"], set()).update(
+            metadata.keys() & REDIS_STREAMS_MEASURES)
+    # Backlog that no executor took yet plus work executors hold, on each priority's stream:
+    # see executor-scaledobject.yaml.
+    assert measures == {keys.requests_of(priority): {"pendingEntriesCount", "lagCount"}
+                        for priority in ("high", "normal", "low")}
 
     # Target per replica = modules one executor runs at once, which must fit its CPU limit.
     concurrency = int(env["RELAY_EXECUTOR_CONCURRENCY"] or 0)
