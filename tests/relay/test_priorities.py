@@ -320,3 +320,42 @@ async def test_parked_entries_go_back_to_their_streams_high_first(bus: Bus) -> N
     [(entry, data)] = await bus.read("c", 10, 10)
     assert decode_requested(data).request_id == "r-1" and not entry.startswith(b"low/")
     assert await bus.client.llen(bus.keys.waiting("alice", "low")) == 1
+
+
+async def test_a_high_run_whose_executor_died_is_run_by_a_peer(
+        http: httpx.AsyncClient, settings: Settings) -> None:
+    """A consumer takes a high entry and dies (it never renews its lease); a real executor
+    takes the entry over from the high stream once the lease lapses, and runs it."""
+    add = (await upload(http, ADD_WAT))["cid"]
+    request_id = await submit(http, add, [40, 2], priority="high")
+    keys = Keys(settings.prefix)
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        dead = Bus(client, keys, events_retention=1000, requests_retention=1000)
+        [(entry, _)] = await dead.read("crashed", 1, 10)
+        assert entry.startswith(b"high/")
+        async with one_executor(settings, lease_ms=300):
+            state = await completed(http, request_id)
+        assert state["output"] == 42 and state["priority"] == "high"
+        pending = await client.xpending(keys.requests_of("high"), Keys.EXECUTOR_GROUP)
+        assert pending["pending"] == 0
+        assert await client.hget(keys.deliveries_of("high"), entry.removeprefix(b"high/")) \
+            is None  # its count is dropped once it is settled
+    finally:
+        await client.aclose()
+
+
+async def test_batch_items_have_their_own_priorities(http: httpx.AsyncClient) -> None:
+    add = (await upload(http, ADD_WAT))["cid"]
+    response = await http.post("/intent/execute-wasm/batch", headers=ASYNC, json={"items": [
+        {"cid": add, "inputs": [1, 1], "priority": "low"},
+        {"cid": add, "inputs": [1, 2], "priority": "high"},
+        {"cid": add, "inputs": [1, 3]},
+        {"cid": add, "inputs": [1, 4], "priority": "urgent"}]})
+    assert response.status_code == 202, response.text
+    view = (await http.get(response.headers["location"])).json()
+    items = view["items"]
+    assert items[3]["problem"]["errors"][0]["pointer"] == "/items/3/priority"
+    priorities = [(await http.get(f"/executions/{item['request_id']}")).json()["priority"]
+                  for item in items[:3]]
+    assert priorities == ["low", "high", "normal"]
