@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pytest_httpserver import HTTPServer
+from standardwebhooks import Webhook
 
 from executor.worker import Executor
 from relay.gateway.app import create_app
@@ -23,6 +25,8 @@ from tests.conftest import (
     with_settings,
 )
 from tests.relay.gateway.test_pipelines import SPIN_WAT, TRAP_WAT
+from tests.relay.gateway.test_webhooks import LOCAL, Receiver
+from tests.relay.gateway.test_webhooks import gateway as webhook_gateway
 from tests.relay.pipeline.test_pipeline import DENY_BOB_CALCULATOR, gateway, policy_dir
 
 BATCH = "/intent/execute-wasm/batch"
@@ -146,3 +150,21 @@ async def test_bad_batches_are_problems(http: httpx.AsyncClient, settings: Setti
         problem = assert_problem(await http.post(BATCH, json=body), 400, "invalid-request")
         assert problem["errors"][0]["pointer"] == pointer, (body, problem)
     assert_problem(await http.get("/batches/bat_000000000000000000000000"), 404, "not-found")
+
+
+async def test_a_batch_callback_gets_one_signed_batch_complete(
+        settings: Settings, executor: Executor, httpserver: HTTPServer) -> None:
+    receiver = Receiver(httpserver, "/batch", 200)
+    async with webhook_gateway(settings, **LOCAL) as (http, _):
+        add = (await upload(http, ADD_WAT))["cid"]
+        response = await http.post(BATCH, json={
+            "items": [{"cid": add, "inputs": [i, i]} for i in range(3)],
+            "callback_url": receiver.url}, headers={"Prefer": "respond-async"})
+        assert response.status_code == 202, response.text
+        batch_id = response.json()["batch_id"]
+        await wait_for(lambda: len(receiver.got) == 1, timeout_s=15)
+        secret = (await http.get("/webhooks/secret")).json()["secret"]
+        _, headers, body = receiver.got[0]
+        event = Webhook(secret).verify(body, headers)
+        assert (event["type"], event["batch_id"], event["total"]) == (
+            "batch_complete", batch_id, 3)
