@@ -364,7 +364,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "entries the events stream (`relay:events`) keeps, approximately")] = 100_000
     requests_retention: Annotated[int, Variable(
         "RELAY_REQUESTS_RETENTION", _int, EVENTS, "entries",
-        "entries the requests stream (`relay:requests`) keeps, approximately")] = 100_000
+        "entries each requests stream (`relay:requests`, and `:high`, `:low`) keeps, "
+        "approximately")] = 100_000
     sse_queue: Annotated[int, Variable(
         "RELAY_SSE_QUEUE", _int, EVENTS, "events",
         "events one event stream may fall behind before it is dropped as too slow")] = 256
