@@ -224,6 +224,9 @@ class Bus:
         self._streams = [keys.requests_of(priority) for priority in PRIORITIES]
         self._cursors = dict.fromkeys(PRIORITIES, b"0-0")
         """Where the next XAUTOCLAIM scan of each requests stream goes on from."""
+        self._drained: list[bytes] | None = None
+        """Each requests stream's last delivered id when the last read found them all drained
+        (None: it did not), from which the next read waits for new entries."""
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
@@ -318,22 +321,25 @@ class Bus:
         """Up to `count` new request entries for this consumer, (entry, `data`), in the order
         to start them: high before normal before low, except that an entry waiting longer than
         `starvation_ms` comes before every entry accepted after it. One round trip while there
-        is work; with none, a blocking read of the three streams waits up to `block_ms` for
-        the next entry, then they are taken as above (a peer may have taken it: then none)."""
-        taken = await self._take(consumer, count)
-        if isinstance(taken, list) or block_ms <= 0:
-            return taken if isinstance(taken, list) else []
-        # XREAD, not XREADGROUP: it only wakes this reader, taking nothing, so the order above
-        # decides what is taken. From each stream's last delivered id: an entry added since the
-        # script ran wakes it at once.
-        await self.client.xread(dict(zip(self._streams, taken, strict=True)), count=1,
-                                block=block_ms)
-        taken = await self._take(consumer, count)
-        return taken if isinstance(taken, list) else []
+        is work. Once a read found the streams drained, the next one first waits up to
+        `block_ms` for an entry added since, then takes as above (none if a peer was faster):
+        an idle executor pays one round trip more per wake-up than a blocking XREADGROUP."""
+        if self._drained is None:
+            taken = await self._take(consumer, count)
+            if taken or block_ms <= 0 or self._drained is None:
+                return taken
+        # XREAD, not XREADGROUP: it only wakes this reader, taking nothing, so the take script
+        # decides what is taken. From each stream's last delivered id at the last take: an entry
+        # added since wakes it at once.
+        if not await self.client.xread(dict(zip(self._streams, self._drained, strict=True)),
+                                       count=1, block=block_ms):
+            return []
+        return await self._take(consumer, count)
 
-    async def _take(self, consumer: str, count: int,
-                    ) -> list[tuple[Entry, bytes]] | tuple[bytes, ...]:
-        """The take script's entries; with none, each stream's last delivered id."""
+    async def _take(self, consumer: str, count: int) -> list[tuple[Entry, bytes]]:
+        """The take script's entries. Fewer than `count`: every stream is drained, and
+        `_drained` holds their last delivered ids; else it is None."""
+        self._drained = None
         [reply] = await self._send([(_TAKE, self._streams, [
             Keys.EXECUTOR_GROUP, consumer, count, self.starvation_ms])])
         if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
@@ -341,10 +347,11 @@ class Bus:
             return []
         if isinstance(reply, Exception):
             raise reply
-        if reply and reply[0] == b"tails":
-            return tuple(reply[1:])
+        tails, entries = reply[:len(PRIORITIES)], reply[len(PRIORITIES):]
+        if len(entries) < count:
+            self._drained = tails
         return [(entry_of(PRIORITIES[level - 1], entry_id), data)
-                for level, entry_id, data in reply]
+                for level, entry_id, data in entries]
 
     async def start(self, started: ExecutionStarted, request: WasmExecRequested,
                     entry: Entry, consumer: str) -> Verdict:

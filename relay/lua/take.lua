@@ -3,9 +3,9 @@
 -- head of the highest level that has one, unless the oldest head of all has waited longer than
 -- ARGV[4] ms (an entry's id is the time it was added), which then goes first, so nothing
 -- accepted after a starving entry is taken before it. Deciding and reading are one script, so
--- the order holds across executors. Returns {level, id, data} for each entry taken, in the
--- order taken; with none, {'tails', last delivered id of each stream}, from which a blocking
--- XREAD wakes on the next entry (relay.bus.Bus.read).
+-- the order holds across executors. Returns each stream's last delivered id after the take
+-- (from which a blocking XREAD wakes on the next entry: relay.bus.Bus.read), then
+-- {level, id, data} for each entry taken, in the order taken.
 local group, consumer, count, starving = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -68,9 +68,6 @@ for _ = 1, count do
   heads[pick] = head(KEYS[pick], heads[pick])
 end
 
-if #order == 0 then
-  return {'tails', delivered[1], delivered[2], delivered[3]}
-end
 -- Each level's entries taken are the first ones after its last delivered id: exactly what
 -- XREADGROUP `>` hands out.
 local read = {}
@@ -89,6 +86,10 @@ for level = 1, #KEYS do
   end
 end
 local out, next_of = {}, {1, 1, 1}
+for level = 1, #KEYS do
+  local taken_here = read[level]
+  out[level] = taken_here[#taken_here] and taken_here[#taken_here][1] or delivered[level]
+end
 for _, level in ipairs(order) do
   local entry = read[level][next_of[level]]
   next_of[level] = next_of[level] + 1
