@@ -9,7 +9,14 @@ Limits map onto wasmtime's own mechanisms:
   linear memory at most and `max_memory` is all it gets. Tables are capped apart, at
   `max_table_elements` in all: a module's tables share it equally (the limiter caps each table,
   not their sum);
-- the wasm stack is capped by `Config.max_wasm_stack` -> `stack_overflow`.
+- the wasm stack is `max_stack`, capped by `Config.max_wasm_stack` -> `stack_overflow`. That
+  is an Engine's setting, so there is an Engine per stack size (`max_stack` rounded down to a
+  power of two, and the ceiling itself: a few at most), each module compiled once, on the
+  ceiling's Engine, and copied into another Engine (`Module.deserialize`, a fraction of a
+  compile) the first time a run asks for its stack size.
+
+A trap's error carries its frames (`StackFrame`), innermost first, their offsets counted in the
+module as uploaded rather than in the copy the sandbox compiles (executor.binary).
 
 WASI modules get their inputs as JSON on stdin (when run as commands) and nothing else: no
 preopened directories, no environment, no arguments, no network. Their output and sleeps go
@@ -39,7 +46,8 @@ from executor.binary import export_state
 from executor.control import TIMEOUT_MESSAGE, LiveControl
 from relay.blobs import decode_output
 from relay.modules import WASI_MODULE
-from relay.schemas import EffectivePolicy, ErrorCode, ErrorInfo
+from relay.schemas import MAX_FRAMES, EffectivePolicy, ErrorCode, ErrorInfo, StackFrame
+from relay.settings import MAX_STACK_BYTES
 from relay.wasmtypes import read_uleb, sections
 
 log = logging.getLogger("relay.executor.sandbox")
@@ -74,7 +82,7 @@ _TRAP_CODES: dict[wasmtime.TrapCode, ErrorCode] = {
 _TRAP_MESSAGES = {
     "out_of_gas": "the module used all of its gas ({max_gas})",
     "timeout": TIMEOUT_MESSAGE,
-    "stack_overflow": "the module overflowed its stack",
+    "stack_overflow": "the module overflowed its stack (max_stack {max_stack} bytes)",
 }
 SHUTDOWN_MESSAGE = "the executor is shutting down"
 CLOSED_MESSAGE = "the sandbox is closed"
@@ -103,6 +111,12 @@ class Prepared(NamedTuple):
     uses_wasi: bool
     tables: int
     """How many tables it defines: they share the table cap."""
+    engine: wasmtime.Engine
+    """The Engine it is compiled for, whose `max_wasm_stack` its runs have."""
+    offset_shift: int = 0
+    """Bytes the compiled copy has before its code that the uploaded module has not."""
+    stacks: dict[int, Prepared] | None = None
+    """The same module for each stack size it has run with, shared by all of them."""
 
 
 class Refused(Exception):
@@ -140,20 +154,29 @@ class LinkError(ValueError):
     """The module cannot run here: invalid, or it imports something Relay does not provide."""
 
 
+class _Linked(NamedTuple):
+    engine: wasmtime.Engine
+    linker: wasmtime.Linker
+
+
 class Sandbox:
-    def __init__(self, *, max_table_elements: int = MAX_TABLE_ELEMENTS) -> None:
-        """`max_table_elements`: table elements an execution may hold, all tables together."""
-        config = wasmtime.Config()
-        config.consume_fuel = True
-        config.epoch_interruption = True
-        config.max_wasm_stack = MAX_WASM_STACK_BYTES
-        # The limiter caps each memory, not their sum: one memory, and `max_memory` holds.
-        config.wasm_multi_memory = False
-        self.engine = wasmtime.Engine(config)
+    def __init__(self, *, max_table_elements: int = MAX_TABLE_ELEMENTS,
+                 max_stack_bytes: int = MAX_WASM_STACK_BYTES) -> None:
+        """`max_table_elements`: table elements an execution may hold, all tables together.
+        `max_stack_bytes`: the most wasm stack a run gets, whatever its `max_stack` (at most
+        MAX_STACK_BYTES; ValueError otherwise)."""
+        if not 0 < max_stack_bytes <= MAX_STACK_BYTES:
+            raise ValueError(f"max_stack_bytes must be 1 to {MAX_STACK_BYTES}")
         self.max_table_elements = max_table_elements
-        self._linker = wasmtime.Linker(self.engine)
-        self._linker.define_wasi()
-        wasi.shadow(self._linker)
+        self.max_stack_bytes = max_stack_bytes
+        self._engines: dict[int, _Linked] = {}
+        """By `max_wasm_stack`: made on demand, kept for the sandbox's life (a few at most)."""
+        self._ticked: tuple[wasmtime.Engine, ...] = ()
+        """Every Engine, for the ticker: replaced whole when one is added."""
+        self._engines_lock = threading.Lock()
+        """Held while an Engine or a module's copy for one is made (never by the ticker)."""
+        self.engine = self._linked(max_stack_bytes).engine
+        """The ceiling's Engine, where modules are compiled."""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._controls: set[LiveControl] = set()
@@ -207,8 +230,10 @@ class Sandbox:
             due = int((time.perf_counter() - origin) / TICK_S)
             if due - done > MAX_TICK_LAG:
                 done = due - 1
+            engines = self._ticked
             while done < due:
-                self.engine.increment_epoch()
+                for engine in engines:
+                    engine.increment_epoch()
                 done += 1
 
     def _stepping(self) -> bool:
@@ -237,10 +262,62 @@ class Sandbox:
             with self._calls_changed:
                 self._calls -= 1
 
+    def _linked(self, stack: int) -> _Linked:
+        """The Engine whose wasm stack is `stack` bytes, and its Linker (made on first use)."""
+        linked = self._engines.get(stack)
+        if linked is not None:
+            return linked
+        with self._engines_lock:
+            linked = self._engines.get(stack)
+            if linked is None:
+                config = wasmtime.Config()
+                config.consume_fuel = True
+                config.epoch_interruption = True
+                config.max_wasm_stack = stack
+                # The limiter caps each memory, not their sum: one memory, and `max_memory`
+                # holds.
+                config.wasm_multi_memory = False
+                engine = wasmtime.Engine(config)
+                linker = wasmtime.Linker(engine)
+                linker.define_wasi()
+                wasi.shadow(linker)
+                linked = self._engines[stack] = _Linked(engine, linker)
+                self._ticked = (*self._ticked, engine)
+        return linked
+
+    def stack_of(self, max_stack: int) -> int:
+        """The wasm stack a run asking for `max_stack` bytes gets: the sandbox's ceiling at or
+        above it, else `max_stack` rounded down to a power of two (never more than asked, from a
+        few Engines)."""
+        if max_stack >= self.max_stack_bytes:
+            return self.max_stack_bytes
+        return 1 << (max(max_stack, 1).bit_length() - 1)
+
+    def _for_stack(self, prepared: Prepared, max_stack: int) -> Prepared:
+        """`prepared` on the Engine of `max_stack`'s stack size: copied there from the compiled
+        code once (deserializing takes a fraction of compiling; no Engine setting it depends
+        on differs), then kept with it."""
+        stack = self.stack_of(max_stack)
+        stacks = prepared.stacks
+        assert stacks is not None, "made by prepare()"
+        found = stacks.get(stack)
+        if found is not None:
+            return found
+        linked = self._linked(stack)
+        with self._engines_lock:
+            found = stacks.get(stack)
+            if found is None:
+                module = wasmtime.Module.deserialize(linked.engine, prepared.module.serialize())
+                found = stacks[stack] = prepared._replace(
+                    module=module, instance_pre=linked.linker.instantiate_pre(module),
+                    engine=linked.engine)
+        return found
+
     def prepare(self, wasm: bytes) -> Prepared:
         """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
+        compiled = export_state(wasm)
         try:
-            module = wasmtime.Module(self.engine, export_state(wasm))
+            module = wasmtime.Module(self.engine, compiled)
         except wasmtime.WasmtimeError as exc:
             raise LinkError(f"invalid WebAssembly: {_reason(str(exc))}") from None
         unknown = [
@@ -249,11 +326,17 @@ class Sandbox:
         if unknown:
             raise LinkError(f"imports Relay does not provide: {', '.join(unknown[:5])}")
         try:
-            instance_pre = self._linker.instantiate_pre(module)
+            instance_pre = self._linked(self.max_stack_bytes).linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise LinkError(f"cannot link the module: {exc}") from None
         uses_wasi = any(imp.module == WASI_MODULE for imp in module.imports)
-        return Prepared(module, instance_pre, uses_wasi, _table_count(wasm))
+        # executor.binary only adds to the export section, which comes before the code: every
+        # instruction moved by the same count of bytes.
+        prepared = Prepared(module, instance_pre, uses_wasi, _table_count(wasm), self.engine,
+                            len(compiled) - len(wasm), {})
+        assert prepared.stacks is not None
+        prepared.stacks[self.max_stack_bytes] = prepared
+        return prepared
 
     def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
             policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
@@ -270,6 +353,7 @@ class Sandbox:
         a LargeOutput (None: always decoded).
         After `close()` every run ends at once with `cancelled`.
         """
+        prepared = self._for_stack(prepared, policy.max_stack)
         if control is None and prepared.uses_wasi:
             control = LiveControl(max_pause_ms=1)  # never paused: its sleeps need one
         if control is not None:
@@ -291,6 +375,7 @@ class Sandbox:
         again."""
         if prepared.uses_wasi or self._stop.is_set():
             return None
+        prepared = self._for_stack(prepared, policy.max_stack)
         budget = min(policy.max_gas, INLINE_GAS)
         inline_policy = msgspec.structs.replace(policy, max_gas=budget)
         store = self._new_store(inline_policy, prepared)
@@ -336,7 +421,7 @@ class Sandbox:
     def _new_store(self, policy: EffectivePolicy, prepared: Prepared) -> wasmtime.Store:
         """A fresh Store holding the policy's gas and memory limits and the table cap (its
         epoch deadline is the caller's to set)."""
-        return self._limit(wasmtime.Store(self.engine), policy, prepared)
+        return self._limit(wasmtime.Store(prepared.engine), policy, prepared)
 
     def _limit(self, store: wasmtime.Store, policy: EffectivePolicy,
                prepared: Prepared) -> wasmtime.Store:
@@ -414,6 +499,7 @@ class Sandbox:
             if control is not None:  # the budget includes the gas added on resume
                 policy = msgspec.structs.replace(policy, max_gas=control.gas_limit)
             error = _trap_error(exc, policy, store, instance)
+            error.frames = _frames(exc, prepared.offset_shift) or msgspec.UNSET
         except wasmtime.WasmtimeError as exc:
             stopped = control.stop_of(exc) if control is not None else None
             error = stopped if stopped is not None else _instantiation_error(exc, policy)
@@ -442,6 +528,19 @@ def _trap_error(trap: wasmtime.Trap, policy: EffectivePolicy, store: wasmtime.St
                          f"the module reached its memory limit ({policy.max_memory} bytes) "
                          f"and trapped: {_reason(trap.message)}")
     return ErrorInfo("trap", _reason(trap.message))
+
+
+# What wasmtime reports for an offset it does not know (u64::MAX).
+_NO_OFFSET = 2**64 - 1
+
+
+def _frames(trap: wasmtime.Trap, offset_shift: int) -> list[StackFrame]:
+    """Where `trap` happened, innermost first, at most MAX_FRAMES (wasmtime itself keeps
+    fewer: 20 in wasmtime 50), each offset counted in the module as uploaded."""
+    return [StackFrame(frame.func_index, frame.func_name,
+                       None if frame.module_offset == _NO_OFFSET
+                       else frame.module_offset - offset_shift)
+            for frame in trap.frames[:MAX_FRAMES]]
 
 
 def _reason(message: str) -> str:

@@ -50,6 +50,8 @@ class Resident(NamedTuple):
     store: wasmtime.Store
     instance: wasmtime.Instance
     baseline: Baseline
+    max_stack: int
+    """The `max_stack` of the call that left it: its Store's Engine has that stack."""
 
     @property
     def size(self) -> int:
@@ -134,7 +136,8 @@ class SessionStates:
             policy, max_memory=min(policy.max_memory, self.max_state_bytes))
         # Only an instance holding the committed state itself: a peer may have run calls since.
         if resident is not None and resident.state_cid == base and base \
-                and resident.size <= policy.max_memory:
+                and resident.size <= policy.max_memory \
+                and resident.max_stack == policy.max_stack:
             return SessionCall(base, policy, self.max_state_bytes, resident=resident)
         if not base:
             return SessionCall("", policy, self.max_state_bytes)
@@ -164,7 +167,8 @@ class SessionStates:
             self.cache.put_many(captured.new_pages)
         if keep:
             store, instance = call.ran_in
-            self._keep(session_id, Resident(cid, store, instance, captured.baseline))
+            self._keep(session_id, Resident(cid, store, instance, captured.baseline,
+                                            call.policy.max_stack))
         return Commit(call.base, cid, captured.manifest.size)
 
     def release(self, call: SessionCall, session_id: str) -> None:

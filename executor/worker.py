@@ -67,7 +67,8 @@ class Executor:
         self.bus = Bus(client, keys, events_retention=settings.events_retention,
                        requests_retention=settings.requests_retention,
                        starvation_ms=settings.priority_starvation_ms)
-        self.sandbox = Sandbox(max_table_elements=settings.max_table_elements)
+        self.sandbox = Sandbox(max_table_elements=settings.max_table_elements,
+                               max_stack_bytes=settings.max_stack_bytes)
         self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
         self.sessions = SessionStates(client, keys, max_state_bytes=settings.max_state_bytes,
                                       orphan_ttl_ms=settings.idempotency_ttl_ms)

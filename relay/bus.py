@@ -298,6 +298,7 @@ class Bus:
                 request.request_id,
                 *_memo_arguments(memo),
                 request.pipeline_id or "",
+                memo.stack if memo else "",
                 callback,  # the last argument: accept.lua reads it as ARGV[#ARGV]
             ],
         ))

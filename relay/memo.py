@@ -5,9 +5,10 @@ entrypoint, canonical inputs, environment). The settle of a successful run of su
 stores its response under that key, in the principal's scope or, with RELAY_MEMO_SCOPE=global,
 in one scope shared by all, for RELAY_MEMO_TTL (settle.lua). A later request of the same key is
 answered with it, without running anything, when the producing run fits the request's policy:
-its gas used within `max_gas`, its memory within `max_memory`. The memory recorded is the
-producing run's `max_memory`, its peak memory's upper bound (the executor does not report the
-peak), so a request asking for less memory than the producer had runs again.
+its gas used within `max_gas`, its memory within `max_memory`, its `max_stack` within this
+one's. The memory recorded is the producing run's `max_memory`, its peak memory's upper bound
+(the executor does not report the peak), so a request asking for less memory than the producer
+had runs again; likewise for the stack.
 
 The gateway reads the entry and prepares the hit's bodies (`Memo.prepare`); the accept script
 answers with them only if the entry is still the one read (`of`), atomically with acceptance,
@@ -34,6 +35,7 @@ from msgspec import UNSET
 
 from relay.keys import Keys
 from relay.schemas import (
+    DEFAULT_MAX_STACK,
     ExecutionComplete,
     WasmExecCompleted,
     WasmExecRequested,
@@ -84,6 +86,8 @@ class MemoAccept(NamedTuple):
     record_ttl_ms: int
     """How long a hit's execution record lives (RELAY_IDEMPOTENCY_TTL, as any finished one)."""
     hit: Hit | None
+    stack: int = DEFAULT_MAX_STACK
+    """What the entry records as the run's `max_stack`, should this request produce it."""
 
 
 class Entry(NamedTuple):
@@ -93,10 +97,14 @@ class Entry(NamedTuple):
     result: bytes
     gas: int
     memory: int
+    stack: int = DEFAULT_MAX_STACK
+    """Its run's `max_stack` (entries stored before there was one ran with the default)."""
 
     def fits(self, request: WasmExecRequested) -> bool:
         """Whether its run fits `request`'s policy."""
-        return self.gas <= request.policy.max_gas and self.memory <= request.policy.max_memory
+        policy = request.policy
+        return (self.gas <= policy.max_gas and self.memory <= policy.max_memory
+                and self.stack <= policy.max_stack)
 
 
 class Entries:
@@ -159,17 +167,18 @@ class Memo:
         redis_key = self.keys.memo(key.digest, key.principal)
         entry = self.entries.get(redis_key)
         if entry is None or not entry.fits(request):
-            of, result, gas, memory = await self.client.hmget(
-                redis_key, ["of", "result", "gas", "memory"])
+            of, result, gas, memory, stack = await self.client.hmget(
+                redis_key, ["of", "result", "gas", "memory", "stack"])
             entry = None
             if of is not None and result is not None:
-                entry = Entry(of.decode(), result, int(gas), int(memory))
+                entry = Entry(of.decode(), result, int(gas), int(memory),
+                              int(stack or DEFAULT_MAX_STACK))
                 self.entries.put(redis_key, entry)
         hit = None
         if entry is not None and entry.fits(request):
             hit = answer(request, entry.of, entry.result, scoped=key.principal is not None)
         return MemoAccept(redis_key, request.policy.max_memory, self.ttl_ms, self.record_ttl_ms,
-                          hit)
+                          hit, request.policy.max_stack)
 
     def missed(self, memo: MemoAccept) -> None:
         """The accept script found the entry `memo` was prepared from gone or replaced (a hit

@@ -61,6 +61,8 @@ class PrincipalCaps(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Bytes."""
     max_time: _Positive | None = None
     """Milliseconds."""
+    max_stack: _Positive | None = None
+    """Bytes of wasm stack."""
     max_modules: _Positive | None = None
     """Modules stored at once."""
     max_module_storage: _Positive | None = None

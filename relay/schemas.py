@@ -27,6 +27,8 @@ class Policy(Request):
     max_memory: PositiveInt | None = None
     max_gas: PositiveInt | None = None
     max_time: PositiveInt | None = None
+    max_stack: PositiveInt | None = None
+    """Bytes of wasm stack; deeper recursion ends the run with `stack_overflow`."""
 
 
 class ExecuteRequest(Request):
@@ -50,12 +52,18 @@ class NameBinding(Request):
     cid: Annotated[str, Meta(min_length=1, max_length=512)]
 
 
+DEFAULT_MAX_STACK = 1048576
+"""`RELAY_MAX_STACK`'s default: the wasm stack every execution had before `max_stack`."""
+
+
 class EffectivePolicy(msgspec.Struct, kw_only=True):
     """The limits an execution runs under, after defaults and ceilings."""
 
     max_memory: int
     max_gas: int
     max_time: int
+    max_stack: int = DEFAULT_MAX_STACK
+    """Bytes of wasm stack. Entries written before it existed ran with the default."""
 
 
 ErrorCode = Literal["out_of_gas", "timeout", "memory_limit", "stack_overflow", "trap",
@@ -66,9 +74,26 @@ export's signature; the execution never ran."""
 ExecutionStatus = Literal["queued", "running", "paused", "completed", "failed", "cancelled"]
 
 
+class StackFrame(msgspec.Struct):
+    """One wasm function on the call stack of a trap."""
+
+    func_index: int
+    """In the module's function index space (imported functions first)."""
+    func_name: str | None
+    """From the module's name section; null without one."""
+    module_offset: int | None
+    """Byte offset, in the module as uploaded, of the instruction it was at; null when the
+    runtime does not know it (a stack overflow caught on entering the function)."""
+
+
+MAX_FRAMES = 32
+
+
 class ErrorInfo(msgspec.Struct):
     code: ErrorCode
     message: str
+    frames: list[StackFrame] | UnsetType = UNSET
+    """Where the module was when it trapped, innermost first, at most MAX_FRAMES."""
 
 
 class OutputRef(msgspec.Struct, kw_only=True):

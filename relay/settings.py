@@ -23,6 +23,7 @@ import msgspec
 
 from relay.principals import RULE as PRINCIPAL_RULE
 from relay.principals import is_principal
+from relay.schemas import DEFAULT_MAX_STACK
 
 MIB = 1024 * 1024
 CPUS = max(os.cpu_count() or 1, 1)
@@ -30,6 +31,9 @@ CPUS = max(os.cpu_count() or 1, 1)
 DEFAULT_POLICY_DIR = Path(__file__).resolve().parent / "policies"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_HMAC_SECRET_BYTES = 32
+# Wasm runs on the executor's own threads' stacks, and wasmtime refuses a wasm stack over its
+# async stack size (2 MiB) by aborting the process: RELAY_MAX_STACK may not go past it.
+MAX_STACK_BYTES = 2 * MIB
 
 
 class SettingsError(ValueError):
@@ -56,6 +60,13 @@ def _integer(minimum: int) -> Callable[[str, str], int]:
 
 _int = _integer(1)
 _count_or_zero = _integer(0)
+
+
+def _stack_bytes(name: str, raw: str) -> int:
+    value = _int(name, raw)
+    if value > MAX_STACK_BYTES:
+        raise SettingsError(f"{name} must be at most {MAX_STACK_BYTES}, got {value}")
+    return value
 
 
 def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
@@ -234,6 +245,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_time_ms: Annotated[int, Variable(
         "RELAY_MAX_TIME", _int, LIMITS, "ms",
         "most running time an execution may ask for")] = 300_000
+    max_stack_bytes: Annotated[int, Variable(
+        "RELAY_MAX_STACK", _stack_bytes, LIMITS, "bytes",
+        "wasm stack of an execution that asks for no limit, and the most it may ask for "
+        f"(at most {MAX_STACK_BYTES}); deeper recursion is `stack_overflow`")] = DEFAULT_MAX_STACK
     max_output_bytes: Annotated[int, Variable(
         "RELAY_MAX_OUTPUT_BYTES", _int, LIMITS, "bytes",
         "stdout and stderr together a WASI module may write; writes past it fail in the "

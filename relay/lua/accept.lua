@@ -37,10 +37,10 @@ if ARGV[10] == '1' then
   return {'forbidden', '', false}
 end
 -- Memoized results (relay.memo). KEYS[7] the entry; ARGV[20] the memory a run of this request
--- would record in it ('' for no memo), ARGV[21] its TTL. A hit, when the entry is still the
--- one the gateway read (ARGV[22], its producing request id), is answered with the bodies made
--- from it (ARGV[23..25]): finished at once, like any execution, with nothing queued and no
--- budget reserved.
+-- would record in it ('' for no memo), ARGV[28] its stack, ARGV[21] its TTL. A hit, when the
+-- entry is still the one the gateway read (ARGV[22], its producing request id), is answered
+-- with the bodies made from it (ARGV[23..25]): finished at once, like any execution, with
+-- nothing queued and no budget reserved.
 -- A hit whose output is a blob (blobs.lib.lua) holds it as long as the record made from it; one
 -- whose blob has expired is a miss (it runs, and its settle stores the entry again).
 local function memo_blob_held(prefix, entry, ttl_ms)
@@ -112,7 +112,8 @@ if ARGV[#ARGV] ~= '' then
   redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
 end
 if ARGV[20] ~= '' then  -- its settle stores a success as the memo entry (settle.lua)
-  redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21])
+  redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21],
+             'memo_stack', ARGV[28])
 end
 local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
                           ARGV[6] .. position .. '}', 'user', ARGV[1])

@@ -49,11 +49,14 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   -- Memoized results (relay.memo): a success of a request whose accept named a memo entry
   -- becomes that entry (replacing an older one), for RELAY_MEMO_TTL. A failure never does.
   if ARGV[4] == 'completed' then
-    local memo = redis.call('HMGET', KEYS[1], 'memo', 'memo_memory', 'memo_ttl')
+    local memo = redis.call('HMGET', KEYS[1], 'memo', 'memo_memory', 'memo_ttl', 'memo_stack')
     if memo[1] then
       redis.call('DEL', memo[1])
       redis.call('HSET', memo[1], 'of', ARGV[13], 'result', ARGV[3], 'gas', ARGV[20],
                  'memory', memo[2])
+      if memo[4] then  -- a record accepted before `max_stack` existed has none
+        redis.call('HSET', memo[1], 'stack', memo[4])
+      end
       redis.call('PEXPIRE', memo[1], memo[3])
       if ARGV[22] ~= '' then  -- its output's blob lives as long as the entry (blobs.lib.lua)
         redis.call('HSET', memo[1], 'blob', ARGV[22])

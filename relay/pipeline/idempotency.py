@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any, NamedTuple
 
+import msgspec
+
 from relay.bus import Accepted
 from relay.errors import IdempotencyKeyReuse
 from relay.metrics import Metrics
-from relay.schemas import EffectivePolicy, encode
+from relay.schemas import DEFAULT_MAX_STACK, EffectivePolicy, encode
 
 REPLAYED = {"Idempotent-Replayed": "true"}
 """On every answer to a request that did not start its execution."""
@@ -26,8 +28,11 @@ def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectiveP
                 memoize: bool = False, priority: str = "normal") -> str:
     """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy (and
     the session of a session call, the priority)."""
+    limits = msgspec.structs.asdict(policy)
+    if policy.max_stack == DEFAULT_MAX_STACK:  # left out: v1 requests keep their fingerprints
+        del limits["max_stack"]
     canonical: dict[str, Any] = {"cid": cid, "entrypoint": entrypoint, "inputs": inputs,
-                                 "policy": policy}
+                                 "policy": limits}
     if session_id is not None:
         canonical["session_id"] = session_id
     if step_gas is not None:  # absent when not set: v1 requests keep their fingerprints

@@ -283,6 +283,8 @@ def _effective_policy(request: ExecuteRequest, settings: Settings,
                        settings.max_memory_bytes, caps.max_memory),
         "max_time": (request.policy.max_time, settings.default_max_time_ms,
                      settings.max_time_ms, caps.max_time),
+        "max_stack": (request.policy.max_stack, settings.max_stack_bytes,
+                      settings.max_stack_bytes, caps.max_stack),
     }
     errors = []
     effective = {}

@@ -359,3 +359,31 @@ async def test_batch_items_have_their_own_priorities(http: httpx.AsyncClient) ->
     priorities = [(await http.get(f"/executions/{item['request_id']}")).json()["priority"]
                   for item in items[:3]]
     assert priorities == ["low", "high", "normal"]
+
+
+async def test_a_pipeline_node_waits_at_its_own_priority(
+        http: httpx.AsyncClient, settings: Settings) -> None:
+    add = (await upload(http, ADD_WAT))["cid"]
+    created = await http.post("/pipelines", json={"nodes": [
+        {"id": "urgent", "cid": add, "inputs": [1, 2], "priority": "high"},
+        {"id": "bulk", "cid": add, "inputs": [3, 4], "priority": "low"},
+        {"id": "plain", "cid": add, "inputs": [5, 6]}]})
+    assert created.status_code == 202, created.text
+    location = f"/pipelines/{created.json()['pipeline_id']}"
+
+    async def all_queued() -> dict[str, Any] | None:
+        nodes: dict[str, Any] = (await http.get(location)).json()["nodes"]
+        return nodes if all(node["status"] == "queued" for node in nodes.values()) else None
+
+    nodes = await wait_for(all_queued, timeout_s=10)
+    priorities = {node: (await http.get(f"/executions/{state['request_id']}")).json()["priority"]
+                  for node, state in nodes.items()}
+    assert priorities == {"urgent": "high", "bulk": "low", "plain": "normal"}
+    keys = Keys(settings.prefix)
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        on_high = [decode_requested(fields[b"data"]).request_id
+                   for _, fields in await client.xrange(keys.requests_of("high"))]
+    finally:
+        await client.aclose()
+    assert on_high == [nodes["urgent"]["request_id"]]

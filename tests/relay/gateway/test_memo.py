@@ -167,6 +167,21 @@ async def test_a_policy_too_small_for_the_producing_run_runs_again(
     assert await runs(settings) == 3
 
 
+async def test_a_producing_run_with_more_stack_than_asked_for_runs_again(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
+    cid = (await upload(http, ADD_WAT))["cid"]
+    first = (await execute(http, cid, [1, 2], key="one", policy={"max_stack": 65536})).json()
+    assert first["cached"] is False
+    # Its max_stack, 65536, is within the default's: a hit.
+    more = (await execute(http, cid, [1, 2], key="two")).json()
+    assert more["cached"] is True and more["memo_of"] == first["request_id"]
+    # Less stack than the producing run had: it runs, and its run answers the next ones.
+    less = (await execute(http, cid, [1, 2], key="three", policy={"max_stack": 32768})).json()
+    assert less["cached"] is False and less["output"] == 3
+    again = (await execute(http, cid, [1, 2], key="four", policy={"max_stack": 32768})).json()
+    assert again["cached"] is True and again["memo_of"] == less["request_id"]
+    assert await runs(settings) == 2
+
 async def test_failures_are_never_memoized(http: httpx.AsyncClient, executor: Executor,
                                            settings: Settings) -> None:
     cid = (await upload(http, TRAP_WAT))["cid"]

@@ -120,6 +120,28 @@ async def test_a_failed_call_commits_nothing(http: httpx.AsyncClient,
     assert (await call(http, sid, "calls", [])).json()["output"] == 2
 
 
+# A count kept in a global, and a recursion as deep as asked (about 48 bytes of stack a level).
+DEEP_COUNTER_WAT = """(module (global $n (mut i32) (i32.const 0))
+  (func (export "bump") (result i32)
+    (global.set $n (i32.add (global.get $n) (i32.const 1))) (global.get $n))
+  (func $down (export "down") (param i32) (result i32)
+    local.get 0 i32.eqz if (result i32) global.get $n else
+    local.get 0 i32.const 1 i32.sub call $down end))"""
+
+
+async def test_each_call_runs_with_its_own_max_stack(http: httpx.AsyncClient,
+                                                    executor: Executor) -> None:
+    sid = (await make_session(http, DEEP_COUNTER_WAT))["session_id"]
+    assert (await call(http, sid, "bump", [])).json()["output"] == 1
+    # The executor keeps the session's instance from that call, on the default stack: this
+    # call, with less, runs in another, its state restored.
+    small = (await call(http, sid, "down", [2000], policy={"max_stack": 16384})).json()
+    assert small["error"]["code"] == "stack_overflow"
+    assert (await call(http, sid, "down", [2000])).json()["output"] == 1
+    assert (await call(http, sid, "bump", [], policy={"max_stack": 16384})).json()["output"] == 2
+    assert (await call(http, sid, "down", [100], policy={"max_stack": 16384})).json()[
+        "output"] == 2
+
 async def test_calls_run_one_at_a_time_in_order(http: httpx.AsyncClient,
                                                 executor: Executor) -> None:
     session = await make_session(http)
