@@ -97,18 +97,28 @@ async def http(app: Any) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-async def executor(settings: Settings) -> AsyncIterator[Executor]:
-    """An executor running in this event loop (its wasm runs on its own threads)."""
+@contextlib.asynccontextmanager
+async def running(settings: Settings, name: str) -> AsyncIterator[Executor]:
+    """An executor named `name` serving in this event loop (its wasm runs on its own threads)
+    until the block ends; what it still runs then is cancelled."""
     assert settings.redis_url is not None
     client = connection.connect(settings.redis_url)
-    worker = Executor(settings, client, name="test-executor", read_block_ms=100)
+    worker = Executor(settings, client, name=name, read_block_ms=100)
     task = asyncio.create_task(worker.run())
-    yield worker
-    worker.stop()
-    worker.cancel_running()  # a test that failed midway may leave an endless module running
-    await asyncio.wait_for(task, 10)
-    await client.aclose()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        worker.cancel_running()  # a test that failed midway may leave an endless module running
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
+@pytest.fixture
+async def executor(settings: Settings) -> AsyncIterator[Executor]:
+    """An executor running in this event loop (`running`)."""
+    async with running(settings, "test-executor") as worker:
+        yield worker
 
 
 def client_for(app: Any, key: str | None) -> httpx.AsyncClient:

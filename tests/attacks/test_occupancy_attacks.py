@@ -25,8 +25,6 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from executor.worker import Executor
-from relay import connection
 from relay.gateway.app import create_app
 from relay.keys import Keys
 from relay.settings import Settings
@@ -37,6 +35,7 @@ from tests.conftest import (
     Processes,
     assert_problem,
     client_for,
+    running,
     upload,
     wait_for,
     with_settings,
@@ -79,21 +78,6 @@ async def gateway(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient,
                 client_for(application, ALICE_KEY) as alice,
                 client_for(application, BOB_KEY) as bob):
         yield alice, bob
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, name: str) -> AsyncIterator[Executor]:
-    """An executor serving in this event loop until the block ends."""
-    client = connection.connect(settings.redis_url or "")
-    worker = Executor(settings, client, name=name, read_block_ms=100)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        worker.cancel_running()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
 
 
 async def submit(http: httpx.AsyncClient, cid: str, inputs: list[Any] | None = None,

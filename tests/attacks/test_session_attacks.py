@@ -48,6 +48,7 @@ from tests.conftest import (
     assert_problem,
     client_for,
     event_entries,
+    running,
     upload,
     wait_for,
     with_settings,
@@ -78,21 +79,6 @@ async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     try:
         yield client
     finally:
-        await client.aclose()
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, name: str) -> AsyncIterator[Executor]:
-    """An executor serving in this event loop until the block ends."""
-    client = connection.connect(settings.redis_url or "")
-    worker = Executor(settings, client, name=name, read_block_ms=100)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        worker.cancel_running()
-        await asyncio.wait_for(task, 10)
         await client.aclose()
 
 

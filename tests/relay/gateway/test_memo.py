@@ -12,7 +12,6 @@ import httpx
 import msgspec
 
 from executor.worker import Executor
-from relay import connection
 from relay.gateway.app import create_app
 from relay.settings import Settings
 from tests.conftest import (
@@ -23,6 +22,7 @@ from tests.conftest import (
     assert_problem,
     client_for,
     event_entries,
+    running,
     upload,
     wait_for,
     with_settings,
@@ -79,21 +79,6 @@ async def gateway(settings: Settings) -> AsyncIterator[Any]:
         yield application
 
 
-@asynccontextmanager
-async def executor_with(settings: Settings) -> AsyncIterator[Executor]:
-    """An executor with these settings, stopped (its runs finished) when the block ends."""
-    assert settings.redis_url is not None
-    client = connection.connect(settings.redis_url)
-    worker = Executor(settings, client, name="memo-executor", read_block_ms=100)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
-
-
 async def test_a_second_memoized_request_is_answered_without_running(
         http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
     cid = (await upload(http, ADD_WAT))["cid"]
@@ -128,7 +113,7 @@ async def test_a_second_memoized_request_is_answered_without_running(
 async def test_a_hit_is_answered_with_no_executor_at_all(http: httpx.AsyncClient,
                                                          settings: Settings) -> None:
     cid = (await upload(http, ADD_WAT))["cid"]
-    async with executor_with(settings):
+    async with running(settings, "memo-executor"):
         first = (await execute(http, cid, [20, 22], key="a")).json()
     hit = (await execute(http, cid, [20, 22], key="b")).json()
     assert hit["output"] == 42 and hit["cached"] is True
@@ -316,7 +301,7 @@ async def test_a_hit_costs_no_budget(http: httpx.AsyncClient, executor: Executor
 async def test_a_hit_of_a_large_output_names_its_blob_everywhere(settings: Settings) -> None:
     blobs = with_settings(settings, inline_output_bytes=16)  # three i64s of 2^62 are over it
     async with gateway(blobs) as app, client_for(app, ALICE_KEY) as alice, \
-            executor_with(blobs):
+            running(blobs, "memo-executor"):
         cid = (await upload(alice, TRIPLE_WAT))["cid"]
         first = (await execute(alice, cid, [2**62], key="one")).json()
         ref = first["output_ref"]

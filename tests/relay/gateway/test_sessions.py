@@ -15,9 +15,17 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
-from relay import connection
 from relay.settings import Settings
-from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, Served, assert_problem, upload, wait_for
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    BOB_KEY,
+    Served,
+    assert_problem,
+    running,
+    upload,
+    wait_for,
+)
 from tests.relay.gateway.test_events import EVENTS, client, sse_messages
 
 # A counter kept both in a global the module does not export and in its memory, which it does
@@ -391,11 +399,7 @@ async def test_calls_alternating_between_executors_never_run_on_a_stale_instance
         http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
     """Each executor keeps a session's instance after a successful call (no restore for the
     next); when a peer ran calls meanwhile, the instance it kept is stale and must not be used."""
-    assert settings.redis_url is not None
-    client = connection.connect(settings.redis_url)
-    peer = Executor(settings, client, name="test-peer", read_block_ms=100)
-    serving = asyncio.create_task(peer.run())
-    try:
+    async with running(settings, "test-peer") as peer:
         session = await make_session(http)
         sid = session["session_id"]
         ran_on = []
@@ -407,7 +411,3 @@ async def test_calls_alternating_between_executors_never_run_on_a_stale_instance
                           else "executor")
         assert (await call(http, sid, "calls", [])).json()["output"] == 30
         assert set(ran_on) == {"peer", "executor"}, ran_on
-    finally:
-        peer.stop()
-        await asyncio.wait_for(serving, 10)
-        await client.aclose()

@@ -3,24 +3,21 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import statistics
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 from websockets.asyncio.client import connect as ws_connect
 
 from executor.worker import Executor
-from relay import connection
 from relay.settings import Settings
 from tests.conftest import (
     ALICE_KEY,
     Served,
     assert_problem,
+    running,
     upload,
     wait_for,
     with_settings,
@@ -60,22 +57,6 @@ async def wait_status(http: httpx.AsyncClient, request_id: str, status: str,
 
 async def _started(http: httpx.AsyncClient, request_id: str) -> bool:
     return (await state_of(http, request_id))["status"] != "queued"
-
-
-@contextlib.asynccontextmanager
-async def executor_with(settings: Settings) -> AsyncIterator[Executor]:
-    """An executor of these settings in this loop (as the `executor` fixture, other settings)."""
-    assert settings.redis_url is not None
-    client = connection.connect(settings.redis_url)
-    worker = Executor(settings, client, name="stepping-executor", read_block_ms=100)
-    task = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        worker.cancel_running()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
 
 
 async def test_stepping_through_a_run_in_slices_of_gas(
@@ -215,7 +196,7 @@ async def test_step_gas_is_validated(http: httpx.AsyncClient) -> None:
 
 async def test_a_step_pause_counts_toward_the_pause_limit(http: httpx.AsyncClient,
                                                           settings: Settings) -> None:
-    async with executor_with(with_settings(settings, max_pause_ms=300)):
+    async with running(with_settings(settings, max_pause_ms=300), "stepping-executor"):
         request_id = await submit(http, FIB_WAT, [36], step_gas=1_000_000)
         await wait_status(http, request_id, "paused")
         ended = await wait_status(http, request_id, "cancelled", timeout_s=5)
