@@ -35,6 +35,7 @@ from executor.state import (
 from relay.bus import Commit
 from relay.keys import Keys
 from relay.schemas import EffectivePolicy, ErrorInfo, WasmExecRequested
+from relay.sessions import BUDGET_FIELDS, Remaining, remaining
 from relay.states import StateStore
 
 PAGE_CACHE_BYTES = 256 * 1024 * 1024
@@ -124,17 +125,20 @@ class SessionStates:
         session_id = request.session_id
         assert session_id is not None
         fields = await self.client.hmget(self.keys.session(session_id), [
-            "state_cid", "budget_gas", "gas_used", "budget_time", "time_used", "closed"])
+            "state_cid", *BUDGET_FIELDS, "closed"])
         resident = self._residents.pop(session_id, None)
         if fields[0] is None:
             raise Refused(ErrorInfo("internal", f"session {session_id} is gone"))
         if fields[5] == b"1":  # a close whose cancel missed it (its gateway died meanwhile)
             raise Refused(ErrorInfo("cancelled", f"session {session_id} was closed"))
         base = fields[0].decode()
-        policy = _within_budget(request.policy, fields[1:5])
+        budget = {name: value.decode() for name, value in zip(BUDGET_FIELDS, fields[1:5],
+                                                              strict=True) if value}
+        policy = _within_budget(request.policy, remaining(budget))
         policy = msgspec.structs.replace(
             policy, max_memory=min(policy.max_memory, self.max_state_bytes))
-        # Only an instance holding the committed state itself: a peer may have run calls since.
+        # Only an instance holding the committed state itself (a peer may have run calls
+        # since), on the Engine of this call's stack.
         if resident is not None and resident.state_cid == base and base \
                 and resident.size <= policy.max_memory \
                 and resident.max_stack == policy.max_stack:
@@ -191,19 +195,16 @@ class SessionStates:
             total -= evicted.size
 
 
-def _within_budget(policy: EffectivePolicy, fields: list[bytes | None]) -> EffectivePolicy:
-    """`policy` lowered to what the budget has left now (the calls before this one ran since
+def _within_budget(policy: EffectivePolicy, left: Remaining) -> EffectivePolicy:
+    """`policy` lowered to what the budget has `left` now (the calls before this one ran since
     it was accepted). Raises Refused when they left nothing."""
-    budget_gas, gas_used, budget_time, time_used = (f.decode() if f else "" for f in fields)
     changes = {}
-    if budget_gas:
-        left = int(budget_gas) - int(gas_used or 0)
-        if left <= 0:
+    if left.gas is not None:
+        if left.gas == 0:
             raise Refused(ErrorInfo("out_of_gas", "the session's budget has no gas left"))
-        changes["max_gas"] = min(policy.max_gas, left)
-    if budget_time:
-        left = int(float(budget_time) - float(time_used or 0))
-        if left <= 0:
+        changes["max_gas"] = min(policy.max_gas, left.gas)
+    if left.time is not None:
+        if left.time == 0:
             raise Refused(ErrorInfo("timeout", "the session's budget has no time left"))
-        changes["max_time"] = min(policy.max_time, left)
+        changes["max_time"] = min(policy.max_time, left.time)
     return msgspec.structs.replace(policy, **changes) if changes else policy

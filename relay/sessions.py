@@ -49,6 +49,20 @@ class Remaining(NamedTuple):
     time: int | None
 
 
+BUDGET_FIELDS = ("budget_gas", "gas_used", "budget_time", "time_used")
+"""The fields of a session's record `remaining` reads."""
+
+
+def remaining(fields: Mapping[str, str]) -> Remaining:
+    """What a session's budget still allows, never below 0, from its record's BUDGET_FIELDS
+    (the gateway's view of a session, and the executor's at a call's start)."""
+    budget_gas, budget_time = fields.get("budget_gas"), fields.get("budget_time")
+    gas_used, time_used = fields.get("gas_used") or "0", fields.get("time_used") or "0"
+    return Remaining(
+        max(int(budget_gas) - int(gas_used), 0) if budget_gas else None,
+        max(int(float(budget_time) - float(time_used)), 0) if budget_time else None)
+
+
 class Session(NamedTuple):
     """A session's record, as stored."""
 
@@ -87,10 +101,7 @@ class Session(NamedTuple):
 
     @property
     def remaining(self) -> Remaining:
-        budget = self.budget
-        return Remaining(
-            None if budget.max_gas is None else max(budget.max_gas - self.gas_used, 0),
-            None if budget.max_time is None else max(int(budget.max_time - self.time_used), 0))
+        return remaining(self.fields)
 
     @property
     def exhausted(self) -> bool:
