@@ -21,17 +21,27 @@ local function state_page_counts(manifest)
   return counts
 end
 
+-- The state `state_cid` as stored: its key, its manifest (false when it is gone) and how many
+-- references it has; nil for a null or empty state_cid (a module's fresh state, nothing to
+-- hold).
+local function state_record(prefix, state_cid)
+  if type(state_cid) ~= 'string' or state_cid == '' then
+    return nil
+  end
+  local key = prefix .. ':state:' .. state_cid
+  local found = redis.call('HMGET', key, 'manifest', 'refs')
+  return key, found[1], tonumber(found[2]) or 0
+end
+
 -- Takes one reference to the state `state_cid`. Returns true; or false, changing nothing, when
 -- the state or one of its pages is gone (an orphan that expired, or a page whose last holder was
 -- dropped since the state was saved): the caller must not commit it. A null or empty state_cid
 -- (a module's fresh state) is nothing to hold: true.
 local function state_ref(prefix, state_cid)
-  if type(state_cid) ~= 'string' or state_cid == '' then
+  local key, manifest, refs = state_record(prefix, state_cid)
+  if not key then
     return true
   end
-  local key = prefix .. ':state:' .. state_cid
-  local found = redis.call('HMGET', key, 'manifest', 'refs')
-  local manifest, refs = found[1], tonumber(found[2]) or 0
   if not manifest then
     return false
   end
@@ -59,12 +69,10 @@ end
 -- that no other referenced state holds. Returns true; false, changing nothing, when the state
 -- holds no reference (it is gone, or an unreferenced orphan). A null or empty state_cid: true.
 local function state_unref(prefix, state_cid)
-  if type(state_cid) ~= 'string' or state_cid == '' then
+  local key, manifest, refs = state_record(prefix, state_cid)
+  if not key then
     return true
   end
-  local key = prefix .. ':state:' .. state_cid
-  local found = redis.call('HMGET', key, 'manifest', 'refs')
-  local manifest, refs = found[1], tonumber(found[2]) or 0
   if not manifest or refs <= 0 then
     return false
   end
