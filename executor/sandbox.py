@@ -18,10 +18,10 @@ Limits map onto wasmtime's own mechanisms:
 A trap's error carries its frames (`StackFrame`), innermost first, their offsets counted in the
 module as uploaded rather than in the copy the sandbox compiles (executor.binary).
 
-WASI modules get their inputs as JSON on stdin (when run as commands) and nothing else: no
-preopened directories, no environment, no arguments, no network. Their output and sleeps go
-through executor.wasi, which bounds them; a WASI run always has a `LiveControl` (one is made
-when the caller gives none), which its sleeps need.
+WASI modules get their inputs as JSON on stdin (when run as commands), the `env` and `args` of
+their environment (relay.environments), and nothing else: no preopened directories, no network.
+Their output and sleeps go through executor.wasi, which bounds them; a WASI run always has a
+`LiveControl` (one is made when the caller gives none), which its sleeps need.
 
 An execution run with a `LiveControl` (executor.control) hands its Store's epoch deadline to
 it: pause, resume, cancel and `max_time` in running time are enforced there. Executions without
@@ -46,7 +46,14 @@ from executor.binary import export_state
 from executor.control import TIMEOUT_MESSAGE, LiveControl
 from relay.blobs import decode_output
 from relay.modules import WASI_MODULE
-from relay.schemas import MAX_FRAMES, EffectivePolicy, ErrorCode, ErrorInfo, StackFrame
+from relay.schemas import (
+    MAX_FRAMES,
+    EffectivePolicy,
+    ErrorCode,
+    ErrorInfo,
+    RunEnvironment,
+    StackFrame,
+)
 from relay.settings import MAX_STACK_BYTES
 from relay.wasmtypes import read_uleb, sections
 
@@ -341,7 +348,8 @@ class Sandbox:
     def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
             policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
             control: LiveControl | None = None, state: StateHooks | None = None,
-            inline_output_bytes: int | None = None) -> Outcome:
+            inline_output_bytes: int | None = None,
+            environment: RunEnvironment | None = None) -> Outcome:
         """Run one execution to its end under `policy`. Blocking: call it off the event loop,
         in a thread that may block for as long as the run is paused (up to max_pause_ms).
 
@@ -351,6 +359,7 @@ class Sandbox:
         `state`: a session call's (restored after instantiation, captured after success).
         `inline_output_bytes`: a command's stdout longer than this is not decoded: the output is
         a LargeOutput (None: always decoded).
+        `environment`: a WASI module's `env` and `args` come from it (None: none).
         After `close()` every run ends at once with `cancelled`.
         """
         prepared = self._for_stack(prepared, policy.max_stack)
@@ -359,7 +368,8 @@ class Sandbox:
         if control is not None:
             return self._run_controlled(prepared, entrypoint, inputs, policy, command=command,
                                         max_output_bytes=max_output_bytes, control=control,
-                                        state=state, inline_output_bytes=inline_output_bytes)
+                                        state=state, inline_output_bytes=inline_output_bytes,
+                                        environment=environment)
         if self._stop.is_set():
             return Outcome(None, 0, 0.0, ErrorInfo("cancelled", CLOSED_MESSAGE))
         store = self._new_store(policy, prepared)
@@ -392,7 +402,8 @@ class Sandbox:
     def _run_controlled(self, prepared: Prepared, entrypoint: str, inputs: list[Any],
                         policy: EffectivePolicy, *, command: bool, max_output_bytes: int,
                         control: LiveControl, state: StateHooks | None,
-                        inline_output_bytes: int | None) -> Outcome:
+                        inline_output_bytes: int | None,
+                        environment: RunEnvironment | None) -> Outcome:
         if control.state != "pending":
             raise ValueError("a LiveControl serves one execution only")
         with self._lock:
@@ -412,7 +423,8 @@ class Sandbox:
             return self._run_wasi(store, prepared, entrypoint, inputs, policy,
                                   command=command, max_output_bytes=max_output_bytes,
                                   control=control, state=state,
-                                  inline_output_bytes=inline_output_bytes)
+                                  inline_output_bytes=inline_output_bytes,
+                                  environment=environment)
         finally:
             with self._lock:
                 self._controls.discard(control)
@@ -435,11 +447,15 @@ class Sandbox:
     def _run_wasi(self, store: wasmtime.Store, prepared: Prepared, entrypoint: str,
                   inputs: list[Any], policy: EffectivePolicy, *, command: bool,
                   max_output_bytes: int, control: LiveControl,
-                  state: StateHooks | None, inline_output_bytes: int | None) -> Outcome:
+                  state: StateHooks | None, inline_output_bytes: int | None,
+                  environment: RunEnvironment | None) -> Outcome:
         output = wasi.Output(max_output_bytes)
         control.output = output
         config = wasmtime.WasiConfig()  # no stdout or stderr: the shadowed fd_write takes them
         wasi.set_stdin(config, msgspec.json.encode(inputs) if command else b"")
+        if environment is not None:
+            config.env = environment.env.items()
+            config.argv = environment.args
         store.set_wasi(config)
         host = wasi.Host(output, control)
         with wasi.running(host):

@@ -32,6 +32,7 @@ from executor.sandbox import LargeOutput, LinkError, Outcome, Refused, Sandbox
 from executor.sessions import SessionCall, SessionStates
 from relay.blobs import BlobGone, BlobStore
 from relay.bus import Bus, Commit
+from relay.environments import refusal
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.modules import ModuleStore, runs_as_command
@@ -315,7 +316,7 @@ class Executor:
     async def _run_entry(self, entry_id: bytes, request: WasmExecRequested) -> None:
         live = LiveRun(self.bus, request, entry_id, executor_node=self.name,
                        max_pause_ms=self.settings.max_pause_ms,
-                       max_output_bytes=self.settings.max_output_bytes,
+                       max_output_bytes=self._output_cap(request),
                        pause_places=self.pause_places)
         try:
             response, commit = await self._execute(request, live)
@@ -354,6 +355,9 @@ class Executor:
             module = await self.modules.get(request.cid)
             prepared = module.prepared
             command = runs_as_command(module.info, request.entrypoint)
+            environment = request.environment or None
+            if environment is not None and (problem := refusal(environment, module.info)):
+                raise Refused(ErrorInfo("invalid_module", problem))  # the gateway checked it
             policy = request.policy
             if request.session_id is not None:
                 # Its state and its start: two round trips at once. (Run in a thread, it has
@@ -384,9 +388,10 @@ class Executor:
                     self._threads,
                     lambda: self.sandbox.run(prepared, request.entrypoint, inputs, policy,
                                              command=command,
-                                             max_output_bytes=self.settings.max_output_bytes,
+                                             max_output_bytes=self._output_cap(request),
                                              control=control, state=session,
-                                             inline_output_bytes=inline_bytes),
+                                             inline_output_bytes=inline_bytes,
+                                             environment=environment),
                 )
             if session is not None and outcome.error is None:
                 commit = await self.sessions.commit(session, request.session_id or "",
@@ -447,6 +452,13 @@ class Executor:
             except msgspec.DecodeError:
                 inputs[ref.index] = data.decode("utf-8", "replace")
         return inputs
+
+    def _output_cap(self, request: WasmExecRequested) -> int:
+        """RELAY_MAX_OUTPUT_BYTES, lowered by the request's environment."""
+        environment = request.environment or None
+        if environment is None or environment.max_output_bytes is None:
+            return self.settings.max_output_bytes
+        return min(self.settings.max_output_bytes, environment.max_output_bytes)
 
     async def _store_large(self, output: Any, command: bool) -> OutputRef | None:
         """An output over RELAY_INLINE_OUTPUT_BYTES stored as a blob, before the settle names it

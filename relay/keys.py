@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 class Keys:
-    __slots__ = ("api_keys", "control", "dead", "deliveries", "events", "executors", "metrics",
+    __slots__ = ("api_keys", "control", "dead", "deliveries", "environment_versions",
+                 "environments", "events", "executors", "metrics",
                  "modules", "name_owners", "pipeline_timers", "prefix", "queued", "rate_limits",
                  "requests", "session_expiry", "token_secret")
 
@@ -46,6 +47,12 @@ class Keys:
         """Pub/sub channel: pause, resume and cancel requests for the executor running one."""
         self.session_expiry = f"{prefix}:session-expiry"
         """Sorted set of session ids, scored by when each expires (ms): the sweeper's work."""
+        self.environments = f"{prefix}:environments"
+        """Hash name -> JSON of an environment as PUT (relay.environments); the shipped ones
+        are here only once changed."""
+        self.environment_versions = f"{prefix}:environment-versions"
+        """Hash name -> an environment's version; kept when it is deleted, so a name made
+        again never reuses a version (memoized results are keyed by name and version)."""
         self.rate_limits = f"{prefix}:ratelimit"
         self.pipeline_timers = f"{prefix}:pipeline-timers"
         """Sorted set of `<pipeline id>\n<node>` (a node's retry) or `<pipeline id>\n` (look

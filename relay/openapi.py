@@ -308,6 +308,33 @@ OPERATIONS = (
         (*STORE, NotFound),
     ),
     Operation(
+        "GET", "/environments", "listEnvironments",
+        "Every environment executions may name, shipped ones included, by name",
+        (Reply(200, "A page of environments.", schemas.EnvironmentPage),),
+        (*STORE, InvalidRequest),
+        parameters=("page_limit", "cursor"),
+    ),
+    Operation(
+        "GET", "/environments/{environment}", "getEnvironment",
+        "An environment: its caps, WASI capabilities and version",
+        (Reply(200, "The environment (omitted caps shown as the ceilings).",
+               schemas.Environment),),
+        (*STORE, NotFound),
+    ),
+    Operation(
+        "PUT", "/environments/{environment}", "putEnvironment",
+        "Create or replace an environment, raising its version (admin only)",
+        (Reply(200, "The environment at its new version.", schemas.Environment),),
+        (*STORE, InvalidRequest, Forbidden, Conflict, PayloadTooLarge),
+        body=((JSON, schemas.EnvironmentRequest),),
+    ),
+    Operation(
+        "DELETE", "/environments/{environment}", "deleteEnvironment",
+        "Delete an environment (admin only; the shipped ones cannot be)",
+        (Reply(204, "Deleted; executions already accepted in it still run in it."),),
+        (*STORE, Forbidden, Conflict, NotFound),
+    ),
+    Operation(
         "GET", "/intent/execute-wasm/health", "health", "Health, features, limits, executors",
         (Reply(200, "Healthy or degraded.", schemas.Health),
          Reply(503, "Unhealthy.", schemas.Health)),

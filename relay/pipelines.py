@@ -37,6 +37,7 @@ from relay.schemas import (
     PipelineSummary,
     PipelineView,
     Priority,
+    RunEnvironment,
     encode,
     now_iso,
 )
@@ -220,6 +221,8 @@ class NodeSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Its module's results follow from its inputs alone (relay.modules.memoizable)."""
     priority: Priority = "normal"
     """Each attempt's (checked against the principal's `max_priority` at POST)."""
+    environment: RunEnvironment | None = None
+    """The environment it was accepted in, as each attempt carries it (relay.environments)."""
 
 
 class NodeResult(msgspec.Struct, kw_only=True, omit_defaults=True):

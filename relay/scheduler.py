@@ -33,6 +33,7 @@ from relay import budgets
 from relay.batches import BatchStore
 from relay.blobs import BlobGone, BlobStore, decode_output
 from relay.bus import Bus, Script
+from relay.environments import tag
 from relay.keys import Keys
 from relay.memo import Memo, MemoAccept, MemoKey, digest
 from relay.pipelines import (
@@ -308,6 +309,8 @@ class Scheduler:
                     request.memoize = True  # its result says `cached` (relay.memo)
                 if spec.priority != "normal":  # left out for normal, as on execute
                     request.priority = spec.priority
+                if spec.environment is not None:
+                    request.environment = spec.environment
                 starts.append((node, request, spec))
             refused = await asyncio.gather(*(self._accept(principal, pipeline_id, request, spec)
                                              for _, request, spec in starts))
@@ -337,7 +340,8 @@ class Scheduler:
         max_active = self.max_active(principal)
         memo: MemoAccept | None = None
         if self.memo is not None and spec.memoize and spec.memoizable:
-            key = MemoKey(digest(spec.cid, spec.entrypoint, memo_inputs(request)),
+            key = MemoKey(digest(spec.cid, spec.entrypoint, memo_inputs(request),
+                                 "" if spec.environment is None else tag(spec.environment)),
                           None if self.memo_global else principal)
             memo = await self.memo.prepare(key, request)
         # The request id is the attempt's own: it is found again only by that id (a join).

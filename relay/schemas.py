@@ -44,6 +44,8 @@ class ExecuteRequest(Request):
     callback_url: Annotated[str, Meta(min_length=1, max_length=2048)] | None = None
     """POST the execution's events here (relay.webhooks), signed by the principal's secret."""
     callback_events: list[Annotated[str, Meta(min_length=1, max_length=64)]] | None = None
+    environment: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    """The environment to run in (relay.environments); default RELAY_DEFAULT_ENVIRONMENT."""
     priority: Priority = "normal"
     """At most the principal's `max_priority` (principals.toml)."""
 
@@ -147,6 +149,13 @@ class Accepted(msgspec.Struct, kw_only=True):
     links: Links
 
 
+class EnvironmentRef(msgspec.Struct, kw_only=True):
+    """Which environment, at which version, an execution was accepted in."""
+
+    name: str
+    version: int
+
+
 class ExecutionState(msgspec.Struct, kw_only=True):
     """`GET /executions/{id}`: the state, and every result field once it has finished."""
 
@@ -165,6 +174,7 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     state_cid: str | UnsetType | None = UNSET
     cached: bool | UnsetType = UNSET
     memo_of: str | UnsetType = UNSET
+    environment: EnvironmentRef | UnsetType = UNSET
     priority: Priority = "normal"
 
 
@@ -266,6 +276,24 @@ class BusMessage(msgspec.Struct, tag_field="type", kw_only=True):
     """The pipeline a node's events belong to (absent outside pipelines)."""
 
 
+class RunEnvironment(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The environment an execution was accepted in (relay.environments), as its executor needs
+    it: carried in the request, so that no executor reads environments from Redis, and a run
+    keeps the version it was accepted with whatever changes after."""
+
+    name: str
+    version: int
+    wasi: bool = True
+    """False: no WASI at all (a module importing any was refused at validation)."""
+    env: dict[str, str] = {}
+    args: list[str] = []
+    """The whole argv the module sees (`args_get`), the first included."""
+    clock: bool = True
+    random: bool = True
+    max_output_bytes: int | None = None
+    """Lowers RELAY_MAX_OUTPUT_BYTES for this run (None: it stands)."""
+
+
 class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     cid: str
     entrypoint: str
@@ -282,6 +310,9 @@ class WasmExecRequested(BusMessage, tag="wasm_exec_requested", kw_only=True):
     each `step` that gives no gas of its own."""
     memoize: bool | UnsetType = UNSET
     """True: its response says `cached` (relay.memo); absent otherwise, as in v1."""
+    environment: RunEnvironment | UnsetType = UNSET
+    """The environment it runs in (absent only in entries queued before environments existed:
+    they run as v1 did)."""
     input_refs: list[InputRef] | UnsetType = UNSET
     """Inputs the executor reads from blobs (a pipeline node's references to large outputs)."""
     priority: Priority | UnsetType = UNSET
@@ -772,7 +803,75 @@ class PipelineComplete(msgspec.Struct, tag_field="type", tag="pipeline_complete"
     timestamp: str
 
 
+MAX_ENV_ENTRIES = 128
+"""Most `env` variables, and most `args`, an environment may have."""
+MAX_ENV_TEXT = 4096
+"""Longest value of an `env` variable, or argument (characters)."""
+EnvKey = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+EnvText = Annotated[str, Meta(max_length=MAX_ENV_TEXT)]
+"""(Without NUL, which relay.environments checks: WASI passes them as C strings.)"""
+
+
+class EnvironmentLimits(Request):
+    """An environment's caps, each lowering its global ceiling (RELAY_MAX_*) and the default of
+    an execution that asks for none; an omitted one is the global ceiling."""
+
+    max_gas: PositiveInt | None = None
+    max_memory: PositiveInt | None = None
+    max_time: PositiveInt | None = None
+    max_stack: PositiveInt | None = None
+
+
+class EnvironmentWasi(Request):
+    enabled: bool = True
+    env: Annotated[dict[EnvKey, EnvText], Meta(max_length=MAX_ENV_ENTRIES)] = {}
+    args: Annotated[list[EnvText], Meta(max_length=MAX_ENV_ENTRIES)] = []
+    clock: bool = True
+    """Offer `clock_time_get`, `clock_res_get` and `poll_oneoff` (sleeps)."""
+    random: bool = True
+    """Offer `random_get`."""
+
+
+class EnvironmentRequest(Request):
+    """`PUT /environments/{name}`: the whole environment (what is omitted takes its default).
+    `name` and `version` may be sent back as `GET` shows them: the name must be the path's,
+    and a version must be the current one (else 409: someone changed it meanwhile)."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    version: PositiveInt | None = None
+    description: Annotated[str, Meta(max_length=1024)] = ""
+    policy: EnvironmentLimits = msgspec.field(default_factory=EnvironmentLimits)
+    wasi: EnvironmentWasi = msgspec.field(default_factory=EnvironmentWasi)
+    max_output_bytes: PositiveInt | None = None
+    """Lowers RELAY_MAX_OUTPUT_BYTES (omitted: that ceiling)."""
+
+
+class EnvironmentPolicy(msgspec.Struct, kw_only=True):
+    max_gas: int
+    max_memory: int
+    max_time: int
+    max_stack: int
+
+
+class Environment(msgspec.Struct, kw_only=True):
+    """An environment as `GET /environments/{name}` shows it: omitted caps filled in with the
+    global ceilings in force."""
+
+    name: str
+    version: int
+    description: str
+    policy: EnvironmentPolicy
+    wasi: EnvironmentWasi
+    max_output_bytes: int
+
+
+class EnvironmentPage(msgspec.Struct, kw_only=True):
+    items: list[Environment]
+    next_cursor: str | None
+
+
 encode = msgspec.json.Encoder().encode
+decode_environment_request = msgspec.json.Decoder(EnvironmentRequest).decode
 decode_create_pipeline = msgspec.json.Decoder(CreatePipeline).decode
 decode_budget_request = msgspec.json.Decoder(BudgetRequest).decode
 decode_execute_request = msgspec.json.Decoder(ExecuteRequest).decode

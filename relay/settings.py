@@ -21,6 +21,7 @@ from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
+from relay.cid import NAME_RULE, is_name
 from relay.principals import RULE as PRINCIPAL_RULE
 from relay.principals import is_principal
 from relay.schemas import DEFAULT_MAX_STACK
@@ -157,6 +158,12 @@ def _str(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def _environment_name(name: str, raw: str) -> str:
+    if not is_name(raw.strip()):
+        raise SettingsError(f"{name} must be an environment name ({NAME_RULE}), got {raw!r}")
+    return raw.strip()
+
+
 def _hmac_secret(name: str, raw: str) -> str:
     """A secret an HMAC is keyed with: HS256 is only as strong as its key, and RFC 7518 (3.2)
     asks for at least as many bits as the hash has."""
@@ -253,6 +260,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         "RELAY_MAX_OUTPUT_BYTES", _int, LIMITS, "bytes",
         "stdout and stderr together a WASI module may write; writes past it fail in the "
         "module (`EFBIG`)")] = 64 * MIB
+    default_environment: Annotated[str, Variable(
+        "RELAY_DEFAULT_ENVIRONMENT", _environment_name, LIMITS, "name",
+        "environment of an execution or session that names none (`wasi`: WASI with stdio, "
+        "clocks and randomness, the global ceilings; `pure`: no WASI)")] = "wasi"
     inline_output_bytes: Annotated[int, Variable(
         "RELAY_INLINE_OUTPUT_BYTES", _int, LIMITS, "bytes",
         "largest output answered inline; a larger one is stored as a blob (`output_ref`, "

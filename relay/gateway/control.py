@@ -37,10 +37,12 @@ from relay.schemas import (
     TERMINAL_TYPES,
     Action,
     ControlMessage,
+    EnvironmentRef,
     ErrorInfo,
     ExecuteResponse,
     ExecutionState,
     Priority,
+    RunEnvironment,
     WasmExecRequested,
     decode_control_refused,
     decode_head,
@@ -72,6 +74,7 @@ class _AcceptedIn(msgspec.Struct):
     """The fields of a stored request that `GET /executions/{id}` shows (the rest, inputs
     included, is skipped unread)."""
 
+    environment: RunEnvironment | None = None
     priority: Priority = "normal"
 
 
@@ -99,7 +102,11 @@ class Controller:
             raise NotFound(f"no execution {request_id}")
         view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
         accepted_in = _decode_environment(accepted) if accepted else _AcceptedIn()
+        environment = accepted_in.environment
         view.priority = accepted_in.priority
+        if environment is not None:
+            view.environment = EnvironmentRef(name=environment.name,
+                                              version=environment.version)
         if session is not None:
             view.session_id = session.decode()
         if pipeline is not None:

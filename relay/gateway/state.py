@@ -60,6 +60,8 @@ class Gateway:
             rate_limiter=RateLimiter(client, keys, settings, policies), modules=self.modules,
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
             metrics=self.metrics, sessions=self.sessions)
+        self.environments = self.pipeline.environments
+        """Environments (relay.environments), with the cache the execute pipeline reads."""
         self.pipelines = PipelineStore(client, keys, events_retention=settings.events_retention)
         self.webhooks = self.pipeline.webhooks
         """Webhook secrets and deliveries (relay.webhooks); relay.deliverer sends them."""

@@ -25,9 +25,10 @@ REPLAYED = {"Idempotent-Replayed": "true"}
 
 def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectivePolicy,
                 session_id: str | None = None, step_gas: int | None = None,
-                memoize: bool = False, priority: str = "normal") -> str:
+                memoize: bool = False, environment: str | None = None,
+                priority: str = "normal") -> str:
     """sha256 of the canonical request: resolved CID, entrypoint, inputs, effective policy (and
-    the session of a session call, the priority)."""
+    the session of a session call, the environment as `name@version`, the priority)."""
     limits = msgspec.structs.asdict(policy)
     if policy.max_stack == DEFAULT_MAX_STACK:  # left out: v1 requests keep their fingerprints
         del limits["max_stack"]
@@ -39,6 +40,8 @@ def fingerprint(cid: str, entrypoint: str, inputs: list[Any], policy: EffectiveP
         canonical["step_gas"] = step_gas
     if memoize:  # likewise
         canonical["memoize"] = True
+    if environment is not None:  # likewise (None: v1's)
+        canonical["environment"] = environment
     if priority != "normal":  # likewise
         canonical["priority"] = priority
     return hashlib.sha256(encode(canonical)).hexdigest()

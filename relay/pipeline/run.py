@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from relay import budgets
 from relay.bus import SESSION_REFUSALS, Accepted, Bus
+from relay.environments import Environments
 from relay.errors import (
     Conflict,
     IdempotencyKeyReuse,
@@ -107,6 +108,7 @@ class ExecutePipeline:
                          record_ttl_ms=settings.idempotency_ttl_ms)
         self.webhooks = Webhooks(bus.client, bus.keys, schedule=settings.webhook_schedule_ms,
                                  rotation_grace_ms=settings.webhook_rotation_grace_ms)
+        self.environments = Environments(bus.client, bus.keys, settings)
 
     async def admit(self, request: Request, session_id: str | None = None) -> Admission:
         """Run the pipeline on one `POST /intent/execute-wasm` (or, with `session_id`, one
@@ -138,8 +140,9 @@ class ExecutePipeline:
                 session = (None if session_id is None
                            else await self.sessions.callable(principal, session_id))
                 validated = await validate(body, header_key,
-                                           principal, self.modules, self.settings,
-                                           self.policies.caps(principal), session)
+                                           principal, self.modules, self.environments,
+                                           self.settings, self.policies.caps(principal),
+                                           session)
                 headers = await rate.headers()  # a 429 wins over everything after validation
                 if batch_id is not None:
                     validated.request.batch_id = batch_id

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import msgspec
 from starlette.requests import Request
 
-from relay import memo
+from relay import environments, memo
 from relay.cid import NAME_RULE, GlyphName, is_name
 from relay.errors import (
     MAX_JSON_DEPTH,
@@ -32,9 +32,11 @@ from relay.policy import PrincipalCaps
 from relay.schemas import (
     PRIORITIES,
     EffectivePolicy,
+    EnvironmentPolicy,
     ExecuteRequest,
     ModuleInfo,
     Priority,
+    RunEnvironment,
     WasmExecRequested,
     decode_execute_request,
     decode_session_call,
@@ -69,14 +71,11 @@ class Validated(NamedTuple):
 
 
 async def validate(body: bytes, header_key: str | None, principal: str,
-                   modules: ModuleStore, settings: Settings, caps: PrincipalCaps,
+                   modules: ModuleStore, environs: environments.Environments,
+                   settings: Settings, caps: PrincipalCaps,
                    session: Session | None = None) -> Validated:
     """Raises InvalidRequest (400) or NotFound (404, unknown module); for a call on `session`
-    also SessionExhausted (409).
-
-    `caps` are the principal's own ceilings: a value over them is refused like one over the
-    deployment's, never clamped; an omitted value takes the default lowered to them.
-    """
+    also SessionExhausted (409). See `validate_request`."""
     if session is not None:
         call = decode_body(decode_session_call, body)
         request = ExecuteRequest(cid=session.cid, entrypoint=call.entrypoint, inputs=call.inputs,
@@ -84,9 +83,27 @@ async def validate(body: bytes, header_key: str | None, principal: str,
                                  callback_url=call.callback_url,
                                  callback_events=call.callback_events,
                                  step_gas=call.step_gas,
+                                 environment=session.fields.get("environment") or None,
                                  priority=call.priority)
     else:
         request = decode_body(decode_execute_request, body)
+    return await validate_request(request, header_key, principal, modules, environs, settings,
+                                  caps, session)
+
+
+async def validate_request(request: ExecuteRequest, header_key: str | None, principal: str,
+                           modules: ModuleStore, environs: environments.Environments,
+                           settings: Settings, caps: PrincipalCaps,
+                           session: Session | None = None) -> Validated:
+    """An execute request, decoded (an execute's body, a batch's item, a session's call in
+    the session's environment), checked against its module, its environment and the limits.
+    Raises InvalidRequest (400) or NotFound (404, unknown module); for a call on `session`
+    also SessionExhausted (409).
+
+    `caps` are the principal's own ceilings: a value over them is refused like one over the
+    deployment's or the environment's, never clamped; an omitted value takes the default
+    lowered to them.
+    """
     if header_key is not None and not 1 <= len(header_key) <= _MAX_KEY_LENGTH:
         raise InvalidRequest(f"the Idempotency-Key header must have 1 to {_MAX_KEY_LENGTH} "
                              "characters")
@@ -99,12 +116,14 @@ async def validate(body: bytes, header_key: str | None, principal: str,
     if stored is None:
         raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
     info = stored.info
+    environment = await environs.resolve(request.environment)
+    check_environment(environment.run, info)
     _check_depth(request.inputs)
     entrypoint = _entrypoint(info, request.entrypoint)
     if not runs_as_command(info, entrypoint):
         _check_results(info, entrypoint)
         _check_inputs(info, entrypoint, request.inputs)
-    policy = _effective_policy(request, settings, caps)
+    policy = _effective_policy(request, settings, caps, environment.environment.policy)
     check_priority(request.priority, caps)
     explicit = frozenset(field for field in ("max_gas", "max_time")
                          if getattr(request.policy, field) is not None)
@@ -114,6 +133,7 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         policy = _within_budget(policy, explicit, session)
     fingerprint = idempotency.fingerprint(cid, entrypoint, request.inputs, policy, session_id,
                                           request.step_gas, request.memoize,
+                                          _fingerprinted(environment.run),
                                           priority=request.priority)
     callback = await check_callback(request.callback_url, request.callback_events, "execution",
                                     allow_http=settings.webhook_allow_http,
@@ -129,15 +149,25 @@ async def validate(body: bytes, header_key: str | None, principal: str,
         request_id=request_id, cid=cid, entrypoint=entrypoint, inputs=request.inputs,
         policy=policy, user_id=principal, timestamp=now_iso(), session_id=session_id,
         step_gas=request.step_gas, memoize=True if request.memoize else msgspec.UNSET,
+        environment=environment.run,
     )
     if request.priority != "normal":  # left out for normal: a v1 request's entry is unchanged
         published.priority = request.priority
     memo_key = None
     if request.memoize and memoizable(info):
-        memo_key = memo.MemoKey(memo.digest(cid, entrypoint, request.inputs),
+        memo_key = memo.MemoKey(memo.digest(cid, entrypoint, request.inputs,
+                                            environments.tag(environment.run)),
                                 None if settings.memo_scope == "global" else principal)
     return Validated(published, fingerprint, key is not None, name, stored.owner, explicit,
                      memo_key, callback)
+
+
+def check_environment(environment: RunEnvironment, info: ModuleInfo) -> None:
+    """Raises InvalidRequest (pointer `/environment`) when the module imports WASI calls the
+    environment does not offer."""
+    problem = environments.refusal(environment, info)
+    if problem is not None:
+        raise InvalidRequest.at("/environment", problem)
 
 
 def check_priority(priority: Priority, caps: PrincipalCaps) -> None:
@@ -145,6 +175,13 @@ def check_priority(priority: Priority, caps: PrincipalCaps) -> None:
     if PRIORITIES.index(priority) < PRIORITIES.index(caps.max_priority):
         raise InvalidRequest.at("/priority", f"priority {priority!r} is over your ceiling of "
                                 f"{caps.max_priority!r}")
+
+
+def _fingerprinted(environment: RunEnvironment) -> str | None:
+    """The environment as the idempotency fingerprint has it: None for the one v1 ran every
+    execution in, so v1 requests keep their fingerprints."""
+    return (None if (environment.name, environment.version) == environments.V1
+            else environments.tag(environment))
 
 
 def _within_budget(policy: EffectivePolicy, explicit: frozenset[str],
@@ -274,8 +311,10 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _effective_policy(request: ExecuteRequest, settings: Settings,
-                      caps: PrincipalCaps) -> EffectivePolicy:
+def _effective_policy(request: ExecuteRequest, settings: Settings, caps: PrincipalCaps,
+                      environment: EnvironmentPolicy) -> EffectivePolicy:
+    """The limits a request runs under: each asked value (or the default) within the
+    deployment's ceiling, the environment's cap and the principal's cap."""
     limits = {  # name: (asked, default, deployment ceiling, principal's cap)
         "max_gas": (request.policy.max_gas, settings.default_max_gas, settings.max_gas,
                     caps.max_gas),
@@ -290,11 +329,15 @@ def _effective_policy(request: ExecuteRequest, settings: Settings,
     effective = {}
     for name, (asked, default, ceiling, cap) in limits.items():
         pointer = f"/policy/{name}"
+        fence = getattr(environment, name)
         if asked is not None and asked > ceiling:
             errors.append(FieldError(pointer, f"{asked} is over the ceiling of {ceiling}"))
+        elif asked is not None and asked > fence:
+            errors.append(FieldError(pointer, f"{asked} is over the environment's cap of "
+                                     f"{fence}"))
         elif asked is not None and cap is not None and asked > cap:
             errors.append(FieldError(pointer, f"{asked} is over your cap of {cap}"))
-        effective[name] = asked if asked is not None else min(default, cap or default)
+        effective[name] = asked if asked is not None else min(default, fence, cap or default)
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors)
     return EffectivePolicy(**effective)

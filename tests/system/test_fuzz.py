@@ -41,10 +41,12 @@ import functools
 import itertools
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import hypothesis
@@ -73,7 +75,7 @@ from relay import connection
 from relay.gateway.app import create_app
 from relay.openapi import document
 from relay.settings import Settings
-from tests.conftest import ALICE_KEY, ROOT
+from tests.conftest import ALICE_KEY, ROOT, with_settings
 
 FUZZ_EXAMPLES = 12
 """Generated requests per operation in the fuzzing phase (EXECUTE_EXAMPLES for execute,
@@ -160,6 +162,11 @@ LOOSE_LIMITS = {"max_gas": 10**14, "max_time": 10**9, "max_executions": 10**6}
 RELAY_MAX_GAS, 10^12, and bench/fuzz.py runs tens of thousands); a fuzzed budget under them
 is made generous again (`keep_seeds`), so executes and session calls keep working."""
 SESSION_GONE = ("/problems/session-closed", "/problems/session-exhausted")
+SEED_ENVIRONMENT = "fuzz-env"
+"""An environment the run's caller (an administrator, so that PUT and DELETE can succeed)
+made: a DELETE names it (the shipped ones are 409), and `keep_seeds` makes it again."""
+ADMIN_ALICE = ('permit (principal == User::"alice", action == Action::"admin", '
+               'resource == Relay::"gateway");')
 SEED_PIPELINE = {"max_concurrency": 2, "nodes": [
     {"id": "sum", "cid": "glyph://fuzz-calc", "entrypoint": "add", "inputs": [2, 3]},
     {"id": "count", "cid": f"glyph://{SESSION_MODULE}", "entrypoint": "add",
@@ -203,6 +210,8 @@ class Seeds:
     budgets: collections.deque[str] = field(default_factory=_recent)
     pipelines: collections.deque[str] = field(default_factory=_recent)
     """Pipelines, running or ended (a cancelled one still answers GET)."""
+    environments: collections.deque[str] = field(default_factory=_recent)
+    """Environments the caller made (not the shipped ones, which cannot be deleted)."""
     running: collections.deque[str] = field(default_factory=_recent)
     """Pipelines a DELETE may find running (the seeded one runs for minutes, SEED_PIPELINE)."""
     cancelled: list[str] = field(default_factory=list)
@@ -226,13 +235,14 @@ class Seeds:
         names a running one: an ended one is 409)."""
         running = method.upper() == "DELETE"
         return {"session_id": self.sessions, "snapshot_id": self.snapshots,
-                "budget_id": self.budgets,
+                "budget_id": self.budgets, "environment": self.environments,
                 "pipeline_id": self.running if running else self.pipelines}
 
     def wanting(self) -> bool:
         """Something the generators need is gone, or a budget may refuse executions."""
         return (self.modules_lost or not self.sessions or not self.snapshots
-                or not self.budgets or not self.running or bool(self.tight)
+                or not self.budgets or not self.running or not self.environments
+                or bool(self.tight)
                 or bool(self.cancelled))
 
     def record(self, case: schemathesis.Case, response: schemathesis.Response) -> None:
@@ -272,6 +282,11 @@ class Seeds:
             _discard(self.snapshots, ids["snapshot_id"])
         elif label == "DELETE /budgets/{budget_id}":
             _discard(self.budgets, ids["budget_id"])
+        elif label == "PUT /environments/{environment}":
+            if ids["environment"] not in self.environments:
+                _append(self.environments, ids["environment"])
+        elif label == "DELETE /environments/{environment}":
+            _discard(self.environments, ids["environment"])
         elif label == "DELETE /modules/{cid}":
             self.modules_lost = True
         if "session_id" in ids and body.get("status") in ("closed", "exhausted"):
@@ -343,6 +358,10 @@ def keep_seeds(client: Any) -> None:
         SEEDS.principal = made.json()["principal"]
     if not SEEDS.running:
         seed_pipeline(client)
+    if not SEEDS.environments:
+        made = client.put(f"/environments/{SEED_ENVIRONMENT}", json={})
+        assert made.status_code == 200, made.text
+        SEEDS.environments.append(SEED_ENVIRONMENT)
     while SEEDS.cancelled:  # a cancelled pipeline is still there, ended, for GET to show
         pipeline_id = SEEDS.cancelled.pop()
         shown = client.get(f"/pipelines/{pipeline_id}")
@@ -719,9 +738,13 @@ def alices_client() -> Iterator[Any]:
 
 
 @pytest.fixture
-def fuzz_app(settings: Settings, executor_thread: Executor) -> Iterator[Starlette]:
-    """The gateway, its lifespan run by schemathesis (shut down afterwards), seeded."""
-    application = create_app(settings)
+def fuzz_app(settings: Settings, executor_thread: Executor,
+             tmp_path: Path) -> Iterator[Starlette]:
+    """The gateway, its lifespan run by schemathesis (shut down afterwards), seeded. Its
+    caller, alice, is an administrator, so that environments can be made and deleted."""
+    shutil.copy(ROOT / "relay" / "policies" / "default.cedar", tmp_path / "default.cedar")
+    (tmp_path / "admin.cedar").write_text(ADMIN_ALICE)
+    application = create_app(with_settings(settings, policy_dir=str(tmp_path)))
     CURRENT_APP.app = application
     try:
         with alices_client() as client:  # starts the gateway's lifespan

@@ -102,9 +102,7 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
     for index, node in enumerate(nodes):
         at = f"/nodes/{index}"
         try:
-            if node.environment is not None:
-                raise InvalidRequest.at("/environment",
-                                        f"no environment named {node.environment!r}")
+            environment = await gw.environments.resolve(node.environment)
             cid, name = await gw.modules.resolve(node.cid)
             if cid not in modules:
                 modules[cid] = await gw.modules.stored(cid)
@@ -112,6 +110,7 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
             if stored is None:
                 raise InvalidRequest.at("/cid", f"no module {cid}")
             info = stored.info
+            validate.check_environment(environment.run, info)
             validate.check_depth(node.inputs)
             entrypoint = validate.entrypoint_of(info, node.entrypoint)
             params = None
@@ -120,7 +119,8 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
                 params = next(e for e in info.exports if e.name == entrypoint).params
                 _check_literals(node, params)
             policy = validate.effective_policy(ExecuteRequest(cid=cid, policy=node.policy),
-                                               gw.settings, caps)
+                                               gw.settings, caps,
+                                               environment.environment.policy)
             validate.check_priority(node.priority, caps)
         except (InvalidRequest, NotFound) as error:
             errors.extend(FieldError(at + e.pointer, e.detail) for e in error.errors or
@@ -133,7 +133,8 @@ async def _check_nodes(gw: Gateway, principal: str, nodes: list[PipelineNode],
         specs.append(NodeSpec(
             cid=cid, entrypoint=entrypoint, inputs=node.inputs, policy=policy, params=params,
             explicit=[f for f in ("max_gas", "max_time") if getattr(node.policy, f) is not None],
-            memoize=node.memoize, memoizable=memoizable(info), priority=node.priority))
+            memoize=node.memoize, memoizable=memoizable(info), environment=environment.run,
+            priority=node.priority))
     if errors:
         raise InvalidRequest(errors[0].detail, errors=errors[:MAX_ERRORS])
     return specs, list(resources.values())

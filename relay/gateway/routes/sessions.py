@@ -18,7 +18,7 @@ from relay.errors import Conflict, FieldError, InvalidRequest, NotFound, RelayEr
 from relay.gateway.answers import answer
 from relay.gateway.http import json_response, list_limit, list_offset
 from relay.gateway.state import Gateway, gateway_of
-from relay.pipeline.validate import read_body
+from relay.pipeline.validate import check_environment, read_body
 from relay.policy import ModuleResource
 from relay.schemas import (
     Action,
@@ -41,17 +41,18 @@ async def create_session(request: Request) -> Response:
     principal = await gw.authenticate(request)
     body = decode_body(decode_create_session,
                        await read_body(request, gw.settings.max_request_bytes))
-    if body.environment is not None:
-        raise InvalidRequest.at("/environment", f"no environment named {body.environment!r}")
+    environment = await gw.environments.resolve(body.environment)
     cid, name = await gw.modules.resolve(body.cid)
     stored = await gw.modules.stored(cid)
     if stored is None:
         raise NotFound(f"no module {cid}", errors=[FieldError("/cid", "no module with this CID")])
+    check_environment(environment.run, stored.info)
     gw.authorizer.require(principal, "execute",
                           ModuleResource(cid, name.name if name else "", stored.owner))
     await _check_capturable(gw, cid)
     session_id = await gw.sessions.create(
-        principal, cid, budget=body.budget, ttl_ms=body.ttl, environment=None,
+        principal, cid, budget=body.budget, ttl_ms=body.ttl,
+        environment=environment.environment.name,
         created_at=now_iso())
     view = await _view(gw, principal, session_id)
     return json_response(view, 201, {"Location": view.links.self_})
