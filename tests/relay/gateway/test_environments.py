@@ -3,35 +3,34 @@ them (WASI env and args, capabilities refused at validation, caps, the version k
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from executor.worker import Executor
-from relay import connection
 from relay.settings import Settings
 from tests.conftest import (
     ADD_WAT,
     ALICE_KEY,
-    API_KEYS,
-    ROOT,
     assert_problem,
     client_for,
+    running,
     upload,
     wait_for,
     with_settings,
 )
+from tests.relay.gateway.test_budgets import (
+    ASYNC,
+    LOOP_WAT,
+    ROOT_KEY,
+    admin_settings,
+    alice,
+    gateway,
+    root,
+)
 
-ROOT_KEY = "root-secret-key"
-ADMINS = ('permit (principal == User::"root", action == Action::"admin", '
-          'resource == Relay::"gateway");')
-ASYNC = {"Prefer": "respond-async"}
-LOOP_WAT = '(module (func (export "main") (loop br 0)))'
+__all__ = ["admin_settings", "alice", "gateway", "root"]  # fixtures
 # A WASI command printing its argv, a line `--`, then its environment, one string a line (as
 # `args_get` and `environ_get` give them, their NULs turned into newlines).
 ENV_ARGS_WAT = """(module
@@ -76,52 +75,6 @@ def printed(output: str) -> tuple[list[str], list[str]]:
     """ENV_ARGS_WAT's output as (argv, environment)."""
     args, environment = output.split("--\n")
     return args.splitlines(), environment.splitlines()
-
-
-@pytest.fixture
-def admin_settings(settings: Settings, tmp_path: Path) -> Settings:
-    """The test's settings, with root as an administrator (Action::"admin")."""
-    shutil.copy(ROOT / "relay" / "policies" / "default.cedar", tmp_path / "default.cedar")
-    (tmp_path / "admins.cedar").write_text(ADMINS)
-    return with_settings(settings, policy_dir=str(tmp_path),
-                         api_keys=(*API_KEYS, ("root", ROOT_KEY)))
-
-
-@pytest.fixture
-async def gateway(admin_settings: Settings) -> AsyncIterator[Any]:
-    from relay.gateway.app import create_app
-    application = create_app(admin_settings)
-    async with application.router.lifespan_context(application):
-        yield application
-
-
-@pytest.fixture
-async def alice(gateway: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(gateway, ALICE_KEY) as client:
-        yield client
-
-
-@pytest.fixture
-async def root(gateway: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with client_for(gateway, ROOT_KEY) as client:
-        yield client
-
-
-async def start_executor(settings: Settings) -> tuple[Executor, asyncio.Task[None], Any]:
-    assert settings.redis_url is not None
-    client = connection.connect(settings.redis_url)
-    worker = Executor(settings, client, name="env-executor", read_block_ms=100)
-    return worker, asyncio.create_task(worker.run()), client
-
-
-@pytest.fixture
-async def running(admin_settings: Settings) -> AsyncIterator[Executor]:
-    worker, task, client = await start_executor(admin_settings)
-    yield worker
-    worker.stop()
-    worker.cancel_running()
-    await asyncio.wait_for(task, 10)
-    await client.aclose()
 
 
 async def test_the_shipped_presets_are_listed_and_read(alice: httpx.AsyncClient,
@@ -214,7 +167,7 @@ async def test_bad_names_and_huge_bodies(root: httpx.AsyncClient) -> None:
 
 async def test_a_wasi_module_reads_its_env_and_args(alice: httpx.AsyncClient,
                                                     root: httpx.AsyncClient,
-                                                    running: Executor) -> None:
+                                                    executor: Executor) -> None:
     module = await upload(alice, ENV_ARGS_WAT)
     plain = await alice.post("/intent/execute-wasm", json={"cid": module["cid"]})
     assert plain.json()["output"] == "--\n", "the default environment has no env and no args"
@@ -247,7 +200,7 @@ async def test_pure_refuses_a_wasi_module(alice: httpx.AsyncClient) -> None:
         "/environment"
 
 
-async def test_a_pure_module_runs_in_pure(alice: httpx.AsyncClient, running: Executor) -> None:
+async def test_a_pure_module_runs_in_pure(alice: httpx.AsyncClient, executor: Executor) -> None:
     adder = await upload(alice, ADD_WAT)
     answer = await alice.post("/intent/execute-wasm", json={
         "cid": adder["cid"], "inputs": [2, 3], "environment": "pure"})
@@ -258,7 +211,7 @@ async def test_a_pure_module_runs_in_pure(alice: httpx.AsyncClient, running: Exe
 
 
 async def test_clocks_and_randomness_withheld_are_refused_by_name(
-        alice: httpx.AsyncClient, root: httpx.AsyncClient, running: Executor) -> None:
+        alice: httpx.AsyncClient, root: httpx.AsyncClient, executor: Executor) -> None:
     clock = await upload(alice, CLOCK_WAT)
     random = await upload(alice, RANDOM_WAT)
     await root.put("/environments/timeless", json={"wasi": {"clock": False}})
@@ -295,7 +248,7 @@ async def test_unknown_environment_is_400_everywhere(alice: httpx.AsyncClient) -
 
 
 async def test_caps_and_defaults_come_from_the_environment(
-        alice: httpx.AsyncClient, root: httpx.AsyncClient, running: Executor) -> None:
+        alice: httpx.AsyncClient, root: httpx.AsyncClient, executor: Executor) -> None:
     loop = await upload(alice, LOOP_WAT)
     await root.put("/environments/small", json={"policy": {"max_gas": 5000, "max_time": 2000}})
     over = await alice.post("/intent/execute-wasm", json={
@@ -330,17 +283,13 @@ async def test_an_execution_keeps_the_version_it_was_accepted_with(
     changed = await root.put("/environments/moving", json={"wasi": {"env": {"V": "two"}}})
     assert changed.json()["version"] == 2
     assert (await root.delete("/environments/moving")).status_code == 204
-    worker, task, client = await start_executor(admin_settings)
-    try:
-        async def finished() -> dict[str, Any] | None:
-            state: dict[str, Any] = (await alice.get(f"/executions/{request_id}")).json()
-            return state if state["status"] == "completed" else None
 
+    async def finished() -> dict[str, Any] | None:
+        state: dict[str, Any] = (await alice.get(f"/executions/{request_id}")).json()
+        return state if state["status"] == "completed" else None
+
+    async with running(admin_settings, "late-executor"):
         state = await wait_for(finished)
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
     assert printed(state["output"]) == ([], ["V=one"])
     assert state["environment"] == {"name": "moving", "version": 1}
 
@@ -373,7 +322,7 @@ async def test_the_environment_is_part_of_the_request(alice: httpx.AsyncClient,
 
 async def test_output_is_capped_by_the_environment(alice: httpx.AsyncClient,
                                                    root: httpx.AsyncClient,
-                                                   running: Executor) -> None:
+                                                   executor: Executor) -> None:
     module = await upload(alice, ENV_ARGS_WAT)
     await root.put("/environments/quiet", json={"max_output_bytes": 4,
                                                "wasi": {"args": ["abcdefgh"]}})
@@ -385,7 +334,7 @@ async def test_output_is_capped_by_the_environment(alice: httpx.AsyncClient,
 
 async def test_a_session_runs_its_calls_in_its_environment(alice: httpx.AsyncClient,
                                                           root: httpx.AsyncClient,
-                                                          running: Executor) -> None:
+                                                          executor: Executor) -> None:
     loop = await upload(alice, LOOP_WAT)
     await root.put("/environments/short", json={"policy": {"max_gas": 7000}})
     created = await alice.post("/sessions", json={"cid": loop["cid"], "environment": "short"})
@@ -404,7 +353,7 @@ async def test_a_session_runs_its_calls_in_its_environment(alice: httpx.AsyncCli
 
 async def test_pipeline_nodes_run_in_their_environment(alice: httpx.AsyncClient,
                                                        root: httpx.AsyncClient,
-                                                       running: Executor) -> None:
+                                                       executor: Executor) -> None:
     module = await upload(alice, ENV_ARGS_WAT)
     await root.put("/environments/node-env", json={"wasi": {"env": {"NODE": "yes"}}})
     created = await alice.post("/pipelines", json={"nodes": [
@@ -459,7 +408,7 @@ async def test_the_default_environment_is_configurable(settings: Settings,
 
 
 async def test_memoized_results_are_kept_apart_by_environment_and_version(
-        alice: httpx.AsyncClient, root: httpx.AsyncClient, running: Executor) -> None:
+        alice: httpx.AsyncClient, root: httpx.AsyncClient, executor: Executor) -> None:
     adder = await upload(alice, ADD_WAT)
     body = {"cid": adder["cid"], "inputs": [20, 22], "memoize": True}
 
@@ -481,7 +430,7 @@ async def test_memoized_results_are_kept_apart_by_environment_and_version(
 
 async def test_batch_items_run_in_their_environment(alice: httpx.AsyncClient,
                                                     root: httpx.AsyncClient,
-                                                    running: Executor) -> None:
+                                                    executor: Executor) -> None:
     module = await upload(alice, ENV_ARGS_WAT)
     await root.put("/environments/batched", json={"wasi": {"args": ["item"]}})
     response = await alice.post("/intent/execute-wasm/batch", json={"items": [
