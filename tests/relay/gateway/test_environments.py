@@ -136,6 +136,7 @@ async def test_only_an_administrator_changes_them(alice: httpx.AsyncClient,
     ({"policy": {"max_gas": 10**13}}, "/policy/max_gas"),
     ({"policy": {"max_time": 300_001}}, "/policy/max_time"),
     ({"policy": {"max_memory": 0}}, "/policy/max_memory"),
+    ({"policy": {"max_stack": 2**30}}, "/policy/max_stack"),
     ({"max_output_bytes": 2**40}, "/max_output_bytes"),
     ({"wasi": {"env": {"BAD=KEY": "v"}}}, "/wasi/env"),
     ({"wasi": {"env": {"K": "a\u0000b"}}}, "/wasi/env/K"),
@@ -269,6 +270,11 @@ async def test_caps_and_defaults_come_from_the_environment(
     within = await alice.post("/intent/execute-wasm", json={
         "cid": loop["cid"], "environment": "small", "policy": {"max_gas": 3000}})
     assert within.json()["gas_used"] == 3000
+    await root.put("/environments/shallow", json={"policy": {"max_stack": 65536}})
+    deep = await alice.post("/intent/execute-wasm", json={
+        "cid": loop["cid"], "environment": "shallow", "policy": {"max_stack": 65537}})
+    assert assert_problem(deep, 400, "invalid-request")["errors"][0]["pointer"] == \
+        "/policy/max_stack"
 
 
 async def test_an_execution_keeps_the_version_it_was_accepted_with(
