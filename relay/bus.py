@@ -322,27 +322,31 @@ class Bus:
         """Up to `count` new request entries for this consumer, (entry, `data`), in the order
         to start them: high before normal before low, except that an entry waiting longer than
         `starvation_ms` comes before every entry accepted after it. One round trip while there
-        is work. Once a read found the streams drained, the next one first waits up to
-        `block_ms` for an entry added since, then takes as above (none if a peer was faster):
-        an idle executor pays one round trip more per wake-up than a blocking XREADGROUP."""
-        if self._drained is None:
-            taken = await self._take(consumer, count)
-            if taken or block_ms <= 0 or self._drained is None:
-                return taken
+        is work. Once a read found the streams drained, the next one waits up to `block_ms`
+        for an entry added since, and takes as above (none if a peer was faster), also in one
+        round trip."""
+        take: Call = (_TAKE, self._streams, [Keys.EXECUTOR_GROUP, consumer, count,
+                                            self.starvation_ms])
+        if self._drained is None or block_ms <= 0:
+            [reply] = await self._send([take])
+            return await self._taken(reply, count)
         # XREAD, not XREADGROUP: it only wakes this reader, taking nothing, so the take script
-        # decides what is taken. From each stream's last delivered id at the last take: an entry
-        # added since wakes it at once.
-        if not await self.client.xread(dict(zip(self._streams, self._drained, strict=True)),
-                                       count=1, block=block_ms):
-            return []
-        return await self._take(consumer, count)
+        # decides what is taken; from each stream's last delivered id at the last take, so an
+        # entry added since wakes it at once. Sent with the script in one pipeline: Redis runs
+        # the script as soon as the read returns, without another round trip.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xread(dict(zip(self._streams, self._drained, strict=True)), count=1,
+                   block=block_ms)
+        _TAKE.queue(pipe, *take[1:])
+        _, reply = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, NoScriptError):  # first use on this server: load it, take again
+            [reply] = await self._send([take])
+        return await self._taken(reply, count)
 
-    async def _take(self, consumer: str, count: int) -> list[tuple[Entry, bytes]]:
+    async def _taken(self, reply: Any, count: int) -> list[tuple[Entry, bytes]]:
         """The take script's entries. Fewer than `count`: every stream is drained, and
         `_drained` holds their last delivered ids; else it is None."""
         self._drained = None
-        [reply] = await self._send([(_TAKE, self._streams, [
-            Keys.EXECUTOR_GROUP, consumer, count, self.starvation_ms])])
         if isinstance(reply, redis.ResponseError) and "NOGROUP" in str(reply):
             await self.ensure_group()  # a stream was deleted under us: recreate and go on
             return []
