@@ -13,7 +13,7 @@ complete. Each response must:
   `status` (the HTTP status) and `detail`.
 
 The generators lean towards what exists (seeded modules in every CID form and by glyph name,
-executions, sessions, snapshots, budgets and pipelines seeded or made during the run) and make
+executions, batches, sessions, snapshots, budgets and pipelines seeded or made during the run) and make
 runnable bodies (executes and session calls, sessions of the counter seed, restores of a few
 branches, budgets that refuse nothing, pipelines of the seeds) about half of the time, so the
 success paths are fuzzed too, not only the refusals; only values that conform to the document
@@ -210,6 +210,8 @@ class Seeds:
     budgets: collections.deque[str] = field(default_factory=_recent)
     pipelines: collections.deque[str] = field(default_factory=_recent)
     """Pipelines, running or ended (a cancelled one still answers GET)."""
+    batches: collections.deque[str] = field(default_factory=_recent)
+    """Batches (seeded, or made by a fuzzed batch): they are never deleted."""
     environments: collections.deque[str] = field(default_factory=_recent)
     """Environments the caller made (not the shipped ones, which cannot be deleted)."""
     running: collections.deque[str] = field(default_factory=_recent)
@@ -236,6 +238,7 @@ class Seeds:
         running = method.upper() == "DELETE"
         return {"session_id": self.sessions, "snapshot_id": self.snapshots,
                 "budget_id": self.budgets, "environment": self.environments,
+                "batch_id": self.batches,
                 "pipeline_id": self.running if running else self.pipelines}
 
     def wanting(self) -> bool:
@@ -261,6 +264,8 @@ class Seeds:
             _append(self.request_ids, body.get("request_id"))
         elif label == "POST /sessions":
             _append(self.sessions, body.get("session_id"))
+        elif label == f"POST {EXECUTE_PATH}/batch":
+            _append(self.batches, body.get("batch_id"))
         elif label == "POST /snapshots/{snapshot_id}/restore":
             for branch in body.get("items") or ():
                 _append(self.sessions, branch.get("session_id"))
@@ -395,6 +400,10 @@ def seed(client: Any) -> None:
     ran = client.post(EXECUTE_PATH, json={"cid": "glyph://fuzz-calc", "inputs": [2, 3]}, timeout=20)
     assert ran.status_code == 200 and ran.json()["output"] == 5, ran.text
     SEEDS.request_ids.append(ran.json()["request_id"])
+    batch = client.post(f"{EXECUTE_PATH}/batch", json={"items": [
+        {"cid": "glyph://fuzz-calc", "inputs": [2, 3]}, {"cid": "glyph://fuzz-calc"}]}, timeout=20)
+    assert batch.status_code == 200, batch.text
+    SEEDS.batches.append(batch.json()["batch_id"])
     keep_seeds(client)
 
 
