@@ -209,7 +209,8 @@ async def test_the_priority_is_part_of_the_request(http: httpx.AsyncClient,
     assert on["low"] == []
 
 
-async def test_queue_depth_is_reported_by_priority(http: httpx.AsyncClient) -> None:
+async def test_queue_depth_is_reported_by_priority(http: httpx.AsyncClient,
+                                                   settings: Settings) -> None:
     add = (await upload(http, ADD_WAT))["cid"]
     for i in range(3):
         await submit(http, add, [i, 0], priority="low")
@@ -218,6 +219,14 @@ async def test_queue_depth_is_reported_by_priority(http: httpx.AsyncClient) -> N
     assert 'relay_queue_depth{priority="high"} 1' in text
     assert 'relay_queue_depth{priority="normal"} 0' in text
     assert 'relay_queue_depth{priority="low"} 3' in text
+    # Executions a gateway from before priorities accepted are counted in the total alone:
+    # they are normal ones.
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    try:
+        await client.incrby(Keys(settings.prefix).queued, 2)
+    finally:
+        await client.aclose()
+    assert 'relay_queue_depth{priority="normal"} 2' in (await http.get("/metrics")).text
 
 
 async def test_a_session_call_goes_to_its_prioritys_stream(

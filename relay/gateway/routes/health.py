@@ -94,19 +94,21 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     gw = gateway_of(request)
     pipe = gw.client.pipeline(transaction=False)
-    for priority in PRIORITIES:
-        pipe.get(gw.keys.queued_of(priority))
+    pipe.mget(gw.keys.queued, gw.keys.queued_of("high"), gw.keys.queued_of("low"))
     for priority in PRIORITIES:
         pipe.xpending(gw.keys.requests_of(priority), Keys.EXECUTOR_GROUP)
-    replies = await pipe.execute(raise_on_error=False)
+    counts, *pendings = await pipe.execute(raise_on_error=False)
     # A stream with no group yet (no executor ever started) has nothing pending.
-    pending = sum(reply["pending"] for reply in replies[len(PRIORITIES):]
-                  if not isinstance(reply, Exception))
+    pending = sum(reply["pending"] for reply in pendings if not isinstance(reply, Exception))
+    total, high, low = (max(int(count or 0), 0) for count in counts)
     executors = await gw.bus.live_executors(gw.settings.heartbeat_ttl_ms)
     text = await gw.metrics.render({
         "relay_queue_depth": ("Accepted executions not yet started, by priority.", {
-            f'priority="{priority}"': max(int(queued or 0), 0)
-            for priority, queued in zip(PRIORITIES, replies, strict=False)}),
+            'priority="high"': high,
+            # The rest of the total, rather than its own counter: executions accepted before
+            # priorities existed are normal ones and were counted only in the total.
+            'priority="normal"': max(total - high - low, 0),
+            'priority="low"': low}),
         "relay_pending_entries": ("Request entries delivered to executors, not acknowledged.",
                                   pending),
         "relay_executors": ("Executors with a live heartbeat.", executors),
