@@ -107,7 +107,8 @@ class Keys:
 
     def queued_of(self, priority: str) -> str:
         """Counter of accepted executions of one priority not yet started (the per-priority
-        part of `queued`, for the queue depth gauge)."""
+        part of `queued`; the queue depth gauge reads the high and low ones, and takes normal
+        as the rest of `queued`)."""
         return f"{self.queued}:{priority}"
 
 
