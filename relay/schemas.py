@@ -176,6 +176,7 @@ class ExecutionState(msgspec.Struct, kw_only=True):
     memo_of: str | UnsetType = UNSET
     environment: EnvironmentRef | UnsetType = UNSET
     priority: Priority = "normal"
+    batch_id: str | UnsetType = UNSET
 
 
 class ExecutionPage(msgspec.Struct, kw_only=True):

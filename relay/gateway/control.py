@@ -76,6 +76,7 @@ class _AcceptedIn(msgspec.Struct):
 
     environment: RunEnvironment | None = None
     priority: Priority = "normal"
+    batch_id: str | None = None
 
 
 _decode_environment = msgspec.json.Decoder(_AcceptedIn).decode
@@ -104,6 +105,8 @@ class Controller:
         accepted_in = _decode_environment(accepted) if accepted else _AcceptedIn()
         environment = accepted_in.environment
         view.priority = accepted_in.priority
+        if accepted_in.batch_id is not None:
+            view.batch_id = accepted_in.batch_id
         if environment is not None:
             view.environment = EnvironmentRef(name=environment.name,
                                               version=environment.version)

@@ -76,6 +76,8 @@ async def test_every_item_is_answered_in_order_with_its_own_outcome(
             "completed", "failed"]
         assert view["items"][50]["problem"]["status"] == 403
         assert view["items"][0]["request_id"] == results[0]["request_id"]
+        item = (await bob.get(f"/executions/{results[0]['request_id']}")).json()
+        assert item["batch_id"] == body["batch_id"]
         # Its executions are listed under it; another principal sees none of it.
         listed = (await bob.get(f"/executions?batch_id={body['batch_id']}&limit=500")).json()
         assert len(listed["items"]) == 100 - 10 - 1
