@@ -292,7 +292,14 @@ def test_manifests_render_with_kustomize() -> None:
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     expected = [doc for _, doc in all_objects() if kind_of(doc) != KUSTOMIZATION]
-    assert len(rendered) == len(expected)
+    generated = documents(K8S / "kustomization.yaml")[0].get("configMapGenerator", [])
+    assert len(rendered) == len(expected) + len(generated)
+    dashboard = next(doc for doc in rendered if doc["kind"] == "ConfigMap"
+                     and doc["metadata"]["name"] == "relay-grafana-dashboard")
+    assert dashboard["metadata"]["namespace"] == NAMESPACE
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["grafana-dashboard.json"]) == json.loads(
+        (K8S / "grafana-dashboard.json").read_text())
 
 
 # --- KEDA (custom resources: structural checks) ---
