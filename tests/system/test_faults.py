@@ -227,8 +227,13 @@ class BusView:
         return [e for e in await self.events(request_id) if e["type"] == kind]
 
     async def pending(self) -> int:
-        summary = await self.client.xpending(self.keys.requests, Keys.EXECUTOR_GROUP)
-        return int(summary["pending"])
+        """Entries delivered and not acknowledged, on the three requests streams."""
+        total = 0
+        for priority in ("high", "normal", "low"):
+            summary = await self.client.xpending(self.keys.requests_of(priority),
+                                                 Keys.EXECUTOR_GROUP)
+            total += int(summary["pending"])
+        return total
 
     async def node_of(self, process: subprocess.Popen[bytes], timeout_s: float = 20) -> str:
         """The consumer name of an executor process, once it has started serving."""
@@ -325,14 +330,17 @@ def assert_gas_never_decreases(events: list[dict[str, Any]]) -> list[int]:
 # --- 1. an executor killed mid-run ---
 
 
-async def test_sigkill_mid_run_a_peer_completes_it(processes: Cluster, bus: BusView) -> None:
+@pytest.mark.parametrize("priority", ["normal", "high"])
+async def test_sigkill_mid_run_a_peer_completes_it(processes: Cluster, bus: BusView,
+                                                   priority: str) -> None:
     base = processes.gateway(RELAY_SYNC_WAIT="60000")
     pair = [processes.start("executor", **LEASE) for _ in range(2)]
     nodes = {await bus.node_of(process): process for process in pair}
     async with client_for(base) as http:
         module = await upload(http, FIB_WAT)
         call = asyncio.create_task(http.post(
-            "/intent/execute-wasm", json={"cid": module["cid"], "inputs": [40], "policy": LONG}))
+            "/intent/execute-wasm", json={"cid": module["cid"], "inputs": [40], "policy": LONG,
+                                          "priority": priority}))
         first = await started_by(bus)
         request_id, victim = first["request_id"], first["executor_node"]
         await running_in_wasm(bus, request_id, victim)
@@ -346,14 +354,15 @@ async def test_sigkill_mid_run_a_peer_completes_it(processes: Cluster, bus: BusV
         takeover_s = time.monotonic() - killed
         response = await asyncio.wait_for(call, 30)
         recovery_s = time.monotonic() - killed
-        print(f"\n[sigkill] takeover {takeover_s:.2f} s, completed {recovery_s:.2f} s after the "
-              f"kill (lease 1.5 s)")
+        print(f"\n[sigkill] {priority}: takeover {takeover_s:.2f} s, completed {recovery_s:.2f} s "
+              "after the kill (lease 1.5 s)")
         assert response.status_code == 200, response.text
         result = response.json()
         assert result["success"] is True and result["output"] == FIB_40
         assert result["request_id"] == request_id
         state = (await http.get(f"/executions/{request_id}")).json()
         assert state["status"] == "completed" and state["output"] == FIB_40
+        assert state["priority"] == priority  # so it was on that priority's stream
     events = await bus.events(request_id)
     terminal = assert_one_ending(events)
     assert terminal["type"] == "execution_complete" and terminal["output"] == FIB_40
