@@ -71,4 +71,10 @@ def parse_reference(text: str) -> str | GlyphName:
         if not is_name(name) or not is_name(tag):
             raise InvalidCid(f"a glyph name is glyph://NAME@TAG, each {NAME_RULE}")
         return GlyphName(name, tag)
-    return normalize(text)
+    try:
+        return normalize(text)
+    except InvalidCid:
+        if is_name(text):  # "calculator": a name written without its scheme
+            raise InvalidCid(f"{text!r} is not a CID; to run the module named {text}, send "
+                             f"glyph://{text} (its latest tag) or glyph://{text}@TAG") from None
+        raise

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Coroutine, Iterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from relay import logs
+from relay import logs, relay_version
 from relay import settings as settings_module
 from relay.connection import EmbeddedRedis
 from relay.settings import Settings, SettingsError
@@ -34,10 +35,14 @@ EXAMPLES = (
     ("counter.wat", "counter", ("latest",)),
 )
 DEV_PRINCIPAL = "dev"
+# `relay dev` is for trying things at a terminal, where production's 10 executes a minute is hit
+# within the README's first few curls; RELAY_RATE_LIMIT still sets it.
+DEV_RATE_LIMIT = 1000
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="relay", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"relay {relay_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, text in (("dev", "embedded Redis + gateway + one executor + example modules"),
                        ("gateway", "the HTTP gateway")):
@@ -109,7 +114,9 @@ def redis_for(settings: Settings) -> Iterator[Settings]:
         embedded.stop()
 
 
-def serve_gateway(settings: Settings, host: str, port: int) -> None:
+def serve_gateway(settings: Settings, host: str, port: int,
+                  sock: socket.socket | None = None) -> None:
+    """Serve on `host:port`, or on `sock` when the caller has bound it already."""
     import uvicorn
 
     from relay.gateway.app import create_app
@@ -133,7 +140,20 @@ def serve_gateway(settings: Settings, host: str, port: int) -> None:
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
-    Server(config).run()
+    Server(config).run(sockets=None if sock is None else [sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on `host:port`, as uvicorn would make it. Raises OSError (a busy port)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def run_executor(settings: Settings) -> None:
@@ -227,7 +247,11 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
                   "now, it is not shown again; `relay keys revoke ID` revokes it.",
                   file=sys.stdout)
         elif args.keys_command == "list":
-            for record in await stored.list():
+            records = await stored.list()
+            if not records:
+                print("no stored keys (`relay keys create PRINCIPAL` makes one; keys from "
+                      "RELAY_API_KEYS are not stored, so not listed)")
+            for record in records:
                 print(f"{record.id}  {record.principal}  {record.created_at}")
         else:
             revoked = await stored.revoke(args.id)
@@ -241,7 +265,17 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
 def dev(settings: Settings, host: str, port: int) -> None:
     """Everything on one machine: the settings' Redis (or an embedded one), one executor in its
     own process (so wasm and HTTP use both cores), the gateway in this one."""
-    with redis_for(settings) as settings:
+    # The port first: when it is busy, nothing is started and "running" is never printed.
+    try:
+        sock = listen(host, port)
+    except OSError as exc:
+        raise SystemExit(f"relay: cannot listen on {host}:{port}: {exc.strerror} (is another "
+                         "`relay dev` running? --port P picks another port)") from None
+    if "RELAY_RATE_LIMIT" not in os.environ:
+        settings = msgspec.structs.replace(settings, rate_limit=DEV_RATE_LIMIT)
+    limit = (f"{settings.rate_limit} executes per {settings.rate_window_ms // 1000} s "
+             "and principal" if settings.rate_limit else "off")
+    with sock, redis_for(settings) as settings:
         redis_url = settings.redis_url
         assert redis_url is not None
         if not settings.api_keys:
@@ -256,13 +290,14 @@ def dev(settings: Settings, host: str, port: int) -> None:
             print(
                 f"\nRelay is running at {url}\n"
                 f"  API key ({principal}): {key}\n"
-                f"  Redis: {redis_url}\n\n"
+                f"  Redis: {redis_url}\n"
+                f"  Rate limit: {limit} (RELAY_RATE_LIMIT; `relay gateway` defaults to 10)\n\n"
                 f"Try:\n  curl -s {url}/intent/execute-wasm -H 'X-API-Key: {key}' "
                 "-H 'Content-Type: application/json' "
                 "-d '{\"cid\": \"glyph://calculator@quantum\", \"inputs\": [5, 3]}'\n",
                 flush=True,
             )
-            serve_gateway(settings, host, port)
+            serve_gateway(settings, host, port, sock)
         finally:
             executor.send_signal(signal.SIGTERM)
             try:

@@ -253,6 +253,8 @@ class Index(msgspec.Struct, kw_only=True):
     """`GET /`: what this is, and where to go from here."""
 
     service: Literal["relay"] = "relay"
+    version: str
+    """The Relay release serving the request."""
     links: dict[str, str]
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,9 +17,18 @@ from typing import IO
 import httpx
 import redis
 
+from relay import relay_version
 from relay.keys import Keys
 from relay.settings import Settings
-from tests.conftest import ALICE_KEY, ROOT, Processes, free_port, upload, wait_for
+from tests.conftest import (
+    ALICE_KEY,
+    ROOT,
+    Processes,
+    free_port,
+    process_env,
+    upload,
+    wait_for,
+)
 
 
 def client_for(base: str) -> httpx.AsyncClient:
@@ -88,13 +98,16 @@ def test_relay_dev_runs_the_seed_and_sigterm_stops_everything_it_started(
                            text=True)
     try:
         assert dev.stdout is not None
-        key = _dev_key_from(dev.stdout)
+        banner = _banner_from(dev.stdout)
+        assert "Rate limit: 1000 executes per 60 s" in banner
+        key = _dev_key_from(banner)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key},
                           timeout=30) as http:
             _wait_until(lambda: _serves(http), "the gateway to listen")
             seed = http.post("/intent/execute-wasm", json={
                 "cid": "glyph://calculator@quantum", "inputs": [5, 3]})
         assert seed.status_code == 200 and seed.json()["output"] == 8
+        assert seed.headers["RateLimit-Policy"] == '"default";q=1000;w=60'
         children += [int(pid) for pid in subprocess.run(
             ["pgrep", "-P", str(dev.pid)], capture_output=True, text=True).stdout.split()]
         assert children, "the executor runs as a child process"
@@ -120,11 +133,57 @@ def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10)
         time.sleep(0.05)
 
 
-def _dev_key_from(stdout: IO[str]) -> str:
+def _banner_from(stdout: IO[str]) -> str:
+    """What `relay dev` prints, up to its first example command."""
+    lines = []
     for line in stdout:
+        lines.append(line)
+        if line.startswith("Try:"):
+            return "".join(lines)
+    raise AssertionError(f"relay dev printed no banner: {''.join(lines)}")
+
+
+def _dev_key_from(banner: str) -> str:
+    for line in banner.splitlines():
         if "API key" in line:
             return line.rsplit(": ", 1)[1].strip()
     raise AssertionError("relay dev printed no API key")
+
+
+def test_a_second_relay_dev_on_a_busy_port_fails_before_saying_it_runs(tmp_path: Path) -> None:
+    """The port is taken first: nothing is started, "running" is never printed, and the error
+    names the port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("RELAY_") and k != "REDIS_URL"}
+        env.update(RELAY_DATA_DIR=str(tmp_path / "data"))
+        second = subprocess.run([sys.executable, "-m", "relay", "dev", "--port", str(port)],
+                                env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert "running" not in second.stdout
+    assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert not (tmp_path / "data" / "redis").exists(), "no embedded Redis was started"
+
+
+def test_relay_version_and_an_empty_key_list_say_so(settings: Settings) -> None:
+    version = _relay(settings, "--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"relay {relay_version()}"
+    listed = _relay(settings, "keys", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("no stored keys")
+    created = _relay(settings, "keys", "create", "carol")
+    assert created.returncode == 0, created.stderr
+    listed = _relay(settings, "keys", "list")
+    assert "carol" in listed.stdout and "no stored keys" not in listed.stdout
+
+
+def _relay(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args], env=process_env(settings),
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def _serves(http: httpx.Client) -> bool:

@@ -10,7 +10,7 @@ import redis
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay import openapi
+from relay import openapi, relay_version
 from relay.connection import memory_full, out_of_memory
 from relay.errors import Unavailable
 from relay.gateway.http import json_response
@@ -27,10 +27,11 @@ from relay.schemas import (
 )
 
 EVENTS_PATH = "/intent/execute-wasm/events"
-INDEX = json_response(Index(links={
+INDEX = json_response(Index(version=relay_version(), links={
+    "console": "/console", "openapi": "/openapi.json",
+    "health": "/intent/execute-wasm/health",
     "execute": "/intent/execute-wasm", "events": EVENTS_PATH, "executions": "/executions/{id}",
-    "modules": "/modules", "names": "/names/{name}", "tokens": "/auth/tokens",
-    "health": "/intent/execute-wasm/health", "openapi": "/openapi.json"})).body
+    "modules": "/modules", "names": "/names/{name}", "tokens": "/auth/tokens"})).body
 
 
 async def index(request: Request) -> Response:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from executor.worker import Executor
-from tests.conftest import ADD_WAT, BOB_KEY, FIXTURES, upload, wait_for
+from tests.conftest import ADD_WAT, BOB_KEY, FIXTURES, assert_problem, upload, wait_for
 
 LOOP_WAT = '(module (func (export "main") (loop br 0)))'
 RECURSE_WAT = '(module (func $f (export "main") (result i32) call $f))'
@@ -253,3 +253,13 @@ async def test_a_name_moved_through_another_gateway_runs_the_new_module(
     result = await run(http, "glyph://moving", [6, 3])
     assert result["cid"] == second["cid"] != first["cid"]
     assert result["output"] == 2
+
+
+async def test_a_bare_module_name_is_refused_with_the_glyph_reference_it_meant(
+        http: httpx.AsyncClient) -> None:
+    """A first try at the API writes the module's name as its `cid`: the 400 says what to send."""
+    response = await http.post("/intent/execute-wasm", json={"cid": "calculator", "inputs": [1]})
+    body = assert_problem(response, 400, "invalid-request")
+    assert "glyph://calculator" in body["detail"]
+    assert body["errors"][0]["pointer"] == "/cid"
+    assert "glyph://calculator" in body["errors"][0]["detail"]
