@@ -53,8 +53,9 @@ async def test_lifecycle_events_in_order_with_contract_fields(
     assert requested["type"] == "wasm_exec_requested"
     assert requested["entrypoint"] == "main"
     assert requested["inputs"] == [2, 2]
+    # v1's three limits, and v1.1's max_stack beside them.
     assert requested["policy"] == {"max_memory": 67108864, "max_gas": 1000000000,
-                                   "max_time": 5000}
+                                   "max_time": 5000, "max_stack": 1048576}
 
 
 async def test_a_trap_ends_with_execution_error(http: httpx.AsyncClient, executor: Executor,
