@@ -521,6 +521,14 @@ OPERATIONS = (
               STORE, auth=False),
     Operation("GET", "/openapi.json", "openapi", "This document",
               (Reply(200, "OpenAPI 3.1.", ANY_JSON),), auth=False),
+    Operation("GET", "/docs", "docs", "This document as an interactive page (Swagger UI)",
+              (Reply(200, "The page; its scripts and styles come from /docs/{asset}.",
+                     {"type": "string"}, "text/html"),), auth=False),
+    Operation("GET", "/docs/{asset}", "docsAsset", "A script, style or image of the /docs page",
+              (Reply(200, "The file.", {"type": "string"}, "text/css",
+                     other_bodies=(("text/javascript", {"type": "string"}),
+                                   ("image/png", {"type": "string"}))),),
+              (NotFound,), auth=False),
 )
 
 
@@ -555,6 +563,8 @@ PARAMETERS = {
                                   "As `idempotency_key` in the body (if both are sent, equal).",
                                   {}),
     "environment": _parameter("path", "environment", "An environment's name.", NAME),
+    "asset": _parameter("path", "asset", "A file of the /docs page, such as swagger-ui.css.",
+                        {"type": "string"}),
     "batch_id": _parameter("path", "batch_id", "The batch's id.",
                            {"type": "string", "pattern": "^bat_[0-9a-f]{24}$"}),
     "budget_id": _parameter("path", "budget_id", "The budget's id.",

@@ -20,6 +20,7 @@ from relay.gateway.http import RequestIdMiddleware, by_method
 from relay.gateway.routes import (
     batches,
     budgets,
+    docs,
     environments,
     execute,
     executions,
@@ -108,6 +109,8 @@ ROUTES = [
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", health.openapi_json, methods=["GET"]),
+    Route("/docs", docs.page, methods=["GET"]),
+    Route("/docs/{asset}", docs.asset, methods=["GET"]),
 ]
 
 

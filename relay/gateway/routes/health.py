@@ -28,7 +28,7 @@ from relay.schemas import (
 
 EVENTS_PATH = "/intent/execute-wasm/events"
 INDEX = json_response(Index(version=relay_version(), links={
-    "console": "/console", "openapi": "/openapi.json",
+    "docs": "/docs", "console": "/console", "openapi": "/openapi.json",
     "health": "/intent/execute-wasm/health",
     "execute": "/intent/execute-wasm", "events": EVENTS_PATH, "executions": "/executions/{id}",
     "modules": "/modules", "names": "/names/{name}", "tokens": "/auth/tokens"})).body

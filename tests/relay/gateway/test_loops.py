@@ -61,7 +61,7 @@ async def test_the_index_links_to_routes_that_exist_without_credentials(
     assert index.status_code == 200
     assert index.json()["version"] == relay_version()
     links = index.json()["links"]
-    assert {"console", "openapi", "health"} <= set(links)
+    assert {"docs", "console", "openapi", "health"} <= set(links)
     served = {route.path for route in app.routes}
     # The contract's web console is not built yet; its link is there for when it is.
     assert set(links.values()) <= served | {"/executions/{id}", "/names/{name}", "/console"}
