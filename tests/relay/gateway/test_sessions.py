@@ -402,12 +402,16 @@ async def test_calls_alternating_between_executors_never_run_on_a_stale_instance
     async with running(settings, "test-peer") as peer:
         session = await make_session(http)
         sid = session["session_id"]
-        ran_on = []
-        for expected in range(1, 31):
+        ran_on: list[str] = []
+        expected = 0
+        # Which executor takes a call is the bus's choice: call until the calls have moved
+        # from one to the other and back a few times (under load one may take many in a row).
+        while sum(1 for a, b in zip(ran_on, ran_on[1:]) if a != b) < 4:
+            assert expected < 300, f"the calls never moved between executors: {ran_on}"
+            expected += 1
             result = (await call(http, sid, "add", [1])).json()
             assert result["output"] == expected
             # Whoever ran it keeps the instance in the state it committed.
             ran_on.append("peer" if peer.sessions.holds(sid, result["state_cid"])
                           else "executor")
-        assert (await call(http, sid, "calls", [])).json()["output"] == 30
-        assert set(ran_on) == {"peer", "executor"}, ran_on
+        assert (await call(http, sid, "calls", [])).json()["output"] == expected
