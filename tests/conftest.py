@@ -293,13 +293,15 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: Settings, http: str = "auto") -> AsyncIterator[Served]:
+async def serve(settings: Settings, http: str = "auto",
+                port: int | None = None) -> AsyncIterator[Served]:
     """The app served by uvicorn in this loop, with the HTTP implementation `http` (auto:
-    httptools, which `relay gateway` runs; or h11)."""
+    httptools, which `relay gateway` runs; or h11), on `port` (default: a free one; pass the
+    port of one that ended to restart a gateway where its clients reconnect)."""
     import uvicorn
 
     application = create_app(settings)
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(application, host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on", http=http,
                                            timeout_graceful_shutdown=2))

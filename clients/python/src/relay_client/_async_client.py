@@ -1,0 +1,604 @@
+"""The asyncio client, `AsyncRelay`. The blocking `Relay` in _sync_client.py is generated from
+this file by scripts/unasync.py (edit this one, then run it): both always have the same
+methods, arguments and behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from . import _core
+from ._core import Config, drop_none, list_params
+from ._errors import RelayError
+from ._models import (
+    Batch,
+    Budget,
+    BudgetUsage,
+    Delivery,
+    Environment,
+    Event,
+    Execution,
+    Module,
+    Page,
+    Pipeline,
+    Session,
+    Snapshot,
+    build,
+)
+
+
+class AsyncRelay:
+    """A client of one Relay gateway, for asyncio.
+
+    `url` and `api_key` default to `RELAY_URL` and `RELAY_API_KEY` (then
+    `http://127.0.0.1:8000`, `relay dev`'s address). `timeout` is seconds per request (a sync
+    execute waits up to the gateway's `RELAY_SYNC_WAIT`, 30 s by default, before it turns into
+    waiting on the execution). `retries` is how many times a request is sent again after a
+    connection error, a 503 or a 429 `rate-limited` (waiting its `Retry-After` when at most
+    60 s). Every other refusal raises `RelayError` at once.
+
+    Use it as `async with AsyncRelay() as relay:` or call `aclose()`.
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float = _core.DEFAULT_TIMEOUT_S, retries: int = 3) -> None:
+        self.config = Config.resolve(url, api_key, timeout, retries)
+        self._http = httpx.AsyncClient(**self.config.client_options())
+        self.modules = AsyncModules(self)
+        self.names = AsyncNames(self)
+        self.executions = AsyncExecutions(self)
+        self.sessions = AsyncSessions(self)
+        self.snapshots = AsyncSnapshots(self)
+        self.budgets = AsyncBudgets(self)
+        self.batches = AsyncBatches(self)
+        self.pipelines = AsyncPipelines(self)
+        self.environments = AsyncEnvironments(self)
+        self.webhooks = AsyncWebhooks(self)
+
+    async def __aenter__(self) -> AsyncRelay:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client's connections."""
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, *, safe: bool = False,
+                      **options: Any) -> httpx.Response:
+        """Send one request with the client's retries; raise `RelayError` for any error answer.
+
+        `safe` says repeating the request cannot do anything twice (it carries an idempotency
+        key, or its method is idempotent), so it may be sent again even after a connection
+        broke once it had been sent. `options` go to httpx (`json`, `params`, `headers`, ...).
+        """
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(method, path, **options)
+            except httpx.TransportError as exc:
+                if (attempt >= self.config.retries
+                        or not _core.retriable_transport_error(exc, method, safe)):
+                    raise RelayError.from_transport(exc) from exc
+                delay = _core.backoff_s(attempt)
+            else:
+                if not response.is_error:
+                    return response
+                retry_in = _core.retry_delay_s(response, attempt)
+                if retry_in is None or attempt >= self.config.retries:
+                    raise RelayError.from_response(response)
+                delay = retry_in
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def execute(self, ref: str, inputs: Sequence[Any] | None = None, *,
+                      entrypoint: str | None = None, max_gas: int | None = None,
+                      max_memory: int | None = None, max_time: int | None = None,
+                      max_stack: int | None = None, idempotency_key: str | None = None,
+                      **fields: Any) -> Execution:
+        """Run `entrypoint` of module `ref` (a CID or `glyph://NAME@TAG`) with `inputs` and
+        return its result once finished (`success`, `output`, `gas_used`, `duration` in ms,
+        `error`). Limits: `max_gas` (fuel), `max_memory` (bytes), `max_time` (ms), `max_stack`
+        (bytes). Other request fields (`environment`, `priority`, `memoize`, `step_gas`,
+        `callback_url`, ...) go in `fields`. A module that traps is a result with
+        `success=False`; a refused request raises `RelayError`.
+
+        Without `idempotency_key` one is generated, so retries never run the module twice (and
+        two calls are two executions)."""
+        body = _core.execute_body(ref, list(inputs or []), entrypoint=entrypoint,
+                                  max_gas=max_gas, max_memory=max_memory, max_time=max_time,
+                                  max_stack=max_stack, idempotency_key=idempotency_key,
+                                  extra=fields)
+        response = await self.request("POST", "/intent/execute-wasm", safe=True, json=body)
+        if response.status_code == 202:  # not finished within the gateway's sync wait
+            return await self.handle(response.json()["request_id"]).wait()
+        return Execution.from_json(response.json())
+
+    async def submit(self, ref: str, inputs: Sequence[Any] | None = None, *,
+                     entrypoint: str | None = None, max_gas: int | None = None,
+                     max_memory: int | None = None, max_time: int | None = None,
+                     max_stack: int | None = None, idempotency_key: str | None = None,
+                     **fields: Any) -> AsyncExecutionHandle:
+        """Queue an execution (the arguments of `execute`) and return at once a handle to
+        follow and control it: `wait()`, `events()`, `pause()`, `resume()`, `step()`,
+        `cancel()`."""
+        body = _core.execute_body(ref, list(inputs or []), entrypoint=entrypoint,
+                                  max_gas=max_gas, max_memory=max_memory, max_time=max_time,
+                                  max_stack=max_stack, idempotency_key=idempotency_key,
+                                  extra=fields)
+        response = await self.request("POST", "/intent/execute-wasm", safe=True, json=body,
+                                      headers={"Prefer": "respond-async"})
+        return self.handle(response.json()["request_id"])
+
+    def handle(self, request_id: str) -> AsyncExecutionHandle:
+        """A handle on an execution already accepted (by its `request_id`)."""
+        return AsyncExecutionHandle(self, request_id)
+
+    async def events(self, *, request_id: str | Sequence[str] | None = None,
+                     session_id: str | None = None, pipeline_id: str | None = None,
+                     last_event_id: str | None = None) -> AsyncIterator[Event]:
+        """The caller's events as they come (`GET /intent/execute-wasm/events`), narrowed to
+        executions, a session or a pipeline when asked; `last_event_id` starts after that event
+        (`"0"`: every event still retained).
+
+        The stream never ends by itself: when the connection drops (or the gateway restarts),
+        the iterator reconnects with `Last-Event-ID` and goes on with no event missed or
+        repeated. After 60 s without a connection it raises `RelayError`. An `events_lost`
+        event says that events after `last_event_id` had already been trimmed.
+        Close it (`aclose()`, or `contextlib.aclosing`) when you stop early: it holds one of
+        the principal's open streams until then."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id or [])
+        params = drop_none({"request_id": ids or None, "session_id": session_id,
+                            "pipeline_id": pipeline_id})
+        last = last_event_id
+        failures = 0
+        down_since: float | None = None
+        while True:
+            headers = {"Last-Event-ID": last} if last is not None else {}
+            error: RelayError
+            try:
+                async with self._http.stream("GET", _core.EVENTS_PATH, params=params,
+                                             headers=headers,
+                                             timeout=self.config.stream_timeout()) as response:
+                    if response.is_error:
+                        await response.aread()
+                        error = RelayError.from_response(response)
+                        delay = _core.retry_delay_s(response, failures)
+                        if delay is None:
+                            raise error
+                    else:
+                        failures, down_since = 0, None
+                        decoder = _core.SseDecoder()
+                        async for line in response.aiter_lines():
+                            event = decoder.feed(line)
+                            if event is not None:
+                                if event.id:
+                                    last = event.id
+                                yield event
+                        # The gateway ended the stream (shutting down, token expiry): resume.
+                        error = RelayError.from_transport(ConnectionError("stream ended"))
+                        delay = 0.0
+            except httpx.TransportError as exc:
+                error = RelayError.from_transport(exc)
+                delay = _core.backoff_s(failures)
+            failures += 1
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > _core.RECONNECT_WINDOW_S:
+                raise error
+            await asyncio.sleep(delay)
+
+
+class AsyncExecutionHandle:
+    """One execution, by its `request_id`: follow it, wait for it, control it."""
+
+    def __init__(self, relay: AsyncRelay, request_id: str) -> None:
+        self.relay = relay
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return f"AsyncExecutionHandle({self.request_id!r})"
+
+    async def get(self) -> Execution:
+        """Its state now (`GET /executions/{id}`)."""
+        return await self.relay.executions.get(self.request_id)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Its events from the first (`execution_queued`) to its terminal one
+        (`execution_complete` or `execution_error`), live, resuming over dropped connections.
+        Ends early at `events_lost` (its earlier events were trimmed; `get()` tells its
+        state)."""
+        async for event in self.relay.events(request_id=self.request_id, last_event_id="0"):
+            yield event
+            if event.terminal or event.type == "events_lost":
+                return
+
+    async def wait(self) -> Execution:
+        """Its result, once it has finished (completed, failed or cancelled)."""
+        async for _ in self.events():
+            pass
+        state = await self.get()
+        attempt = 0
+        while not state.finished:  # only after events_lost: its terminal event is not seen
+            await asyncio.sleep(_core.backoff_s(min(attempt, 2)))
+            attempt += 1
+            state = await self.get()
+        return state
+
+    async def pause(self) -> None:
+        """Suspend it in place (409 `RelayError` when it is not running)."""
+        await self.relay.executions.pause(self.request_id)
+
+    async def resume(self, additional_gas: int | None = None) -> None:
+        """Continue it, with `additional_gas` more fuel when given (409 when not paused)."""
+        await self.relay.executions.resume(self.request_id, additional_gas)
+
+    async def step(self, gas: int | None = None) -> Execution:
+        """Let it run `gas` more fuel (default: its `step_gas`) and return its state when it
+        stopped: `paused` again, or finished."""
+        return await self.relay.executions.step(self.request_id, gas)
+
+    async def cancel(self) -> None:
+        """Cancel it (409 when it has already finished)."""
+        await self.relay.executions.cancel(self.request_id)
+
+
+class _AsyncResource:
+    def __init__(self, relay: AsyncRelay) -> None:
+        self.relay = relay
+
+
+class AsyncModules(_AsyncResource):
+    """Stored modules (`/modules`)."""
+
+    async def push(self, source: bytes | str | os.PathLike[str], *, name: str | None = None,
+                   tag: str | None = None) -> Module:
+        """Upload a module: `source` is its bytes (binary wasm or WAT text) or a file path.
+        With `name` (and `tag`, default `latest`), binds `glyph://name@tag` to it."""
+        data, content_type = _core.module_content(source)
+        response = await self.relay.request(
+            "POST", "/modules", safe=True, content=data,
+            params=drop_none({"name": name, "tag": tag}),
+            headers={"Content-Type": content_type})
+        return build(Module, response.json())
+
+    async def get(self, cid: str) -> Module:
+        """A stored module's description: exports, imports, size."""
+        return build(Module, (await self.relay.request("GET", f"/modules/{cid}")).json())
+
+    async def list(self, *, limit: int | None = None,
+                   cursor: str | None = None) -> Page[Module]:
+        """One page of the modules the caller may run, newest first."""
+        body = (await self.relay.request("GET", "/modules",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Module, item) for item in body["modules"]], body.get("next_cursor"))
+
+    async def wasm(self, cid: str) -> bytes:
+        """The module's binary."""
+        return (await self.relay.request("GET", f"/modules/{cid}/wasm")).content
+
+    async def delete(self, cid: str) -> None:
+        """Delete a module (409 while a name, session or snapshot uses it)."""
+        await self.relay.request("DELETE", f"/modules/{cid}")
+
+
+class AsyncNames(_AsyncResource):
+    """Glyph names (`glyph://NAME@TAG`)."""
+
+    async def set(self, name: str, tag: str, cid: str) -> dict[str, Any]:
+        """Bind (or move) `name@tag` to the module `cid`."""
+        response = await self.relay.request("PUT", f"/names/{name}/{tag}", json={"cid": cid})
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def get(self, name: str) -> dict[str, str]:
+        """The tags of `name`, each with the CID it names."""
+        body = (await self.relay.request("GET", f"/names/{name}")).json()
+        tags: dict[str, str] = body.get("tags", {})
+        return tags
+
+
+class AsyncExecutions(_AsyncResource):
+    """Executions by `request_id` (`/executions`)."""
+
+    async def get(self, request_id: str) -> Execution:
+        """An execution's status, and its result once finished."""
+        response = await self.relay.request("GET", f"/executions/{request_id}")
+        return Execution.from_json(response.json())
+
+    async def list(self, *, status: str | None = None, session_id: str | None = None,
+                   pipeline_id: str | None = None, batch_id: str | None = None,
+                   limit: int | None = None, cursor: str | None = None) -> Page[Execution]:
+        """One page of the caller's executions, newest first, filtered when asked."""
+        params = list_params(limit, cursor, status=status, session_id=session_id,
+                             pipeline_id=pipeline_id, batch_id=batch_id)
+        body = (await self.relay.request("GET", "/executions", params=params)).json()
+        return Page([Execution.from_json(item) for item in body["items"]],
+                    body.get("next_cursor"))
+
+    async def output(self, request_id: str) -> bytes:
+        """A completed execution's output as stored: a large output's blob, else its JSON."""
+        return (await self.relay.request("GET", f"/executions/{request_id}/output")).content
+
+    async def deliveries(self, request_id: str, *, limit: int | None = None,
+                         cursor: str | None = None) -> Page[Delivery]:
+        """Every webhook delivery attempt for the execution."""
+        body = (await self.relay.request("GET", f"/executions/{request_id}/deliveries",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Delivery, item) for item in body["items"]], body.get("next_cursor"))
+
+    async def cancel(self, request_id: str) -> None:
+        """Cancel a queued, running or paused execution (409 once finished)."""
+        await self.relay.request("DELETE", f"/executions/{request_id}")
+
+    async def pause(self, request_id: str) -> None:
+        """Suspend a running execution in place (409 when not running)."""
+        await self.relay.request("POST", f"/executions/{request_id}/pause")
+
+    async def resume(self, request_id: str, additional_gas: int | None = None) -> None:
+        """Continue a paused execution, raising its gas budget by `additional_gas`."""
+        body = drop_none({"additional_gas": additional_gas})
+        await self.relay.request("POST", f"/executions/{request_id}/resume", json=body)
+
+    async def step(self, request_id: str, gas: int | None = None) -> Execution:
+        """Let a paused execution use `gas` more fuel; its state once it stopped."""
+        response = await self.relay.request("POST", f"/executions/{request_id}/step",
+                                            json=drop_none({"gas": gas}))
+        return Execution.from_json(response.json())
+
+
+class AsyncSessions(_AsyncResource):
+    """Stateful instances of a module (`/sessions`): each call starts from the state the last
+    successful one committed."""
+
+    async def create(self, cid: str, *, environment: str | None = None,
+                     budget: dict[str, int] | None = None, ttl: int | None = None) -> Session:
+        """Open a session on module `cid`; `budget` `{"max_gas", "max_time", "max_calls"}`
+        totals over its calls, `ttl` ms of idleness before it expires."""
+        body = drop_none({"cid": cid, "environment": environment, "budget": budget, "ttl": ttl})
+        return build(Session, (await self.relay.request("POST", "/sessions", json=body)).json())
+
+    async def call(self, session_id: str, entrypoint: str, inputs: Sequence[Any] | None = None,
+                   *, max_gas: int | None = None, max_memory: int | None = None,
+                   max_time: int | None = None, idempotency_key: str | None = None,
+                   **fields: Any) -> Execution:
+        """Call `entrypoint` in the session and return its result (with `state_cid`) once its
+        state is committed. Without `idempotency_key` one is generated so that a retry is
+        never a second call."""
+        policy = drop_none({"max_gas": max_gas, "max_memory": max_memory, "max_time": max_time})
+        body = drop_none({"entrypoint": entrypoint, "inputs": list(inputs or []),
+                          "policy": policy or None,
+                          "idempotency_key": idempotency_key or _core.new_idempotency_key(),
+                          **fields})
+        response = await self.relay.request("POST", f"/sessions/{session_id}/calls", safe=True,
+                                            json=body)
+        if response.status_code == 202:
+            return await self.relay.handle(response.json()["request_id"]).wait()
+        return Execution.from_json(response.json())
+
+    async def get(self, session_id: str) -> Session:
+        """The session's status, usage and last committed state."""
+        response = await self.relay.request("GET", f"/sessions/{session_id}")
+        return build(Session, response.json())
+
+    async def list(self, *, limit: int | None = None,
+                   cursor: str | None = None) -> Page[Session]:
+        """One page of the caller's sessions."""
+        body = (await self.relay.request("GET", "/sessions",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Session, item) for item in body["items"]], body.get("next_cursor"))
+
+    async def close(self, session_id: str) -> None:
+        """Close the session, cancelling its calls."""
+        await self.relay.request("DELETE", f"/sessions/{session_id}")
+
+    async def pause(self, session_id: str) -> None:
+        """Pause the session's current call (409 when there is none)."""
+        await self.relay.request("POST", f"/sessions/{session_id}/pause")
+
+    async def resume(self, session_id: str, additional_gas: int | None = None) -> None:
+        """Resume the session's current call."""
+        await self.relay.request("POST", f"/sessions/{session_id}/resume",
+                                 json=drop_none({"additional_gas": additional_gas}))
+
+    async def step(self, session_id: str, gas: int | None = None) -> Execution:
+        """Step the session's current call by `gas` fuel."""
+        response = await self.relay.request("POST", f"/sessions/{session_id}/step",
+                                            json=drop_none({"gas": gas}))
+        return Execution.from_json(response.json())
+
+    async def snapshot(self, session_id: str, label: str | None = None) -> Snapshot:
+        """Keep the session's last committed state as a snapshot."""
+        response = await self.relay.request("POST", f"/sessions/{session_id}/snapshots",
+                                            json=drop_none({"label": label}))
+        return build(Snapshot, response.json())
+
+
+class AsyncSnapshots(_AsyncResource):
+    """Saved session states (`/snapshots`), each restorable into new sessions."""
+
+    async def create(self, session_id: str, label: str | None = None) -> Snapshot:
+        """Snapshot a session's last committed state (as `sessions.snapshot`)."""
+        return await self.relay.sessions.snapshot(session_id, label)
+
+    async def get(self, snapshot_id: str) -> Snapshot:
+        response = await self.relay.request("GET", f"/snapshots/{snapshot_id}")
+        return build(Snapshot, response.json())
+
+    async def list(self, *, limit: int | None = None,
+                   cursor: str | None = None) -> Page[Snapshot]:
+        """One page of the caller's snapshots."""
+        body = (await self.relay.request("GET", "/snapshots",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Snapshot, item) for item in body["items"]], body.get("next_cursor"))
+
+    async def delete(self, snapshot_id: str) -> None:
+        await self.relay.request("DELETE", f"/snapshots/{snapshot_id}")
+
+    async def restore(self, snapshot_id: str, *, branch_count: int = 1,
+                      budget: dict[str, int] | None = None) -> builtins.list[Session]:
+        """`branch_count` (1-64) new sessions, each starting from the snapshot's state."""
+        body = drop_none({"branch_count": branch_count, "budget": budget})
+        response = await self.relay.request("POST", f"/snapshots/{snapshot_id}/restore",
+                                            json=body)
+        return [build(Session, item) for item in response.json()["items"]]
+
+
+class AsyncBudgets(_AsyncResource):
+    """Limits on a principal's executions over fixed windows (`/budgets`)."""
+
+    async def create(self, *, principal: str | None = None, window: int | None = None,
+                     max_gas: int | None = None, max_time: int | None = None,
+                     max_executions: int | None = None) -> Budget:
+        """A budget for `principal` (default: the caller) over `window` ms."""
+        body = drop_none({"principal": principal, "window": window, "max_gas": max_gas,
+                          "max_time": max_time, "max_executions": max_executions})
+        return build(Budget, (await self.relay.request("POST", "/budgets", json=body)).json())
+
+    async def get(self, budget_id: str) -> Budget:
+        return build(Budget, (await self.relay.request("GET", f"/budgets/{budget_id}")).json())
+
+    async def list(self, *, limit: int | None = None,
+                   cursor: str | None = None) -> Page[Budget]:
+        body = (await self.relay.request("GET", "/budgets",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Budget, item) for item in body["items"]], body.get("next_cursor"))
+
+    async def update(self, budget_id: str, *, principal: str | None = None,
+                     window: int | None = None, max_gas: int | None = None,
+                     max_time: int | None = None, max_executions: int | None = None) -> Budget:
+        """Replace the budget's limits (only its creator may)."""
+        body = drop_none({"principal": principal, "window": window, "max_gas": max_gas,
+                          "max_time": max_time, "max_executions": max_executions})
+        response = await self.relay.request("PUT", f"/budgets/{budget_id}", json=body)
+        return build(Budget, response.json())
+
+    async def delete(self, budget_id: str) -> None:
+        await self.relay.request("DELETE", f"/budgets/{budget_id}")
+
+    async def usage(self, budget_id: str) -> BudgetUsage:
+        """What the current window has used, reserved and has left."""
+        response = await self.relay.request("GET", f"/budgets/{budget_id}/usage")
+        return build(BudgetUsage, response.json())
+
+
+class AsyncBatches(_AsyncResource):
+    """Many executions in one request (`POST /intent/execute-wasm/batch`)."""
+
+    async def run(self, items: Sequence[dict[str, Any]], *, callback_url: str | None = None,
+                  wait: bool = True) -> Batch:
+        """Run `items` (execute request bodies: `cid`, `inputs`, `policy`, ...). With `wait`,
+        answers every item's result or problem in order (`results`); else returns at once with
+        the `batch_id` for `get`. Items without an idempotency key get one, so a retry of the
+        batch runs nothing twice."""
+        body = drop_none({"items": [{"idempotency_key": _core.new_idempotency_key(), **item}
+                                    for item in items], "callback_url": callback_url})
+        headers = {} if wait else {"Prefer": "respond-async"}
+        response = await self.relay.request("POST", "/intent/execute-wasm/batch", safe=True,
+                                            json=body, headers=headers)
+        return build(Batch, response.json())
+
+    async def get(self, batch_id: str) -> Batch:
+        """The batch's status and its items' states."""
+        return build(Batch, (await self.relay.request("GET", f"/batches/{batch_id}")).json())
+
+
+class AsyncPipelines(_AsyncResource):
+    """DAGs of executions (`/pipelines`)."""
+
+    async def create(self, nodes: Sequence[dict[str, Any]], *,
+                     max_concurrency: int | None = None, fail_fast: bool | None = None,
+                     idempotency_key: str | None = None, **fields: Any) -> Pipeline:
+        """Start a pipeline of `nodes` (`{"id", "cid", "inputs", ...}`, inputs may hold
+        `{"$ref": "node_id"}`); returns at once (status `running`)."""
+        body = drop_none({"nodes": list(nodes), "max_concurrency": max_concurrency,
+                          "fail_fast": fail_fast,
+                          "idempotency_key": idempotency_key or _core.new_idempotency_key(),
+                          **fields})
+        response = await self.relay.request("POST", "/pipelines", safe=True, json=body)
+        return build(Pipeline, response.json())
+
+    async def get(self, pipeline_id: str) -> Pipeline:
+        """The pipeline's status, progress and every node's state."""
+        response = await self.relay.request("GET", f"/pipelines/{pipeline_id}")
+        return build(Pipeline, response.json())
+
+    async def list(self, *, limit: int | None = None,
+                   cursor: str | None = None) -> Page[Pipeline]:
+        body = (await self.relay.request("GET", "/pipelines",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Pipeline, item) for item in body["items"]], body.get("next_cursor"))
+
+    async def delete(self, pipeline_id: str) -> None:
+        """Cancel the pipeline."""
+        await self.relay.request("DELETE", f"/pipelines/{pipeline_id}")
+
+    async def wait(self, pipeline_id: str,
+                   on_progress: Callable[[Event], Any] | None = None) -> Pipeline:
+        """The pipeline once finished; `on_progress` is called with each `pipeline_progress`
+        event (`node`, `node_status`, `progress`) as it comes."""
+        async for event in self.relay.events(pipeline_id=pipeline_id, last_event_id="0"):
+            if event.type == "pipeline_progress" and on_progress is not None:
+                on_progress(event)
+            if event.type in ("pipeline_complete", "events_lost"):
+                break
+        state = await self.get(pipeline_id)
+        attempt = 0
+        while not state.finished:  # only after events_lost
+            await asyncio.sleep(_core.backoff_s(min(attempt, 2)))
+            attempt += 1
+            state = await self.get(pipeline_id)
+        return state
+
+
+class AsyncEnvironments(_AsyncResource):
+    """Named presets of caps and WASI capabilities (`/environments`)."""
+
+    async def list(self, *, limit: int | None = None,
+                   cursor: str | None = None) -> Page[Environment]:
+        body = (await self.relay.request("GET", "/environments",
+                                         params=list_params(limit, cursor))).json()
+        return Page([build(Environment, item) for item in body["items"]],
+                    body.get("next_cursor"))
+
+    async def get(self, name: str) -> Environment:
+        response = await self.relay.request("GET", f"/environments/{name}")
+        return build(Environment, response.json())
+
+    async def put(self, name: str, definition: dict[str, Any]) -> Environment:
+        """Create or change an environment (administrators only); `definition` holds
+        `description`, `policy`, `wasi`, `max_output_bytes` and, to guard against a concurrent
+        change, the `version` it was read at."""
+        response = await self.relay.request("PUT", f"/environments/{name}", json=definition)
+        return build(Environment, response.json())
+
+    async def delete(self, name: str) -> None:
+        await self.relay.request("DELETE", f"/environments/{name}")
+
+
+class AsyncWebhooks(_AsyncResource):
+    """The caller's webhook signing secret and delivery logs."""
+
+    async def secret(self) -> str:
+        """The current `whsec_…` secret (for `verify_webhook`)."""
+        return str((await self.relay.request("GET", "/webhooks/secret")).json()["secret"])
+
+    async def rotate_secret(self) -> str:
+        """A new secret; deliveries are signed by both for the rotation grace period."""
+        return str((await self.relay.request("POST", "/webhooks/secret")).json()["secret"])
+
+    async def deliveries(self, request_id: str | None = None, *, pipeline_id: str | None = None,
+                         limit: int | None = None, cursor: str | None = None) -> Page[Delivery]:
+        """Delivery attempts of an execution's (or, with `pipeline_id`, a pipeline's) events."""
+        path = (f"/pipelines/{pipeline_id}/deliveries" if pipeline_id is not None
+                else f"/executions/{request_id}/deliveries")
+        body = (await self.relay.request("GET", path, params=list_params(limit, cursor))).json()
+        return Page([build(Delivery, item) for item in body["items"]], body.get("next_cursor"))

@@ -1,0 +1,322 @@
+"""The Python SDK (clients/python, `relay_client`) against a real gateway over a socket, a real
+executor and Redis: what a user of `Relay` and `AsyncRelay` sees.
+
+The gateway (uvicorn) and the executor run in the test's event loop, so the blocking `Relay`
+runs in a thread (`asyncio.to_thread`), as it would in a user's program beside a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from relay_client import AsyncRelay, Event, Relay, RelayError
+
+from executor.worker import Executor
+from relay.settings import Settings
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    ROOT,
+    Served,
+    event_entries,
+    serve,
+    wait_for,
+    with_settings,
+)
+
+LOOP_WAT = '(module (func (export "main") (loop br 0)))'
+# Fuel is read where wasm code calls or returns: a loop that calls shows its gas as it runs.
+CALLING_LOOP_WAT = """(module (func $tick) (func (export "main") (loop (call $tick) (br 0))))"""
+TRAP_WAT = '(module (func (export "main") unreachable))'
+SDK = ROOT / "clients" / "python"
+
+
+@pytest.fixture
+async def relay(served: Served, executor: Executor) -> AsyncIterator[AsyncRelay]:
+    async with AsyncRelay(served.url, api_key=ALICE_KEY, timeout=30) as client:
+        yield client
+
+
+async def started_count(settings: Settings, request_id: str) -> int:
+    """How many times the execution was started, from the events stream itself."""
+    count = 0
+    for _, fields in await event_entries(settings):
+        event = json.loads(fields[b"data"])
+        if event["type"] == "execution_started" and event["request_id"] == request_id:
+            count += 1
+    return count
+
+
+async def test_modules_names_execute_and_executions(relay: AsyncRelay, tmp_path: Path) -> None:
+    path = tmp_path / "add.wat"
+    path.write_text(ADD_WAT)
+    module = await relay.modules.push(path, name="adder", tag="v1")
+    assert module.cid.startswith("b") and module.size > 0
+    assert module.exports == [{"name": "main", "params": ["i32", "i32"], "results": ["i32"]}]
+    assert (await relay.modules.get(module.cid)).cid == module.cid
+    assert module.cid in [m.cid for m in (await relay.modules.list()).items]
+    assert (await relay.modules.push(ADD_WAT.encode())).cid == module.cid  # text or path
+
+    await relay.names.set("adder", "latest", module.cid)
+    assert await relay.names.get("adder") == {"v1": module.cid, "latest": module.cid}
+
+    result = await relay.execute("glyph://adder@v1", [2, 3], max_gas=1_000_000)
+    assert result.success is True and result.output == 5 and result.status == "completed"
+    assert result.cid == module.cid and result.gas_used and result.gas_used > 0
+    assert len(result.request_id) == 64 and result.error is None
+
+    state = await relay.executions.get(result.request_id)
+    assert state.status == "completed" and state.output == 5
+    listed = await relay.executions.list(status="completed")
+    assert result.request_id in [e.request_id for e in listed.items]
+
+    trap = await relay.modules.push(TRAP_WAT.encode())
+    failed = await relay.execute(trap.cid)
+    assert failed.success is False and failed.status == "failed"
+    assert failed.error is not None and failed.error.code == "trap"
+
+    with pytest.raises(RelayError) as refused:  # a name still points at it
+        await relay.modules.delete(module.cid)
+    assert refused.value.status == 409
+    await relay.modules.delete(trap.cid)
+    with pytest.raises(RelayError) as gone:
+        await relay.modules.get(trap.cid)
+    assert gone.value.status == 404 and gone.value.slug == "not-found"
+
+
+async def test_a_problem_raises_with_its_fields(relay: AsyncRelay) -> None:
+    module = await relay.modules.push(ADD_WAT.encode())
+    with pytest.raises(RelayError) as caught:
+        await relay.execute(module.cid, [1, 2], max_gas=0)
+    error = caught.value
+    assert error.status == 400 and error.type == "/problems/invalid-request"
+    assert error.title and "max_gas" in str(error.errors)
+    assert [e["pointer"] for e in error.errors] == ["/policy/max_gas"]
+    assert error.request_id and error.headers["content-type"].startswith(
+        "application/problem+json")
+
+    with pytest.raises(RelayError) as unauthenticated:
+        async with AsyncRelay(relay.config.url, api_key="wrong", retries=0) as stranger:
+            await stranger.modules.list()
+    assert unauthenticated.value.status == 401 and unauthenticated.value.slug == "unauthenticated"
+
+
+async def test_submit_gives_a_handle_to_follow_pause_resume_and_cancel(relay: AsyncRelay) -> None:
+    loop = await relay.modules.push(LOOP_WAT.encode())
+    handle = await relay.submit(loop.cid, max_gas=10**11, max_time=60_000)
+    seen: list[Event] = []
+    async for event in handle.events():
+        seen.append(event)
+        if event.type == "execution_started":
+            await handle.pause()
+        elif event.type == "execution_paused":
+            assert (await handle.get()).status == "paused"
+            await handle.resume(additional_gas=1000)
+        elif event.type == "execution_resumed":
+            await handle.cancel()
+    types = [event.type for event in seen]
+    assert types[0] == "execution_queued" and types[-1] == "execution_error"
+    assert {"execution_started", "execution_paused", "execution_resumed"} <= set(types)
+    assert all(event.request_id == handle.request_id for event in seen)
+
+    result = await handle.wait()
+    assert result.status == "cancelled" and result.error is not None
+    assert result.error.code == "cancelled"
+    with pytest.raises(RelayError) as finished:
+        await handle.cancel()
+    assert finished.value.status == 409
+
+
+async def test_step_runs_a_paused_execution_by_so_much_gas(relay: AsyncRelay) -> None:
+    loop = await relay.modules.push(CALLING_LOOP_WAT.encode())
+    handle = await relay.submit(loop.cid, max_gas=10**11, max_time=60_000, step_gas=100_000)
+    async for event in handle.events():
+        if event.type == "execution_paused":
+            break
+    stepped = await handle.step(gas=200_000)
+    assert stepped.status == "paused" and stepped.gas_used is not None
+    assert stepped.gas_used >= 300_000
+    await handle.cancel()
+    assert (await handle.wait()).status == "cancelled"
+
+
+def sync_scenario(url: str, module_path: Path) -> dict[str, Any]:
+    """What a blocking program does; returns what it saw."""
+    seen: dict[str, Any] = {}
+    with Relay(url, api_key=ALICE_KEY, timeout=30) as relay:
+        module = relay.modules.push(module_path, name="sync-adder")
+        seen["exports"] = module.exports
+        seen["names"] = relay.names.get("sync-adder")
+        result = relay.execute("glyph://sync-adder", [40, 2])
+        seen["output"], seen["success"] = result.output, result.success
+        seen["listed"] = result.request_id in [
+            e.request_id for e in relay.executions.list().items]
+        handle = relay.submit(module.cid, [1, 1])
+        seen["events"] = [event.type for event in handle.events()]
+        seen["waited"] = handle.wait().output
+        try:
+            relay.execute("glyph://no-such-module", [])
+        except RelayError as error:
+            seen["problem"] = (error.status, error.slug, [e["pointer"] for e in error.errors])
+    return seen
+
+
+async def test_the_blocking_client_does_the_same(served: Served, executor: Executor,
+                                                 tmp_path: Path) -> None:
+    path = tmp_path / "add.wat"
+    path.write_text(ADD_WAT)
+    seen = await asyncio.to_thread(sync_scenario, served.url, path)
+    assert seen["exports"][0]["name"] == "main"
+    assert list(seen["names"]) == ["latest"]
+    assert seen["output"] == 42 and seen["success"] is True and seen["listed"]
+    assert seen["events"][0] == "execution_queued"
+    assert seen["events"][-1] == "execution_complete" and seen["waited"] == 2
+    assert seen["problem"] == (404, "not-found", ["/cid"])
+
+
+class DropFirstAnswer:
+    """A TCP proxy to a gateway that, on its first connection, passes the request on and then
+    closes the connection as the answer starts, passing none of it: the request ran, and the
+    client saw the connection break."""
+
+    def __init__(self, target_url: str) -> None:
+        host, port = target_url.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.connections = 0
+        self.url = ""
+
+    async def __aenter__(self) -> DropFirstAnswer:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _relay(self, client_r: asyncio.StreamReader,
+                     client_w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        drop = self.connections == 1
+        upstream_r, upstream_w = await asyncio.open_connection(*self.target)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                       cut: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    if cut:
+                        break
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(client_r, upstream_w, False),
+                             pump(upstream_r, client_w, drop))
+
+
+async def test_a_retry_after_a_dropped_connection_does_not_run_twice(
+        served: Served, executor: Executor, settings: Settings) -> None:
+    async with AsyncRelay(served.url, api_key=ALICE_KEY) as direct:
+        module = await direct.modules.push(ADD_WAT.encode())
+    async with DropFirstAnswer(served.url) as proxy, \
+            AsyncRelay(proxy.url, api_key=ALICE_KEY) as relay:
+        result = await relay.execute(module.cid, [20, 22])
+        assert proxy.connections == 2  # the execute was sent again
+    assert result.success is True and result.output == 42
+    assert await started_count(settings, result.request_id) == 1
+
+
+async def test_rate_limited_is_retried_after_retry_after(settings: Settings,
+                                                         executor: Executor) -> None:
+    limited = with_settings(settings, rate_limit=1, rate_window_ms=1000)
+    async with serve(limited) as gateway, \
+            AsyncRelay(gateway.url, api_key=ALICE_KEY) as relay, \
+            AsyncRelay(gateway.url, api_key=ALICE_KEY, retries=0) as impatient:
+        module = await relay.modules.push(ADD_WAT.encode())
+        assert (await relay.execute(module.cid, [1, 2])).output == 3
+        with pytest.raises(RelayError) as caught:
+            await impatient.execute(module.cid, [1, 2])
+        assert caught.value.status == 429 and caught.value.slug == "rate-limited"
+        assert int(caught.value.headers["retry-after"]) >= 1
+        # The patient client waits out Retry-After and gets its result.
+        assert (await relay.execute(module.cid, [2, 2])).output == 4
+
+
+async def test_events_survive_a_gateway_restart_with_no_gap_or_duplicate(
+        settings: Settings, executor: Executor) -> None:
+    received: list[Event] = []
+    async with serve(settings) as replica, AsyncRelay(replica.url, api_key=ALICE_KEY) as other:
+        module = await other.modules.push(ADD_WAT.encode())
+        async with contextlib.AsyncExitStack() as stack:
+            gateway = await stack.enter_async_context(serve(settings))
+            port = int(gateway.url.rsplit(":", 1)[1])
+            relay = AsyncRelay(gateway.url, api_key=ALICE_KEY)
+            stream = relay.events()
+
+            async def collect() -> None:
+                async for event in stream:
+                    received.append(event)
+
+            collector = asyncio.create_task(collect())
+            await asyncio.sleep(0)
+
+            def ended(request_id: str) -> bool:
+                return any(e.request_id == request_id and e.terminal for e in received)
+
+            first = await relay.execute(module.cid, [1, 1])
+            await wait_for(lambda: ended(first.request_id))
+            await stack.aclose()  # the gateway goes away with the stream open
+
+            during = await other.execute(module.cid, [2, 2])  # while the client is cut off
+            async with serve(settings, port=port):
+                after = await other.execute(module.cid, [3, 3])
+                await wait_for(lambda: ended(after.request_id), timeout_s=20)
+                collector.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collector
+                await relay.aclose()
+    wanted = {first.request_id, during.request_id, after.request_id}
+    expected = []
+    for entry_id, fields in await event_entries(settings):
+        event = json.loads(fields[b"data"])
+        if event.get("request_id") in wanted and event["type"].startswith("execution_"):
+            expected.append(entry_id.decode())
+    got = [e.id for e in received if e.request_id in wanted]
+    assert got == expected
+    assert len(set(got)) == len(got)
+    assert ended(during.request_id)
+
+
+def test_the_sdk_installs_alone_and_imports(tmp_path: Path) -> None:
+    """A fresh virtual environment with the SDK and httpx only: it imports, and neither
+    wasmtime nor redis came with it."""
+    source = tmp_path / "relay-client"  # built from a copy: no build/ left in the tree
+    shutil.copytree(SDK, source, ignore=shutil.ignore_patterns("*.egg-info", "build",
+                                                                "__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                           "--disable-pip-version-check", str(source)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    probe = ("import importlib.util, relay_client; "
+             "print(relay_client.Relay.__name__, relay_client.AsyncRelay.__name__, "
+             "importlib.util.find_spec('wasmtime'), importlib.util.find_spec('redis'))")
+    shown = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path)
+    assert shown.stdout.split() == ["Relay", "AsyncRelay", "None", "None"], shown.stderr
+
+
+def test_the_blocking_client_is_generated_from_the_async_one() -> None:
+    done = subprocess.run([sys.executable, str(SDK / "scripts" / "unasync.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
