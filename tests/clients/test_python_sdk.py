@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relay_client import AsyncRelay, Event, Relay, RelayError
+from pytest_httpserver import HTTPServer
+from relay_client import AsyncRelay, Event, Relay, RelayError, verify_webhook
 
 from executor.worker import Executor
 from relay.settings import Settings
@@ -32,6 +33,12 @@ from tests.conftest import (
     wait_for,
     with_settings,
 )
+from tests.relay.gateway.test_budgets import ROOT_KEY, admin_settings
+from tests.relay.gateway.test_pipelines import SPIN_WAT
+from tests.relay.gateway.test_sessions import COUNTER_WAT
+from tests.relay.gateway.test_webhooks import LOCAL, Receiver
+
+__all__ = ["admin_settings"]  # fixtures
 
 LOOP_WAT = '(module (func (export "main") (loop br 0)))'
 # Fuel is read where wasm code calls or returns: a loop that calls shows its gas as it runs.
@@ -320,3 +327,182 @@ def test_the_blocking_client_is_generated_from_the_async_one() -> None:
     done = subprocess.run([sys.executable, str(SDK / "scripts" / "unasync.py"), "--check"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+async def test_sessions_snapshots_and_branches(relay: AsyncRelay) -> None:
+    module = await relay.modules.push(COUNTER_WAT.encode())
+    session = await relay.sessions.create(module.cid, budget={"max_calls": 20})
+    assert session.status == "idle" and session.state_cid is None
+    assert (await relay.sessions.call(session.session_id, "add", [5])).output == 5
+    second = await relay.sessions.call(session.session_id, "add", [2])
+    assert second.output == 7 and second.state_cid and second.session_id == session.session_id
+    now = await relay.sessions.get(session.session_id)
+    assert now.calls == 2 and now.state_cid == second.state_cid
+    assert session.session_id in [s.session_id for s in (await relay.sessions.list()).items]
+
+    snapshot = await relay.snapshots.create(session.session_id, label="seven")
+    assert snapshot.state_cid == second.state_cid and snapshot.label == "seven"
+    assert (await relay.snapshots.get(snapshot.snapshot_id)).session_id == session.session_id
+    assert snapshot.snapshot_id in [s.snapshot_id for s in (await relay.snapshots.list()).items]
+    branches = await relay.snapshots.restore(snapshot.snapshot_id, branch_count=3)
+    assert len({b.session_id for b in branches}) == 3
+    for n, branch in enumerate(branches):  # each goes on from 7 on its own
+        assert (await relay.sessions.call(branch.session_id, "add", [n])).output == 7 + n
+
+    await relay.sessions.close(session.session_id)
+    assert (await relay.sessions.get(session.session_id)).status == "closed"
+    with pytest.raises(RelayError) as closed:
+        await relay.sessions.call(session.session_id, "add", [1])
+    assert closed.value.status == 409 and closed.value.slug == "session-closed"
+    await relay.snapshots.delete(snapshot.snapshot_id)
+    with pytest.raises(RelayError) as deleted:
+        await relay.snapshots.get(snapshot.snapshot_id)
+    assert deleted.value.status == 404
+
+
+async def test_a_session_call_retried_after_a_dropped_connection_is_one_call(
+        served: Served, executor: Executor) -> None:
+    """Session calls without a key are never deduplicated by the gateway: only the key the SDK
+    generates keeps the retry from being a second call."""
+    async with AsyncRelay(served.url, api_key=ALICE_KEY) as direct:
+        module = await direct.modules.push(COUNTER_WAT.encode())
+        session = await direct.sessions.create(module.cid)
+        async with DropFirstAnswer(served.url) as proxy, \
+                AsyncRelay(proxy.url, api_key=ALICE_KEY) as relay:
+            result = await relay.sessions.call(session.session_id, "add", [10])
+            assert proxy.connections == 2
+        assert result.output == 10
+        assert (await direct.sessions.get(session.session_id)).calls == 1
+        assert (await direct.sessions.call(session.session_id, "calls")).output == 1
+
+
+async def test_a_session_call_is_paused_stepped_and_resumed(relay: AsyncRelay) -> None:
+    module = await relay.modules.push(COUNTER_WAT.encode())
+    session = await relay.sessions.create(module.cid)
+    call = asyncio.create_task(relay.sessions.call(session.session_id, "work", [50_000_000],
+                                                   step_gas=1_000_000))
+
+    async def paused() -> bool:
+        return (await relay.sessions.get(session.session_id)).status == "paused"
+
+    await wait_for(paused)
+    stepped = await relay.sessions.step(session.session_id, gas=1_000_000)
+    assert stepped.status == "paused" and (stepped.gas_used or 0) >= 2_000_000
+    await relay.sessions.resume(session.session_id)
+    result = await asyncio.wait_for(call, 30)
+    assert result.success is True and result.output == 50_000_000
+    with pytest.raises(RelayError) as idle:
+        await relay.sessions.pause(session.session_id)
+    assert idle.value.status == 409
+
+
+async def test_budgets_are_created_read_changed_used_and_deleted(relay: AsyncRelay) -> None:
+    budget = await relay.budgets.create(max_executions=5, window=60_000)
+    assert budget.principal == "alice" and budget.max_executions == 5
+    assert (await relay.budgets.get(budget.budget_id)).window == 60_000
+    assert budget.budget_id in [b.budget_id for b in (await relay.budgets.list()).items]
+    changed = await relay.budgets.update(budget.budget_id, max_executions=10, window=60_000)
+    assert changed.max_executions == 10
+    module = await relay.modules.push(ADD_WAT.encode())
+    await relay.execute(module.cid, [1, 2])
+    usage = await relay.budgets.usage(budget.budget_id)
+    assert usage.executions == 1 and usage.remaining["executions"] == 9 and usage.gas_used > 0
+    await relay.budgets.delete(budget.budget_id)
+    with pytest.raises(RelayError) as gone:
+        await relay.budgets.get(budget.budget_id)
+    assert gone.value.status == 404
+
+
+async def test_batches_run_and_get(relay: AsyncRelay) -> None:
+    module = await relay.modules.push(ADD_WAT.encode())
+    ran = await relay.batches.run([{"cid": module.cid, "inputs": [1, 2]},
+                                   {"cid": module.cid, "inputs": [1, 2],
+                                    "policy": {"max_gas": 0}}])
+    assert ran.results[0]["output"] == 3
+    assert ran.results[1]["status"] == 400  # a refused item never fails the batch
+    queued = await relay.batches.run([{"cid": module.cid, "inputs": [n, n]} for n in range(3)],
+                                     wait=False)
+
+    async def completed() -> bool:
+        return (await relay.batches.get(queued.batch_id)).status == "completed"
+
+    await wait_for(completed)
+    batch = await relay.batches.get(queued.batch_id)
+    assert batch.total == 3 and [i["status"] for i in batch.items] == ["completed"] * 3
+    listed = await relay.executions.list(batch_id=queued.batch_id)
+    assert len(listed.items) == 3
+
+
+async def test_pipelines_run_and_wait_with_progress(relay: AsyncRelay) -> None:
+    add = await relay.modules.push(ADD_WAT.encode())
+    progress: list[Event] = []
+    pipeline = await relay.pipelines.create([
+        {"id": "a", "cid": add.cid, "inputs": [1, 2]},
+        {"id": "b", "cid": add.cid, "inputs": [{"$ref": "a"}, 10]}])
+    assert pipeline.status == "running"
+    done = await relay.pipelines.wait(pipeline.pipeline_id, on_progress=progress.append)
+    assert done.status == "completed" and done.nodes["b"]["output"] == 13
+    assert done.progress["percent"] == 100
+    assert {(e.data["node"], e.data["node_status"]) for e in progress} >= {
+        ("a", "completed"), ("b", "completed")}
+    listed = await relay.pipelines.list()
+    assert pipeline.pipeline_id in [p.pipeline_id for p in listed.items]
+
+    spin = await relay.modules.push(SPIN_WAT.encode())
+    slow = await relay.pipelines.create([{"id": "spin", "cid": spin.cid,
+                                          "inputs": [2_000_000_000],
+                                          "policy": {"max_time": 60_000}}])
+    await relay.pipelines.delete(slow.pipeline_id)
+    assert (await relay.pipelines.wait(slow.pipeline_id)).status == "cancelled"
+
+
+async def test_environments_are_listed_read_and_changed_by_an_administrator(
+        admin_settings: Settings, executor: Executor) -> None:
+    async with serve(admin_settings) as gateway, \
+            AsyncRelay(gateway.url, api_key=ROOT_KEY) as root, \
+            AsyncRelay(gateway.url, api_key=ALICE_KEY) as alice:
+        names = [e.name for e in (await alice.environments.list()).items]
+        assert {"wasi", "pure"} <= set(names)
+        assert (await alice.environments.get("pure")).wasi["enabled"] is False
+        made = await root.environments.put("tight", {"description": "small",
+                                                      "policy": {"max_gas": 1000}})
+        assert made.version == 1 and made.policy["max_gas"] == 1000
+        with pytest.raises(RelayError) as forbidden:
+            await alice.environments.put("tight", {"policy": {"max_gas": 5}})
+        assert forbidden.value.status == 403
+        module = await alice.modules.push(ADD_WAT.encode())
+        with pytest.raises(RelayError) as over:
+            await alice.execute(module.cid, [1, 2], environment="tight", max_gas=5000)
+        assert over.value.status == 400
+        await root.environments.delete("tight")
+        with pytest.raises(RelayError) as gone:
+            await alice.environments.get("tight")
+        assert gone.value.status == 404
+
+
+async def test_webhook_secrets_deliveries_and_verification(
+        settings: Settings, executor: Executor, httpserver: HTTPServer) -> None:
+    receiver = Receiver(httpserver, "/hook", 200)
+    async with serve(with_settings(settings, **LOCAL)) as gateway, \
+            AsyncRelay(gateway.url, api_key=ALICE_KEY) as relay:
+        secret = await relay.webhooks.rotate_secret()
+        assert secret.startswith("whsec_") and await relay.webhooks.secret() == secret
+        module = await relay.modules.push(ADD_WAT.encode())
+        result = await relay.execute(module.cid, [1, 2], callback_url=receiver.url)
+        await wait_for(lambda: receiver.got, timeout_s=20)
+        _, headers, body = receiver.got[0]
+        event = verify_webhook(secret, headers, body)
+        assert event["type"] == "execution_complete"
+        assert event["request_id"] == result.request_id
+        with pytest.raises(ValueError):
+            verify_webhook(secret, headers, body.replace(b"complete", b"error"))
+        with pytest.raises(ValueError):
+            verify_webhook(await relay.webhooks.rotate_secret(), headers, body)
+
+        async def logged() -> bool:
+            page = await relay.webhooks.deliveries(result.request_id)
+            return any(d.status_code == 200 for d in page.items)
+
+        await wait_for(logged)
+        page = await relay.executions.deliveries(result.request_id)
+        assert page.items[0].url == receiver.url and page.items[0].attempt == 1

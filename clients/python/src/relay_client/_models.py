@@ -48,7 +48,7 @@ class Execution:
     output: Any = None
     output_ref: dict[str, Any] | None = None
     gas_used: int | None = None
-    duration: int | None = None
+    duration: float | None = None
     executed_at: str | None = None
     error: ExecutionError | None = None
     cached: bool | None = None
