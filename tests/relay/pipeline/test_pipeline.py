@@ -157,7 +157,7 @@ async def test_principal_caps_refuse_above_and_lower_the_defaults(
     policies = [json.loads(f[b"data"])["policy"] for _, f in entries
                 if json.loads(f[b"data"])["user_id"] == "bob"]
     assert policies == [{"max_memory": settings.default_max_memory_bytes, "max_gas": 5000,
-                         "max_time": 1000}]
+                         "max_time": 1000, "max_stack": settings.max_stack_bytes}]
 
 
 async def test_principal_rate_limit_override(settings: Settings, policy_dir: Path) -> None:
