@@ -87,10 +87,13 @@ class BatchStore:
         running = [request_id for request_id in dict.fromkeys(
             item.request_id for item in items) if request_id and request_id not in ended]
         now = await self._statuses(running)
-        for request_id, state in now.items():
-            if state in FINISHED or state == "expired":
-                await self.ended(batch_id, request_id, state)  # its completion passed unseen
-                ended[request_id] = state
+        unseen = {request_id: state for request_id, state in now.items()
+                  if state in FINISHED or state == "expired"}
+        for request_id, state in unseen.items():
+            await self.ended(batch_id, request_id, state)  # its completion passed unseen
+            ended[request_id] = state
+        if unseen:  # the last of them may have ended the batch
+            status, finished_at = await self.client.hmget(key, ["status", "finished_at"])
         states = [BatchItemState(request_id=None, status="refused", problem=item.problem)
                   if item.request_id is None else
                   BatchItemState(request_id=item.request_id,
@@ -98,8 +101,6 @@ class BatchStore:
                                  or now.get(item.request_id, "queued"))
                   for item in items]
         done = sum(state.status in (*FINISHED, "refused", "expired") for state in states)
-        if done == len(states) and status == b"running":
-            status = b"completed"  # ended by the calls above
         return BatchView(batch_id=batch_id, status=status.decode(), total=len(states),
                          completed=done, items=states, created_at=created_at.decode(),
                          finished_at=finished_at.decode() if finished_at else None)

@@ -506,3 +506,54 @@ async def test_webhook_secrets_deliveries_and_verification(
         await wait_for(logged)
         page = await relay.executions.deliveries(result.request_id)
         assert page.items[0].url == receiver.url and page.items[0].attempt == 1
+
+
+async def test_an_execute_not_finished_within_the_sync_wait_is_waited_for(
+        settings: Settings, executor: Executor) -> None:
+    """The gateway answers 202 after its sync wait; the SDK's execute still returns the result."""
+    async with serve(with_settings(settings, sync_wait_ms=50)) as gateway, \
+            AsyncRelay(gateway.url, api_key=ALICE_KEY) as relay:
+        spin = await relay.modules.push(SPIN_WAT.encode())
+        result = await relay.execute(spin.cid, [500_000_000], max_gas=10**11, max_time=60_000)
+    assert result.success is True and result.output == 500_000_000
+    assert result.duration is not None and result.duration > 50
+    assert result.raw["status"] == "completed"  # read from GET /executions, not the execute
+
+
+def sync_sessions_and_pipelines(url: str, counter: bytes, add: bytes) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    with Relay(url, api_key=ALICE_KEY) as relay:
+        session = relay.sessions.create(relay.modules.push(counter).cid)
+        relay.sessions.call(session.session_id, "add", [4])
+        snapshot = relay.sessions.snapshot(session.session_id)
+        [branch] = relay.snapshots.restore(snapshot.snapshot_id)
+        seen["branch"] = relay.sessions.call(branch.session_id, "add", [1]).output
+        cid = relay.modules.push(add).cid
+        pipeline = relay.pipelines.create([{"id": "x", "cid": cid, "inputs": [1, 1]},
+                                           {"id": "y", "cid": cid,
+                                            "inputs": [{"$ref": "x"}, {"$ref": "x"}]}])
+        nodes: list[str] = []
+        done = relay.pipelines.wait(pipeline.pipeline_id,
+                                    on_progress=lambda event: nodes.append(event.data["node"]))
+        seen["pipeline"] = (done.status, done.nodes["y"]["output"], set(nodes))
+    return seen
+
+
+async def test_the_blocking_client_runs_sessions_and_pipelines(served: Served,
+                                                               executor: Executor) -> None:
+    seen = await asyncio.to_thread(sync_sessions_and_pipelines, served.url,
+                                   COUNTER_WAT.encode(), ADD_WAT.encode())
+    assert seen["branch"] == 5
+    assert seen["pipeline"] == ("completed", 4, {"x", "y"})
+
+
+async def test_the_readmes_python_quick_start_runs(served: Served, executor: Executor,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RELAY_URL", served.url)
+    monkeypatch.setenv("RELAY_API_KEY", ALICE_KEY)
+    monkeypatch.chdir(ROOT)
+    section = (ROOT / "README.md").read_text().split("### From Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    await asyncio.to_thread(exec, code, {})
+    assert capsys.readouterr().out.splitlines()[-1] == "832040"

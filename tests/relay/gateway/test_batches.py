@@ -170,3 +170,27 @@ async def test_a_batch_callback_gets_one_signed_batch_complete(
         event = Webhook(secret).verify(body, headers)
         assert (event["type"], event["batch_id"], event["total"]) == (
             "batch_complete", batch_id, 3)
+
+
+async def test_an_item_joining_an_execution_from_outside_ends_when_the_batch_is_read(
+        http: httpx.AsyncClient, executor: Executor, settings: Settings) -> None:
+    spin = (await upload(http, SPIN_WAT))["cid"]
+    item = {"cid": spin, "inputs": [20_000_000], "idempotency_key": "outside"}
+    alone = await http.post("/intent/execute-wasm", json=item,
+                            headers={"Prefer": "respond-async"})
+    response = await http.post(BATCH, json={"items": [item]},
+                               headers={"Prefer": "respond-async"})
+    batch_id = response.json()["batch_id"]
+    assert (await http.get(f"/batches/{batch_id}")).json()["status"] == "running"
+
+    async def ended() -> bool:
+        state = (await http.get(f"/executions/{alone.json()['request_id']}")).json()
+        return state["status"] == "completed"
+    await wait_for(ended)
+    # Its completion carries no batch_id (the execution began outside the batch): reading the
+    # batch finds it ended, and ends the batch.
+    view = (await http.get(f"/batches/{batch_id}")).json()
+    assert view["status"] == "completed" and view["finished_at"] is not None, view
+    assert view["items"] == [{"request_id": alone.json()["request_id"], "status": "completed"}]
+    events = [json.loads(fields[b"data"]) for _, fields in await event_entries(settings)]
+    assert [e["batch_id"] for e in events if e["type"] == "batch_complete"] == [batch_id]

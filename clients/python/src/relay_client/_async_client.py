@@ -430,6 +430,7 @@ class AsyncSnapshots(_AsyncResource):
         return await self.relay.sessions.snapshot(session_id, label)
 
     async def get(self, snapshot_id: str) -> Snapshot:
+        """A snapshot (404 once deleted or another principal's)."""
         response = await self.relay.request("GET", f"/snapshots/{snapshot_id}")
         return build(Snapshot, response.json())
 
@@ -441,6 +442,7 @@ class AsyncSnapshots(_AsyncResource):
         return Page([build(Snapshot, item) for item in body["items"]], body.get("next_cursor"))
 
     async def delete(self, snapshot_id: str) -> None:
+        """Delete a snapshot; sessions restored from it are not affected."""
         await self.relay.request("DELETE", f"/snapshots/{snapshot_id}")
 
     async def restore(self, snapshot_id: str, *, branch_count: int = 1,
@@ -464,10 +466,12 @@ class AsyncBudgets(_AsyncResource):
         return build(Budget, (await self.relay.request("POST", "/budgets", json=body)).json())
 
     async def get(self, budget_id: str) -> Budget:
+        """A budget its principal or its creator can see."""
         return build(Budget, (await self.relay.request("GET", f"/budgets/{budget_id}")).json())
 
     async def list(self, *, limit: int | None = None,
                    cursor: str | None = None) -> Page[Budget]:
+        """One page of the budgets the caller is bound by or has set."""
         body = (await self.relay.request("GET", "/budgets",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Budget, item) for item in body["items"]], body.get("next_cursor"))
@@ -482,6 +486,7 @@ class AsyncBudgets(_AsyncResource):
         return build(Budget, response.json())
 
     async def delete(self, budget_id: str) -> None:
+        """Delete a budget (only its creator may)."""
         await self.relay.request("DELETE", f"/budgets/{budget_id}")
 
     async def usage(self, budget_id: str) -> BudgetUsage:
@@ -533,6 +538,7 @@ class AsyncPipelines(_AsyncResource):
 
     async def list(self, *, limit: int | None = None,
                    cursor: str | None = None) -> Page[Pipeline]:
+        """One page of the caller's pipelines."""
         body = (await self.relay.request("GET", "/pipelines",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Pipeline, item) for item in body["items"]], body.get("next_cursor"))
@@ -564,12 +570,14 @@ class AsyncEnvironments(_AsyncResource):
 
     async def list(self, *, limit: int | None = None,
                    cursor: str | None = None) -> Page[Environment]:
+        """One page of the environments (the shipped `wasi` and `pure` among them)."""
         body = (await self.relay.request("GET", "/environments",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Environment, item) for item in body["items"]],
                     body.get("next_cursor"))
 
     async def get(self, name: str) -> Environment:
+        """An environment by name: its caps, WASI capabilities and version."""
         response = await self.relay.request("GET", f"/environments/{name}")
         return build(Environment, response.json())
 
@@ -581,6 +589,7 @@ class AsyncEnvironments(_AsyncResource):
         return build(Environment, response.json())
 
     async def delete(self, name: str) -> None:
+        """Delete an environment (administrators only; a shipped one is 409)."""
         await self.relay.request("DELETE", f"/environments/{name}")
 
 

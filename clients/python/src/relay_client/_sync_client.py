@@ -428,6 +428,7 @@ class Snapshots(_Resource):
         return self.relay.sessions.snapshot(session_id, label)
 
     def get(self, snapshot_id: str) -> Snapshot:
+        """A snapshot (404 once deleted or another principal's)."""
         response = self.relay.request("GET", f"/snapshots/{snapshot_id}")
         return build(Snapshot, response.json())
 
@@ -439,6 +440,7 @@ class Snapshots(_Resource):
         return Page([build(Snapshot, item) for item in body["items"]], body.get("next_cursor"))
 
     def delete(self, snapshot_id: str) -> None:
+        """Delete a snapshot; sessions restored from it are not affected."""
         self.relay.request("DELETE", f"/snapshots/{snapshot_id}")
 
     def restore(self, snapshot_id: str, *, branch_count: int = 1,
@@ -462,10 +464,12 @@ class Budgets(_Resource):
         return build(Budget, (self.relay.request("POST", "/budgets", json=body)).json())
 
     def get(self, budget_id: str) -> Budget:
+        """A budget its principal or its creator can see."""
         return build(Budget, (self.relay.request("GET", f"/budgets/{budget_id}")).json())
 
     def list(self, *, limit: int | None = None,
                    cursor: str | None = None) -> Page[Budget]:
+        """One page of the budgets the caller is bound by or has set."""
         body = (self.relay.request("GET", "/budgets",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Budget, item) for item in body["items"]], body.get("next_cursor"))
@@ -480,6 +484,7 @@ class Budgets(_Resource):
         return build(Budget, response.json())
 
     def delete(self, budget_id: str) -> None:
+        """Delete a budget (only its creator may)."""
         self.relay.request("DELETE", f"/budgets/{budget_id}")
 
     def usage(self, budget_id: str) -> BudgetUsage:
@@ -531,6 +536,7 @@ class Pipelines(_Resource):
 
     def list(self, *, limit: int | None = None,
                    cursor: str | None = None) -> Page[Pipeline]:
+        """One page of the caller's pipelines."""
         body = (self.relay.request("GET", "/pipelines",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Pipeline, item) for item in body["items"]], body.get("next_cursor"))
@@ -562,12 +568,14 @@ class Environments(_Resource):
 
     def list(self, *, limit: int | None = None,
                    cursor: str | None = None) -> Page[Environment]:
+        """One page of the environments (the shipped `wasi` and `pure` among them)."""
         body = (self.relay.request("GET", "/environments",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Environment, item) for item in body["items"]],
                     body.get("next_cursor"))
 
     def get(self, name: str) -> Environment:
+        """An environment by name: its caps, WASI capabilities and version."""
         response = self.relay.request("GET", f"/environments/{name}")
         return build(Environment, response.json())
 
@@ -579,6 +587,7 @@ class Environments(_Resource):
         return build(Environment, response.json())
 
     def delete(self, name: str) -> None:
+        """Delete an environment (administrators only; a shipped one is 409)."""
         self.relay.request("DELETE", f"/environments/{name}")
 
 
