@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import itertools
 import json
 from typing import Any
 
@@ -406,7 +407,7 @@ async def test_calls_alternating_between_executors_never_run_on_a_stale_instance
         expected = 0
         # Which executor takes a call is the bus's choice: call until the calls have moved
         # from one to the other and back a few times (under load one may take many in a row).
-        while sum(1 for a, b in zip(ran_on, ran_on[1:]) if a != b) < 4:
+        while sum(1 for a, b in itertools.pairwise(ran_on) if a != b) < 4:
             assert expected < 300, f"the calls never moved between executors: {ran_on}"
             expected += 1
             result = (await call(http, sid, "add", [1])).json()
