@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from tests.conftest import (
     ROOT,
     Served,
     event_entries,
+    running,
     serve,
     wait_for,
     with_settings,
@@ -557,3 +559,25 @@ async def test_the_readmes_python_quick_start_runs(served: Served, executor: Exe
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     await asyncio.to_thread(exec, code, {})
     assert capsys.readouterr().out.splitlines()[-1] == "832040"
+
+
+async def test_unavailable_is_retried_until_the_gateway_takes_the_work(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """A queue over RELAY_MAX_QUEUE is 503 with Retry-After: the SDK waits and sends the
+    execute again until an executor has drained the queue."""
+    caplog.set_level(logging.INFO, logger="relay_client")
+    full = with_settings(settings, max_queue=1)
+    async with serve(full) as gateway, AsyncRelay(gateway.url, api_key=ALICE_KEY) as relay, \
+            AsyncRelay(gateway.url, api_key=ALICE_KEY, retries=0) as impatient:
+        module = await relay.modules.push(ADD_WAT.encode())
+        first = await relay.submit(module.cid, [1, 1])  # no executor yet: it stays queued
+        with pytest.raises(RelayError) as refused:
+            await impatient.execute(module.cid, [2, 2])
+        assert refused.value.status == 503 and refused.value.slug == "unavailable"
+        patient = asyncio.create_task(relay.execute(module.cid, [3, 3]))
+        await wait_for(lambda: any("answered 503" in r.getMessage() for r in caplog.records))
+        async with running(full, "late"):
+            result = await asyncio.wait_for(patient, 30)
+            assert (await first.wait()).output == 2
+    assert result.success is True and result.output == 6
+    assert await started_count(settings, result.request_id) == 1

@@ -4,6 +4,7 @@ Do not edit; edit that file and run the script."""
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,9 @@ from ._models import (
     Snapshot,
     build,
 )
+
+# Each retry and reconnection is logged here (INFO), with the reason and the wait.
+log = logging.getLogger("relay_client")
 
 
 class Relay:
@@ -87,15 +91,16 @@ class Relay:
                 if (attempt >= self.config.retries
                         or not _core.retriable_transport_error(exc, method, safe)):
                     raise RelayError.from_transport(exc) from exc
-                delay = _core.backoff_s(attempt)
+                delay, reason = _core.backoff_s(attempt), f"{type(exc).__name__}: {exc}"
             else:
                 if not response.is_error:
                     return response
                 retry_in = _core.retry_delay_s(response, attempt)
                 if retry_in is None or attempt >= self.config.retries:
                     raise RelayError.from_response(response)
-                delay = retry_in
+                delay, reason = retry_in, f"answered {response.status_code}"
             attempt += 1
+            log.info("retrying %s %s in %.2f s (%s)", method, path, delay, reason)
             time.sleep(delay)
 
     def execute(self, ref: str, inputs: Sequence[Any] | None = None, *,
@@ -192,6 +197,8 @@ class Relay:
             down_since = down_since or time.monotonic()
             if time.monotonic() - down_since > _core.RECONNECT_WINDOW_S:
                 raise error
+            log.info("reconnecting the event stream after %s in %.2f s (%s)", last, delay,
+                     error.detail or error.title)
             time.sleep(delay)
 
 
