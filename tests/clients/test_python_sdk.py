@@ -8,6 +8,7 @@ runs in a thread (`asyncio.to_thread`), as it would in a user's program beside a
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -15,12 +16,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pytest_httpserver import HTTPServer
 from relay_client import AsyncRelay, Event, Relay, RelayError, verify_webhook
+from standardwebhooks.webhooks import Webhook
 
 from executor.worker import Executor
 from relay.settings import Settings
@@ -581,3 +584,25 @@ async def test_unavailable_is_retried_until_the_gateway_takes_the_work(
             assert (await first.wait()).output == 2
     assert result.success is True and result.output == 6
     assert await started_count(settings, result.request_id) == 1
+
+
+def test_verify_webhook_agrees_with_the_reference_and_refuses_old_deliveries() -> None:
+    """Signed by the Standard Webhooks reference library: accepted with headers in any case,
+    with a second (rotated) signature beside it; refused when older than the tolerance."""
+    secret = "whsec_" + base64.b64encode(b"s" * 32).decode()
+    other = "whsec_" + base64.b64encode(b"o" * 32).decode()
+    body = b'{"type":"execution_complete","request_id":"r"}'
+    now = datetime.now(UTC)
+    signature = Webhook(secret).sign("msg_1", now, body.decode())
+    headers = {"Webhook-Id": "msg_1", "Webhook-Timestamp": str(int(now.timestamp())),
+               "Webhook-Signature": f"{Webhook(other).sign('msg_1', now, body.decode())} "
+                                    f"{signature}"}
+    assert verify_webhook(secret, headers, body)["request_id"] == "r"
+    assert verify_webhook(other, headers, body.decode())["type"] == "execution_complete"
+    old = now - timedelta(minutes=10)
+    stale = {"webhook-id": "msg_1", "webhook-timestamp": str(int(old.timestamp())),
+             "webhook-signature": Webhook(secret).sign("msg_1", old, body.decode())}
+    with pytest.raises(ValueError, match="timestamp"):
+        verify_webhook(secret, stale, body)
+    with pytest.raises(ValueError, match="webhook-id"):
+        verify_webhook(secret, {}, body)
