@@ -15,6 +15,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -260,6 +261,20 @@ async def test_rate_limited_is_retried_after_retry_after(settings: Settings,
         assert int(caught.value.headers["retry-after"]) >= 1
         # The patient client waits out Retry-After and gets its result.
         assert (await relay.execute(module.cid, [2, 2])).output == 4
+
+
+async def test_a_retry_after_over_a_minute_raises_at_once(settings: Settings,
+                                                          executor: Executor) -> None:
+    slow = with_settings(settings, rate_limit=1, rate_window_ms=600_000)
+    async with serve(slow) as gateway, AsyncRelay(gateway.url, api_key=ALICE_KEY) as relay:
+        module = await relay.modules.push(ADD_WAT.encode())
+        await relay.execute(module.cid, [1, 2])
+        started = time.monotonic()
+        with pytest.raises(RelayError) as caught:
+            await relay.execute(module.cid, [1, 2])
+        assert time.monotonic() - started < 5
+    assert caught.value.slug == "rate-limited"
+    assert int(caught.value.headers["retry-after"]) > 60
 
 
 async def test_events_survive_a_gateway_restart_with_no_gap_or_duplicate(
