@@ -70,6 +70,11 @@ def backoff_s(attempt: int) -> float:
     return float(min(8.0, 0.25 * 2**attempt) * random.uniform(0.5, 1.0))
 
 
+def poll_interval_s(attempt: int) -> float:
+    """Waiting for an execution's end: 50 ms, 100 ms, 200 ms, then every 500 ms."""
+    return min(0.5, 0.05 * 2.0**attempt)
+
+
 def retry_delay_s(response: httpx.Response, attempt: int) -> float | None:
     """Seconds to wait before retrying a refused request, or None when it must not be retried:
     only 503 and 429 `rate-limited` are (nothing ran), and only when Retry-After is at most

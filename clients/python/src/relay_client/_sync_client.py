@@ -220,20 +220,23 @@ class ExecutionHandle:
         """Its events from the first (`execution_queued`) to its terminal one
         (`execution_complete` or `execution_error`), live, resuming over dropped connections.
         Ends early at `events_lost` (its earlier events were trimmed; `get()` tells its
-        state)."""
+        state). The gateway finds its first event by replaying the events it retains
+        (`RELAY_EVENTS_RETENTION`), so use `wait()` when only the result matters."""
         for event in self.relay.events(request_id=self.request_id, last_event_id="0"):
             yield event
             if event.terminal or event.type == "events_lost":
                 return
 
     def wait(self) -> Execution:
-        """Its result, once it has finished (completed, failed or cancelled)."""
-        for _ in self.events():
-            pass
+        """Its result, once it has finished (completed, failed or cancelled).
+
+        It asks `GET /executions/{id}`, at growing intervals up to half a second, rather than
+        following its events: one small read each time, where a stream that must find the
+        execution's first event would have the gateway replay all the events it retains."""
         state = self.get()
         attempt = 0
-        while not state.finished:  # only after events_lost: its terminal event is not seen
-            time.sleep(_core.backoff_s(min(attempt, 2)))
+        while not state.finished:
+            time.sleep(_core.poll_interval_s(attempt))
             attempt += 1
             state = self.get()
         return state
