@@ -126,6 +126,8 @@ async def test_a_problem_raises_with_its_fields(relay: AsyncRelay) -> None:
 async def test_submit_gives_a_handle_to_follow_pause_resume_and_cancel(relay: AsyncRelay) -> None:
     loop = await relay.modules.push(LOOP_WAT.encode())
     handle = await relay.submit(loop.cid, max_gas=10**11, max_time=60_000)
+    with pytest.raises(TimeoutError):
+        await handle.wait(timeout_s=0.2)
     seen: list[Event] = []
     async for event in handle.events():
         seen.append(event)

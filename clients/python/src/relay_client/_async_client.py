@@ -229,15 +229,19 @@ class AsyncExecutionHandle:
             if event.terminal or event.type == "events_lost":
                 return
 
-    async def wait(self) -> Execution:
-        """Its result, once it has finished (completed, failed or cancelled).
+    async def wait(self, timeout_s: float | None = None) -> Execution:
+        """Its result, once it has finished (completed, failed or cancelled); `TimeoutError`
+        when it has not within `timeout_s` seconds (it goes on running: `cancel()` stops it).
 
         It asks `GET /executions/{id}`, at growing intervals up to half a second, rather than
         following its events: one small read each time, where a stream that must find the
         execution's first event would have the gateway replay all the events it retains."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         state = await self.get()
         attempt = 0
         while not state.finished:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"execution {self.request_id} is still {state.status}")
             await asyncio.sleep(_core.poll_interval_s(attempt))
             attempt += 1
             state = await self.get()
