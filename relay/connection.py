@@ -82,9 +82,21 @@ class _BlockAware:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._usual_timeout = self.socket_timeout
+        self._pipeline_timeout = self._usual_timeout
+
+    def pack_commands(self, commands: Any) -> Any:
+        """A pipeline's commands: its read waits as long as the longest block among them."""
+        blocks = [block for args in commands if (block := _block_ms(tuple(args))) is not None]
+        self._pipeline_timeout = self._usual_timeout
+        if blocks and self._usual_timeout is not None:
+            self._pipeline_timeout = (None if 0 in blocks
+                                      else self._usual_timeout + max(blocks) / 1000)
+        return super().pack_commands(commands)  # type: ignore[misc]
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        self.socket_timeout = self._usual_timeout  # pipelines send here directly
+        # Pipelines send here directly, after pack_commands; single commands through
+        # send_command, which sets their own timeout after.
+        self.socket_timeout, self._pipeline_timeout = self._pipeline_timeout, self._usual_timeout
         await super().send_packed_command(command, check_health)  # type: ignore[misc]
 
     async def send_command(self, *args: Any, **kwargs: Any) -> None:

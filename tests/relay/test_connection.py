@@ -26,5 +26,12 @@ async def test_a_blocking_read_longer_than_the_socket_timeout_returns_empty(
         pipe.xlen(stream)
         assert (await pipe.execute())[1] == 1
         assert len(await client.xread({stream: "0"}, block=block_ms)) == 1
+        # A blocking read in a pipeline (the executor's read and take) waits its block too.
+        pipe = client.pipeline(transaction=False)
+        pipe.xread({stream: "$"}, block=block_ms)
+        pipe.xlen(stream)
+        began = time.monotonic()
+        assert await pipe.execute() == [[], 1]
+        assert time.monotonic() - began > block_ms / 1000 - 0.05
     finally:
         await client.aclose()
