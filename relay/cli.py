@@ -1,4 +1,5 @@
-"""The `relay` command: `dev` (the whole system), `gateway`, `executor`, `webhooks`."""
+"""The `relay` command: `dev` (the whole system), `gateway`, `executor`, `webhooks`, `keys`,
+and the client commands (relay.cli_client)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from relay import logs, relay_version
+from relay import cli_client, logs, relay_version
 from relay import settings as settings_module
 from relay.connection import EmbeddedRedis
 from relay.settings import Settings, SettingsError
@@ -57,7 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         "principal")
     keys.add_parser("list", help="list stored keys (ids and principals, never keys)")
     keys.add_parser("revoke", help="revoke the key with this id").add_argument("id")
+    cli_client.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in cli_client.COMMANDS:  # a client: the server's settings are not its own
+        sys.exit(cli_client.main(args))
     try:
         settings = settings_module.load()
     except SettingsError as exc:
@@ -308,7 +312,7 @@ def dev(settings: Settings, host: str, port: int) -> None:
 
 def dev_key(data_dir: Path) -> str:
     """The persistent dev key: created once, kept (mode 600) so every start prints the same."""
-    path = data_dir / "dev-api-key"
+    path = data_dir / cli_client.DEV_KEY_FILE
     if path.exists():
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-EDGES = {"relay.cli", "relay.__main__", "relay.__init__"}
+EDGES = {"relay.cli", "relay.cli_client", "relay.__main__", "relay.__init__"}
 """Modules directly under relay/ that are not core: the CLI starts everything."""
 
 
