@@ -1,7 +1,8 @@
 """The `relay` client commands: the Python SDK (relay_client) from a terminal.
 
 `relay modules push|ls|rm`, `relay names set`, `relay execute`, `relay events`, `relay batch`,
-`relay pipelines run`. The gateway and key come from `--url`/`--api-key`, `RELAY_URL`/
+`relay pipelines run`, `relay sessions create|call|ls|rm|snapshot`, `relay snapshots ls|restore`.
+The gateway and key come from `--url`/`--api-key`, `RELAY_URL`/
 `RELAY_API_KEY`, or the key `relay dev` keeps in its data directory. `--json` prints the
 response body. Exit status: 0 done, 1 the execution failed, 2 the request was refused (or the
 gateway could not be reached), 130 interrupted.
@@ -21,7 +22,8 @@ if TYPE_CHECKING:  # the SDK is imported when a client command runs, not by `rel
     from relay_client import Event, Execution, ExecutionHandle, Relay, RelayError
 
 DONE, FAILED, REFUSED, INTERRUPTED = 0, 1, 2, 130
-COMMANDS = ("modules", "names", "execute", "events", "batch", "pipelines")
+COMMANDS = ("modules", "names", "execute", "events", "batch", "pipelines", "sessions",
+            "snapshots")
 DEV_KEY_FILE = "dev-api-key"
 """Under RELAY_DATA_DIR (default ./.relay): where `relay dev` keeps its key."""
 
@@ -76,6 +78,35 @@ def add_commands(commands: Any) -> None:
         "run", parents=[common], help="run a JSON pipeline ({\"nodes\": […]}) to its end")
     run.add_argument("file", type=Path)
     run.add_argument("--follow", action="store_true", help="show each node's progress")
+
+    sessions = commands.add_parser("sessions", help="stateful instances of a module")
+    sessions_commands = sessions.add_subparsers(dest="sessions_command", required=True)
+    create = sessions_commands.add_parser("create", parents=[common], help="open a session")
+    create.add_argument("ref", help="a CID or glyph://NAME@TAG")
+    create.add_argument("--environment")
+    call = sessions_commands.add_parser("call", parents=[common],
+                                        help="call a function; its state is kept for the next")
+    call.add_argument("session_id")
+    call.add_argument("entrypoint")
+    call.add_argument("inputs", nargs="*", metavar="INPUT", type=_input)
+    call.add_argument("--gas", type=int, help="max_gas (fuel)")
+    call.add_argument("--memory", type=int, help="max_memory (bytes)")
+    call.add_argument("--time", type=int, help="max_time (ms)")
+    sessions_commands.add_parser("ls", parents=[common], help="your sessions")
+    sessions_commands.add_parser("rm", parents=[common], help="close a session").add_argument(
+        "session_id")
+    snapshot = sessions_commands.add_parser("snapshot", parents=[common],
+                                            help="keep a session's state as a snapshot")
+    snapshot.add_argument("session_id")
+    snapshot.add_argument("--label")
+
+    snapshots = commands.add_parser("snapshots", help="saved session states")
+    snapshots_commands = snapshots.add_subparsers(dest="snapshots_command", required=True)
+    snapshots_commands.add_parser("ls", parents=[common], help="your snapshots")
+    restore = snapshots_commands.add_parser("restore", parents=[common],
+                                            help="new sessions starting from a snapshot")
+    restore.add_argument("snapshot_id")
+    restore.add_argument("--branches", type=int, default=1, help="how many (1-64)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -359,6 +390,53 @@ def pipelines(relay: Relay, args: argparse.Namespace) -> int:
     return DONE if final.status == "completed" else FAILED
 
 
+# --- sessions and snapshots ---
+
+
+def sessions(relay: Relay, args: argparse.Namespace) -> int:
+    command = args.sessions_command
+    if command == "create":
+        session = relay.sessions.create(args.ref, environment=args.environment)
+        _show(session.raw, session.session_id, args.json)
+    elif command == "call":
+        result = relay.sessions.call(args.session_id, args.entrypoint, args.inputs,
+                                     max_gas=args.gas, max_memory=args.memory,
+                                     max_time=args.time)
+        return show_result(result, args.json, True)
+    elif command == "ls":
+        items = [session.raw for session in _all(relay.sessions.list)]
+        lines = [f"{item['session_id']}  {item.get('status')}  calls {item.get('calls')}  "
+                 f"{item.get('cid')}" for item in items]
+        _show({"items": items}, "\n".join(lines), args.json)
+    elif command == "rm":
+        relay.sessions.close(args.session_id)
+        _show({}, f"closed {args.session_id}", args.json)
+    else:
+        snapshot = relay.sessions.snapshot(args.session_id, args.label)
+        _show(snapshot.raw, snapshot.snapshot_id, args.json)
+    return DONE
+
+
+def snapshots(relay: Relay, args: argparse.Namespace) -> int:
+    if args.snapshots_command == "ls":
+        items = [snapshot.raw for snapshot in _all(relay.snapshots.list)]
+        lines = [f"{item['snapshot_id']}  {item.get('session_id')}  {item.get('label') or ''}"
+                 for item in items]
+        _show({"items": items}, "\n".join(lines), args.json)
+    else:
+        branches = relay.snapshots.restore(args.snapshot_id, branch_count=args.branches)
+        _show({"items": [session.raw for session in branches]},
+              "\n".join(session.session_id for session in branches), args.json)
+    return DONE
+
+
+def _show(body: Any, text: str, as_json: bool) -> None:
+    if as_json:
+        emit(body)
+    elif text:
+        print(text)
+
+
 HANDLERS: dict[str, Callable[[Relay, argparse.Namespace], int]] = {
     "modules": modules, "names": names, "execute": execute, "events": events,
-    "batch": batch, "pipelines": pipelines}
+    "batch": batch, "pipelines": pipelines, "sessions": sessions, "snapshots": snapshots}

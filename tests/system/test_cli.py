@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADD_WAT, ALICE_KEY, Processes
+from tests.conftest import ADD_WAT, ALICE_KEY, ROOT, Processes
 
 TRAP_WAT = '(module (func (export "main") unreachable))'
 # A WASI command: "hello" on stdout, some 3·10^9 gas of counting (a second or two: long enough
@@ -194,3 +194,26 @@ def test_batch_and_pipelines_run(cli: Cli) -> None:
     assert "a: completed" in run.stderr and "b: completed" in run.stderr
     final = json.loads(cli("pipelines", "run", "dag.json", "--json").stdout)
     assert final["status"] == "completed" and final["nodes"]["b"]["output"] == 13
+
+
+def test_sessions_keep_state_and_snapshots_branch_it(cli: Cli) -> None:
+    counter = (ROOT / "relay" / "examples" / "counter.wat").read_text()
+    cli("modules", "push", cli.file("counter.wat", counter), "--name", "counter")
+    created = cli("sessions", "create", "glyph://counter")
+    assert created.returncode == 0, created.stderr
+    session = created.stdout.strip()
+    assert cli("sessions", "call", session, "add", "5").stdout == "5\n"
+    assert cli("sessions", "call", session, "add", "2").stdout == "7\n"
+    assert session in cli("sessions", "ls").stdout
+
+    snapshot = cli("sessions", "snapshot", session, "--label", "seven").stdout.strip()
+    assert snapshot in cli("snapshots", "ls").stdout
+    restored = cli("snapshots", "restore", snapshot, "--branches", "2", "--json")
+    branches = [item["session_id"] for item in json.loads(restored.stdout)["items"]]
+    assert len(branches) == 2
+    assert cli("sessions", "call", branches[0], "add", "1").stdout == "8\n"
+    assert cli("sessions", "call", branches[1], "total").stdout == "7\n"
+
+    assert cli("sessions", "rm", session).returncode == 0
+    closed = cli("sessions", "call", session, "add", "1")
+    assert closed.returncode == 2 and "(409)" in closed.stderr
