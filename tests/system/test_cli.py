@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -71,6 +72,14 @@ class Cli:
         return name
 
 
+def lines_of(process: subprocess.Popen[str]) -> queue.Queue[str]:
+    """The process's stdout lines as they come, to take with a timeout."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()],
+                     daemon=True).start()
+    return lines
+
+
 def test_push_name_and_execute(cli: Cli) -> None:
     pushed = cli("modules", "push", cli.file("add.wat", ADD_WAT), "--name", "adder", "--json")
     assert pushed.returncode == 0, pushed.stderr
@@ -129,10 +138,7 @@ def test_follow_shows_progress_and_streams_the_output(cli: Cli) -> None:
 def test_events_are_printed_as_they_come(cli: Cli) -> None:
     cli("modules", "push", cli.file("add.wat", ADD_WAT), "--name", "adder")
     watcher = cli.popen("events", "--json")
-    lines: queue.Queue[str] = queue.Queue()
-    assert watcher.stdout is not None
-    threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout or ()],
-                     daemon=True).start()
+    lines = lines_of(watcher)
     try:
         request_id = ""
         deadline = time.monotonic() + 30
@@ -217,3 +223,28 @@ def test_sessions_keep_state_and_snapshots_branch_it(cli: Cli) -> None:
     assert cli("sessions", "rm", session).returncode == 0
     closed = cli("sessions", "call", session, "add", "1")
     assert closed.returncode == 2 and "(409)" in closed.stderr
+
+
+def test_ctrl_c_while_following_exits_130_and_leaves_the_execution_running(cli: Cli) -> None:
+    cli("modules", "push", cli.file("talker.wat", TALKER_WAT), "--name", "talker")
+    follower = cli.popen("execute", "glyph://talker", "--follow", "--gas", "100000000000",
+                         "--time", "60000")
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "hello\n"  # it runs and is being followed
+        follower.send_signal(signal.SIGINT)
+        _, stderr = follower.communicate(timeout=30)
+    finally:
+        follower.kill()
+    assert follower.returncode == 130
+    assert "Traceback" not in stderr
+    request_id = stderr.split("relay events --request-id ")[1].split("`")[0]
+    events = cli.popen("events", "--request-id", request_id, "--json")
+    lines = lines_of(events)
+    try:
+        types: list[str] = []
+        while "execution_complete" not in types:  # its events from the first: it went on
+            types.append(json.loads(lines.get(timeout=30))["type"])
+    finally:
+        events.kill()
+        events.wait()
