@@ -291,14 +291,18 @@ def dev(settings: Settings, host: str, port: int) -> None:
         try:
             asyncio.run(register_examples(settings, principal))
             url = f"http://{host}:{port}"
+            at = "" if url == "http://127.0.0.1:8000" else f" --url {url}"  # the CLI's default
             print(
                 f"\nRelay is running at {url}\n"
                 f"  API key ({principal}): {key}\n"
                 f"  Redis: {redis_url}\n"
-                f"  Rate limit: {limit} (RELAY_RATE_LIMIT; `relay gateway` defaults to 10)\n\n"
+                f"  Rate limit: {limit} (RELAY_RATE_LIMIT; `relay gateway` defaults to 10)\n"
+                f"  API reference: {url}/docs\n\n"
                 f"Try:\n  curl -s {url}/intent/execute-wasm -H 'X-API-Key: {key}' "
                 "-H 'Content-Type: application/json' "
-                "-d '{\"cid\": \"glyph://calculator@quantum\", \"inputs\": [5, 3]}'\n",
+                "-d '{\"cid\": \"glyph://calculator@quantum\", \"inputs\": [5, 3]}'\n"
+                "or, with the client commands (`pip install -e clients/python`), from here:\n"
+                f"  relay execute{at} glyph://calculator@quantum 5 3\n",
                 flush=True,
             )
             serve_gateway(settings, host, port, sock)

@@ -100,6 +100,8 @@ def test_relay_dev_runs_the_seed_and_sigterm_stops_everything_it_started(
         assert dev.stdout is not None
         banner = _banner_from(dev.stdout)
         assert "Rate limit: 1000 executes per 60 s" in banner
+        assert f"API reference: http://127.0.0.1:{port}/docs" in banner
+        assert f"relay execute --url http://127.0.0.1:{port} glyph://calculator" in banner
         key = _dev_key_from(banner)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key},
                           timeout=30) as http:
@@ -134,11 +136,11 @@ def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10)
 
 
 def _banner_from(stdout: IO[str]) -> str:
-    """What `relay dev` prints, up to its first example command."""
+    """What `relay dev` prints, up to its last example command."""
     lines = []
     for line in stdout:
         lines.append(line)
-        if line.startswith("Try:"):
+        if line.startswith("  relay execute"):
             return "".join(lines)
     raise AssertionError(f"relay dev printed no banner: {''.join(lines)}")
 
