@@ -563,8 +563,10 @@ PARAMETERS = {
                                   "As `idempotency_key` in the body (if both are sent, equal).",
                                   {}),
     "environment": _parameter("path", "environment", "An environment's name.", NAME),
-    "asset": _parameter("path", "asset", "A file of the /docs page, such as swagger-ui.css.",
-                        {"type": "string"}),
+    # The files relay/gateway/routes/docs.py serves (tests/relay/gateway/test_docs_page.py).
+    "asset": _parameter("path", "asset", "A file of the /docs page.",
+                        {"type": "string", "enum": ["swagger-ui.css", "swagger-ui-bundle.js",
+                                                    "favicon-32x32.png", "relay-docs.js"]}),
     "batch_id": _parameter("path", "batch_id", "The batch's id.",
                            {"type": "string", "pattern": "^bat_[0-9a-f]{24}$"}),
     "budget_id": _parameter("path", "budget_id", "The budget's id.",

@@ -7,6 +7,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from relay.gateway.routes import docs
+from relay.openapi import document
 from tests.conftest import Served
 
 # XML namespace names (`xmlns="http://www.w3.org/2000/svg"` in inline SVG) are identifiers that
@@ -47,6 +49,11 @@ async def test_the_reference_page_and_its_assets_come_from_the_gateway_alone(
         assert 'url: "openapi.json"' in start
         assert "validatorUrl: null" in start, "the document would be sent to an online validator"
         assert (await anonymous.get("/openapi.json")).status_code == 200
+
+
+def test_the_document_lists_exactly_the_files_served_under_docs() -> None:
+    parameter = document()["components"]["parameters"]["asset"]
+    assert sorted(parameter["schema"]["enum"]) == sorted(docs.ASSETS)
 
 
 async def test_only_the_reference_files_are_served_under_docs(served: Served) -> None:
