@@ -111,7 +111,6 @@ class Keys:
         as the rest of `queued`)."""
         return f"{self.queued}:{priority}"
 
-
     def session(self, session_id: str) -> str:
         """Hash holding one session: owner, module, budget and use, committed state."""
         return f"{self.prefix}:session:{session_id}"
