@@ -14,8 +14,8 @@ complete. Each response must:
 
 The generators lean towards what exists (seeded modules in every CID form and by glyph name,
 executions, batches, sessions, snapshots, budgets and pipelines seeded or made during the run)
-and make runnable bodies (executes and session calls, sessions of the counter seed, restores of a few
-branches, budgets that refuse nothing, pipelines of the seeds) about half of the time, so the
+and make runnable bodies (executes and session calls, sessions of the counter seed, restores of
+a few branches, budgets that refuse nothing, pipelines of the seeds) about half of the time, so the
 success paths are fuzzed too, not only the refusals; only values that conform to the document
 are replaced, so a request schemathesis made invalid on purpose stays invalid (the coverage
 phase, which the generation hooks do not reach, gets seeded session, snapshot, budget and
