@@ -74,6 +74,8 @@ class Reply:
     headers: tuple[str, ...] = ()
     other_bodies: tuple[tuple[str, Any], ...] = ()
     """(media type, body) pairs the response may come as instead."""
+    example: Any = None
+    """An example of `body` (in `media_type`); the tests validate it against its schema."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class Operation:
     body: tuple[tuple[str, Any], ...] = ()
     """(media type, msgspec type or JSON Schema) pairs of the request body."""
     body_required: bool = True
+    body_examples: tuple[tuple[str, Any], ...] = ()
+    """(media type, example) pairs of the request body; the tests validate them too."""
     parameters: tuple[str, ...] = ()
     """Keys of query and header PARAMETERS; path parameters come from `path`."""
     auth: bool = True
@@ -107,9 +111,141 @@ ANY_JSON: dict[str, Any] = {"type": "object"}
 ANY_VALUE: dict[str, Any] = {}
 """Any JSON value (an execution's inline output)."""
 
-def _control_replies(done: str) -> tuple[Reply, ...]:
+
+# --- Examples: what a session with `relay dev`'s calculator (glyph://calculator) and counter
+# (glyph://counter) was answered, trimmed; tests/relay/gateway/test_openapi.py validates each
+# against its schema ---
+
+
+CALCULATOR = "bafkreigkhxyqgg4vjtzlezsppcwoa6rjbo6vdjdahd6ed5l7tz24ugybqu"
+COUNTER = "bafkreicdf5lakzuborppjyrlxwho2sw5dwtolju4gk5t7bf6eejpyrgtbu"
+STATE = "bafkreia2h5u6wasqc5ejlkvpzy2ne3scikk37vh4a3okfsbwf6wvayzcxa"
+"""The counter's state after `add(5)`."""
+REQUEST_ID = "2570f48f3811c4a1d8a87ddb86265d0735bd2280587fd3f5ce1e06b790f9f936"
+CALL_ID = "1762367251244614686c1b15f0ef7433790b89364958708520616337c127e5a1"
+SESSION_ID = "ses_ddac699217965d1bd7ee8499"
+BATCH_ID = "bat_5e61fb8684380bf82517e818"
+BATCH_ITEMS = ("82bc2825b1152886274292cbfedc9a6ca313294ddeb067ebe2b8a7b4beb98925",
+               "29611068140f18c4a571e658e2853fc2635c5845cc32b5019eb4855f59299586")
+BUDGET_ID = "bud_661f405a60b29e94eb82894b"
+PIPELINE_ID = "d1cdc0f2dac5c5a2961a45d18445aa44"
+AT = "2026-12-06T09:49:13.905Z"
+IN_WASI = {"environment": {"name": "wasi", "version": 1}, "priority": "normal"}
+ADD_FIVE_AND_THREE = {"cid": "glyph://calculator", "entrypoint": "add", "inputs": [5, 3]}
+EXECUTED = {"success": True, "request_id": REQUEST_ID, "cid": CALCULATOR, "output": 8,
+            "gas_used": 4, "duration": 0.428, "executed_at": AT, "error": None}
+ACCEPTED = {"request_id": REQUEST_ID, "status": "queued", "links": {
+    "self": f"/executions/{REQUEST_ID}",
+    "events": f"/intent/execute-wasm/events?request_id={REQUEST_ID}"}}
+EXECUTION = {**EXECUTED, "status": "completed", **IN_WASI}
+PAUSED = {"request_id": REQUEST_ID, "status": "paused", "cid": CALCULATOR, "gas_used": 2,
+          **IN_WASI}
+CANCELLED = {**EXECUTION, "status": "cancelled", "success": False, "output": None,
+             "gas_used": 2, "error": {"code": "cancelled",
+                                      "message": "the execution was cancelled"}}
+CALL_PAUSED = {**PAUSED, "request_id": CALL_ID, "cid": COUNTER, "session_id": SESSION_ID,
+               "gas_used": 6}
+CALLED = {"success": True, "request_id": CALL_ID, "cid": COUNTER, "output": 5, "gas_used": 9,
+          "duration": 0.98, "executed_at": AT, "error": None, "session_id": SESSION_ID,
+          "state_cid": STATE}
+SESSION = {"session_id": SESSION_ID, "cid": COUNTER, "environment": "wasi", "status": "idle",
+           "calls": 1, "gas_used": 9, "time_used": 0.98,
+           "budget": {"max_gas": None, "max_time": None, "max_calls": 100},
+           "state_cid": STATE, "state_size": 65536, "current": None, "last_result": CALLED,
+           "created_at": "2026-12-06T09:49:14.959Z", "expires_at": "2026-12-07T09:49:14.973Z",
+           "links": {"self": f"/sessions/{SESSION_ID}", "calls": f"/sessions/{SESSION_ID}/calls",
+                     "events": f"/intent/execute-wasm/events?session_id={SESSION_ID}"}}
+NEW_SESSION = {**SESSION, "calls": 0, "gas_used": 0, "time_used": 0.0, "state_cid": None,
+               "state_size": 0, "last_result": None, "expires_at": "2026-12-07T09:49:14.960Z"}
+SNAPSHOT = {"snapshot_id": "snp_c30df29fd2275dd976a758ba", "session_id": SESSION_ID,
+            "cid": COUNTER, "state_cid": STATE, "size": 65536, "label": "after 5",
+            "created_at": "2026-12-06T09:49:14.978Z"}
+BRANCH = {**SESSION, "session_id": "ses_3476e19cc12e615af55c251a", "calls": 0, "gas_used": 0,
+          "time_used": 0.0, "budget": {"max_gas": None, "max_time": None, "max_calls": None},
+          "last_result": None, "links": {
+              "self": "/sessions/ses_3476e19cc12e615af55c251a",
+              "calls": "/sessions/ses_3476e19cc12e615af55c251a/calls",
+              "events": "/intent/execute-wasm/events?session_id=ses_3476e19cc12e615af55c251a"}}
+MODULE = {"cid": CALCULATOR, "size": 118, "exports": [
+    {"name": name, "params": ["i32", "i32"], "results": ["i32"]}
+    for name in ("add", "main", "sub", "mul", "div")], "imports": [], "wasi": False}
+CALCULATOR_WAT = """(module
+  (func $add (export "add") (param i32 i32) (result i32)
+    (i32.add (local.get 0) (local.get 1)))
+  (func (export "main") (param i32 i32) (result i32)
+    (call $add (local.get 0) (local.get 1)))
+  (func (export "sub") (param i32 i32) (result i32)
+    (i32.sub (local.get 0) (local.get 1)))
+  (func (export "mul") (param i32 i32) (result i32)
+    (i32.mul (local.get 0) (local.get 1)))
+  (func (export "div") (param i32 i32) (result i32)
+    (i32.div_s (local.get 0) (local.get 1))))
+"""
+BUDGET_LIMITS = {"window": 3_600_000, "max_gas": 1_000_000_000, "max_executions": 1000}
+BUDGET = {"budget_id": BUDGET_ID, "principal": "alice", **BUDGET_LIMITS, "max_time": None,
+          "created_by": "alice", "created_at": "2026-12-06T09:49:14.946Z"}
+ENVIRONMENT: dict[str, Any] = {
+    "name": "wasi", "version": 1,
+    "description": "WASI with stdio, clocks and randomness, no env or args",
+    "policy": {"max_gas": 1_000_000_000_000, "max_memory": 1_073_741_824, "max_time": 300_000,
+               "max_stack": 1_048_576},
+    "wasi": {"enabled": True, "env": {}, "args": [], "clock": True, "random": True},
+    "max_output_bytes": 67_108_864}
+NO_CLOCK = {"description": "Runs without a clock, 10 s at most", "policy": {"max_time": 10_000},
+            "wasi": {"clock": False}}
+PIPELINE = {"nodes": [{"id": "sum", "cid": "glyph://calculator", "entrypoint": "add",
+                       "inputs": [2, 3]},
+                      {"id": "double", "cid": "glyph://calculator", "entrypoint": "mul",
+                       "inputs": [{"$ref": "sum"}, 2]}]}
+PIPELINE_LINKS = {"self": f"/pipelines/{PIPELINE_ID}",
+                  "events": f"/intent/execute-wasm/events?pipeline_id={PIPELINE_ID}"}
+PROGRESS = {"total": 2, "pending": 0, "queued": 0, "running": 0, "retrying": 0, "completed": 2,
+            "failed": 0, "skipped": 0, "cancelled": 0, "percent": 100.0}
+PIPELINE_SUMMARY = {"pipeline_id": PIPELINE_ID, "status": "completed", "progress": PROGRESS,
+                    "created_at": "2026-12-06T09:49:14.987Z",
+                    "finished_at": "2026-12-06T09:49:14.997Z"}
+PIPELINE_VIEW: dict[str, Any] = {**PIPELINE_SUMMARY, "nodes": {
+    "sum": {"status": "completed", "attempts": 1, "output": 5, "cached": False,
+            "request_id": "8797a284a9171611f714dc72eb3f824926632058d28613ffd9240679336cdd1a"},
+    "double": {"status": "completed", "attempts": 1, "output": 10, "cached": False,
+               "request_id": "ac7e872e7a70ca6f1c65a0bae027c5466a4df676f4ab86fd18894377b84700a2"}},
+    "max_concurrency": 8, "fail_fast": False}
+CANCELLED_PIPELINE = {**PIPELINE_VIEW, "status": "cancelled", "progress": {
+    **PROGRESS, "completed": 1, "cancelled": 1, "percent": 50.0}, "nodes": {
+    **PIPELINE_VIEW["nodes"], "double": {"status": "cancelled", "request_id": None,
+                                         "attempts": 0}}}
+COMPLETE_EVENT = {"type": "execution_complete", "request_id": REQUEST_ID,
+                  "timestamp": AT, "success": True, "duration": 0.428, "gas_used": 4,
+                  "output": 8}
+TOKEN = {"access_token": "rt1.eyJzdWIiOiJhbGljZSIsImV4cCI6MTc5NjU1MDg1NCwic2NvcGUiOiJzdW"
+                         "JzY3JpYmUifQ.AMP7rxaJmQaW99IsSzL-B2zO3IjWC-rLcrAde3cVaZM",
+         "expires_at": "2026-12-06T09:54:14Z"}
+SECRET = {"secret": "whsec_6qVQ4Asu+sH6jJ04XzcZOwEXmR2IFBlrBArcuSyFfNU="}
+DELIVERIES = {"items": [
+    {"webhook_id": "1796550553905-0", "url": "https://hooks.example.com/relay", "attempt": 1,
+     "status_code": 503, "error": None, "at": "2026-12-06T09:49:14.102Z",
+     "next_attempt_at": "2026-12-06T09:49:19.102Z"},
+    {"webhook_id": "1796550553905-0", "url": "https://hooks.example.com/relay", "attempt": 2,
+     "status_code": 200, "error": None, "at": "2026-12-06T09:49:19.131Z",
+     "next_attempt_at": None}], "next_cursor": None}
+INDEX = {"service": "relay", "version": "0.1.0", "links": {
+    "docs": "/docs", "openapi": "/openapi.json", "health": "/intent/execute-wasm/health",
+    "execute": "/intent/execute-wasm", "events": "/intent/execute-wasm/events"}}
+METRICS_EXAMPLE = """# HELP relay_execute_wasm_success_total Executions that ran to the end.
+# TYPE relay_execute_wasm_success_total counter
+relay_execute_wasm_success_total 8
+"""
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Relay API reference</title></head>
+<body><div id="swagger-ui"></div><script src="docs/swagger-ui-bundle.js"></script></body>
+</html>
+"""
+
+
+def _control_replies(done: str, example: dict[str, Any]) -> tuple[Reply, ...]:
     """Pause, resume and cancel answer alike: 200 once confirmed, 202 if not yet."""
-    return (Reply(200, done, schemas.ExecutionState),
+    return (Reply(200, done, schemas.ExecutionState, example=example),
             Reply(202, "Asked of its executor, not yet confirmed: the state so far.",
                   schemas.ExecutionState))
 
@@ -118,12 +254,12 @@ OPERATIONS = (
     Operation(
         "POST", "/intent/execute-wasm", "executeWasm", "Run a function of a stored module",
         (Reply(200, "The result; a trap or broken limit is `success: false`.",
-               schemas.ExecuteResponse, headers=(REPLAYED,)),
+               schemas.ExecuteResponse, headers=(REPLAYED,), example=EXECUTED),
          Reply(202, "Accepted (`Prefer: respond-async`, or not finished within the sync wait).",
-               schemas.Accepted, headers=("Location", REPLAYED))),
+               schemas.Accepted, headers=("Location", REPLAYED), example=ACCEPTED)),
         (*STORE, InvalidRequest, Forbidden, NotFound, Conflict, PayloadTooLarge,
          IdempotencyKeyReuse, RateLimited, BudgetExhausted),
-        body=((JSON, schemas.ExecuteRequest),),
+        body=((JSON, schemas.ExecuteRequest),), body_examples=((JSON, ADD_FIVE_AND_THREE),),
         parameters=("Idempotency-Key", "Prefer"),
         rate_limited=True,
     ),
@@ -132,16 +268,23 @@ OPERATIONS = (
         "Run many execute requests at once, each through the whole pipeline on its own",
         (Reply(200, "Every item's answer, in order: its execute answer, 202's body for one "
                "still running after the sync wait, or its problem (pointers into this body).",
-               schemas.BatchResults),
+               schemas.BatchResults, example={"batch_id": BATCH_ID, "results": [
+                   {**EXECUTED, "request_id": BATCH_ITEMS[0]},
+                   {**EXECUTED, "request_id": BATCH_ITEMS[1], "output": 15}]}),
          Reply(202, "Accepted (`Prefer: respond-async`): follow it at GET /batches/{batch_id}.",
-               schemas.BatchAccepted, headers=("Location",))),
+               schemas.BatchAccepted, headers=("Location",),
+               example={"batch_id": BATCH_ID, "links": {"self": f"/batches/{BATCH_ID}"}})),
         (*STORE, InvalidRequest, PayloadTooLarge),
-        body=((JSON, schemas.BatchRequest),),
+        body=((JSON, schemas.BatchRequest),), body_examples=((JSON, {"items": [
+            ADD_FIVE_AND_THREE, {**ADD_FIVE_AND_THREE, "entrypoint": "mul"}]}),),
         parameters=("Prefer",),
     ),
     Operation(
         "GET", "/batches/{batch_id}", "getBatch", "A batch: every item's status",
-        (Reply(200, "The batch.", schemas.BatchView),),
+        (Reply(200, "The batch.", schemas.BatchView, example={
+            "batch_id": BATCH_ID, "status": "completed", "total": 2, "completed": 2,
+            "items": [{"request_id": item, "status": "completed"} for item in BATCH_ITEMS],
+            "created_at": AT, "finished_at": "2026-12-06T09:49:13.927Z"}),),
         (*STORE, NotFound),
     ),
     Operation(
@@ -149,7 +292,8 @@ OPERATIONS = (
         "The caller's executions, newest first, optionally filtered",
         (Reply(200, "A page of executions, each as GET /executions/{request_id} shows it. A "
                "page looks at 5000 executions at most: with a rare filter it may hold fewer "
-               "than `limit` and still have a `next_cursor`.", schemas.ExecutionPage),),
+               "than `limit` and still have a `next_cursor`.", schemas.ExecutionPage,
+               example={"items": [EXECUTION], "next_cursor": f"1796550553905:{REQUEST_ID}"}),),
         (*STORE, InvalidRequest),
         parameters=("status_filter", "session_filter", "pipeline_filter", "batch_filter",
                     "page_limit", "cursor"),
@@ -157,7 +301,7 @@ OPERATIONS = (
     Operation(
         "GET", "/executions/{request_id}", "getExecution", "An execution's state and result",
         (Reply(200, "Its state; once finished, the execute response's fields too.",
-               schemas.ExecutionState),),
+               schemas.ExecutionState, example=EXECUTION),),
         (*STORE, NotFound),
     ),
     Operation(
@@ -167,7 +311,7 @@ OPERATIONS = (
                "or its inline output as JSON. `ETag` is the CID of these bytes.",
                {"type": "string", "format": "binary"}, OCTETS,
                headers=("ETag", "Accept-Ranges", "Content-Length"),
-               other_bodies=((JSON, ANY_VALUE),)),
+               other_bodies=((JSON, ANY_VALUE),), example="hello, world\n"),
          Reply(206, "The one byte range asked for (several ranges, or a stale `If-Range`: "
                "all of it, 200).", {"type": "string", "format": "binary"}, OCTETS,
                headers=("ETag", "Accept-Ranges", "Content-Length", "Content-Range"),
@@ -179,32 +323,34 @@ OPERATIONS = (
     Operation(
         "DELETE", "/executions/{request_id}", "cancelExecution",
         "Cancel a queued or running execution",
-        _control_replies("Cancelled: its final state."),
+        _control_replies("Cancelled: its final state.", CANCELLED),
         (*STORE, NotFound, Conflict),
     ),
     Operation(
         "POST", "/executions/{request_id}/pause", "pauseExecution",
         "Suspend a running execution in place",
-        _control_replies("Paused: its state."),
+        _control_replies("Paused: its state.", PAUSED),
         (*STORE, NotFound, Conflict, TooManyPaused),
     ),
     Operation(
         "POST", "/executions/{request_id}/resume", "resumeExecution",
         "Continue a paused execution, optionally with more gas",
-        _control_replies("Resumed: its state."),
+        _control_replies("Resumed: its state.", {**PAUSED, "status": "running"}),
         (*STORE, InvalidRequest, NotFound, Conflict, SessionExhausted, PayloadTooLarge,
          BudgetExhausted),
         body=((JSON, schemas.ResumeRequest),), body_required=False,
+        body_examples=((JSON, {"additional_gas": 1_000_000}),),
     ),
     Operation(
         "POST", "/executions/{request_id}/step", "stepExecution",
         "Let a paused execution run until it has used `gas` more (default: its `step_gas`)",
         (Reply(200, "Stopped again: paused (`gas_used` where it stopped) or finished (the "
-               "result).", schemas.ExecutionState),
+               "result).", schemas.ExecutionState, example={**PAUSED, "gas_used": 3}),
          Reply(202, "Not stopped within the sync wait: the state so far.",
                schemas.ExecutionState)),
         (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
         body=((JSON, schemas.StepRequest),), body_required=False,
+        body_examples=((JSON, {"gas": 1}),),
     ),
     Operation(
         "GET", "/intent/execute-wasm/events", "events",
@@ -212,7 +358,9 @@ OPERATIONS = (
         (Reply(200, "`text/event-stream`: each message has `id:` (the stream entry id) and one "
                "`data:` line, an Event (or EventsLost first, when history was trimmed), or "
                "a PipelineProgress or PipelineComplete.",
-               SSE_MESSAGE, EVENT_STREAM),),
+               SSE_MESSAGE, EVENT_STREAM, example={
+                   "id": "1796550553905-0",
+                   "data": msgspec.json.encode(COMPLETE_EVENT).decode()}),),
         (*STORE, InvalidRequest, Forbidden, NotFound, TooManyStreams),
         parameters=("request_id_query", "session_id_query", "pipeline_id_query", "last_event_id",
                     "Last-Event-ID"),
@@ -222,28 +370,31 @@ OPERATIONS = (
         "POST", "/auth/tokens", "mintAccessToken",
         "A short-lived subscribe-only token for event stream URLs",
         (Reply(200, "The token and when it expires (at most 5 minutes).",
-               schemas.AccessToken),),
+               schemas.AccessToken, example=TOKEN),),
         (*STORE, Forbidden),
     ),
     Operation(
         "POST", "/modules", "uploadModule", "Validate and store a module, optionally naming it",
-        (Reply(201, "Stored.", schemas.ModuleInfo, headers=("Location",)),
-         Reply(200, "Already stored.", schemas.ModuleInfo, headers=("Location",))),
+        (Reply(201, "Stored.", schemas.ModuleInfo, headers=("Location",), example=MODULE),
+         Reply(200, "Already stored.", schemas.ModuleInfo, headers=("Location",),
+               example=MODULE)),
         (*STORE, InvalidRequest, Forbidden, QuotaExceeded, PayloadTooLarge, RateLimited),
         body=((WASM, {"type": "string", "format": "binary", "contentMediaType": WASM}),
               ("text/plain", {"type": "string", "description": "WebAssembly text (WAT)"})),
+        body_examples=(("text/plain", CALCULATOR_WAT),),
         parameters=("name_query", "tag_query"),
         rate_limited=True,
     ),
     Operation(
         "GET", "/modules", "listModules", "Stored modules, newest first",
-        (Reply(200, "A page of modules.", schemas.ModulePage),),
+        (Reply(200, "A page of modules.", schemas.ModulePage,
+               example={"modules": [MODULE], "next_cursor": "1"}),),
         (*STORE, InvalidRequest),
         parameters=("limit", "cursor"),
     ),
     Operation(
         "GET", "/modules/{cid}", "getModule", "A module's metadata",
-        (Reply(200, "The module.", schemas.ModuleInfo),),
+        (Reply(200, "The module.", schemas.ModuleInfo, example=MODULE),),
         (*STORE, InvalidRequest, Forbidden, NotFound),
     ),
     Operation(
@@ -255,46 +406,53 @@ OPERATIONS = (
     ),
     Operation(
         "GET", "/modules/{cid}/wasm", "getModuleWasm", "A module's binary",
-        (Reply(200, "The binary module.", {"type": "string", "format": "binary"}, WASM),),
+        # The magic number and version every module starts with (alone: the empty module).
+        (Reply(200, "The binary module.", {"type": "string", "format": "binary"}, WASM,
+               example="\u0000asm\u0001\u0000\u0000\u0000"),),
         (*STORE, InvalidRequest, Forbidden, NotFound),
     ),
     Operation(
         "PUT", "/names/{name}/{tag}", "bindName", "Bind (or move) a glyph name to a module",
-        (Reply(200, "Bound.", schemas.NameBound),),
+        (Reply(200, "Bound.", schemas.NameBound,
+               example={"name": "calculator", "tag": "v1", "cid": CALCULATOR}),),
         (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
-        body=((JSON, schemas.NameBinding),),
+        body=((JSON, schemas.NameBinding),), body_examples=((JSON, {"cid": CALCULATOR}),),
     ),
     Operation(
         "GET", "/names/{name}", "getName", "A glyph name's tags",
-        (Reply(200, "Each tag and the CID it names.", schemas.NameTags),),
+        (Reply(200, "Each tag and the CID it names.", schemas.NameTags, example={
+            "name": "calculator", "tags": {"latest": CALCULATOR, "v1": CALCULATOR}}),),
         (*STORE, InvalidRequest, Forbidden, NotFound),
     ),
     Operation(
         "POST", "/budgets", "createBudget",
         "Limit a principal's gas, time and executions per window (another's: admin only)",
         (Reply(201, "Created; its first window starts now.", schemas.Budget,
-               headers=("Location",)),),
+               headers=("Location",), example=BUDGET),),
         (*STORE, InvalidRequest, Forbidden, QuotaExceeded, PayloadTooLarge),
-        body=((JSON, schemas.BudgetRequest),),
+        body=((JSON, schemas.BudgetRequest),), body_examples=((JSON, BUDGET_LIMITS),),
     ),
     Operation(
         "GET", "/budgets", "listBudgets",
         "The caller's budgets and those it set for others, newest first",
-        (Reply(200, "A page of budgets.", schemas.BudgetPage),),
+        (Reply(200, "A page of budgets.", schemas.BudgetPage,
+               example={"items": [BUDGET], "next_cursor": None}),),
         (*STORE, InvalidRequest),
         parameters=("page_limit", "cursor"),
     ),
     Operation(
         "GET", "/budgets/{budget_id}", "getBudget", "A budget",
-        (Reply(200, "The budget.", schemas.Budget),),
+        (Reply(200, "The budget.", schemas.Budget, example=BUDGET),),
         (*STORE, NotFound),
     ),
     Operation(
         "PUT", "/budgets/{budget_id}", "replaceBudget",
         "Replace a budget's window and limits (its creator only)",
-        (Reply(200, "The budget; what its window used so far still counts.", schemas.Budget),),
+        (Reply(200, "The budget; what its window used so far still counts.", schemas.Budget,
+               example={**BUDGET, "max_gas": 2_000_000_000}),),
         (*STORE, InvalidRequest, Forbidden, NotFound, PayloadTooLarge),
         body=((JSON, schemas.BudgetRequest),),
+        body_examples=((JSON, {**BUDGET_LIMITS, "max_gas": 2_000_000_000}),),
     ),
     Operation(
         "DELETE", "/budgets/{budget_id}", "deleteBudget", "Delete a budget (its creator only)",
@@ -304,13 +462,17 @@ OPERATIONS = (
     Operation(
         "GET", "/budgets/{budget_id}/usage", "getBudgetUsage",
         "What the budget's current window has used, reserved and left",
-        (Reply(200, "The current window's use.", schemas.BudgetUsage),),
+        (Reply(200, "The current window's use.", schemas.BudgetUsage, example={
+            "window_start": "2026-12-06T09:49:14.946Z", "window_end": "2026-12-06T10:49:14.946Z",
+            "gas_used": 12, "time_used": 1, "executions": 3, "reserved": {"gas": 0, "time": 0},
+            "remaining": {"gas": 999_999_988, "time": None, "executions": 997}}),),
         (*STORE, NotFound),
     ),
     Operation(
         "GET", "/environments", "listEnvironments",
         "Every environment executions may name, shipped ones included, by name",
-        (Reply(200, "A page of environments.", schemas.EnvironmentPage),),
+        (Reply(200, "A page of environments.", schemas.EnvironmentPage,
+               example={"items": [ENVIRONMENT], "next_cursor": "1"}),),
         (*STORE, InvalidRequest),
         parameters=("page_limit", "cursor"),
     ),
@@ -318,15 +480,18 @@ OPERATIONS = (
         "GET", "/environments/{environment}", "getEnvironment",
         "An environment: its caps, WASI capabilities and version",
         (Reply(200, "The environment (omitted caps shown as the ceilings).",
-               schemas.Environment),),
+               schemas.Environment, example=ENVIRONMENT),),
         (*STORE, NotFound),
     ),
     Operation(
         "PUT", "/environments/{environment}", "putEnvironment",
         "Create or replace an environment, raising its version (admin only)",
-        (Reply(200, "The environment at its new version.", schemas.Environment),),
+        (Reply(200, "The environment at its new version.", schemas.Environment, example={
+            **ENVIRONMENT, **NO_CLOCK, "name": "no-clock", "version": 2,
+            "policy": {**ENVIRONMENT["policy"], "max_time": 10_000},
+            "wasi": {**ENVIRONMENT["wasi"], "clock": False}}),),
         (*STORE, InvalidRequest, Forbidden, Conflict, PayloadTooLarge),
-        body=((JSON, schemas.EnvironmentRequest),),
+        body=((JSON, schemas.EnvironmentRequest),), body_examples=((JSON, NO_CLOCK),),
     ),
     Operation(
         "DELETE", "/environments/{environment}", "deleteEnvironment",
@@ -336,7 +501,11 @@ OPERATIONS = (
     ),
     Operation(
         "GET", "/intent/execute-wasm/health", "health", "Health, features, limits, executors",
-        (Reply(200, "Healthy or degraded.", schemas.Health),
+        (Reply(200, "Healthy or degraded.", schemas.Health, example={
+            "status": "healthy", "executors": 1,
+            "features": {"idempotency": True, "rate_limiting": True, "authorization": True,
+                         "sse_events": True, "bus_events": True},
+            "limits": {"rate_limit": 10, "rate_window": 60000, "idempotency_ttl": 300000}}),
          Reply(503, "Unhealthy.", schemas.Health)),
         auth=False,
     ),
@@ -344,95 +513,105 @@ OPERATIONS = (
         "POST", "/sessions", "createSession",
         "Start a session: an instance of a module whose state lives on between calls",
         (Reply(201, "Created, idle, with the module's fresh state.", schemas.SessionView,
-               headers=("Location",)),),
+               headers=("Location",), example=NEW_SESSION),),
         (*STORE, InvalidRequest, Forbidden, QuotaExceeded, NotFound, PayloadTooLarge),
         body=((JSON, schemas.CreateSession),),
+        body_examples=((JSON, {"cid": "glyph://counter", "budget": {"max_calls": 100}}),),
     ),
     Operation(
         "GET", "/sessions", "listSessions", "The caller's sessions, newest first",
-        (Reply(200, "A page of sessions.", schemas.SessionPage),),
+        (Reply(200, "A page of sessions.", schemas.SessionPage,
+               example={"items": [SESSION], "next_cursor": None}),),
         (*STORE, InvalidRequest),
         parameters=("page_limit", "cursor"),
     ),
     Operation(
         "GET", "/sessions/{session_id}", "getSession",
         "A session: status, use, budget, committed state",
-        (Reply(200, "The session.", schemas.SessionView),),
+        (Reply(200, "The session.", schemas.SessionView, example=SESSION),),
         (*STORE, NotFound),
     ),
     Operation(
         "GET", "/sessions/{session_id}/state", "getSessionState",
         "The same as GET /sessions/{session_id}",
-        (Reply(200, "The session.", schemas.SessionView),),
+        (Reply(200, "The session.", schemas.SessionView, example=SESSION),),
         (*STORE, NotFound),
     ),
     Operation(
         "PATCH", "/sessions/{session_id}", "setSessionBudget",
         "Set a session's budget totals (below what is used, it stays exhausted)",
-        (Reply(200, "The session.", schemas.SessionView),),
+        (Reply(200, "The session.", schemas.SessionView, example={
+            **SESSION, "budget": {"max_gas": None, "max_time": None, "max_calls": 200}}),),
         (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
         body=((JSON, schemas.PatchSession),),
+        body_examples=((JSON, {"budget": {"max_calls": 200}}),),
     ),
     Operation(
         "DELETE", "/sessions/{session_id}", "closeSession",
         "Close a session: its calls are cancelled, further calls refused",
-        (Reply(200, "Closed: the session.", schemas.SessionView),),
+        (Reply(200, "Closed: the session.", schemas.SessionView,
+               example={**SESSION, "status": "closed"}),),
         (*STORE, NotFound),
     ),
     Operation(
         "POST", "/sessions/{session_id}/calls", "callSession",
         "Call a function of the session's instance, from its last committed state",
         (Reply(200, "The result, with the state it left (`state_cid`); a failed call commits "
-               "nothing.", schemas.ExecuteResponse, headers=(REPLAYED,)),
+               "nothing.", schemas.ExecuteResponse, headers=(REPLAYED,), example=CALLED),
          Reply(202, "Accepted (`Prefer: respond-async`, or not finished within the sync wait).",
                schemas.Accepted, headers=("Location", REPLAYED))),
         (*STORE, InvalidRequest, Forbidden, NotFound, SessionClosed, SessionExhausted,
          PayloadTooLarge, IdempotencyKeyReuse, RateLimited, BudgetExhausted),
         body=((JSON, schemas.SessionCall),),
+        body_examples=((JSON, {"entrypoint": "add", "inputs": [5]}),),
         parameters=("Idempotency-Key", "Prefer"),
         rate_limited=True,
     ),
     Operation(
         "POST", "/sessions/{session_id}/pause", "pauseSession",
         "Pause the session's current call in place",
-        _control_replies("Paused: the call's state."),
+        _control_replies("Paused: the call's state.", CALL_PAUSED),
         (*STORE, NotFound, Conflict, TooManyPaused),
     ),
     Operation(
         "POST", "/sessions/{session_id}/resume", "resumeSession",
         "Resume the session's current call, optionally with more gas",
-        _control_replies("Resumed: the call's state."),
+        _control_replies("Resumed: the call's state.", {**CALL_PAUSED, "status": "running"}),
         (*STORE, InvalidRequest, NotFound, Conflict, SessionExhausted, PayloadTooLarge,
          BudgetExhausted),
         body=((JSON, schemas.ResumeRequest),), body_required=False,
+        body_examples=((JSON, {"additional_gas": 1_000_000}),),
     ),
     Operation(
         "POST", "/sessions/{session_id}/step", "stepSession",
         "Let the session's paused current call run a step of gas",
         (Reply(200, "Stopped again (paused) or finished: the call's state.",
-               schemas.ExecutionState),
+               schemas.ExecutionState, example={**CALL_PAUSED, "gas_used": 12}),
          Reply(202, "Not stopped within the sync wait: the call's state so far.",
                schemas.ExecutionState)),
         (*STORE, InvalidRequest, NotFound, Conflict, PayloadTooLarge),
         body=((JSON, schemas.StepRequest),), body_required=False,
+        body_examples=((JSON, {"gas": 1}),),
     ),
     Operation(
         "POST", "/sessions/{session_id}/snapshots", "createSnapshot",
         "Snapshot a session's last committed state (a running call is not waited for)",
         (Reply(201, "Taken; it lives until deleted (`state_cid` null: the module's fresh "
-               "state).", schemas.Snapshot, headers=("Location",)),),
+               "state).", schemas.Snapshot, headers=("Location",), example=SNAPSHOT),),
         (*STORE, InvalidRequest, QuotaExceeded, NotFound, PayloadTooLarge),
         body=((JSON, schemas.CreateSnapshot),), body_required=False,
+        body_examples=((JSON, {"label": "after 5"}),),
     ),
     Operation(
         "GET", "/snapshots", "listSnapshots", "The caller's snapshots, newest first",
-        (Reply(200, "A page of snapshots.", schemas.SnapshotPage),),
+        (Reply(200, "A page of snapshots.", schemas.SnapshotPage,
+               example={"items": [SNAPSHOT], "next_cursor": None}),),
         (*STORE, InvalidRequest),
         parameters=("page_limit", "cursor"),
     ),
     Operation(
         "GET", "/snapshots/{snapshot_id}", "getSnapshot", "A snapshot",
-        (Reply(200, "The snapshot.", schemas.Snapshot),),
+        (Reply(200, "The snapshot.", schemas.Snapshot, example=SNAPSHOT),),
         (*STORE, NotFound),
     ),
     Operation(
@@ -445,35 +624,39 @@ OPERATIONS = (
         "POST", "/snapshots/{snapshot_id}/restore", "restoreSnapshot",
         "Branch: new sessions, each starting from the snapshot's state",
         (Reply(201, "The new sessions, idle, independent of each other and of the original.",
-               schemas.Branches),),
+               schemas.Branches, example={"items": [BRANCH]}),),
         (*STORE, InvalidRequest, Forbidden, QuotaExceeded, NotFound, Conflict, PayloadTooLarge),
         body=((JSON, schemas.RestoreSnapshot),), body_required=False,
+        body_examples=((JSON, {"branch_count": 1}),),
     ),
     Operation(
         "POST", "/pipelines", "createPipeline",
         "Run a DAG of executions: nodes whose inputs may refer to other nodes' outputs",
         (Reply(202, "Accepted, running; its first nodes are queued.", schemas.PipelineAccepted,
-               headers=("Location", REPLAYED)),),
+               headers=("Location", REPLAYED), example={
+                   "pipeline_id": PIPELINE_ID, "status": "running", "links": PIPELINE_LINKS}),),
         (*STORE, InvalidRequest, Forbidden, IdempotencyKeyReuse, PayloadTooLarge),
-        body=((JSON, schemas.CreatePipeline),),
+        body=((JSON, schemas.CreatePipeline),), body_examples=((JSON, PIPELINE),),
         parameters=("Idempotency-Key",),
     ),
     Operation(
         "GET", "/pipelines", "listPipelines", "The caller's pipelines, newest first",
-        (Reply(200, "A page of pipelines.", schemas.PipelinePage),),
+        (Reply(200, "A page of pipelines.", schemas.PipelinePage,
+               example={"items": [PIPELINE_SUMMARY], "next_cursor": None}),),
         (*STORE, InvalidRequest),
         parameters=("page_limit", "cursor"),
     ),
     Operation(
         "GET", "/pipelines/{pipeline_id}", "getPipeline",
         "A pipeline: its status, progress and every node's state",
-        (Reply(200, "The pipeline.", schemas.PipelineView),),
+        (Reply(200, "The pipeline.", schemas.PipelineView, example=PIPELINE_VIEW),),
         (*STORE, NotFound),
     ),
     Operation(
         "DELETE", "/pipelines/{pipeline_id}", "cancelPipeline",
         "Cancel a pipeline: pending nodes at once, running ones where they run",
-        (Reply(200, "Cancelled: the pipeline, ended.", schemas.PipelineView),
+        (Reply(200, "Cancelled: the pipeline, ended.", schemas.PipelineView,
+               example=CANCELLED_PIPELINE),
          Reply(202, "Cancelling: the pipeline so far (its running nodes have not ended yet).",
                schemas.PipelineView)),
         (*STORE, NotFound, Conflict),
@@ -481,14 +664,14 @@ OPERATIONS = (
     Operation(
         "GET", "/executions/{request_id}/deliveries", "listExecutionDeliveries",
         "Every attempt to deliver the execution's events to its callback_url, oldest first",
-        (Reply(200, "A page of attempts.", webhooks.DeliveryPage),),
+        (Reply(200, "A page of attempts.", webhooks.DeliveryPage, example=DELIVERIES),),
         (*STORE, InvalidRequest, NotFound),
         parameters=("page_limit", "cursor"),
     ),
     Operation(
         "GET", "/pipelines/{pipeline_id}/deliveries", "listPipelineDeliveries",
         "Every attempt to deliver the pipeline's events to its callback_url, oldest first",
-        (Reply(200, "A page of attempts.", webhooks.DeliveryPage),),
+        (Reply(200, "A page of attempts.", webhooks.DeliveryPage, example=DELIVERIES),),
         (*STORE, InvalidRequest, NotFound),
         parameters=("page_limit", "cursor"),
     ),
@@ -496,38 +679,44 @@ OPERATIONS = (
         "GET", "/webhooks/secret", "getWebhookSecret",
         "The caller's webhook signing secret (made now if it has none yet)",
         (Reply(200, "The current secret: `whsec_` and base64 of 32 bytes.",
-               webhooks.WebhookSecret),),
+               webhooks.WebhookSecret, example=SECRET),),
         STORE,
     ),
     Operation(
         "POST", "/webhooks/secret", "rotateWebhookSecret",
         "Replace the caller's webhook signing secret; the old one still signs during the "
         "grace period (RELAY_WEBHOOK_ROTATION_GRACE)",
-        (Reply(200, "The new secret.", webhooks.WebhookSecret),),
+        (Reply(200, "The new secret.", webhooks.WebhookSecret,
+               example={"secret": "whsec_Zq1V6e0LmC3Jv9Xk2pTt8yQwR4sN7uHb5aDf0gEi1oM="}),),
         STORE,
     ),
     Operation("GET", "/", "index", "Links to the API's entry points",
-              (Reply(200, "The links.", schemas.Index),), auth=False),
-    Operation("GET", "/healthz", "healthz", "Liveness", (Reply(200, "Alive.", schemas.Liveness),),
-              auth=False),
+              (Reply(200, "The links.", schemas.Index, example=INDEX),), auth=False),
+    Operation("GET", "/healthz", "healthz", "Liveness",
+              (Reply(200, "Alive.", schemas.Liveness, example={"status": "ok"}),), auth=False),
     Operation(
         "GET", "/readyz", "readyz", "Readiness",
         (Reply(200, "Redis is reachable and every background loop runs.",
-                schemas.Readiness),),
+                schemas.Readiness, example={"status": "ready", "redis": True}),),
         STORE, auth=False,
     ),
     Operation("GET", "/metrics", "metrics", "Prometheus metrics",
-              (Reply(200, "Counters, histograms and gauges.", {"type": "string"}, METRICS),),
+              (Reply(200, "Counters, histograms and gauges.", {"type": "string"}, METRICS,
+                     example=METRICS_EXAMPLE),),
               STORE, auth=False),
     Operation("GET", "/openapi.json", "openapi", "This document",
-              (Reply(200, "OpenAPI 3.1.", ANY_JSON),), auth=False),
+              (Reply(200, "OpenAPI 3.1.", ANY_JSON, example={
+                  "openapi": "3.1.0", "info": {"title": "Relay", "version": "0.1.0"},
+                  "paths": {"/intent/execute-wasm": {"post": {"operationId": "executeWasm"}}}}),),
+              auth=False),
     Operation("GET", "/docs", "docs", "This document as an interactive page (Swagger UI)",
               (Reply(200, "The page; its scripts and styles come from /docs/{asset}.",
-                     {"type": "string"}, "text/html"),), auth=False),
+                     {"type": "string"}, "text/html", example=DOCS_PAGE),), auth=False),
     Operation("GET", "/docs/{asset}", "docsAsset", "A script, style or image of the /docs page",
               (Reply(200, "The file.", {"type": "string"}, "text/css",
                      other_bodies=(("text/javascript", {"type": "string"}),
-                                   ("image/png", {"type": "string"}))),),
+                                   ("image/png", {"type": "string"})),
+                     example=".swagger-ui .wrapper{box-sizing:border-box;margin:0 auto}"),),
               (NotFound,), auth=False),
 )
 
@@ -674,6 +863,8 @@ def _operation(operation: Operation, schema_of: dict[Any, dict[str, Any]]) -> di
         if reply.body is not None:
             response["content"] = {media_type: {"schema": schema(body)} for media_type, body
                                    in ((reply.media_type, reply.body), *reply.other_bodies)}
+            if reply.example is not None:
+                response["content"][reply.media_type]["example"] = reply.example
         responses[str(reply.status)] = response
     for status, response in _errors(operation).items():
         # Refused before the limit is counted (401), or unable to count it (503).
@@ -690,8 +881,11 @@ def _operation(operation: Operation, schema_of: dict[Any, dict[str, Any]]) -> di
         result["parameters"] = [{"$ref": f"#/components/parameters/{name}"}
                                 for name in parameters]
     if operation.body:
+        examples = dict(operation.body_examples)
         result["requestBody"] = {"required": operation.body_required, "content": {
-            media_type: {"schema": schema(body)} for media_type, body in operation.body}}
+            media_type: {"schema": schema(body)} | (
+                {"example": examples[media_type]} if media_type in examples else {})
+            for media_type, body in operation.body}}
     if not operation.auth:
         result["security"] = []
     elif operation.url_token:
@@ -728,7 +922,7 @@ def _webhooks(schema_of: dict[Any, dict[str, Any]]) -> dict[str, Any]:
         ],
         "requestBody": {"required": True, "content": {JSON: {"schema": {"oneOf": [
             schema_of[schemas.Event], schema_of[schemas.PipelineProgress],
-            schema_of[schemas.PipelineComplete]]}}}},
+            schema_of[schemas.PipelineComplete]]}, "example": COMPLETE_EVENT}}},
         "responses": {
             "2XX": {"description": "Received: the delivery ends."},
             "410": {"description": "Gone: the delivery stops, never retried."},

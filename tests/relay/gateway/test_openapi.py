@@ -313,3 +313,65 @@ async def test_the_name_binding_schema_refuses_unknown_fields_like_the_server(
     assert not schema.is_valid({"cid": adder, "owner": "bob"})
     refused = await http.put("/names/adder/v1", json={"cid": adder, "owner": "bob"})
     assert_problem(refused, 400, "invalid-request")
+
+
+# --- examples: every operation has them, and they are what their schemas describe ---
+
+
+def every_operation() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """The paths' operations, then the webhooks' (the requests Relay sends)."""
+    yield from operations()
+    for name, item in document()["webhooks"].items():
+        for method, operation in item.items():
+            yield method.upper(), name, operation
+
+
+def closed(node: Any) -> Any:
+    """`node` with every object schema closed to the properties it names: the response types
+    accept unknown fields (for clients' sake), an example must not have any (a misspelling)."""
+    if isinstance(node, list):
+        return [closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    found = {key: closed(value) for key, value in node.items()}
+    if "properties" in found and "additionalProperties" not in found:
+        found["additionalProperties"] = False
+    return found
+
+
+def examples_of(operation: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], Any]]:
+    """(where, schema, example) of every example of the operation's bodies and responses."""
+    parts = [("request", operation.get("requestBody", {})),
+             *operation["responses"].items()]
+    for part, described in parts:
+        for kind, media in described.get("content", {}).items():
+            if "example" in media:
+                yield f"{part} {kind}", media["schema"], media["example"]
+            for name, example in media.get("examples", {}).items():
+                yield f"{part} {kind} {name}", media["schema"], example["value"]
+
+
+def test_every_operation_has_an_example_of_its_body_and_its_success() -> None:
+    for method, path, operation in every_operation():
+        if "requestBody" in operation:
+            assert any("example" in media or "examples" in media
+                       for media in operation["requestBody"]["content"].values()), (method, path)
+        successes = [response for status, response in sorted(operation["responses"].items())
+                     if status.startswith("2") and "content" in response]
+        if successes:  # not where success has no body (204, or a webhook's 2XX)
+            main = successes[0]["content"]
+            assert any("example" in media or "examples" in media for media in main.values()), (
+                method, path)
+
+
+def test_every_example_validates_against_its_schema() -> None:
+    components = closed(document()["components"])
+    count = 0
+    for method, path, operation in every_operation():
+        for where, schema, example in examples_of(operation):
+            check = jsonschema.Draft202012Validator({**closed(schema), "components": components})
+            errors = [f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+                      for error in check.iter_errors(example)]
+            assert not errors, f"{method} {path} {where}: {errors}"
+            count += 1
+    assert count >= len(list(operations()))  # not vacuous: about one and a half each
