@@ -31,7 +31,9 @@ async def test_the_javascript_sdk_against_a_real_gateway(served: Served,
         if process.returncode is None:
             process.kill()
             await process.wait()
-    assert process.returncode == 0, output.decode(errors="replace")
+    text = output.decode(errors="replace")
+    assert process.returncode == 0, text
+    assert "ℹ fail 0" in text and "ℹ pass 0" not in text, text
 
 
 async def test_the_package_declares_an_es_module_with_types() -> None:

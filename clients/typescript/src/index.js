@@ -89,8 +89,14 @@ async function retryDelayMs(response, attempt) {
   return seconds <= MAX_RETRY_AFTER_S ? seconds * 1000 : null;
 }
 
+/** A fresh idempotency key, made before a request's first attempt and reused by its retries. */
 export function newIdempotencyKey() {
-  return `relay-client-${webcrypto.randomUUID().replaceAll("-", "")}`;
+  // randomUUID exists only in secure contexts (https, localhost); getRandomValues everywhere.
+  if (typeof webcrypto.randomUUID === "function") {
+    return `relay-client-${webcrypto.randomUUID().replaceAll("-", "")}`;
+  }
+  const bytes = webcrypto.getRandomValues(new Uint8Array(16));
+  return `relay-client-${Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("")}`;
 }
 
 function dropUndefined(values) {
@@ -185,7 +191,10 @@ export class Relay {
     this.url = (url || env("RELAY_URL") || DEFAULT_URL).replace(/\/+$/, "");
     this.apiKey = apiKey || env("RELAY_API_KEY") || null;
     this.retries = retries;
-    this.fetch = fetch ?? globalThis.fetch.bind(globalThis);
+    // Called as a plain function: a browser's fetch called as a method of another object
+    // throws "Illegal invocation".
+    const impl = fetch ?? globalThis.fetch;
+    this.fetch = (input, init) => impl.call(globalThis, input, init);
     this.headers = { ...headers };
     if (this.apiKey) this.headers["X-API-Key"] = this.apiKey;
     this.modules = new Modules(this);

@@ -2,7 +2,7 @@
 // tests/clients/test_typescript_sdk.py, which sets RELAY_URL and RELAY_API_KEY.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { Relay, RelayError } from "../src/index.js";
+import { Relay, RelayError, newIdempotencyKey } from "../src/index.js";
 
 const ADD_WAT = `(module (func (export "main") (param i32 i32) (result i32)
   local.get 0 local.get 1 i32.add))`;
@@ -191,4 +191,10 @@ test("a budget's 429 is not retried", async () => {
   const client = new Relay({ url: "http://127.0.0.1:9", apiKey: "k", fetch: exhausted });
   await assert.rejects(client.execute("bafy", []), (error) => error.slug === "budget-exhausted");
   assert.equal(calls, 1);
+});
+
+test("idempotency keys are fresh and URL-safe", () => {
+  const keys = new Set(Array.from({ length: 100 }, () => newIdempotencyKey()));
+  assert.equal(keys.size, 100);
+  for (const key of keys) assert.match(key, /^relay-client-[0-9a-f]{32}$/);
 });
