@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any, Literal, NamedTuple
 
@@ -76,6 +77,33 @@ class Script:
         except NoScriptError:
             await client.script_load(self.source)
             return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+_GROUP_RECLAIM = Script.named("pipeline_reclaim")
+"""Takes a consumer group's idle pending entries (the group is an argument)."""
+
+
+async def create_group(client: aioredis.Redis, stream: str, group: str) -> None:
+    """Create consumer group `group` on `stream` (and the stream) unless it exists."""
+    try:
+        await client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def reclaimed(client: aioredis.Redis, stream: str, group: str, consumer: str,
+                    min_idle_ms: int, count: int) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+    """The entries of `group` pending longer than `min_idle_ms` (their consumer died), taken
+    over by `consumer`: (entry id, `data`), `count` at most at a time."""
+    cursor: bytes | str = "0-0"
+    while True:
+        cursor, *entries = await _GROUP_RECLAIM.run(
+            client, [stream], [group, consumer, min_idle_ms, cursor, count])
+        if entries:
+            yield [(entry_id, data) for entry_id, data in entries]
+        if cursor in (b"0-0", "0-0"):
+            return
 
 
 Call = tuple[Script, list[str], list[Any]]
@@ -311,12 +339,7 @@ class Bus:
         """Create the executors' group on every requests stream (idempotent); both services
         call it at start."""
         for stream in self._streams:
-            try:
-                await self.client.xgroup_create(stream, Keys.EXECUTOR_GROUP, id="0",
-                                                mkstream=True)
-            except redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await create_group(self.client, stream, Keys.EXECUTOR_GROUP)
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[tuple[Entry, bytes]]:
         """Up to `count` new request entries for this consumer, (entry, `data`), in the order

@@ -30,7 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from relay import ssrf
-from relay.bus import Script
+from relay.bus import create_group, reclaimed
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.scheduler import consumer_name
@@ -49,8 +49,6 @@ from relay.webhooks import (
 
 log = logging.getLogger("relay.webhooks")
 
-# The pipeline scheduler's reclaim script takes any group's idle entries (group as argument).
-_RECLAIM = Script.named("pipeline_reclaim")
 
 CANDIDATES = (b'{"type":"execution_', b'{"type":"pipeline_', b'{"type":"batch_')
 """How every event a callback may ask for begins (`wasm_exec_*` and the rest never are)."""
@@ -135,12 +133,7 @@ class Deliverer:
     # --- events -> deliveries ---
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.keys.events, Keys.WEBHOOK_GROUP, id="0",
-                                            mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await create_group(self.client, self.keys.events, Keys.WEBHOOK_GROUP)
 
     async def consume(self) -> None:
         """Queue the deliveries events call for, until cancelled."""
@@ -168,17 +161,11 @@ class Deliverer:
 
     async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
         """Take over the entries another consumer left pending (it died before queueing)."""
-        cursor: bytes | str = "0-0"
-        while True:
-            cursor, *entries = await _RECLAIM.run(
-                self.client, [self.keys.events],
-                [Keys.WEBHOOK_GROUP, self.consumer, min_idle_ms, cursor, READ_COUNT])
-            if entries:
-                # The reclaim script returns no `user`: the deliverer reads the owner from the
-                # execution's record or the pipeline's hash, which hold it too.
-                await self.handle([(entry_id, data, None) for entry_id, data in entries])
-            if cursor in (b"0-0", "0-0"):
-                return
+        async for entries in reclaimed(self.client, self.keys.events, Keys.WEBHOOK_GROUP,
+                                       self.consumer, min_idle_ms, READ_COUNT):
+            # The reclaim script returns no `user`: the deliverer reads the owner from the
+            # execution's record or the pipeline's hash, which hold it too.
+            await self.handle([(entry_id, data, None) for entry_id, data in entries])
 
     async def handle(self, entries: list[tuple[bytes, bytes, bytes | None]]) -> None:
         """Queue the deliveries `entries` call for, then acknowledge them all."""

@@ -32,7 +32,7 @@ import redis.asyncio as aioredis
 from relay import budgets
 from relay.batches import BatchStore
 from relay.blobs import BlobGone, BlobStore, decode_output
-from relay.bus import Bus, Script
+from relay.bus import Bus, create_group, reclaimed
 from relay.environments import tag
 from relay.keys import Keys
 from relay.memo import Memo, MemoAccept, MemoKey, digest
@@ -50,7 +50,6 @@ from relay.pipelines import (
 from relay.schemas import ErrorInfo, InputRef, WasmExecRequested, decode_completed, now_iso
 
 log = logging.getLogger("relay.scheduler")
-_RECLAIM = Script.named("pipeline_reclaim")
 
 COMPLETED_PREFIX = b'{"type":"wasm_exec_completed"'
 PIPELINE_MARK = b'"pipeline_id":"'
@@ -127,12 +126,7 @@ class Scheduler:
     # --- the consumer ---
 
     async def ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.keys.events, Keys.PIPELINE_GROUP, id="0",
-                                            mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await create_group(self.client, self.keys.events, Keys.PIPELINE_GROUP)
 
     def wake(self) -> None:
         """A node's completion is on the stream (the gateway's fan-in saw it): read now."""
@@ -174,15 +168,9 @@ class Scheduler:
 
     async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
         """Take over the entries another consumer left pending (it died mid-transition)."""
-        cursor: bytes | str = "0-0"
-        while True:
-            cursor, *entries = await _RECLAIM.run(
-                self.client, [self.keys.events],
-                [Keys.PIPELINE_GROUP, self.consumer, min_idle_ms, cursor, READ_COUNT])
-            if entries:
-                await self.handle([(entry_id, data) for entry_id, data in entries])
-            if cursor in (b"0-0", "0-0"):
-                return
+        async for entries in reclaimed(self.client, self.keys.events, Keys.PIPELINE_GROUP,
+                                       self.consumer, min_idle_ms, READ_COUNT):
+            await self.handle(entries)
 
     async def handle(self, entries: list[tuple[bytes, bytes]]) -> None:
         """Advance pipelines by the completions among `entries`; acknowledge every entry but
