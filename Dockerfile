@@ -22,6 +22,8 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
 COPY executor/ executor/
+# relay/console/relay-client.js and .d.ts are links to the JavaScript SDK's source.
+COPY clients/typescript/src/ clients/typescript/src/
 # Not editable: the example modules `relay dev` registers and the default policies are package
 # data (relay/examples, relay/policies), installed with the code.
 RUN /opt/venv/bin/pip install --no-cache-dir .

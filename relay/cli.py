@@ -297,6 +297,7 @@ def dev(settings: Settings, host: str, port: int) -> None:
                 f"  API key ({principal}): {key}\n"
                 f"  Redis: {redis_url}\n"
                 f"  Rate limit: {limit} (RELAY_RATE_LIMIT; `relay gateway` defaults to 10)\n"
+                f"  Console: {url}/console (sign in with the key above)\n"
                 f"  API reference: {url}/docs\n\n"
                 f"Try:\n  curl -s {url}/intent/execute-wasm -H 'X-API-Key: {key}' "
                 "-H 'Content-Type: application/json' "

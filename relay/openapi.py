@@ -205,15 +205,16 @@ PIPELINE_SUMMARY = {"pipeline_id": PIPELINE_ID, "status": "completed", "progress
                     "created_at": "2026-12-06T09:49:14.987Z",
                     "finished_at": "2026-12-06T09:49:14.997Z"}
 PIPELINE_VIEW: dict[str, Any] = {**PIPELINE_SUMMARY, "nodes": {
-    "sum": {"status": "completed", "attempts": 1, "output": 5, "cached": False,
+    "sum": {"status": "completed", "attempts": 1, "needs": [], "output": 5, "cached": False,
             "request_id": "8797a284a9171611f714dc72eb3f824926632058d28613ffd9240679336cdd1a"},
-    "double": {"status": "completed", "attempts": 1, "output": 10, "cached": False,
+    "double": {"status": "completed", "attempts": 1, "needs": ["sum"], "output": 10,
+               "cached": False,
                "request_id": "ac7e872e7a70ca6f1c65a0bae027c5466a4df676f4ab86fd18894377b84700a2"}},
     "max_concurrency": 8, "fail_fast": False}
 CANCELLED_PIPELINE = {**PIPELINE_VIEW, "status": "cancelled", "progress": {
     **PROGRESS, "completed": 1, "cancelled": 1, "percent": 50.0}, "nodes": {
     **PIPELINE_VIEW["nodes"], "double": {"status": "cancelled", "request_id": None,
-                                         "attempts": 0}}}
+                                         "attempts": 0, "needs": ["sum"]}}}
 COMPLETE_EVENT = {"type": "execution_complete", "request_id": REQUEST_ID,
                   "timestamp": AT, "success": True, "duration": 0.428, "gas_used": 4,
                   "output": 8}
@@ -229,11 +230,19 @@ DELIVERIES = {"items": [
      "status_code": 200, "error": None, "at": "2026-12-06T09:49:19.131Z",
      "next_attempt_at": None}], "next_cursor": None}
 INDEX = {"service": "relay", "version": "0.1.0", "links": {
-    "docs": "/docs", "openapi": "/openapi.json", "health": "/intent/execute-wasm/health",
+    "docs": "/docs", "console": "/console", "openapi": "/openapi.json",
+    "health": "/intent/execute-wasm/health",
     "execute": "/intent/execute-wasm", "events": "/intent/execute-wasm/events"}}
 METRICS_EXAMPLE = """# HELP relay_execute_wasm_success_total Executions that ran to the end.
 # TYPE relay_execute_wasm_success_total counter
 relay_execute_wasm_success_total 8
+"""
+CONSOLE_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Relay console</title>
+<script type="module" src="console/console.js"></script></head>
+<body><form id="sign-in"><label for="api-key">API key</label><input id="api-key"></form></body>
+</html>
 """
 DOCS_PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -709,6 +718,19 @@ OPERATIONS = (
                   "openapi": "3.1.0", "info": {"title": "Relay", "version": "0.1.0"},
                   "paths": {"/intent/execute-wasm": {"post": {"operationId": "executeWasm"}}}}),),
               auth=False),
+    Operation("GET", "/console", "console",
+              "The web console: upload, run, watch and steer modules in a browser",
+              (Reply(200, "The page; its script and style come from /console/{file}. It asks "
+                     "for an API key and keeps it in the tab's sessionStorage.",
+                     {"type": "string"}, "text/html", example=CONSOLE_PAGE),), auth=False),
+    Operation("GET", "/console/{file}", "consoleFile",
+              "A file of the console, or the JavaScript SDK (relay-client.js, relay-client.d.ts)",
+              (Reply(200, "The file, with an ETag (If-None-Match answers 304).",
+                     {"type": "string"}, "text/javascript",
+                     other_bodies=(("text/css", {"type": "string"}),
+                                   ("application/typescript", {"type": "string"})),
+                     example='import { Relay, RelayError } from "./relay-client.js";'),),
+              (NotFound,), auth=False),
     Operation("GET", "/docs", "docs", "This document as an interactive page (Swagger UI)",
               (Reply(200, "The page; its scripts and styles come from /docs/{asset}.",
                      {"type": "string"}, "text/html", example=DOCS_PAGE),), auth=False),
@@ -756,6 +778,10 @@ PARAMETERS = {
     "asset": _parameter("path", "asset", "A file of the /docs page.",
                         {"type": "string", "enum": ["swagger-ui.css", "swagger-ui-bundle.js",
                                                     "favicon-32x32.png", "relay-docs.js"]}),
+    # The files relay/gateway/routes/console.py serves.
+    "file": _parameter("path", "file", "A file of the /console page or the JavaScript SDK.",
+                       {"type": "string", "enum": ["console.js", "console.css",
+                                                   "relay-client.js", "relay-client.d.ts"]}),
     "batch_id": _parameter("path", "batch_id", "The batch's id.",
                            {"type": "string", "pattern": "^bat_[0-9a-f]{24}$"}),
     "budget_id": _parameter("path", "budget_id", "The budget's id.",

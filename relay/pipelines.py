@@ -417,7 +417,8 @@ class PipelineStore:
         pipe.hgetall(key + ":attempts")
         pipe.hgetall(key + ":results")
         pipe.hgetall(key + ":order")
-        meta, statuses, attempts, results, order = await pipe.execute()
+        pipe.hgetall(key + ":dependents")
+        meta, statuses, attempts, results, order, dependents = await pipe.execute()
         if meta.get(b"principal") != principal.encode():
             raise NotFound(f"no pipeline {pipeline_id}")
         names = sorted((n.decode() for n in statuses), key=lambda n: int(order[n.encode()]))
@@ -432,10 +433,15 @@ class PipelineStore:
             for n, found in zip(queued, await pipe.execute(), strict=True):
                 if found in (b"running", b"paused"):
                     status_of[n] = "running"
+        needs: dict[str, list[str]] = {n: [] for n in names}
+        for node, after in dependents.items():
+            for dependent in msgspec.json.decode(after):
+                needs[dependent].append(node.decode())
         nodes = {}
         for n in names:
             tries = int(attempts.get(n.encode(), 0))
             state = PipelineNodeState(status=status_of[n], attempts=tries,
+                                      needs=sorted(needs[n], key=lambda d: int(order[d.encode()])),
                                       request_id=node_request_id(pipeline_id, n, tries)
                                       if tries else None)
             raw = results.get(n.encode())

@@ -738,6 +738,8 @@ class PipelineNodeState(msgspec.Struct, kw_only=True):
     request_id: str | None
     """The execution of its latest attempt (null before its first)."""
     attempts: int
+    needs: list[str]
+    """The nodes whose outputs it takes (its `$ref`s), in declaration order: the graph's edges."""
     output: Any = UNSET
     output_ref: Any = UNSET
     """A large output's blob (`{cid, size, content_type}`), as an execution's `output_ref`."""

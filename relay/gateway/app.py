@@ -20,6 +20,7 @@ from relay.gateway.http import RequestIdMiddleware, by_method
 from relay.gateway.routes import (
     batches,
     budgets,
+    console,
     docs,
     environments,
     execute,
@@ -109,6 +110,8 @@ ROUTES = [
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/metrics", health.metrics, methods=["GET"]),
     Route("/openapi.json", health.openapi_json, methods=["GET"]),
+    Route("/console", console.page, methods=["GET"]),
+    Route("/console/{file}", console.asset, methods=["GET"]),
     Route("/docs", docs.page, methods=["GET"]),
     Route("/docs/{asset}", docs.asset, methods=["GET"]),
 ]

@@ -25,7 +25,9 @@ import redis
 from tests.conftest import ROOT
 
 # What the Dockerfile copies into its build: the project as a user's `pip install .` sees it.
-SOURCES = ("pyproject.toml", "README.md", "relay", "executor")
+# The JavaScript SDK's source is there because relay/console links to it (symbolic links, kept
+# as links in the copy, as git checks them out).
+SOURCES = ("pyproject.toml", "README.md", "relay", "executor", "clients/typescript/src")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in SOURCES:
         path = ROOT / name
         if path.is_dir():
-            shutil.copytree(path, source / name,
+            shutil.copytree(path, source / name, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(path, source / name)
@@ -129,6 +131,17 @@ def test_relay_dev_from_the_installed_package_answers_the_readme_seed(
                 "cid": "glyph://calculator@quantum", "inputs": [5, 3]})
         assert seed.status_code == 200, seed.text
         assert seed.json()["output"] == 8
+        # The console and the SDK it runs on, as files of the installed package.
+        sdk = ROOT / "clients" / "typescript" / "src"
+        for path, source in (("/console", None), ("/console/console.js", None),
+                             ("/console/relay-client.js", sdk / "index.js"),
+                             ("/console/relay-client.d.ts", sdk / "index.d.ts")):
+            answer = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=30)
+            assert answer.status_code == 200, path
+            if source is not None:
+                assert answer.content == source.read_bytes(), path
+        console = installed / "relay" / "console"
+        assert not (console / "relay-client.js").is_symlink(), "the wheel holds the file itself"
     finally:
         _stop(dev, embedded)
 

@@ -101,6 +101,7 @@ def test_relay_dev_runs_the_seed_and_sigterm_stops_everything_it_started(
         banner = _banner_from(dev.stdout)
         assert "Rate limit: 1000 executes per 60 s" in banner
         assert f"API reference: http://127.0.0.1:{port}/docs" in banner
+        assert f"Console: http://127.0.0.1:{port}/console" in banner
         assert f"relay execute --url http://127.0.0.1:{port} glyph://calculator" in banner
         key = _dev_key_from(banner)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key},

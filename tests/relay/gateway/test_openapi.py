@@ -39,7 +39,7 @@ EXAMPLE_PATH_PARAMETERS = {"request_id": "0" * 64, "cid": cid_of(b"nothing store
                            "budget_id": "bud_" + "0" * 24, "session_id": "ses_" + "0" * 24,
                            "snapshot_id": "snp_" + "0" * 24, "pipeline_id": "0" * 32,
                            "environment": "nowhere", "batch_id": "bat_" + "0" * 24,
-                           "asset": "swagger-ui.css"}
+                           "asset": "swagger-ui.css", "file": "console.css"}
 
 
 def operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
