@@ -286,6 +286,7 @@ export declare class Batches {
 
 export declare class Pipelines {
   create(nodes: Body[], options?: { maxConcurrency?: number; failFast?: boolean;
+                                    callbackUrl?: string; callbackEvents?: string[];
                                     idempotencyKey?: string; [field: string]: unknown }):
     Promise<Body>;
   get(pipelineId: string): Promise<Body>;

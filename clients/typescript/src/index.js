@@ -544,8 +544,11 @@ class Batches extends Resource {
 }
 
 class Pipelines extends Resource {
-  create(nodes, { maxConcurrency, failFast, idempotencyKey, ...fields } = {}) {
+  /** Start a pipeline of `nodes` (execute bodies with an `id`; inputs may hold `{$ref}`). */
+  create(nodes, { maxConcurrency, failFast, callbackUrl, callbackEvents, idempotencyKey,
+                  ...fields } = {}) {
     const json = dropUndefined({ nodes, max_concurrency: maxConcurrency, fail_fast: failFast,
+                                 callback_url: callbackUrl, callback_events: callbackEvents,
                                  idempotency_key: idempotencyKey ?? newIdempotencyKey(), ...fields });
     return this.relay.json("POST", "/pipelines", { safe: true, json });
   }
