@@ -95,8 +95,7 @@ async def test_the_declarations_compile_under_strict_typescript() -> None:
     assert tsc is not None
     status, text = await run(tsc, "--noEmit", "--strict", "--target", "es2022", "--module",
                              "nodenext", "--moduleResolution", "nodenext", "--lib",
-                             "es2022,dom,dom.iterable", "--types", "",
-                             str(Path("test") / "types-check.ts"))
+                             "es2022,dom,dom.iterable", str(Path("test") / "types-check.ts"))
     assert status == 0, text
 
 
