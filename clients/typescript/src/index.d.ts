@@ -95,16 +95,48 @@ export interface ListOptions {
   cursor?: string;
 }
 
-export interface ExecuteOptions {
-  entrypoint?: string;
+export type Priority = "high" | "normal" | "low";
+
+/** The options an execute and a session call share. */
+export interface CallOptions {
+  /** Fuel (wasmtime gas). */
   maxGas?: number;
+  /** Bytes of all linear memories. */
   maxMemory?: number;
+  /** Wall-clock milliseconds of running (paused time does not count). */
   maxTime?: number;
+  /** Bytes of wasm stack. */
   maxStack?: number;
   /** Default: one generated per call, reused by its retries. */
   idempotencyKey?: string;
-  /** Other request fields as the API names them: environment, priority, step_gas, ... */
+  /** Pause in place after this much more gas (then `step()` or `resume()`). */
+  stepGas?: number;
+  /** At most the principal's max_priority; default normal. */
+  priority?: Priority;
+  /** POST the execution's events there, signed (see verifyWebhook). */
+  callbackUrl?: string;
+  /** Default ["execution_complete", "execution_error"]. */
+  callbackEvents?: string[];
+  /** Other request fields as the API names them (snake_case), sent as they are. */
   [field: string]: unknown;
+}
+
+export interface ExecuteOptions extends CallOptions {
+  entrypoint?: string;
+  /** The environment to run in (default the gateway's RELAY_DEFAULT_ENVIRONMENT, `wasi`). */
+  environment?: string;
+  /** Answer a stored result of the same computation when one fits (`cached: true`). */
+  memoize?: boolean;
+}
+
+export interface EventsUrlOptions {
+  requestId?: string | string[];
+  sessionId?: string;
+  pipelineId?: string;
+  /** access_token from tokens.create(): required, an API key never goes in a URL. */
+  accessToken: string;
+  /** Start after this event ("0": every event retained). */
+  lastEventId?: string;
 }
 
 export interface EventsOptions {
@@ -139,6 +171,9 @@ export declare class Relay {
   readonly budgets: Budgets;
   readonly batches: Batches;
   readonly pipelines: Pipelines;
+  readonly environments: Environments;
+  readonly webhooks: Webhooks;
+  readonly tokens: Tokens;
   /** One request with the client's retries; rejects with RelayError for an error answer. */
   request(method: string, path: string, options?: RequestOptions): Promise<Response>;
   json<T = unknown>(method: string, path: string, options?: RequestOptions): Promise<T>;
@@ -149,6 +184,11 @@ export declare class Relay {
   handle(requestId: string): ExecutionHandle;
   /** The caller's events, live, resuming by Last-Event-ID after a dropped connection. */
   events(options?: EventsOptions): AsyncGenerator<RelayEvent, void, undefined>;
+  /**
+   * The absolute event stream URL for a browser's EventSource (which cannot send headers),
+   * carrying ?access_token=; throws a TypeError without accessToken.
+   */
+  eventsUrl(options: EventsUrlOptions): string;
 }
 
 export declare class ExecutionHandle {
@@ -186,6 +226,8 @@ export declare class Executions {
   list(options?: ListOptions & { status?: ExecutionStatus; sessionId?: string;
                                  pipelineId?: string; batchId?: string }): Promise<Page<Execution>>;
   output(requestId: string): Promise<Uint8Array>;
+  /** Every webhook delivery attempt of the execution's events. */
+  deliveries(requestId: string, options?: ListOptions): Promise<Page<Delivery>>;
   cancel(requestId: string): Promise<void>;
   pause(requestId: string): Promise<void>;
   resume(requestId: string, additionalGas?: number): Promise<void>;
@@ -197,9 +239,12 @@ export interface SessionBudget { max_gas?: number; max_time?: number; max_calls?
 export declare class Sessions {
   create(cid: string, options?: { environment?: string; budget?: SessionBudget; ttl?: number }):
     Promise<Body>;
-  call(sessionId: string, entrypoint: string, inputs?: Json[],
-       options?: Omit<ExecuteOptions, "entrypoint" | "maxStack">): Promise<Execution>;
+  /** The call's result (with state_cid) once its state is committed. */
+  call(sessionId: string, entrypoint: string, inputs?: Json[], options?: CallOptions):
+    Promise<Execution>;
   get(sessionId: string): Promise<Body>;
+  /** PATCH new budget totals. */
+  update(sessionId: string, changes: { budget: SessionBudget }): Promise<Body>;
   list(options?: ListOptions): Promise<Page<Body>>;
   close(sessionId: string): Promise<void>;
   pause(sessionId: string): Promise<void>;
@@ -241,6 +286,7 @@ export declare class Batches {
 
 export declare class Pipelines {
   create(nodes: Body[], options?: { maxConcurrency?: number; failFast?: boolean;
+                                    callbackUrl?: string; callbackEvents?: string[];
                                     idempotencyKey?: string; [field: string]: unknown }):
     Promise<Body>;
   get(pipelineId: string): Promise<Body>;
@@ -248,6 +294,104 @@ export declare class Pipelines {
   delete(pipelineId: string): Promise<void>;
   wait(pipelineId: string, options?: { onProgress?: (event: RelayEvent) => void }): Promise<Body>;
 }
+
+export interface EnvironmentPolicy {
+  max_gas?: number;
+  max_memory?: number;
+  max_time?: number;
+  max_stack?: number;
+}
+
+export interface EnvironmentWasi {
+  enabled?: boolean;
+  env?: Record<string, string>;
+  args?: string[];
+  clock?: boolean;
+  random?: boolean;
+}
+
+/** What PUT /environments/{name} takes; omitted caps are the global ceilings. */
+export interface EnvironmentDefinition {
+  name?: string;
+  /** The version it was read at: a concurrent change since is 409. */
+  version?: number;
+  description?: string;
+  policy?: EnvironmentPolicy;
+  wasi?: EnvironmentWasi;
+  max_output_bytes?: number;
+}
+
+export interface Environment {
+  name: string;
+  version: number;
+  description: string;
+  policy: Required<EnvironmentPolicy>;
+  wasi: Required<EnvironmentWasi>;
+  max_output_bytes: number;
+  [key: string]: unknown;
+}
+
+export declare class Environments {
+  list(options?: ListOptions): Promise<Page<Environment>>;
+  get(name: string): Promise<Environment>;
+  /** Create or replace (administrators only); each PUT raises version. */
+  put(name: string, definition?: EnvironmentDefinition): Promise<Environment>;
+  /** Administrators only; a shipped one is 409. */
+  delete(name: string): Promise<void>;
+}
+
+/** One delivery attempt of a webhook. */
+export interface Delivery {
+  webhook_id: string;
+  url: string;
+  attempt: number;
+  status_code: number | null;
+  error: string | null;
+  at: string;
+  next_attempt_at: string | null;
+  [key: string]: unknown;
+}
+
+export declare class Webhooks {
+  /** The current whsec_… secret. */
+  secret(): Promise<string>;
+  /** A new secret; deliveries carry both signatures for the grace period. */
+  rotateSecret(): Promise<string>;
+  /** An execution's delivery attempts, or a pipeline's with pipelineId (then requestId is ignored). */
+  deliveries(requestId: string, options?: ListOptions): Promise<Page<Delivery>>;
+  deliveries(requestId: string | null | undefined,
+             options: ListOptions & { pipelineId: string }): Promise<Page<Delivery>>;
+}
+
+export interface AccessToken {
+  access_token: string;
+  /** RFC 3339 UTC. */
+  expires_at: string;
+}
+
+export declare class Tokens {
+  /** A short-lived, subscribe-only token for eventsUrl. */
+  create(): Promise<AccessToken>;
+}
+
+/** A webhook delivery whose signature or timestamp does not hold. */
+export declare class WebhookVerificationError extends Error {
+  constructor(message: string);
+  readonly name: "WebhookVerificationError";
+}
+
+/** The headers of a delivery: a fetch Headers, or an object (node:http's) in any case. */
+export type WebhookHeaders = Headers | Record<string, string | string[] | undefined>;
+
+/**
+ * Check a delivery (Standard Webhooks 1.0: HMAC-SHA256, v1 signatures) against the secret and
+ * answer its JSON event; rejects with WebhookVerificationError on no matching signature, a
+ * missing header, or a webhook-timestamp more than toleranceS (default 300) seconds from now.
+ * Pass the raw body as received.
+ */
+export declare function verifyWebhook<T = RelayEvent["data"]>(
+  secret: string, headers: WebhookHeaders, body: string | Uint8Array | ArrayBuffer,
+  options?: { toleranceS?: number }): Promise<T>;
 
 export declare class SseDecoder {
   lastId: string | null;

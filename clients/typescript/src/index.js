@@ -107,14 +107,29 @@ function env(name) {
   return globalThis.process?.env?.[name] || undefined;
 }
 
-function executeBody(ref, inputs, options = {}) {
-  const { entrypoint, maxGas, maxMemory, maxTime, maxStack, idempotencyKey, ...fields } = options;
+/**
+ * The request fields an execute and a session call share, camelCase options to the API's names;
+ * `fields` (other options, as the API names them) are sent as they are, and win.
+ */
+function callBody(options) {
+  const { maxGas, maxMemory, maxTime, maxStack, idempotencyKey, stepGas, priority, callbackUrl,
+          callbackEvents, ...fields } = options;
   const policy = dropUndefined({ max_gas: maxGas, max_memory: maxMemory, max_time: maxTime,
                                  max_stack: maxStack });
-  const body = dropUndefined({ cid: ref, entrypoint, inputs: inputs ?? [],
-                               idempotency_key: idempotencyKey ?? newIdempotencyKey(), ...fields });
-  if (Object.keys(policy).length) body.policy = policy;
+  const body = dropUndefined({
+    step_gas: stepGas, priority, callback_url: callbackUrl, callback_events: callbackEvents,
+    ...fields,
+    // Made before the first attempt, so every retry of this request carries the same one.
+    idempotency_key: idempotencyKey ?? fields.idempotency_key ?? newIdempotencyKey(),
+  });
+  if (Object.keys(policy).length) body.policy = { ...policy, ...body.policy };
   return body;
+}
+
+function executeBody(ref, inputs, options = {}) {
+  const { entrypoint, environment, memoize, ...rest } = options;
+  return dropUndefined({ cid: ref, entrypoint, inputs: inputs ?? [], environment, memoize,
+                         ...callBody(rest) });
 }
 
 function query(params) {
@@ -205,6 +220,9 @@ export class Relay {
     this.budgets = new Budgets(this);
     this.batches = new Batches(this);
     this.pipelines = new Pipelines(this);
+    this.environments = new Environments(this);
+    this.webhooks = new Webhooks(this);
+    this.tokens = new Tokens(this);
   }
 
   /**
@@ -317,6 +335,22 @@ export class Relay {
       await sleep(delay, signal);
     }
   }
+
+  /**
+   * The absolute URL of the event stream for a browser's EventSource, which cannot send
+   * headers: `accessToken` (from `tokens.create()`) goes in the query, and so does
+   * `lastEventId` to start after that event (a new EventSource sends no Last-Event-ID).
+   */
+  eventsUrl({ requestId, sessionId, pipelineId, accessToken, lastEventId } = {}) {
+    if (!accessToken) {
+      throw new TypeError("eventsUrl needs an accessToken from tokens.create(): an API key "
+                          + "never goes in a URL");
+    }
+    const ids = requestId === undefined ? undefined : [].concat(requestId);
+    return this.url + EVENTS_PATH + query({ request_id: ids, session_id: sessionId,
+                                            pipeline_id: pipelineId, last_event_id: lastEventId,
+                                            access_token: accessToken });
+  }
 }
 
 /** One execution, by its request_id: follow it, wait for it, control it. */
@@ -407,6 +441,11 @@ class Executions extends Resource {
     const response = await this.relay.request("GET", `/executions/${enc(requestId)}/output`);
     return new Uint8Array(await response.arrayBuffer());
   }
+  /** Every webhook delivery attempt of the execution's events, oldest first. */
+  async deliveries(requestId, { limit, cursor } = {}) {
+    return page(await this.relay.json("GET", `/executions/${enc(requestId)}/deliveries`,
+                                      { params: { limit, cursor } }));
+  }
   async cancel(requestId) { await this.relay.request("DELETE", `/executions/${enc(requestId)}`); }
   async pause(requestId) {
     await this.relay.request("POST", `/executions/${enc(requestId)}/pause`);
@@ -425,18 +464,22 @@ class Sessions extends Resource {
   create(cid, { environment, budget, ttl } = {}) {
     return this.relay.json("POST", "/sessions", { json: dropUndefined({ cid, environment, budget, ttl }) });
   }
-  async call(sessionId, entrypoint, inputs = [], { maxGas, maxMemory, maxTime, idempotencyKey,
-                                                   ...fields } = {}) {
-    const policy = dropUndefined({ max_gas: maxGas, max_memory: maxMemory, max_time: maxTime });
-    const json = dropUndefined({ entrypoint, inputs,
-                                 policy: Object.keys(policy).length ? policy : undefined,
-                                 idempotency_key: idempotencyKey ?? newIdempotencyKey(), ...fields });
+  /**
+   * Call `entrypoint` and answer its result (with `state_cid`) once its state is committed.
+   * Without `idempotencyKey` one is made, so a retry is never a second call.
+   */
+  async call(sessionId, entrypoint, inputs = [], options = {}) {
+    const json = { entrypoint, inputs: inputs ?? [], ...callBody(options) };
     const response = await this.relay.request("POST", `/sessions/${enc(sessionId)}/calls`,
                                               { safe: true, json });
     const result = await response.json();
     return response.status === 202 ? this.relay.handle(result.request_id).wait() : result;
   }
   get(sessionId) { return this.relay.json("GET", `/sessions/${enc(sessionId)}`); }
+  /** Set new budget totals (below what is used, it stays exhausted). */
+  update(sessionId, { budget }) {
+    return this.relay.json("PATCH", `/sessions/${enc(sessionId)}`, { json: { budget } });
+  }
   async list({ limit, cursor } = {}) {
     return page(await this.relay.json("GET", "/sessions", { params: { limit, cursor } }));
   }
@@ -501,8 +544,11 @@ class Batches extends Resource {
 }
 
 class Pipelines extends Resource {
-  create(nodes, { maxConcurrency, failFast, idempotencyKey, ...fields } = {}) {
+  /** Start a pipeline of `nodes` (execute bodies with an `id`; inputs may hold `{$ref}`). */
+  create(nodes, { maxConcurrency, failFast, callbackUrl, callbackEvents, idempotencyKey,
+                  ...fields } = {}) {
     const json = dropUndefined({ nodes, max_concurrency: maxConcurrency, fail_fast: failFast,
+                                 callback_url: callbackUrl, callback_events: callbackEvents,
                                  idempotency_key: idempotencyKey ?? newIdempotencyKey(), ...fields });
     return this.relay.json("POST", "/pipelines", { safe: true, json });
   }
@@ -524,4 +570,135 @@ class Pipelines extends Resource {
     }
     return state;
   }
+}
+
+class Environments extends Resource {
+  /** One page of the environments (the shipped `wasi` and `pure` among them). */
+  async list({ limit, cursor } = {}) {
+    return page(await this.relay.json("GET", "/environments", { params: { limit, cursor } }));
+  }
+  get(name) { return this.relay.json("GET", `/environments/${enc(name)}`); }
+  /**
+   * Create or replace an environment (administrators only): `definition` holds `description`,
+   * `policy`, `wasi`, `max_output_bytes` and, to refuse a concurrent change (409), the
+   * `version` it was read at.
+   */
+  put(name, definition = {}) {
+    return this.relay.json("PUT", `/environments/${enc(name)}`, { json: definition });
+  }
+  /** Delete an environment (administrators only; a shipped one is 409). */
+  async delete(name) { await this.relay.request("DELETE", `/environments/${enc(name)}`); }
+}
+
+class Webhooks extends Resource {
+  /** The caller's current `whsec_…` signing secret, for verifyWebhook. */
+  async secret() { return (await this.relay.json("GET", "/webhooks/secret")).secret; }
+  /**
+   * A new secret; deliveries are signed by both during the rotation grace period. Not sent
+   * again after a dropped connection (it would rotate twice): `secret()` tells the current one.
+   */
+  async rotateSecret() { return (await this.relay.json("POST", "/webhooks/secret")).secret; }
+  /** Delivery attempts of an execution's events or, with `pipelineId`, a pipeline's. */
+  async deliveries(requestId, { pipelineId, limit, cursor } = {}) {
+    let path;
+    if (pipelineId !== undefined && pipelineId !== null) {
+      path = `/pipelines/${enc(pipelineId)}/deliveries`;
+    } else if (requestId !== undefined && requestId !== null) {
+      path = `/executions/${enc(requestId)}/deliveries`;
+    } else {
+      throw new TypeError("deliveries needs a requestId or a pipelineId");
+    }
+    return page(await this.relay.json("GET", path, { params: { limit, cursor } }));
+  }
+}
+
+class Tokens extends Resource {
+  /**
+   * A short-lived (at most 5 minutes), subscribe-only token for `eventsUrl`:
+   * `{access_token, expires_at}`. Minted with the client's own credentials.
+   */
+  create() { return this.relay.json("POST", "/auth/tokens", { safe: true }); }
+}
+
+/** A webhook delivery whose signature or timestamp does not hold (see verifyWebhook). */
+export class WebhookVerificationError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "WebhookVerificationError";
+  }
+}
+
+function header(headers, name) {
+  if (typeof headers?.get === "function") return headers.get(name) ?? undefined;
+  for (const [key, value] of Object.entries(headers ?? {})) {
+    // node:http gives a repeated header as an array.
+    if (key.toLowerCase() === name) return Array.isArray(value) ? value.join(" ") : value;
+  }
+  return undefined;
+}
+
+function base64Bytes(text) {
+  const binary = atob(text);
+  return Uint8Array.from(binary, (c) => c.charCodeAt(0));
+}
+
+function sameBytes(a, b) {
+  // Constant time for equal lengths: every byte is looked at whatever differs first.
+  if (a.length !== b.length) return false;
+  let diff = 0;
+  for (let i = 0; i < a.length; i++) diff |= a[i] ^ b[i];
+  return diff === 0;
+}
+
+/**
+ * Check a Relay webhook delivery (Standard Webhooks 1.0) and answer its JSON event.
+ * `secret` is the principal's `whsec_…` secret (`webhooks.secret()`), `headers` the delivery's
+ * (a Headers or a plain object, any case), `body` its raw body as received (string or bytes:
+ * parse it only after). Rejects with WebhookVerificationError when no `v1` signature matches
+ * or `webhook-timestamp` is more than `toleranceS` seconds from now (a replay). Receivers
+ * should still deduplicate by `webhook-id`.
+ */
+export async function verifyWebhook(secret, headers, body, { toleranceS = 300 } = {}) {
+  const id = header(headers, "webhook-id");
+  const timestamp = header(headers, "webhook-timestamp");
+  const signatures = header(headers, "webhook-signature");
+  for (const [name, value] of [["webhook-id", id], ["webhook-timestamp", timestamp],
+                               ["webhook-signature", signatures]]) {
+    if (value === undefined) throw new WebhookVerificationError(`missing header ${name}`);
+  }
+  if (!/^\s*-?\d+\s*$/.test(timestamp)) {
+    throw new WebhookVerificationError("webhook-timestamp is not a number");
+  }
+  if (Math.abs(Date.now() / 1000 - Number(timestamp)) > toleranceS) {
+    throw new WebhookVerificationError("webhook-timestamp is too far from now");
+  }
+  let key;
+  try {
+    key = base64Bytes(String(secret).replace(/^whsec_/, ""));
+  } catch {
+    throw new WebhookVerificationError("the secret is not whsec_ followed by base64");
+  }
+  const payload = typeof body === "string" ? new TextEncoder().encode(body)
+    : body instanceof Uint8Array ? body : new Uint8Array(body);
+  const prefix = new TextEncoder().encode(`${id}.${timestamp}.`);
+  const signed = new Uint8Array(prefix.length + payload.length);
+  signed.set(prefix);
+  signed.set(payload, prefix.length);
+  const hmac = await webcrypto.subtle.importKey("raw", key, { name: "HMAC", hash: "SHA-256" },
+                                                false, ["sign"]);
+  const expected = new Uint8Array(await webcrypto.subtle.sign("HMAC", hmac, signed));
+  for (const candidate of signatures.trim().split(/\s+/)) {
+    const comma = candidate.indexOf(",");
+    if (comma < 0 || candidate.slice(0, comma) !== "v1") continue;
+    let given;
+    try { given = base64Bytes(candidate.slice(comma + 1)); } catch { continue; }
+    if (sameBytes(given, expected)) {
+      try {
+        return JSON.parse(new TextDecoder().decode(payload));
+      } catch {
+        throw new WebhookVerificationError("the signed body is not JSON");
+      }
+    }
+  }
+  throw new WebhookVerificationError("no signature matches the secret");
 }
