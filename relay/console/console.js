@@ -94,7 +94,7 @@ async function signIn(apiKey) {
   $("sign-out").hidden = false;
   $("who").textContent = `Signed in to ${GATEWAY}`;
   hideProblem();
-  selectTab(location.hash.slice(1) || "run", { focus: false });
+  selectTab(location.hash.slice(1) || "run");
 }
 
 function signOut() {
@@ -328,7 +328,10 @@ async function control(action) {
   const requestId = $("execution-id").textContent;
   await attempt(async () => {
     const answer = await action(relay.handle(requestId));
-    if (answer?.status) setStatus(answer.status);
+    if (answer?.status) {
+      setStatus(answer.status);
+      $("result").textContent = json(answer);   // a step's answer: where it stopped
+    }
     if (answer && FINISHED.has(answer.status)) showResult(answer);
   });
 }
@@ -459,24 +462,70 @@ async function showPipeline(pipelineId) {
   followingPipeline = controller;
   const state = await attempt(() => relay.pipelines.get(pipelineId));
   if (!state || controller.signal.aborted) return;
-  shownPipeline = state;
   $("pipeline").hidden = false;
   $("pipeline-id").textContent = pipelineId;
   drawPipeline(state);
   if (FINISHED.has(state.status)) return;
+  // Node changes come as pipeline_progress events. A node's execution starting comes as its
+  // execution's own events (they carry pipeline_id too): the view maps its request_id to it.
+  const view = throttled(async () => {
+    const latest = await relay.pipelines.get(pipelineId);
+    if (!controller.signal.aborted) mergePipeline(latest);
+  });
   await attempt(async () => {
     for await (const event of relay.events({ pipelineId, lastEventId: "0",
                                              signal: controller.signal })) {
-      const { node, node_status: status, progress } = event.data;
-      if (event.type === "pipeline_progress" && shownPipeline.nodes[node]) {
-        shownPipeline.nodes[node].status = status;
-        shownPipeline.progress.percent = progress;
-        paintNode(node);
+      const data = event.data;
+      if (event.type === "pipeline_progress" && shownPipeline.nodes[data.node]) {
+        shownPipeline.nodes[data.node].status = data.node_status;
+        shownPipeline.progress.percent = data.progress;
+        paintNode(data.node);
+      } else if (event.type === "execution_started" || event.type === "execution_resumed") {
+        const node = nodeOfRequest(data.request_id);
+        if (node === undefined) view();
+        else if (shownPipeline.nodes[node].status === "queued") {
+          shownPipeline.nodes[node].status = "running";
+          paintNode(node);
+        }
       }
       if (event.type === "pipeline_complete" || event.type === "events_lost") break;
     }
     if (!controller.signal.aborted) drawPipeline(await relay.pipelines.get(pipelineId));
   });
+}
+
+function nodeOfRequest(requestId) {
+  return Object.keys(shownPipeline.nodes).find(
+    (id) => shownPipeline.nodes[id].request_id === requestId);
+}
+
+/** `action` run now, or once more after the run in flight when called meanwhile. */
+function throttled(action) {
+  let running = null;
+  let again = false;
+  const run = () => {
+    if (running) { again = true; return; }
+    running = action().catch(() => {}).finally(() => {
+      running = null;
+      if (again) { again = false; run(); }
+    });
+  };
+  return run;
+}
+
+const STAGE = { pending: 0, queued: 1, running: 2, retrying: 3, completed: 4, failed: 4,
+                skipped: 4, cancelled: 4 };
+
+/** A view read while events arrive: it moves nodes forward, never back to an older stage. */
+function mergePipeline(latest) {
+  for (const [id, node] of Object.entries(latest.nodes)) {
+    const shown = shownPipeline.nodes[id];
+    if (!shown) continue;
+    if (node.attempts > shown.attempts || STAGE[node.status] >= STAGE[shown.status]) {
+      shownPipeline.nodes[id] = node;
+      paintNode(id);
+    }
+  }
 }
 
 /** Columns by depth (a node sits one column right of its deepest need), rows in order. */

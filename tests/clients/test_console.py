@@ -1,0 +1,320 @@
+"""The web console (GET /console) driven in headless Chromium as a person would use it, against a
+real gateway over a socket, a real executor and Redis, under the page's own CSP.
+
+Chromium is Debian's (`/usr/bin/chromium`), driven by Playwright for Python through
+`executable_path`. Screenshots land in build/test-artifacts/console/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+
+from executor.worker import Executor
+from tests.conftest import ADD_WAT, ALICE_KEY, FIXTURES, ROOT, Served, cid_of
+
+if TYPE_CHECKING:
+    from playwright.async_api import Page
+
+playwright_api = pytest.importorskip(
+    "playwright.async_api", reason="playwright is not installed (pip install -e '.[test]')")
+CHROMIUM = os.environ.get("RELAY_TEST_CHROMIUM") or shutil.which("chromium")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium: apt-get install chromium (scripts/test does, as root)")
+expect = playwright_api.expect
+
+ARTIFACTS = ROOT / "build" / "test-artifacts" / "console"
+# Counts down from n and answers n. The call in its loop matters: wasmtime writes the fuel a
+# function used back to the store at calls, so a loop without one shows no gas used until it
+# ends, and cannot be stepped by gas.
+SPIN_WAT = """(module (func $tick)
+  (func (export "spin") (param $n i64) (result i64) (local $i i64)
+  (local.set $i (local.get $n))
+  (block $done (loop $again
+    (br_if $done (i64.eqz (local.get $i)))
+    (call $tick)
+    (local.set $i (i64.sub (local.get $i) (i64.const 1)))
+    (br $again)))
+  (local.get $n)))"""
+COUNTER_WAT = (ROOT / "relay" / "examples" / "counter.wat").read_text()
+PLENTY = "100000000000"
+# What a person waits for at most; a condition met sooner ends the wait at once.
+PATIENCE_MS = 30_000
+expect.set_options(timeout=PATIENCE_MS)
+
+
+@contextlib.asynccontextmanager
+async def console_page(served: Served, *, width: int = 1100) -> AsyncIterator[Page]:
+    """A fresh Chromium page on the console (new profile: empty sessionStorage), failing the
+    test on any script error or CSP violation the page reports."""
+    errors: list[str] = []
+    async with playwright_api.async_playwright() as driver:
+        browser = await driver.chromium.launch(
+            executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = await browser.new_page(viewport={"width": width, "height": 800})
+            page.set_default_timeout(PATIENCE_MS)
+            page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
+            page.on("console", lambda message: errors.append(message.text)
+                    if message.type == "error" and "Content Security Policy" in message.text
+                    else None)
+            await page.goto(f"{served.url}/console")
+            yield page
+        finally:
+            await browser.close()
+    assert errors == []
+
+
+async def sign_in(page: Page, key: str = ALICE_KEY) -> None:
+    await page.get_by_label("API key").fill(key)
+    await page.get_by_role("button", name="Sign in").click()
+
+
+async def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def push(served: Served, source: str, name: str) -> str:
+    async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": ALICE_KEY}) as http:
+        answer = await http.post("/modules", content=source, params={"name": name},
+                                 headers={"Content-Type": "text/plain"})
+        assert answer.status_code in (200, 201), answer.text
+        cid: str = answer.json()["cid"]
+        return cid
+
+
+async def test_upload_run_watch_pause_resume_and_see_the_result(served: Served,
+                                                                executor: Executor) -> None:
+    ticker = (FIXTURES / "ticker.wasm").read_bytes()
+    async with console_page(served) as page:
+        await sign_in(page)
+        await expect(page.get_by_role("tab", name="Run")).to_have_attribute(
+            "aria-selected", "true")
+        await page.set_input_files("#file", str(FIXTURES / "ticker.wasm"))
+        await expect(page.locator("#module-cid")).to_have_text(cid_of(ticker))
+        await expect(page.locator("#module-exports")).to_contain_text("_start")
+        await expect(page.locator("#module-imports")).to_contain_text(
+            "wasi_snapshot_preview1.fd_write")
+        await page.get_by_label("Inputs (JSON array)").fill("[40]")
+        await page.get_by_label("Max gas").fill(PLENTY)
+        await page.get_by_label("Max time (ms)").fill("60000")
+        await page.get_by_role("button", name="Run", exact=True).click()
+
+        await expect(page.locator("#stdout")).to_contain_text("step 2")
+        await page.get_by_role("button", name="Pause").click()
+        await expect(page.locator("#execution-status")).to_have_text("paused")
+        await expect(page.get_by_role("button", name="Resume")).to_be_enabled()
+        await expect(page.get_by_role("button", name="Pause")).to_be_disabled()
+        await screenshot(page, "paused")
+        await page.get_by_role("button", name="Resume").click()
+        await expect(page.locator("#execution-status")).to_have_text("completed")
+
+        await expect(page.locator("#stdout")).to_contain_text("step 40\ndone")
+        result = json.loads(await page.locator("#result").text_content() or "{}")
+        assert result["status"] == "completed" and result["success"] is True
+        assert result["output"].endswith("step 40\ndone\n")
+        assert await page.eval_on_selector("#progress", "bar => bar.value") == 100
+        await expect(page.locator("#gas")).to_contain_text(f"{result['gas_used']:,} gas")
+        log = await page.locator("#events").text_content() or ""
+        for kind in ("execution_queued", "execution_started", "execution_progress",
+                     "execution_output", "execution_paused", "execution_resumed",
+                     "execution_complete"):
+            assert kind in log, kind
+        await screenshot(page, "completed")
+
+        await page.get_by_role("tab", name="Executions").click()
+        row = page.locator("#executions-list tr", has=page.get_by_role(
+            "button", name=f"Open execution {result['request_id']}"))
+        await expect(row).to_contain_text("completed")
+        await screenshot(page, "executions")
+
+
+async def test_a_refused_request_shows_its_problem(served: Served, executor: Executor) -> None:
+    async with console_page(served) as page:
+        await sign_in(page, "not-a-key")
+        problem = page.get_by_role("alert")
+        await expect(problem).to_contain_text("(401)")
+        assert (await problem.locator(".title").text_content() or "").strip()
+        assert (await problem.locator(".detail").text_content() or "").strip()
+        await expect(page.get_by_label("API key")).to_be_visible()
+
+        await sign_in(page)
+        await expect(problem).to_be_hidden()
+        # Dropped on the drop zone, as a person drags a file from their desktop.
+        transfer = await page.evaluate_handle(
+            """text => { const transfer = new DataTransfer();
+                         transfer.items.add(new File([text], "add.wat", {type: "text/plain"}));
+                         return transfer; }""", ADD_WAT)
+        await page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        await expect(page.locator("#module-exports")).to_contain_text("main")
+        await expect(page.get_by_label("Export")).to_have_value("main")
+
+        await page.get_by_label("Inputs (JSON array)").fill("[1, 2")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(problem).to_contain_text("Inputs are not JSON")
+        await page.get_by_role("button", name="Dismiss").click()
+        await expect(problem).to_be_hidden()
+
+        await page.get_by_label("Inputs (JSON array)").fill("[1, 2]")
+        await page.get_by_label("Max gas").fill(str(10**16))
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(problem).to_contain_text("(400)")
+        await expect(problem.locator(".errors")).to_contain_text("/policy/max_gas")
+        assert (await problem.locator(".detail").text_content() or "").strip()
+        await screenshot(page, "problem")
+
+        await page.get_by_label("Max gas").fill("")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#execution-status")).to_have_text("completed")
+        await expect(problem).to_be_hidden()
+        result = json.loads(await page.locator("#result").text_content() or "{}")
+        assert result["output"] == 3
+
+
+async def test_by_keyboard_alone_at_360_pixels_step_and_cancel(served: Served,
+                                                               executor: Executor) -> None:
+    await push(served, SPIN_WAT, "spin")
+    async with console_page(served, width=360) as page:
+        await expect(page.get_by_label("API key")).to_be_focused()
+        await page.keyboard.type(ALICE_KEY)
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_role("tab", name="Run")).to_be_focused()
+
+        for name in ("Executions", "Sessions", "Pipelines", "Run"):
+            await page.keyboard.press("ArrowRight")
+            await expect(page.get_by_role("tab", name=name)).to_be_focused()
+            await expect(page.get_by_role("tab", name=name)).to_have_attribute(
+                "aria-selected", "true")
+            width = await page.evaluate("() => document.documentElement.scrollWidth")
+            assert width <= 360, f"the {name} tab is {width} px wide"
+
+        await page.get_by_label("or by reference").focus()
+        await page.keyboard.type("glyph://spin@latest")
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#module-exports")).to_contain_text("spin")
+        await page.get_by_label("Inputs (JSON array)").focus()
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("[100000000000]")
+        await page.get_by_label("Max gas").focus()
+        await page.keyboard.type(PLENTY)
+        await page.get_by_label("Step gas").focus()
+        await page.keyboard.type("5000000")
+        await page.get_by_role("button", name="Run", exact=True).focus()
+        await page.keyboard.press("Enter")
+
+        status = page.locator("#execution-status")
+        await expect(status).to_have_text("paused")
+        pauses = page.locator("#events li", has_text="execution_paused")
+        await expect(pauses).to_have_count(1)
+        await page.get_by_role("button", name="Step").focus()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#result")).to_contain_text('"status": "paused"')
+        await expect(pauses).to_have_count(2)
+        await expect(status).to_have_text("paused")
+        stepped = json.loads(await page.locator("#result").text_content() or "{}")
+        assert stepped["gas_used"] >= 2 * 5_000_000, stepped
+        width = await page.evaluate("() => document.documentElement.scrollWidth")
+        assert width <= 360, f"the run tab is {width} px wide with an execution shown"
+        await screenshot(page, "narrow-stepped")
+
+        await page.get_by_role("button", name="Cancel").focus()
+        await page.keyboard.press("Enter")
+        await expect(status).to_have_text("cancelled")
+        await expect(page.locator("#result")).to_contain_text('"code": "cancelled"')
+
+
+async def test_sessions_calls_snapshots_and_branches(served: Served, executor: Executor) -> None:
+    await push(served, COUNTER_WAT, "tally")
+    async with console_page(served) as page:
+        await sign_in(page)
+        await page.get_by_label("or by reference").fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        facts = page.locator("#session-facts")
+        await expect(facts).to_contain_text("idle")
+        session_id = await page.locator("#session-id").text_content()
+        assert session_id and session_id.startswith("ses_")
+
+        await page.get_by_role("button", name="Call it from Run").click()
+        await expect(page.get_by_label("Run in")).to_have_value(session_id)
+        await page.get_by_label("Export").select_option("add")
+        await page.get_by_label("sync, wait for the result").check()
+        for value, total in ((5, 5), (7, 12)):
+            await page.get_by_label("Inputs (JSON array)").fill(f"[{value}]")
+            await page.get_by_role("button", name="Run", exact=True).click()
+            await expect(page.locator("#result")).to_contain_text(f'"output": {total}')
+            await expect(page.locator("#execution-status")).to_have_text("completed")
+
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name=f"Open session {session_id}").click()
+        await expect(facts).to_contain_text("calls2")
+        await page.get_by_label("Snapshot label").fill("twelve")
+        await page.get_by_role("button", name="Snapshot").click()
+        snapshot = page.locator("#snapshots li", has_text="twelve")
+        await expect(snapshot).to_be_visible()
+        await screenshot(page, "session")
+
+        await snapshot.get_by_role("button", name="Restore").click()
+        await expect(page.locator("#session-id")).not_to_have_text(session_id)
+        branch = await page.locator("#session-id").text_content()
+        await expect(facts).to_contain_text("idle")
+        async with httpx.AsyncClient(base_url=served.url,
+                                     headers={"X-API-Key": ALICE_KEY}) as http:
+            original = (await http.get(f"/sessions/{session_id}")).json()
+            restored = (await http.get(f"/sessions/{branch}")).json()
+        assert restored["state_cid"] == original["state_cid"] is not None
+
+        await page.get_by_role("button", name=f"Open session {session_id}").click()
+        await page.get_by_role("button", name="Close").click()
+        await expect(facts).to_contain_text("closed")
+        await expect(page.get_by_role("button", name="Close")).to_be_disabled()
+
+
+async def test_a_pipeline_is_drawn_and_its_nodes_change_colour_as_they_run(
+        served: Served, executor: Executor) -> None:
+    spin = await push(served, SPIN_WAT, "spin")
+    policy = {"max_gas": int(PLENTY)}
+    nodes = [{"id": "first", "cid": spin, "entrypoint": "spin", "inputs": [400_000_000],
+              "policy": policy},
+             {"id": "left", "cid": spin, "entrypoint": "spin", "inputs": [{"$ref": "first"}],
+              "policy": policy},
+             {"id": "right", "cid": spin, "entrypoint": "spin", "inputs": [{"$ref": "first"}],
+              "policy": policy}]
+    async with console_page(served) as page:
+        await sign_in(page)
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
+        await page.get_by_role("button", name="Start").click()
+
+        graph = page.locator("#graph")
+        await expect(graph.locator("g.node")).to_have_count(3)
+        await expect(graph.locator("path.edge")).to_have_count(2)
+        # Live: the first node is seen running, then its dependents, then all completed.
+        await expect(graph.locator('g.node.running[data-node="first"]')).to_have_count(1)
+        await expect(graph.locator('g.node.completed[data-node="first"]')).to_have_count(1)
+        await expect(graph.locator("g.node.completed")).to_have_count(3)
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        await expect(page.locator("#pipeline-nodes-list")).to_contain_text("400000000")
+        assert await page.eval_on_selector("#pipeline-progress", "bar => bar.value") == 100
+        # Columns by depth: both dependents sit right of the node they take from.
+        first = await graph.locator('g[data-node="first"]').bounding_box()
+        for name in ("left", "right"):
+            box = await graph.locator(f'g[data-node="{name}"]').bounding_box()
+            assert first and box and box["x"] > first["x"] + first["width"], name
+        await screenshot(page, "pipeline")
+
+        await page.get_by_role("button", name="Refresh").click()
+        await expect(page.locator("#pipelines-list")).to_contain_text("100% of 3")
