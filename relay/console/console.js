@@ -265,7 +265,8 @@ async function follow(requestId, result = null) {
   const handle = relay.handle(requestId);
   await attempt(async () => {
     const state = await handle.get();
-    setStatus(state.status);
+    if (FINISHED.has(state.status)) showResult(state);
+    else setStatus(state.status);
     for await (const event of handle.events({ signal: controller.signal })) {
       if (controller.signal.aborted) return;
       onExecutionEvent(event);
@@ -280,11 +281,11 @@ function onExecutionEvent({ type, data }) {
   switch (type) {
     case "execution_queued": setStatus("queued"); break;
     case "execution_started": case "execution_resumed": setStatus("running"); break;
-    case "execution_paused": setStatus("paused"); break;
-    case "execution_progress":
-      $("progress").value = data.progress;
-      $("gas").textContent = `${data.progress}% · ${data.gas_used.toLocaleString()} gas`;
+    case "execution_paused":
+      setStatus("paused");
+      if (data.gas_used !== undefined) showGas(data.gas_used);
       break;
+    case "execution_progress": showGas(data.gas_used, data.progress); break;
     case "execution_output":
       $("stdout").append(el("span", { class: data.stream }, data.data));
       $("stdout").scrollTop = $("stdout").scrollHeight;
@@ -295,6 +296,13 @@ function onExecutionEvent({ type, data }) {
       break;
     default: break;
   }
+}
+
+/** Gas used so far, and the share of the budget it is when the event says (progress does). */
+function showGas(gasUsed, progress) {
+  if (progress !== undefined) $("progress").value = progress;
+  $("gas").textContent = progress === undefined ? `${gasUsed.toLocaleString()} gas used`
+    : `${progress}% · ${gasUsed.toLocaleString()} gas`;
 }
 
 function logEvent(type, fields, timestamp) {

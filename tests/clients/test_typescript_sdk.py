@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 
 from executor.worker import Executor
 from relay.settings import Settings
-from tests.conftest import ALICE_KEY, ROOT, serve, with_settings
+from tests.conftest import ALICE_KEY, ROOT, Served, serve, with_settings
 from tests.relay.gateway.test_budgets import ROOT_KEY, admin_settings
 from tests.relay.gateway.test_webhooks import LOCAL
 
@@ -105,3 +105,25 @@ async def test_the_package_declares_an_es_module_with_types() -> None:
     assert (SDK / package["types"]).is_file()
     assert (SDK / package["exports"]["."]["import"]).is_file()
     assert not package.get("dependencies")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (Debian's nodejs package)")
+async def test_the_readmes_javascript_quick_start_runs(served: Served,
+                                                       executor: Executor) -> None:
+    assert NODE is not None
+    section = (ROOT / "README.md").read_text().split("### From JavaScript", 1)[1]
+    code = section.split("```js\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "RELAY_URL": served.url, "RELAY_API_KEY": ALICE_KEY}
+    # An ES module given on the command line resolves its imports from the working directory.
+    process = await asyncio.create_subprocess_exec(
+        NODE, "--input-type=module", "-e", code, cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        output, errors = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, errors.decode()
+    lines = output.decode().splitlines()
+    assert lines[0].startswith("execution_queued") and lines[-1] == "832040", lines
