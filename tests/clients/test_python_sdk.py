@@ -382,6 +382,20 @@ async def test_sessions_snapshots_and_branches(relay: AsyncRelay) -> None:
     assert deleted.value.status == 404
 
 
+async def test_a_session_out_of_calls_goes_on_once_its_budget_is_raised(
+        relay: AsyncRelay) -> None:
+    module = await relay.modules.push(COUNTER_WAT.encode())
+    session = await relay.sessions.create(module.cid, budget={"max_calls": 1})
+    assert (await relay.sessions.call(session.session_id, "add", [3],
+                                      max_stack=65_536)).output == 3
+    with pytest.raises(RelayError) as exhausted:
+        await relay.sessions.call(session.session_id, "add", [4])
+    assert exhausted.value.status == 409 and exhausted.value.slug == "session-exhausted"
+    raised = await relay.sessions.update(session.session_id, budget={"max_calls": 2})
+    assert raised.status == "idle" and raised.budget["max_calls"] == 2
+    assert (await relay.sessions.call(session.session_id, "add", [4])).output == 7
+
+
 async def test_a_session_call_retried_after_a_dropped_connection_is_one_call(
         served: Served, executor: Executor) -> None:
     """Session calls without a key are never deduplicated by the gateway: only the key the SDK

@@ -380,12 +380,13 @@ class Sessions(_Resource):
 
     def call(self, session_id: str, entrypoint: str, inputs: Sequence[Any] | None = None,
                    *, max_gas: int | None = None, max_memory: int | None = None,
-                   max_time: int | None = None, idempotency_key: str | None = None,
-                   **fields: Any) -> Execution:
+                   max_time: int | None = None, max_stack: int | None = None,
+                   idempotency_key: str | None = None, **fields: Any) -> Execution:
         """Call `entrypoint` in the session and return its result (with `state_cid`) once its
         state is committed. Without `idempotency_key` one is generated so that a retry is
         never a second call."""
-        policy = drop_none({"max_gas": max_gas, "max_memory": max_memory, "max_time": max_time})
+        policy = drop_none({"max_gas": max_gas, "max_memory": max_memory, "max_time": max_time,
+                            "max_stack": max_stack})
         body = drop_none({"entrypoint": entrypoint, "inputs": list(inputs or []),
                           "policy": policy or None,
                           "idempotency_key": idempotency_key or _core.new_idempotency_key(),
@@ -407,6 +408,13 @@ class Sessions(_Resource):
         body = (self.relay.request("GET", "/sessions",
                                          params=list_params(limit, cursor))).json()
         return Page([build(Session, item) for item in body["items"]], body.get("next_cursor"))
+
+    def update(self, session_id: str, *, budget: dict[str, int]) -> Session:
+        """Set new budget totals (`{"max_gas", "max_time", "max_calls"}`) for the session's
+        calls: more to go on once it is exhausted, or less."""
+        response = self.relay.request("PATCH", f"/sessions/{session_id}",
+                                            json={"budget": budget})
+        return build(Session, response.json())
 
     def close(self, session_id: str) -> None:
         """Close the session, cancelling its calls."""
