@@ -29,8 +29,10 @@ end
 
 local delivered, heads = {}, {}
 for level, stream in ipairs(KEYS) do
-  if redis.call('EXISTS', stream) == 1 then
-    for _, info in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+  -- An error reply (no such stream) is a table with `err`: the stream has no group either.
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if not groups.err then
+    for _, info in ipairs(groups) do
       local fields = {}
       for i = 1, #info, 2 do
         fields[info[i]] = info[i + 1]

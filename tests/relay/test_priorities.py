@@ -396,3 +396,23 @@ async def test_a_pipeline_node_waits_at_its_own_priority(
     finally:
         await client.aclose()
     assert on_high == [nodes["urgent"]["request_id"]]
+
+
+async def test_an_executor_goes_on_after_a_requests_stream_is_deleted(
+        settings: Settings, http: httpx.AsyncClient) -> None:
+    """An operator deleting `relay:requests:low` (say, to drop a backlog) takes its consumer
+    group with it: the take script answers NOGROUP, the executor makes the group again, and
+    work on every level still runs."""
+    adder = await upload(http, ADD_WAT)
+    assert settings.redis_url is not None
+    client = connection.connect(settings.redis_url)
+    try:
+        async with one_executor(settings):
+            first = await submit(http, adder["cid"], [1, 2], priority="low")
+            await all_done(http, [first])
+            await client.delete(Keys(settings.prefix).requests_of("low"))
+            again = [await submit(http, adder["cid"], [2, 3], priority=level)
+                     for level in ("low", "normal", "high")]
+            await all_done(http, again)
+    finally:
+        await client.aclose()
