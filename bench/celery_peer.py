@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready
 
 CALCULATOR_WAT = Path(__file__).resolve().parent.parent / "relay" / "examples" / "calculator.wat"
 GAS = 1_000_000_000  # the reference's (RELAY_DEFAULT_MAX_GAS)
@@ -75,9 +75,13 @@ def run(entrypoint: str | None, inputs: list[Any]) -> dict[str, Any]:
             "duration": round(duration_ms, 3), "error": None}
 
 
+@worker_process_init.connect
+def _compile(**_: Any) -> None:
+    _module()  # each pool process compiles once, before its first task
+
+
 @worker_ready.connect
 def _ready(**_: Any) -> None:
-    _module()  # the worker's own process; pool processes compile on their first task
     ready = os.environ.get("CELERY_PEER_READY")
     if ready:
         Path(ready).touch()
