@@ -13,7 +13,8 @@ Limits map onto wasmtime's own mechanisms:
   is an Engine's setting, so there is an Engine per stack size (`max_stack` rounded down to a
   power of two, and the ceiling itself: a few at most), each module compiled once, on the
   ceiling's Engine, and copied into another Engine (`Module.deserialize`, a fraction of a
-  compile) the first time a run asks for its stack size.
+  compile) the first time a run asks for its stack size. What is compiled may be kept on disk
+  and loaded by the next executor instead of compiled again (`prepare`, executor.diskcache).
 
 A trap's error carries its frames (`StackFrame`), innermost first, their offsets counted in the
 module as uploaded rather than in the copy the sandbox compiles (executor.binary).
@@ -44,6 +45,7 @@ import wasmtime
 from executor import wasi
 from executor.binary import export_state
 from executor.control import TIMEOUT_MESSAGE, LiveControl
+from executor.diskcache import DiskModules, engine_fingerprint
 from relay.blobs import decode_output
 from relay.modules import WASI_MODULE
 from relay.schemas import (
@@ -95,6 +97,22 @@ SHUTDOWN_MESSAGE = "the executor is shutting down"
 CLOSED_MESSAGE = "the sandbox is closed"
 
 
+ENGINE_CONFIG: dict[str, Any] = {
+    "consume_fuel": True,
+    "epoch_interruption": True,
+    # The limiter caps each memory, not their sum: one memory, and `max_memory` holds.
+    "wasm_multi_memory": False,
+}
+"""Every `wasmtime.Config` setting an Engine is made with, but its stack (`engine_config`):
+the one place they are set, so the disk cache's fingerprint (executor.diskcache) covers them
+all."""
+
+
+def engine_config(stack: int) -> dict[str, Any]:
+    """The Config settings of the Engine whose wasm stack is `stack` bytes."""
+    return {**ENGINE_CONFIG, "max_wasm_stack": stack}
+
+
 class Outcome(NamedTuple):
     output: Any
     gas_used: int
@@ -124,6 +142,8 @@ class Prepared(NamedTuple):
     """Bytes the compiled copy has before its code that the uploaded module has not."""
     stacks: dict[int, Prepared] | None = None
     """The same module for each stack size it has run with, shared by all of them."""
+    from_disk: bool = False
+    """Loaded from the disk cache (executor.diskcache) rather than compiled."""
 
 
 class Refused(Exception):
@@ -184,6 +204,10 @@ class Sandbox:
         """Held while an Engine or a module's copy for one is made (never by the ticker)."""
         self.engine = self._linked(max_stack_bytes).engine
         """The ceiling's Engine, where modules are compiled."""
+        self.fingerprint = engine_fingerprint(engine_config(max_stack_bytes))
+        """What code compiled on `engine` depends on (executor.diskcache)."""
+        self.compilations = 0
+        """Modules compiled by `prepare` (not loaded from the disk cache): read by tests."""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._controls: set[LiveControl] = set()
@@ -278,12 +302,8 @@ class Sandbox:
             linked = self._engines.get(stack)
             if linked is None:
                 config = wasmtime.Config()
-                config.consume_fuel = True
-                config.epoch_interruption = True
-                config.max_wasm_stack = stack
-                # The limiter caps each memory, not their sum: one memory, and `max_memory`
-                # holds.
-                config.wasm_multi_memory = False
+                for name, value in engine_config(stack).items():
+                    setattr(config, name, value)
                 engine = wasmtime.Engine(config)
                 linker = wasmtime.Linker(engine)
                 linker.define_wasi()
@@ -320,13 +340,22 @@ class Sandbox:
                     engine=linked.engine)
         return found
 
-    def prepare(self, wasm: bytes) -> Prepared:
-        """Compile and link a module (slow: call it off the event loop). Raises LinkError."""
+    def prepare(self, wasm: bytes, *, disk: DiskModules | None = None,
+                cid: str = "") -> Prepared:
+        """Compile and link a module (slow: call it off the event loop). Raises LinkError.
+
+        With `disk` (whose fingerprint must be this sandbox's), the module `cid` is loaded
+        from it when it was compiled before, and kept there once compiled and linked."""
         compiled = export_state(wasm)
-        try:
-            module = wasmtime.Module(self.engine, compiled)
-        except wasmtime.WasmtimeError as exc:
-            raise LinkError(f"invalid WebAssembly: {_reason(str(exc))}") from None
+        module = disk.load(cid, compiled, self.engine) if disk is not None else None
+        from_disk = module is not None
+        if module is None:
+            try:
+                module = wasmtime.Module(self.engine, compiled)
+            except wasmtime.WasmtimeError as exc:
+                raise LinkError(f"invalid WebAssembly: {_reason(str(exc))}") from None
+            with self._lock:
+                self.compilations += 1
         unknown = [
             f"{imp.module}.{imp.name}" for imp in module.imports if imp.module != WASI_MODULE
         ]
@@ -340,9 +369,11 @@ class Sandbox:
         # executor.binary only adds to the export section, which comes before the code: every
         # instruction moved by the same count of bytes.
         prepared = Prepared(module, instance_pre, uses_wasi, _table_count(wasm), self.engine,
-                            len(compiled) - len(wasm), {})
+                            len(compiled) - len(wasm), {}, from_disk)
         assert prepared.stacks is not None
         prepared.stacks[self.max_stack_bytes] = prepared
+        if disk is not None and not from_disk:
+            disk.store(cid, compiled, module.serialize())
         return prepared
 
     def run(self, prepared: Prepared, entrypoint: str, inputs: list[Any],

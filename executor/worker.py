@@ -27,6 +27,7 @@ from msgspec import UNSET
 
 from executor.cache import CompiledModules, ModuleGone
 from executor.control import NoPlace, PausePlaces
+from executor.diskcache import DiskModules
 from executor.progress import LiveRun
 from executor.sandbox import LargeOutput, LinkError, Outcome, Refused, Sandbox
 from executor.sessions import SessionCall, SessionStates
@@ -70,10 +71,12 @@ class Executor:
                        starvation_ms=settings.priority_starvation_ms)
         self.sandbox = Sandbox(max_table_elements=settings.max_table_elements,
                                max_stack_bytes=settings.max_stack_bytes)
-        self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys))
+        self.metrics = Metrics(client, keys)
+        self.modules = CompiledModules(self.sandbox, ModuleStore(client, keys),
+                                       disk=module_cache(settings, self.sandbox),
+                                       metrics=self.metrics)
         self.sessions = SessionStates(client, keys, max_state_bytes=settings.max_state_bytes,
                                       orphan_ttl_ms=settings.idempotency_ttl_ms)
-        self.metrics = Metrics(client, keys)
         self.blobs = BlobStore(client, keys)
         self._threads = ThreadPoolExecutor(settings.executor_concurrency,
                                            thread_name_prefix="wasm")
@@ -112,8 +115,13 @@ class Executor:
             live.control.cancel()
 
     async def run(self, *, burst: bool = False) -> None:
-        """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new."""
+        """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new.
+        The modules of RELAY_PRELOAD are made ready first, before any work is taken."""
         await self.bus.ensure_group()
+        if self.settings.preload:
+            ready = await self.modules.preload(self.settings.preload)
+            log.info("preloaded %d of %d modules (RELAY_PRELOAD)", ready,
+                     len(self.settings.preload))
         self.supervisor.start("heartbeat", self._heartbeat)
         self.supervisor.start("metrics", self.metrics.run)
         self.supervisor.start("control", self._follow_control)
@@ -476,6 +484,16 @@ class Executor:
             return None
         cid = await self.blobs.put(data, self.settings.idempotency_ttl_ms)
         return OutputRef(cid=cid, size=len(data), content_type=content_type)
+
+
+def module_cache(settings: Settings, sandbox: Sandbox) -> DiskModules | None:
+    """The disk cache of compiled modules the settings ask for (RELAY_MODULE_CACHE_DIR, by
+    default RELAY_DATA_DIR/modules), or None: turned off (RELAY_MODULE_CACHE_BYTES=0), or not
+    usable (logged)."""
+    if settings.module_cache_bytes == 0:
+        return None
+    directory = settings.module_cache_dir or os.path.join(settings.data_dir, "modules")
+    return DiskModules.open(directory, settings.module_cache_bytes, sandbox.fingerprint)
 
 
 def _failed(code: ErrorCode, message: str) -> Outcome:

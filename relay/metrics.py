@@ -28,7 +28,7 @@ COUNTERS = {
     "permission_denied": "Requests refused by the authorization policies (403).",
     "idempotent_hit": "Execute requests answered by an earlier execution (replay or join).",
 }
-WEBHOOK_COUNTERS = (
+LABELLED_COUNTERS = (
     # (metric, counted field prefix, label, its values, help)
     ("relay_webhook_attempts_total", "webhook_attempt:", "outcome",
      ("success", "http_error", "gone", "timeout", "connection_error", "refused"),
@@ -36,6 +36,9 @@ WEBHOOK_COUNTERS = (
     ("relay_webhook_deliveries_total", "webhook_delivery:", "result",
      ("delivered", "gone", "exhausted"),
      "Webhook deliveries finished: delivered (2xx), gone (410) or exhausted (retries used up)."),
+    ("relay_module_compilations_total", "module_load:", "source", ("compiled", "disk"),
+     "Modules executors made ready to run: compiled, or loaded from their disk cache of "
+     "compiled modules (RELAY_MODULE_CACHE_DIR)."),
 )
 HISTOGRAMS = {
     "duration_seconds": ("Wall-clock time of executions.",
@@ -116,7 +119,7 @@ class Metrics:
                 for field in sorted(f for f in totals if f.startswith("error:")):
                     code = field.partition(":")[2]
                     lines.append(f'{metric}{{code="{code}"}} {_number(totals[field])}')
-        for metric, field, label, values, help_text in WEBHOOK_COUNTERS:
+        for metric, field, label, values, help_text in LABELLED_COUNTERS:
             lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
             lines += [f'{metric}{{{label}="{value}"}} {_number(totals.get(field + value, 0))}'
                       for value in values]

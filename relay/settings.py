@@ -21,7 +21,7 @@ from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
-from relay.cid import NAME_RULE, is_name
+from relay.cid import GLYPH_SCHEME, NAME_RULE, InvalidCid, is_name, parse_reference
 from relay.principals import RULE as PRINCIPAL_RULE
 from relay.principals import is_principal
 from relay.schemas import DEFAULT_MAX_STACK
@@ -85,6 +85,20 @@ def _api_keys(name: str, raw: str) -> tuple[tuple[str, str], ...]:
 
 def _csv(name: str, raw: str) -> tuple[str, ...]:
     return tuple(filter(None, (part.strip() for part in raw.split(","))))
+
+
+def _module_references(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated CIDs (made canonical) and `glyph://NAME@TAG` names."""
+    references = []
+    for item in _csv(name, raw):
+        try:
+            parsed = parse_reference(item)
+        except InvalidCid as exc:
+            raise SettingsError(f"{name}: {item!r} is neither a CID nor a glyph name: "
+                                f"{exc}") from None
+        references.append(parsed if isinstance(parsed, str)
+                          else f"{GLYPH_SCHEME}{parsed.name}@{parsed.tag}")
+    return tuple(references)
 
 
 def _whole_seconds_ms(name: str, raw: str) -> int:
@@ -346,6 +360,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_pause_ms: Annotated[int, Variable(
         "RELAY_MAX_PAUSE", _int, EXECUTOR, "ms",
         "how long an execution may stay paused before it is cancelled")] = 600_000
+    module_cache_dir: Annotated[str | None, Variable(
+        "RELAY_MODULE_CACHE_DIR", _str, EXECUTOR, "path",
+        "where an executor keeps the modules it compiled, so that after a restart it loads "
+        "them instead of compiling them again (created mode 700; refused when others may "
+        "write to it)", "RELAY_DATA_DIR/modules")] = None
+    module_cache_bytes: Annotated[int, Variable(
+        "RELAY_MODULE_CACHE_BYTES", _count_or_zero, EXECUTOR, "bytes",
+        "most bytes of compiled modules kept in RELAY_MODULE_CACHE_DIR, the least recently "
+        "used removed first; 0 turns the cache off")] = 1024 * MIB
+    preload: Annotated[tuple[str, ...], Variable(
+        "RELAY_PRELOAD", _module_references, EXECUTOR, "",
+        "comma-separated CIDs or `glyph://NAME@TAG` names an executor compiles (or loads from "
+        "RELAY_MODULE_CACHE_DIR) when it starts, before it takes work; one it cannot find is "
+        "logged and skipped", "none")] = ()
 
     session_ttl_ms: Annotated[int, Variable(
         "RELAY_SESSION_TTL", _int, EXECUTOR, "ms",

@@ -68,8 +68,11 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def settings(redis_url: str) -> Iterator[Settings]:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     # A rate limit no test reaches unless it sets its own (tests/relay/pipeline/test_ratelimit.py).
+    # No disk cache of compiled modules (it would be ./.relay/modules) unless a test gives one
+    # (tests/executor/test_warm.py).
     yield load({}, redis_url=redis_url, prefix=prefix, api_keys=API_KEYS, sync_wait_ms=15_000,
-               executor_concurrency=2, rate_limit=1_000_000, access_log=False)
+               executor_concurrency=2, rate_limit=1_000_000, access_log=False,
+               module_cache_bytes=0)
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
@@ -192,7 +195,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(REDIS_URL=settings.redis_url, RELAY_STREAM_PREFIX=settings.prefix,
                RELAY_API_KEYS=",".join(f"{p}:{k}" for p, k in API_KEYS),
                RELAY_EXECUTOR_CONCURRENCY="2", RELAY_LOG_LEVEL="WARNING",
-               RELAY_RATE_LIMIT="1000000")
+               RELAY_RATE_LIMIT="1000000", RELAY_MODULE_CACHE_BYTES="0")
     env.update(extra)
     return env
 

@@ -164,6 +164,8 @@ def test_each_numeric_variable_sets_its_own_field(setting: Any) -> None:
     ("RELAY_LOG_FORMAT", "xml", "RELAY_LOG_FORMAT must be one of json, text"),
     ("RELAY_LOG_LEVEL", "loud", "RELAY_LOG_LEVEL must be one of DEBUG, INFO"),
     ("RELAY_STREAM_PREFIX", "  ", "RELAY_STREAM_PREFIX must not be empty"),
+    ("RELAY_PRELOAD", "glyph://calculator,calc ulator",
+     "RELAY_PRELOAD: 'calc ulator' is neither a CID nor a glyph name"),
 ])
 def test_a_bad_value_names_its_variable(variable: str, raw: str, message: str) -> None:
     with pytest.raises(SettingsError) as refused:
@@ -176,6 +178,14 @@ def test_zero_is_allowed_where_it_means_off() -> None:
                    "RELAY_EXECUTOR_PREFETCH": "0", "RELAY_STORED_KEY_CACHE": "0"})
     assert (loaded.rate_limit, loaded.drain_grace_ms) == (0, 0)
     assert (loaded.executor_prefetch, loaded.stored_key_cache_ms) == (0, 0)
+
+
+def test_preload_names_cids_and_glyph_names() -> None:
+    # A CID in any form is made canonical, a glyph name gets its tag.
+    cid_v0 = "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+    loaded = load({"RELAY_PRELOAD": f" glyph://calculator@quantum, glyph://counter,{cid_v0},"})
+    assert loaded.preload[:2] == ("glyph://calculator@quantum", "glyph://counter@latest")
+    assert loaded.preload[2].startswith("bafkrei") and len(loaded.preload) == 3
 
 
 def test_an_empty_variable_is_unset_and_overrides_win() -> None:
