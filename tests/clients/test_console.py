@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httpx
-import pytest
 
 from executor.worker import Executor
+from tests.clients.browser import browser_page, expect, needs_chromium
 from tests.conftest import ADD_WAT, ALICE_KEY, FIXTURES, ROOT, Served, cid_of
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
 
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="playwright is not installed (pip install -e '.[test]')")
-CHROMIUM = os.environ.get("RELAY_TEST_CHROMIUM") or shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium: apt-get install chromium (scripts/test does, as root)")
-expect = playwright_api.expect
+pytestmark = needs_chromium
 
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "console"
 # Counts down from n and answers n. The call in its loop matters: wasmtime writes the fuel a
@@ -45,33 +38,14 @@ SPIN_WAT = """(module (func $tick)
   (local.get $n)))"""
 COUNTER_WAT = (ROOT / "relay" / "examples" / "counter.wat").read_text()
 PLENTY = "100000000000"
-# What a person waits for at most; a condition met sooner ends the wait at once.
-PATIENCE_MS = 30_000
-expect.set_options(timeout=PATIENCE_MS)
 
 
 @contextlib.asynccontextmanager
 async def console_page(served: Served, *, width: int = 1100) -> AsyncIterator[Page]:
     """A fresh Chromium page on the console (new profile: empty sessionStorage), failing the
     test on any script error or CSP violation the page reports."""
-    errors: list[str] = []
-    async with playwright_api.async_playwright() as driver:
-        browser = await driver.chromium.launch(
-            executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = await browser.new_page(viewport={"width": width, "height": 800})
-            page.set_default_timeout(PATIENCE_MS)
-            page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
-            page.on("console", lambda message: errors.append(message.text)
-                    if message.type == "error" and "Content Security Policy" in message.text
-                    else None)
-            await page.goto(f"{served.url}/console")
-            yield page
-        finally:
-            await browser.close()
-    assert errors == []
+    async with browser_page(f"{served.url}/console", width=width) as page:
+        yield page
 
 
 async def sign_in(page: Page, key: str = ALICE_KEY) -> None:
