@@ -265,22 +265,26 @@ async function follow(requestId, result = null) {
   const handle = relay.handle(requestId);
   await attempt(async () => {
     const state = await handle.get();
-    setStatus(state.status);
+    // Finished already (a fast run): its result at once, and its events replayed for the log
+    // and output without moving its status back through queued and running.
+    const finished = FINISHED.has(state.status);
+    if (finished) showResult(state);
+    else setStatus(state.status);
     for await (const event of handle.events({ signal: controller.signal })) {
       if (controller.signal.aborted) return;
-      onExecutionEvent(event);
+      onExecutionEvent(event, { live: !finished });
     }
     if (!controller.signal.aborted) showResult(await handle.get());
   });
 }
 
-function onExecutionEvent({ type, data }) {
+function onExecutionEvent({ type, data }, { live = true } = {}) {
   const { type: _type, timestamp, request_id: _id, ...fields } = data;
   logEvent(type, fields, timestamp);
   switch (type) {
-    case "execution_queued": setStatus("queued"); break;
-    case "execution_started": case "execution_resumed": setStatus("running"); break;
-    case "execution_paused": setStatus("paused"); break;
+    case "execution_queued": if (live) setStatus("queued"); break;
+    case "execution_started": case "execution_resumed": if (live) setStatus("running"); break;
+    case "execution_paused": if (live) setStatus("paused"); break;
     case "execution_progress":
       $("progress").value = data.progress;
       $("gas").textContent = `${data.progress}% · ${data.gas_used.toLocaleString()} gas`;
