@@ -291,3 +291,96 @@ async def test_a_pipeline_is_drawn_and_its_nodes_change_colour_as_they_run(
 
         await page.get_by_role("button", name="Refresh").click()
         await expect(page.locator("#pipelines-list")).to_contain_text("100% of 3")
+
+
+# Markup where a hostile module or tenant controls the text: in what it writes, in its export
+# names (WAT lets an export be named anything), in inputs echoed back as a pipeline's output,
+# in a snapshot label and in the detail of a refused request. The console sets them all as text.
+MARKUP = "<img src=x onerror=alert(1)>"
+STDOUT = "<script>alert(2)</script><img src=x onerror=alert(3)>"
+STDERR = "<b>bold</b><svg onload=alert(4)>"
+LONG_NAME = "x" * 300
+
+
+def hostile_wat() -> str:
+    def put(fd: int, at: int, text: str) -> str:
+        return (f"(call $put (i32.const {fd}) (i32.const {at}) (i32.const {len(text) + 1}))")
+    return f"""(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 256) "{STDOUT}\\n")
+  (data (i32.const 1024) "{STDERR}\\n")
+  (func $put (param $fd i32) (param $at i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $at))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start") {put(1, 256, STDOUT)} {put(2, 1024, STDERR)})
+  (func (export "{MARKUP}"))
+  (func (export "{LONG_NAME}")))"""
+
+
+async def assert_no_injected_markup(page: Page) -> None:
+    elements = await page.evaluate(
+        "() => [...document.querySelectorAll('img, b, script, svg')].map(node => node.id"
+        " || node.tagName + (node.getAttribute('src') ?? ''))")
+    assert elements == ["SCRIPTconsole/console.js", "graph"], elements
+    assert await page.title() == "Relay console"
+
+
+async def assert_fits(page: Page, what: str, width: int = 360) -> None:
+    scroll = await page.evaluate("() => document.documentElement.scrollWidth")
+    assert scroll <= width, f"{what}: the page is {scroll} px wide"
+
+
+async def test_hostile_text_is_shown_as_text_at_360_pixels(served: Served,
+                                                          executor: Executor) -> None:
+    hostile = await push(served, hostile_wat(), "hostile")
+    echo = await push(served, (ROOT / "relay" / "examples" / "echo.wat").read_text(), "echo")
+    await push(served, COUNTER_WAT, "tally")
+    async with console_page(served, width=360) as page:
+        await sign_in(page)
+        await page.get_by_label("or by reference").fill("glyph://hostile@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-cid")).to_have_text(hostile)
+        await expect(page.locator("#module-exports")).to_contain_text(MARKUP)
+        await expect(page.get_by_label("Export")).to_have_value("_start")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#execution-status")).to_have_text("completed")
+        await expect(page.locator("#stdout")).to_contain_text(STDOUT)
+        await expect(page.locator("#stdout")).to_contain_text(STDERR)
+        await expect(page.locator("#result")).to_contain_text('"status": "completed"')
+        await assert_fits(page, "the Run tab with a hostile module run")
+        await page.get_by_role("tab", name="Executions").click()
+        await expect(page.locator("#executions-list")).to_contain_text("completed")
+        await assert_fits(page, "the Executions tab")
+
+        # A refused request whose detail may echo what was asked for.
+        await page.get_by_role("tab", name="Run").click()
+        await page.get_by_label("or by reference").fill(MARKUP)
+        await page.get_by_role("button", name="Load").click()
+        problem = page.get_by_role("alert")
+        await expect(problem).to_contain_text("(4")
+        await page.get_by_role("button", name="Dismiss").click()
+
+        await page.get_by_label("or by reference").fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        await expect(page.locator("#session-facts")).to_contain_text("idle")
+        await page.get_by_label("Snapshot label").fill(MARKUP)
+        await page.get_by_role("button", name="Snapshot").click()
+        await expect(page.locator("#snapshots")).to_contain_text(MARKUP)
+        await assert_fits(page, "the Sessions tab with a session shown")
+
+        await page.get_by_role("tab", name="Pipelines").click()
+        nodes = [{"id": "shout", "cid": echo, "inputs": [MARKUP, STDOUT]},
+                 {"id": "again", "cid": echo, "inputs": [{"$ref": "shout"}]}]
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        await expect(page.locator("#pipeline-nodes-list")).to_contain_text(MARKUP)
+        await assert_fits(page, "the Pipelines tab with a pipeline shown")
+        await screenshot(page, "hostile-narrow")
+        await assert_no_injected_markup(page)
