@@ -152,7 +152,7 @@ async function loadReference(reference) {
   const glyph = /^glyph:\/\/([^@]+)(?:@(.+))?$/.exec(cid);
   if (glyph) {
     const tags = await relay.names.get(glyph[1]);
-    cid = tags[glyph[2] ?? "latest"];
+    cid = Object.hasOwn(tags, glyph[2] ?? "latest") ? tags[glyph[2] ?? "latest"] : undefined;
     if (!cid) {
       throw localProblem("No such tag", `${glyph[1]} has no tag ${glyph[2] ?? "latest"}`
                          + ` (it has: ${Object.keys(tags).join(", ") || "none"})`);
@@ -480,7 +480,7 @@ async function showPipeline(pipelineId) {
     for await (const event of relay.events({ pipelineId, lastEventId: "0",
                                              signal: controller.signal })) {
       const data = event.data;
-      if (event.type === "pipeline_progress" && shownPipeline.nodes[data.node]) {
+      if (event.type === "pipeline_progress" && Object.hasOwn(shownPipeline.nodes, data.node)) {
         shownPipeline.nodes[data.node].status = data.node_status;
         shownPipeline.progress.percent = data.progress;
         paintNode(data.node);
@@ -523,8 +523,8 @@ const STAGE = { pending: 0, queued: 1, running: 2, retrying: 3, completed: 4, fa
 /** A view read while events arrive: it moves nodes forward, never back to an older stage. */
 function mergePipeline(latest) {
   for (const [id, node] of Object.entries(latest.nodes)) {
+    if (!Object.hasOwn(shownPipeline.nodes, id)) continue;
     const shown = shownPipeline.nodes[id];
-    if (!shown) continue;
     if (node.attempts > shown.attempts || STAGE[node.status] >= STAGE[shown.status]) {
       shownPipeline.nodes[id] = node;
       paintNode(id);
@@ -534,13 +534,15 @@ function mergePipeline(latest) {
 
 /** Columns by depth (a node sits one column right of its deepest need), rows in order. */
 function layout(nodes) {
-  const depth = {};
+  // A Map, not an object: node ids such as "constructor" or "__proto__" are valid.
+  const depth = new Map();
   const depthOf = (id) => {
-    if (depth[id] === undefined) {
-      depth[id] = 0;   // a guard: the gateway refuses cycles, so this is never read mid-walk
-      depth[id] = Math.max(-1, ...nodes[id].needs.filter((need) => need in nodes).map(depthOf)) + 1;
+    if (!depth.has(id)) {
+      depth.set(id, 0);   // a guard: the gateway refuses cycles, so this is never read mid-walk
+      depth.set(id, Math.max(-1, ...nodes[id].needs.filter((need) => Object.hasOwn(nodes, need))
+        .map(depthOf)) + 1);
     }
-    return depth[id];
+    return depth.get(id);
   };
   const columns = [];
   for (const id of Object.keys(nodes)) (columns[depthOf(id)] ??= []).push(id);
@@ -561,18 +563,18 @@ function drawPipeline(state) {
     graph.setAttribute("height", 0);
   } else {
     const [w, h, gapX, gapY] = [120, 34, 56, 14];
-    const place = {};
+    const place = new Map();
     const columns = layout(state.nodes);
     columns.forEach((column, x) => column.forEach((id, y) => {
-      place[id] = { x: 8 + x * (w + gapX), y: 8 + y * (h + gapY) };
+      place.set(id, { x: 8 + x * (w + gapX), y: 8 + y * (h + gapY) });
     }));
     const rows = Math.max(...columns.map((column) => column.length));
     graph.setAttribute("width", 16 + columns.length * (w + gapX) - gapX);
     graph.setAttribute("height", 16 + rows * (h + gapY) - gapY);
     for (const id of ids) {
       for (const need of state.nodes[id].needs ?? []) {
-        const from = place[need];
-        const to = place[id];
+        const from = place.get(need);
+        const to = place.get(id);
         if (!from) continue;
         const [x1, y1, x2, y2] = [from.x + w, from.y + h / 2, to.x, to.y + h / 2];
         graph.append(svg("path", { class: "edge",
@@ -581,7 +583,7 @@ function drawPipeline(state) {
     }
     for (const id of ids) {
       const group = svg("g", { class: `node ${state.nodes[id].status}`, "data-node": id,
-                               transform: `translate(${place[id].x},${place[id].y})` });
+                               transform: `translate(${place.get(id).x},${place.get(id).y})` });
       const title = svg("title");
       const rect = svg("rect", { width: w, height: h });
       const label = svg("text", { x: w / 2, y: h / 2 });

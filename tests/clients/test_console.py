@@ -384,3 +384,37 @@ async def test_hostile_text_is_shown_as_text_at_360_pixels(served: Served,
         await assert_fits(page, "the Pipelines tab with a pipeline shown")
         await screenshot(page, "hostile-narrow")
         await assert_no_injected_markup(page)
+
+
+async def test_node_ids_that_name_object_properties_are_drawn(served: Served,
+                                                              executor: Executor) -> None:
+    # Node ids match [A-Za-z0-9_.-]{1,64}: "constructor" and "__proto__" are valid ones, and
+    # name what every plain JavaScript object already has.
+    add = await push(served, ADD_WAT, "add")
+    nodes = [{"id": "constructor", "cid": add, "entrypoint": "main", "inputs": [1, 2]},
+             {"id": "__proto__", "cid": add, "entrypoint": "main",
+              "inputs": [{"$ref": "constructor"}, 4]},
+             {"id": "toString", "cid": add, "entrypoint": "main",
+              "inputs": [{"$ref": "__proto__"}, {"$ref": "constructor"}]}]
+    async with console_page(served) as page:
+        await sign_in(page)
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
+        await page.get_by_role("button", name="Start").click()
+        graph = page.locator("#graph")
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        await expect(graph.locator("g.node.completed")).to_have_count(3)
+        await expect(graph.locator("path.edge")).to_have_count(3)
+        boxes = {name: await graph.locator(f'g[data-node="{name}"]').bounding_box()
+                 for name in ("constructor", "__proto__", "toString")}
+        assert all(boxes.values()), boxes
+        xs = [box["x"] for box in boxes.values() if box]
+        assert xs[0] < xs[1] < xs[2], boxes
+        last = page.locator('#pipeline-nodes-list tr[data-node="toString"]')
+        await expect(last).to_contain_text("10")
+
+        # A glyph tag named like one is no tag either.
+        await page.get_by_role("tab", name="Run").click()
+        await page.get_by_label("or by reference").fill("glyph://add@constructor")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.get_by_role("alert")).to_contain_text("No such tag")
