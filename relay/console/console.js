@@ -89,6 +89,7 @@ async function signIn(apiKey) {
   await candidate.modules.list({ limit: 1 });   // a bad key is a 401 here, shown as a problem
   relay = candidate;
   sessionStorage.setItem(KEY_STORAGE, apiKey);
+  $("api-key").value = "";   // the key lives in sessionStorage only, not in the page
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
@@ -102,12 +103,34 @@ function signOut() {
   following?.abort();
   followingPipeline?.abort();
   relay = null;
+  forget();
   $("app").hidden = true;
   $("sign-out").hidden = true;
   $("who").textContent = "";
   $("sign-in").hidden = false;
   $("api-key").value = "";
   $("api-key").focus();
+}
+
+/** Clear every view: what one principal saw must not show (nor hide in the page) for the
+ * next one to sign in on this tab, whose requests on its ids would be 404s anyway. */
+function forget() {
+  loaded = null;
+  shownSession = null;
+  shownPipeline = null;
+  for (const id of ["module", "run-form", "execution", "session", "pipeline"]) $(id).hidden = true;
+  for (const id of ["module-exports", "module-imports", "entrypoint", "stdout", "events",
+    "executions-list", "sessions-list", "session-facts", "snapshots", "pipelines-list",
+    "pipeline-nodes-list", "graph"]) $(id).replaceChildren();
+  for (const id of ["module-cid", "module-size", "module-wasi", "execution-id", "result", "gas",
+    "session-id", "pipeline-id", "pipeline-status"]) $(id).textContent = "";
+  $("target").replaceChildren(el("option", { value: "" }, "a new execution"));
+  for (const form of $("app").querySelectorAll("form")) form.reset();
+  for (const id of ["ref", "step-by", "snapshot-label", "pipeline-nodes"]) $(id).value = "";
+  $("progress").value = 0;
+  $("pipeline-progress").value = 0;
+  hideProblem();
+  history.replaceState(null, "", location.pathname + location.search);
 }
 
 // ---------------------------------------------------------------- tabs

@@ -16,7 +16,7 @@ import httpx
 
 from executor.worker import Executor
 from tests.clients.browser import browser_page, expect, needs_chromium
-from tests.conftest import ADD_WAT, ALICE_KEY, FIXTURES, ROOT, Served, cid_of
+from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, FIXTURES, ROOT, Served, cid_of
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
@@ -418,3 +418,78 @@ async def test_node_ids_that_name_object_properties_are_drawn(served: Served,
         await page.get_by_label("or by reference").fill("glyph://add@constructor")
         await page.get_by_role("button", name="Load").click()
         await expect(page.get_by_role("alert")).to_contain_text("No such tag")
+
+
+async def test_the_key_stays_in_this_tab_and_signing_out_forgets_what_was_shown(
+        served: Served, executor: Executor) -> None:
+    echo = await push(served, (ROOT / "relay" / "examples" / "echo.wat").read_text(), "echo")
+    await push(served, COUNTER_WAT, "tally")
+    # A key in the address is not a way in (it would sit in history and in logs).
+    async with browser_page(f"{served.url}/console?api_key={ALICE_KEY}&key={ALICE_KEY}"
+                            f"#{ALICE_KEY}") as page:
+        await expect(page.get_by_label("API key")).to_be_visible()
+        await expect(page.locator("#app")).to_be_hidden()
+        assert await page.evaluate("() => sessionStorage.length") == 0
+
+    requests: list[tuple[str, dict[str, str]]] = []
+    messages: list[str] = []
+    async with console_page(served) as page:
+        page.on("request", lambda request: requests.append((request.url, request.headers)))
+        page.on("console", lambda message: messages.append(message.text))
+        await sign_in(page)
+        await page.get_by_label("or by reference").fill("glyph://echo@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-cid")).to_have_text(echo)
+        await page.get_by_label("Inputs (JSON array)").fill('["alice-private"]')
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#result")).to_contain_text('"status": "completed"')
+        await expect(page.locator("#stdout")).to_contain_text("alice-private")
+        request_id = await page.locator("#execution-id").text_content()
+        await page.get_by_label("or by reference").fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        await expect(page.locator("#session-facts")).to_contain_text("idle")
+        session_id = await page.locator("#session-id").text_content()
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(
+            [{"id": "alice-node", "cid": echo, "inputs": ["alice-private"]}]))
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        pipeline_id = await page.locator("#pipeline-id").text_content()
+        assert request_id and session_id and pipeline_id
+
+        # Where the key is, and where it is not.
+        assert await page.evaluate("() => sessionStorage.getItem('relay.apiKey')") == ALICE_KEY
+        assert await page.evaluate("() => sessionStorage.length") == 1
+        assert await page.evaluate("() => localStorage.length") == 0
+        assert await page.context.cookies() == []
+        assert ALICE_KEY not in page.url
+        await expect(page.get_by_label("API key")).to_have_value("")
+        assert ALICE_KEY not in await page.content()
+        assert requests
+        for url, headers in requests:
+            assert url.startswith(f"{served.url}/") and ALICE_KEY not in url, url
+            assert not headers.get("referer"), (url, headers["referer"])
+            assert headers.get("x-api-key") in (None, ALICE_KEY), url
+        assert not [text for text in messages if ALICE_KEY in text]
+
+        # Bob signs in on the same tab: nothing of Alice's shows, nor sits hidden in the page.
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.get_by_label("API key")).to_be_focused()
+        assert await page.evaluate("() => sessionStorage.length") == 0
+        await sign_in(page, BOB_KEY)
+        await expect(page.get_by_role("tab", name="Run")).to_have_attribute(
+            "aria-selected", "true")
+        for card in ("#module", "#run-form", "#execution", "#session", "#pipeline"):
+            await expect(page.locator(card)).to_be_hidden()
+        for tab, empty in (("Executions", "No executions yet"), ("Sessions", "No sessions"),
+                           ("Pipelines", "No pipelines yet")):
+            await page.get_by_role("tab", name=tab).click()
+            await expect(page.locator(f"#{tab.lower()}-list")).to_contain_text(empty)
+        await expect(page.get_by_label("Run in")).to_have_value("")
+        html = await page.content()
+        for secret in ("alice-private", request_id, session_id, pipeline_id, ALICE_KEY):
+            assert secret not in html, secret
+        assert await page.evaluate("() => sessionStorage.getItem('relay.apiKey')") == BOB_KEY
