@@ -18,6 +18,7 @@ let following = null;       // AbortController of the execution shown
 let followingPipeline = null;
 let shownSession = null;
 let shownPipeline = null;
+let focusBeforeProblem = null;
 
 // ---------------------------------------------------------------- small helpers
 
@@ -71,6 +72,7 @@ function showProblem(error) {
   const list = box.querySelector(".errors");
   list.replaceChildren(...(error.errors ?? []).map(
     (item) => el("li", {}, el("code", {}, item.pointer ?? ""), " ", item.detail ?? "")));
+  if (!box.contains(document.activeElement)) focusBeforeProblem = document.activeElement;
   box.hidden = false;
   box.querySelector(".dismiss").focus();
 }
@@ -80,7 +82,15 @@ function localProblem(title, detail) {
   return Object.assign(new Error(detail), { title, detail });
 }
 
-function hideProblem() { $("problem").hidden = true; }
+/** Hide the problem; if it had the focus, give it back to where it was (when still shown). */
+function hideProblem() {
+  const box = $("problem");
+  const focused = box.contains(document.activeElement);
+  box.hidden = true;
+  const before = focusBeforeProblem;
+  focusBeforeProblem = null;
+  if (focused && before?.isConnected && before.checkVisibility()) before.focus();
+}
 
 // ---------------------------------------------------------------- sign in
 
@@ -426,7 +436,8 @@ async function showSession(sessionId) {
   $("snapshots").replaceChildren(...(mine.length ? mine.map((item) => el("li", {},
     el("code", {}, short(item.snapshot_id)), ` ${item.label ?? ""} · `,
     item.state_cid ? el("code", {}, short(item.state_cid)) : "fresh state", " ",
-    el("button", { type: "button", onclick: () => restore(item.snapshot_id) }, "Restore")))
+    el("button", { type: "button", onclick: () => restore(item.snapshot_id),
+                   "aria-label": `Restore snapshot ${item.label ?? item.snapshot_id}` }, "Restore")))
     : [el("li", { class: "muted" }, "none")]));
 }
 
@@ -647,6 +658,7 @@ function wire() {
   });
   $("sign-out").addEventListener("click", signOut);
   $("problem").querySelector(".dismiss").addEventListener("click", hideProblem);
+  $("problem").addEventListener("keydown", (event) => { if (event.key === "Escape") hideProblem(); });
   for (const tab of TABS) {
     $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
     $(`tab-${tab}`).addEventListener("keydown", onTabKey);

@@ -493,3 +493,86 @@ async def test_the_key_stays_in_this_tab_and_signing_out_forgets_what_was_shown(
         for secret in ("alice-private", request_id, session_id, pipeline_id, ALICE_KEY):
             assert secret not in html, secret
         assert await page.evaluate("() => sessionStorage.getItem('relay.apiKey')") == BOB_KEY
+
+
+NAMED_ROLES = {"button", "textbox", "combobox", "spinbutton", "radio", "checkbox", "tab",
+               "tabpanel", "progressbar", "listbox", "searchbox", "slider", "link", "img"}
+
+
+async def unnamed_controls(page: Page) -> list[str]:
+    """Controls shown whose accessible name (as Chromium computes it for a screen reader) is
+    empty."""
+    cdp = await page.context.new_cdp_session(page)
+    tree = await cdp.send("Accessibility.getFullAXTree")
+    await cdp.detach()
+    return [f"{node['role']['value']} {node.get('backendDOMNodeId')}"
+            for node in tree["nodes"] if not node.get("ignored")
+            and node.get("role", {}).get("value") in NAMED_ROLES
+            and not str(node.get("name", {}).get("value", "")).strip()]
+
+
+async def tab_through(page: Page) -> list[str]:
+    """Tab from the first control around to it again; each stop that shows no focus ring."""
+    await page.get_by_role("button", name="Sign out").focus()
+    unringed: list[str] = []
+    for _ in range(80):
+        await page.keyboard.press("Tab")
+        stop = await page.evaluate("""() => { const node = document.activeElement;
+            const style = getComputedStyle(node);
+            const ringed = node.matches(':focus-visible') && style.outlineStyle !== 'none'
+                && parseFloat(style.outlineWidth) >= 2;
+            return [node.id || node.tagName + ' ' + node.textContent.slice(0, 30), ringed]; }""")
+        if stop[0] == "sign-out":
+            return unringed
+        if not stop[1] and not stop[0].startswith("BODY"):   # past the last: the browser's
+            unringed.append(stop[0])
+    raise AssertionError("Tab never came back to Sign out")
+
+
+async def test_controls_are_named_focus_shows_and_problems_give_focus_back(
+        served: Served, executor: Executor) -> None:
+    add = await push(served, ADD_WAT, "add")
+    await push(served, COUNTER_WAT, "tally")
+    async with console_page(served, width=360) as page:
+        assert await unnamed_controls(page) == []
+        await sign_in(page)
+        reference = page.get_by_label("or by reference")
+        await reference.fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+        await page.get_by_label("Export").select_option("total")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#result")).to_contain_text('"status": "completed"')
+        # The status is a live region: a screen reader hears it change.
+        await expect(page.get_by_role("status")).to_contain_text("completed")
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        await page.get_by_label("Snapshot label").fill("first")
+        await page.get_by_role("button", name="Snapshot").click()
+        await expect(page.get_by_role("button", name="Restore snapshot first")).to_be_visible()
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(
+            [{"id": "one", "cid": add, "entrypoint": "main", "inputs": [1, 2]}]))
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+
+        for tab in ("Run", "Executions", "Sessions", "Pipelines"):
+            await page.get_by_role("tab", name=tab).click()
+            panel = page.get_by_role("tabpanel", name=tab)
+            await expect(panel).to_be_visible()
+            await expect(page.get_by_role("tabpanel")).to_have_count(1)
+            await assert_fits(page, f"the {tab} tab with its content")
+            assert await unnamed_controls(page) == [], tab
+            assert await tab_through(page) == [], tab
+
+        # A problem takes the focus, Escape or Dismiss puts it back where it was.
+        await page.get_by_role("tab", name="Run").click()
+        problem = page.get_by_role("alert")
+        for close in ("Escape", "Enter"):
+            await reference.fill("glyph://nothing-here")
+            await reference.press("Enter")
+            await expect(problem).to_be_visible()
+            await expect(problem.get_by_role("button", name="Dismiss")).to_be_focused()
+            await page.keyboard.press(close)
+            await expect(problem).to_be_hidden()
+            await expect(reference).to_be_focused()
