@@ -18,6 +18,7 @@ let following = null;       // AbortController of the execution shown
 let followingPipeline = null;
 let shownSession = null;
 let shownPipeline = null;
+let focusBeforeProblem = null;
 
 // ---------------------------------------------------------------- small helpers
 
@@ -71,6 +72,7 @@ function showProblem(error) {
   const list = box.querySelector(".errors");
   list.replaceChildren(...(error.errors ?? []).map(
     (item) => el("li", {}, el("code", {}, item.pointer ?? ""), " ", item.detail ?? "")));
+  if (!box.contains(document.activeElement)) focusBeforeProblem = document.activeElement;
   box.hidden = false;
   box.querySelector(".dismiss").focus();
 }
@@ -80,7 +82,15 @@ function localProblem(title, detail) {
   return Object.assign(new Error(detail), { title, detail });
 }
 
-function hideProblem() { $("problem").hidden = true; }
+/** Hide the problem; if it had the focus, give it back to where it was (when still shown). */
+function hideProblem() {
+  const box = $("problem");
+  const focused = box.contains(document.activeElement);
+  box.hidden = true;
+  const before = focusBeforeProblem;
+  focusBeforeProblem = null;
+  if (focused && before?.isConnected && before.checkVisibility()) before.focus();
+}
 
 // ---------------------------------------------------------------- sign in
 
@@ -89,6 +99,7 @@ async function signIn(apiKey) {
   await candidate.modules.list({ limit: 1 });   // a bad key is a 401 here, shown as a problem
   relay = candidate;
   sessionStorage.setItem(KEY_STORAGE, apiKey);
+  $("api-key").value = "";   // the key lives in sessionStorage only, not in the page
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
@@ -102,12 +113,34 @@ function signOut() {
   following?.abort();
   followingPipeline?.abort();
   relay = null;
+  forget();
   $("app").hidden = true;
   $("sign-out").hidden = true;
   $("who").textContent = "";
   $("sign-in").hidden = false;
   $("api-key").value = "";
   $("api-key").focus();
+}
+
+/** Clear every view: what one principal saw must not show (nor hide in the page) for the
+ * next one to sign in on this tab, whose requests on its ids would be 404s anyway. */
+function forget() {
+  loaded = null;
+  shownSession = null;
+  shownPipeline = null;
+  for (const id of ["module", "run-form", "execution", "session", "pipeline"]) $(id).hidden = true;
+  for (const id of ["module-exports", "module-imports", "entrypoint", "stdout", "events",
+    "executions-list", "sessions-list", "session-facts", "snapshots", "pipelines-list",
+    "pipeline-nodes-list", "graph"]) $(id).replaceChildren();
+  for (const id of ["module-cid", "module-size", "module-wasi", "execution-id", "result", "gas",
+    "session-id", "pipeline-id", "pipeline-status"]) $(id).textContent = "";
+  $("target").replaceChildren(el("option", { value: "" }, "a new execution"));
+  for (const form of $("app").querySelectorAll("form")) form.reset();
+  for (const id of ["ref", "step-by", "snapshot-label", "pipeline-nodes"]) $(id).value = "";
+  $("progress").value = 0;
+  $("pipeline-progress").value = 0;
+  hideProblem();
+  history.replaceState(null, "", location.pathname + location.search);
 }
 
 // ---------------------------------------------------------------- tabs
@@ -152,7 +185,7 @@ async function loadReference(reference) {
   const glyph = /^glyph:\/\/([^@]+)(?:@(.+))?$/.exec(cid);
   if (glyph) {
     const tags = await relay.names.get(glyph[1]);
-    cid = tags[glyph[2] ?? "latest"];
+    cid = Object.hasOwn(tags, glyph[2] ?? "latest") ? tags[glyph[2] ?? "latest"] : undefined;
     if (!cid) {
       throw localProblem("No such tag", `${glyph[1]} has no tag ${glyph[2] ?? "latest"}`
                          + ` (it has: ${Object.keys(tags).join(", ") || "none"})`);
@@ -265,24 +298,27 @@ async function follow(requestId, result = null) {
   const handle = relay.handle(requestId);
   await attempt(async () => {
     const state = await handle.get();
-    if (FINISHED.has(state.status)) showResult(state);
+    // Finished already (a fast run): its result at once, and its events replayed for the log
+    // and output without moving its status back through queued and running.
+    const finished = FINISHED.has(state.status);
+    if (finished) showResult(state);
     else setStatus(state.status);
     for await (const event of handle.events({ signal: controller.signal })) {
       if (controller.signal.aborted) return;
-      onExecutionEvent(event);
+      onExecutionEvent(event, { live: !finished });
     }
     if (!controller.signal.aborted) showResult(await handle.get());
   });
 }
 
-function onExecutionEvent({ type, data }) {
+function onExecutionEvent({ type, data }, { live = true } = {}) {
   const { type: _type, timestamp, request_id: _id, ...fields } = data;
   logEvent(type, fields, timestamp);
   switch (type) {
-    case "execution_queued": setStatus("queued"); break;
-    case "execution_started": case "execution_resumed": setStatus("running"); break;
+    case "execution_queued": if (live) setStatus("queued"); break;
+    case "execution_started": case "execution_resumed": if (live) setStatus("running"); break;
     case "execution_paused":
-      setStatus("paused");
+      if (live) setStatus("paused");
       if (data.gas_used !== undefined) showGas(data.gas_used);
       break;
     case "execution_progress": showGas(data.gas_used, data.progress); break;
@@ -407,7 +443,8 @@ async function showSession(sessionId) {
   $("snapshots").replaceChildren(...(mine.length ? mine.map((item) => el("li", {},
     el("code", {}, short(item.snapshot_id)), ` ${item.label ?? ""} · `,
     item.state_cid ? el("code", {}, short(item.state_cid)) : "fresh state", " ",
-    el("button", { type: "button", onclick: () => restore(item.snapshot_id) }, "Restore")))
+    el("button", { type: "button", onclick: () => restore(item.snapshot_id),
+                   "aria-label": `Restore snapshot ${item.label ?? item.snapshot_id}` }, "Restore")))
     : [el("li", { class: "muted" }, "none")]));
 }
 
@@ -484,7 +521,7 @@ async function showPipeline(pipelineId) {
     for await (const event of relay.events({ pipelineId, lastEventId: "0",
                                              signal: controller.signal })) {
       const data = event.data;
-      if (event.type === "pipeline_progress" && shownPipeline.nodes[data.node]) {
+      if (event.type === "pipeline_progress" && Object.hasOwn(shownPipeline.nodes, data.node)) {
         shownPipeline.nodes[data.node].status = data.node_status;
         shownPipeline.progress.percent = data.progress;
         paintNode(data.node);
@@ -527,8 +564,8 @@ const STAGE = { pending: 0, queued: 1, running: 2, retrying: 3, completed: 4, fa
 /** A view read while events arrive: it moves nodes forward, never back to an older stage. */
 function mergePipeline(latest) {
   for (const [id, node] of Object.entries(latest.nodes)) {
+    if (!Object.hasOwn(shownPipeline.nodes, id)) continue;
     const shown = shownPipeline.nodes[id];
-    if (!shown) continue;
     if (node.attempts > shown.attempts || STAGE[node.status] >= STAGE[shown.status]) {
       shownPipeline.nodes[id] = node;
       paintNode(id);
@@ -538,13 +575,15 @@ function mergePipeline(latest) {
 
 /** Columns by depth (a node sits one column right of its deepest need), rows in order. */
 function layout(nodes) {
-  const depth = {};
+  // A Map, not an object: node ids such as "constructor" or "__proto__" are valid.
+  const depth = new Map();
   const depthOf = (id) => {
-    if (depth[id] === undefined) {
-      depth[id] = 0;   // a guard: the gateway refuses cycles, so this is never read mid-walk
-      depth[id] = Math.max(-1, ...nodes[id].needs.filter((need) => need in nodes).map(depthOf)) + 1;
+    if (!depth.has(id)) {
+      depth.set(id, 0);   // a guard: the gateway refuses cycles, so this is never read mid-walk
+      depth.set(id, Math.max(-1, ...nodes[id].needs.filter((need) => Object.hasOwn(nodes, need))
+        .map(depthOf)) + 1);
     }
-    return depth[id];
+    return depth.get(id);
   };
   const columns = [];
   for (const id of Object.keys(nodes)) (columns[depthOf(id)] ??= []).push(id);
@@ -565,18 +604,18 @@ function drawPipeline(state) {
     graph.setAttribute("height", 0);
   } else {
     const [w, h, gapX, gapY] = [120, 34, 56, 14];
-    const place = {};
+    const place = new Map();
     const columns = layout(state.nodes);
     columns.forEach((column, x) => column.forEach((id, y) => {
-      place[id] = { x: 8 + x * (w + gapX), y: 8 + y * (h + gapY) };
+      place.set(id, { x: 8 + x * (w + gapX), y: 8 + y * (h + gapY) });
     }));
     const rows = Math.max(...columns.map((column) => column.length));
     graph.setAttribute("width", 16 + columns.length * (w + gapX) - gapX);
     graph.setAttribute("height", 16 + rows * (h + gapY) - gapY);
     for (const id of ids) {
       for (const need of state.nodes[id].needs ?? []) {
-        const from = place[need];
-        const to = place[id];
+        const from = place.get(need);
+        const to = place.get(id);
         if (!from) continue;
         const [x1, y1, x2, y2] = [from.x + w, from.y + h / 2, to.x, to.y + h / 2];
         graph.append(svg("path", { class: "edge",
@@ -585,7 +624,7 @@ function drawPipeline(state) {
     }
     for (const id of ids) {
       const group = svg("g", { class: `node ${state.nodes[id].status}`, "data-node": id,
-                               transform: `translate(${place[id].x},${place[id].y})` });
+                               transform: `translate(${place.get(id).x},${place.get(id).y})` });
       const title = svg("title");
       const rect = svg("rect", { width: w, height: h });
       const label = svg("text", { x: w / 2, y: h / 2 });
@@ -626,6 +665,7 @@ function wire() {
   });
   $("sign-out").addEventListener("click", signOut);
   $("problem").querySelector(".dismiss").addEventListener("click", hideProblem);
+  $("problem").addEventListener("keydown", (event) => { if (event.key === "Escape") hideProblem(); });
   for (const tab of TABS) {
     $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
     $(`tab-${tab}`).addEventListener("keydown", onTabKey);

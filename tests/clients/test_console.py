@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httpx
-import pytest
 
 from executor.worker import Executor
-from tests.conftest import ADD_WAT, ALICE_KEY, FIXTURES, ROOT, Served, cid_of
+from tests.clients.browser import browser_page, expect, needs_chromium
+from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, FIXTURES, ROOT, Served, cid_of
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
 
-playwright_api = pytest.importorskip(
-    "playwright.async_api", reason="playwright is not installed (pip install -e '.[test]')")
-CHROMIUM = os.environ.get("RELAY_TEST_CHROMIUM") or shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium: apt-get install chromium (scripts/test does, as root)")
-expect = playwright_api.expect
+pytestmark = needs_chromium
 
 ARTIFACTS = ROOT / "build" / "test-artifacts" / "console"
 # Counts down from n and answers n. The call in its loop matters: wasmtime writes the fuel a
@@ -45,33 +38,14 @@ SPIN_WAT = """(module (func $tick)
   (local.get $n)))"""
 COUNTER_WAT = (ROOT / "relay" / "examples" / "counter.wat").read_text()
 PLENTY = "100000000000"
-# What a person waits for at most; a condition met sooner ends the wait at once.
-PATIENCE_MS = 30_000
-expect.set_options(timeout=PATIENCE_MS)
 
 
 @contextlib.asynccontextmanager
 async def console_page(served: Served, *, width: int = 1100) -> AsyncIterator[Page]:
     """A fresh Chromium page on the console (new profile: empty sessionStorage), failing the
     test on any script error or CSP violation the page reports."""
-    errors: list[str] = []
-    async with playwright_api.async_playwright() as driver:
-        browser = await driver.chromium.launch(
-            executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run"])
-        try:
-            page = await browser.new_page(viewport={"width": width, "height": 800})
-            page.set_default_timeout(PATIENCE_MS)
-            page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
-            page.on("console", lambda message: errors.append(message.text)
-                    if message.type == "error" and "Content Security Policy" in message.text
-                    else None)
-            await page.goto(f"{served.url}/console")
-            yield page
-        finally:
-            await browser.close()
-    assert errors == []
+    async with browser_page(f"{served.url}/console", width=width) as page:
+        yield page
 
 
 async def sign_in(page: Page, key: str = ALICE_KEY) -> None:
@@ -318,3 +292,288 @@ async def test_a_pipeline_is_drawn_and_its_nodes_change_colour_as_they_run(
 
         await page.get_by_role("button", name="Refresh").click()
         await expect(page.locator("#pipelines-list")).to_contain_text("100% of 3")
+
+
+# Markup where a hostile module or tenant controls the text: in what it writes, in its export
+# names (WAT lets an export be named anything), in inputs echoed back as a pipeline's output,
+# in a snapshot label and in the detail of a refused request. The console sets them all as text.
+MARKUP = "<img src=x onerror=alert(1)>"
+STDOUT = "<script>alert(2)</script><img src=x onerror=alert(3)>"
+STDERR = "<b>bold</b><svg onload=alert(4)>"
+LONG_NAME = "x" * 300
+
+
+def hostile_wat() -> str:
+    def put(fd: int, at: int, text: str) -> str:
+        return (f"(call $put (i32.const {fd}) (i32.const {at}) (i32.const {len(text) + 1}))")
+    return f"""(module
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 256) "{STDOUT}\\n")
+  (data (i32.const 1024) "{STDERR}\\n")
+  (func $put (param $fd i32) (param $at i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $at))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func (export "_start") {put(1, 256, STDOUT)} {put(2, 1024, STDERR)})
+  (func (export "{MARKUP}"))
+  (func (export "{LONG_NAME}")))"""
+
+
+async def assert_no_injected_markup(page: Page) -> None:
+    elements = await page.evaluate(
+        "() => [...document.querySelectorAll('img, b, script, svg')].map(node => node.id"
+        " || node.tagName + (node.getAttribute('src') ?? ''))")
+    assert elements == ["SCRIPTconsole/console.js", "graph"], elements
+    assert await page.title() == "Relay console"
+
+
+async def assert_fits(page: Page, what: str, width: int = 360) -> None:
+    scroll = await page.evaluate("() => document.documentElement.scrollWidth")
+    assert scroll <= width, f"{what}: the page is {scroll} px wide"
+
+
+async def test_hostile_text_is_shown_as_text_at_360_pixels(served: Served,
+                                                          executor: Executor) -> None:
+    hostile = await push(served, hostile_wat(), "hostile")
+    echo = await push(served, (ROOT / "relay" / "examples" / "echo.wat").read_text(), "echo")
+    await push(served, COUNTER_WAT, "tally")
+    async with console_page(served, width=360) as page:
+        await sign_in(page)
+        await page.get_by_label("or by reference").fill("glyph://hostile@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-cid")).to_have_text(hostile)
+        await expect(page.locator("#module-exports")).to_contain_text(MARKUP)
+        await expect(page.get_by_label("Export")).to_have_value("_start")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#execution-status")).to_have_text("completed")
+        await expect(page.locator("#stdout")).to_contain_text(STDOUT)
+        await expect(page.locator("#stdout")).to_contain_text(STDERR)
+        await expect(page.locator("#result")).to_contain_text('"status": "completed"')
+        await assert_fits(page, "the Run tab with a hostile module run")
+        await page.get_by_role("tab", name="Executions").click()
+        await expect(page.locator("#executions-list")).to_contain_text("completed")
+        await assert_fits(page, "the Executions tab")
+
+        # A refused request whose detail may echo what was asked for.
+        await page.get_by_role("tab", name="Run").click()
+        await page.get_by_label("or by reference").fill(MARKUP)
+        await page.get_by_role("button", name="Load").click()
+        problem = page.get_by_role("alert")
+        await expect(problem).to_contain_text("(4")
+        await page.get_by_role("button", name="Dismiss").click()
+
+        await page.get_by_label("or by reference").fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        await expect(page.locator("#session-facts")).to_contain_text("idle")
+        await page.get_by_label("Snapshot label").fill(MARKUP)
+        await page.get_by_role("button", name="Snapshot").click()
+        await expect(page.locator("#snapshots")).to_contain_text(MARKUP)
+        await assert_fits(page, "the Sessions tab with a session shown")
+
+        await page.get_by_role("tab", name="Pipelines").click()
+        nodes = [{"id": "shout", "cid": echo, "inputs": [MARKUP, STDOUT]},
+                 {"id": "again", "cid": echo, "inputs": [{"$ref": "shout"}]}]
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        await expect(page.locator("#pipeline-nodes-list")).to_contain_text(MARKUP)
+        await assert_fits(page, "the Pipelines tab with a pipeline shown")
+        await screenshot(page, "hostile-narrow")
+        await assert_no_injected_markup(page)
+
+
+async def test_node_ids_that_name_object_properties_are_drawn(served: Served,
+                                                              executor: Executor) -> None:
+    # Node ids match [A-Za-z0-9_.-]{1,64}: "constructor" and "__proto__" are valid ones, and
+    # name what every plain JavaScript object already has.
+    add = await push(served, ADD_WAT, "add")
+    nodes = [{"id": "constructor", "cid": add, "entrypoint": "main", "inputs": [1, 2]},
+             {"id": "__proto__", "cid": add, "entrypoint": "main",
+              "inputs": [{"$ref": "constructor"}, 4]},
+             {"id": "toString", "cid": add, "entrypoint": "main",
+              "inputs": [{"$ref": "__proto__"}, {"$ref": "constructor"}]}]
+    async with console_page(served) as page:
+        await sign_in(page)
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
+        await page.get_by_role("button", name="Start").click()
+        graph = page.locator("#graph")
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        await expect(graph.locator("g.node.completed")).to_have_count(3)
+        await expect(graph.locator("path.edge")).to_have_count(3)
+        boxes = {name: await graph.locator(f'g[data-node="{name}"]').bounding_box()
+                 for name in ("constructor", "__proto__", "toString")}
+        assert all(boxes.values()), boxes
+        xs = [box["x"] for box in boxes.values() if box]
+        assert xs[0] < xs[1] < xs[2], boxes
+        last = page.locator('#pipeline-nodes-list tr[data-node="toString"]')
+        await expect(last).to_contain_text("10")
+
+        # A glyph tag named like one is no tag either.
+        await page.get_by_role("tab", name="Run").click()
+        await page.get_by_label("or by reference").fill("glyph://add@constructor")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.get_by_role("alert")).to_contain_text("No such tag")
+
+
+async def test_the_key_stays_in_this_tab_and_signing_out_forgets_what_was_shown(
+        served: Served, executor: Executor) -> None:
+    echo = await push(served, (ROOT / "relay" / "examples" / "echo.wat").read_text(), "echo")
+    await push(served, COUNTER_WAT, "tally")
+    # A key in the address is not a way in (it would sit in history and in logs).
+    async with browser_page(f"{served.url}/console?api_key={ALICE_KEY}&key={ALICE_KEY}"
+                            f"#{ALICE_KEY}") as page:
+        await expect(page.get_by_label("API key")).to_be_visible()
+        await expect(page.locator("#app")).to_be_hidden()
+        assert await page.evaluate("() => sessionStorage.length") == 0
+
+    requests: list[tuple[str, dict[str, str]]] = []
+    messages: list[str] = []
+    async with console_page(served) as page:
+        page.on("request", lambda request: requests.append((request.url, request.headers)))
+        page.on("console", lambda message: messages.append(message.text))
+        await sign_in(page)
+        await page.get_by_label("or by reference").fill("glyph://echo@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-cid")).to_have_text(echo)
+        await page.get_by_label("Inputs (JSON array)").fill('["alice-private"]')
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#result")).to_contain_text('"status": "completed"')
+        await expect(page.locator("#stdout")).to_contain_text("alice-private")
+        request_id = await page.locator("#execution-id").text_content()
+        await page.get_by_label("or by reference").fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        await expect(page.locator("#session-facts")).to_contain_text("idle")
+        session_id = await page.locator("#session-id").text_content()
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(
+            [{"id": "alice-node", "cid": echo, "inputs": ["alice-private"]}]))
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+        pipeline_id = await page.locator("#pipeline-id").text_content()
+        assert request_id and session_id and pipeline_id
+
+        # Where the key is, and where it is not.
+        assert await page.evaluate("() => sessionStorage.getItem('relay.apiKey')") == ALICE_KEY
+        assert await page.evaluate("() => sessionStorage.length") == 1
+        assert await page.evaluate("() => localStorage.length") == 0
+        assert await page.context.cookies() == []
+        assert ALICE_KEY not in page.url
+        await expect(page.get_by_label("API key")).to_have_value("")
+        assert ALICE_KEY not in await page.content()
+        assert requests
+        for url, headers in requests:
+            assert url.startswith(f"{served.url}/") and ALICE_KEY not in url, url
+            assert not headers.get("referer"), (url, headers["referer"])
+            assert headers.get("x-api-key") in (None, ALICE_KEY), url
+        assert not [text for text in messages if ALICE_KEY in text]
+
+        # Bob signs in on the same tab: nothing of Alice's shows, nor sits hidden in the page.
+        await page.get_by_role("button", name="Sign out").click()
+        await expect(page.get_by_label("API key")).to_be_focused()
+        assert await page.evaluate("() => sessionStorage.length") == 0
+        await sign_in(page, BOB_KEY)
+        await expect(page.get_by_role("tab", name="Run")).to_have_attribute(
+            "aria-selected", "true")
+        for card in ("#module", "#run-form", "#execution", "#session", "#pipeline"):
+            await expect(page.locator(card)).to_be_hidden()
+        for tab, empty in (("Executions", "No executions yet"), ("Sessions", "No sessions"),
+                           ("Pipelines", "No pipelines yet")):
+            await page.get_by_role("tab", name=tab).click()
+            await expect(page.locator(f"#{tab.lower()}-list")).to_contain_text(empty)
+        await expect(page.get_by_label("Run in")).to_have_value("")
+        html = await page.content()
+        for secret in ("alice-private", request_id, session_id, pipeline_id, ALICE_KEY):
+            assert secret not in html, secret
+        assert await page.evaluate("() => sessionStorage.getItem('relay.apiKey')") == BOB_KEY
+
+
+NAMED_ROLES = {"button", "textbox", "combobox", "spinbutton", "radio", "checkbox", "tab",
+               "tabpanel", "progressbar", "listbox", "searchbox", "slider", "link", "img"}
+
+
+async def unnamed_controls(page: Page) -> list[str]:
+    """Controls shown whose accessible name (as Chromium computes it for a screen reader) is
+    empty."""
+    cdp = await page.context.new_cdp_session(page)
+    tree = await cdp.send("Accessibility.getFullAXTree")
+    await cdp.detach()
+    return [f"{node['role']['value']} {node.get('backendDOMNodeId')}"
+            for node in tree["nodes"] if not node.get("ignored")
+            and node.get("role", {}).get("value") in NAMED_ROLES
+            and not str(node.get("name", {}).get("value", "")).strip()]
+
+
+async def tab_through(page: Page) -> list[str]:
+    """Tab from the first control around to it again; each stop that shows no focus ring."""
+    await page.get_by_role("button", name="Sign out").focus()
+    unringed: list[str] = []
+    for _ in range(80):
+        await page.keyboard.press("Tab")
+        stop = await page.evaluate("""() => { const node = document.activeElement;
+            const style = getComputedStyle(node);
+            const ringed = node.matches(':focus-visible') && style.outlineStyle !== 'none'
+                && parseFloat(style.outlineWidth) >= 2;
+            return [node.id || node.tagName + ' ' + node.textContent.slice(0, 30), ringed]; }""")
+        if stop[0] == "sign-out":
+            return unringed
+        if not stop[1] and not stop[0].startswith("BODY"):   # past the last: the browser's
+            unringed.append(stop[0])
+    raise AssertionError("Tab never came back to Sign out")
+
+
+async def test_controls_are_named_focus_shows_and_problems_give_focus_back(
+        served: Served, executor: Executor) -> None:
+    add = await push(served, ADD_WAT, "add")
+    await push(served, COUNTER_WAT, "tally")
+    async with console_page(served, width=360) as page:
+        assert await unnamed_controls(page) == []
+        await sign_in(page)
+        reference = page.get_by_label("or by reference")
+        await reference.fill("glyph://tally@latest")
+        await page.get_by_role("button", name="Load").click()
+        await expect(page.locator("#module-exports")).to_contain_text("total")
+        await page.get_by_label("Export").select_option("total")
+        await page.get_by_role("button", name="Run", exact=True).click()
+        await expect(page.locator("#result")).to_contain_text('"status": "completed"')
+        # The status is a live region: a screen reader hears it change.
+        await expect(page.get_by_role("status")).to_contain_text("completed")
+        await page.get_by_role("tab", name="Sessions").click()
+        await page.get_by_role("button", name="New session of the loaded module").click()
+        await page.get_by_label("Snapshot label").fill("first")
+        await page.get_by_role("button", name="Snapshot").click()
+        await expect(page.get_by_role("button", name="Restore snapshot first")).to_be_visible()
+        await page.get_by_role("tab", name="Pipelines").click()
+        await page.get_by_label("Nodes (JSON array").fill(json.dumps(
+            [{"id": "one", "cid": add, "entrypoint": "main", "inputs": [1, 2]}]))
+        await page.get_by_role("button", name="Start").click()
+        await expect(page.locator("#pipeline-status")).to_have_text("completed")
+
+        for tab in ("Run", "Executions", "Sessions", "Pipelines"):
+            await page.get_by_role("tab", name=tab).click()
+            panel = page.get_by_role("tabpanel", name=tab)
+            await expect(panel).to_be_visible()
+            await expect(page.get_by_role("tabpanel")).to_have_count(1)
+            await assert_fits(page, f"the {tab} tab with its content")
+            assert await unnamed_controls(page) == [], tab
+            assert await tab_through(page) == [], tab
+
+        # A problem takes the focus, Escape or Dismiss puts it back where it was.
+        await page.get_by_role("tab", name="Run").click()
+        problem = page.get_by_role("alert")
+        for close in ("Escape", "Enter"):
+            await reference.fill("glyph://nothing-here")
+            await reference.press("Enter")
+            await expect(problem).to_be_visible()
+            await expect(problem.get_by_role("button", name="Dismiss")).to_be_focused()
+            await page.keyboard.press(close)
+            await expect(problem).to_be_hidden()
+            await expect(reference).to_be_focused()
