@@ -117,7 +117,17 @@ class Executor:
     async def run(self, *, burst: bool = False) -> None:
         """Serve until `stop()`; with `burst`, return as soon as the stream has nothing new.
         The modules of RELAY_PRELOAD are made ready first, before any work is taken."""
-        await self.bus.ensure_group()
+        while True:
+            try:
+                await self.bus.ensure_group()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Redis not reachable yet (starting beside it, or a blip): wait for it, as the
+                # read loop below does, rather than die before taking any work.
+                if self._stopping.is_set():
+                    return
+                log.warning("cannot reach Redis to start, retrying: %s", exc)
+                await asyncio.sleep(0.5)
         if self.settings.preload:
             ready = await self.modules.preload(self.settings.preload)
             log.info("preloaded %d of %d modules (RELAY_PRELOAD)", ready,

@@ -42,6 +42,7 @@ from tests.conftest import (
     assert_problem,
     free_port,
     process_env,
+    running,
     upload,
     wait_for,
 )
@@ -820,3 +821,19 @@ async def test_an_executor_told_to_stop_takes_no_new_work(processes: Cluster,
     print(f"\n[no new work] the execution submitted after SIGTERM was started by "
           f"{'the stopping executor' if node in started else 'a peer'}")
     assert node not in started, "the executor took new work after SIGTERM"
+
+
+async def test_an_executor_started_before_redis_waits_for_it_then_serves(
+        processes: Cluster, redis_server: RedisServer, settings: Settings,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Started while Redis is down (a host booting, a pod beside its Redis), the executor
+    retries until Redis answers rather than dying before it took any work."""
+    redis_server.stop()
+    async with running(settings, "early"):
+        await wait_for(lambda: "cannot reach Redis to start" in caplog.text, timeout_s=10)
+        redis_server.start()
+        base = await asyncio.to_thread(processes.gateway)
+        async with client_for(base, timeout=30) as http:
+            module = await upload(http, CALCULATOR_WAT)
+            body = await run(http, module["cid"], [2, 3])
+    assert body["success"] is True and body["output"] == 5

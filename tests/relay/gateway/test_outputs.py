@@ -305,7 +305,7 @@ def rss_bytes(pid: int) -> int:
 async def test_a_32_mib_output_streams_from_a_gateway_in_bounded_memory(
         settings: Settings, executor: Executor, processes: Processes) -> None:
     size = 32 * 1024 * 1024
-    url = processes.gateway()
+    url = await asyncio.to_thread(processes.gateway)  # not in the loop: the executor runs there
     gateway_pid = processes.running[-1].pid
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": ALICE_KEY},
                                  timeout=60) as alice:
