@@ -16,6 +16,7 @@ step's end.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -95,38 +96,26 @@ class Controller:
     async def state(self, principal: str, request_id: str) -> ExecutionState:
         """The execution as `GET /executions/{id}` shows it. Raises NotFound (also when it is
         another principal's: their ids are not ours to confirm)."""
-        owner, status, cid, result, session, pipeline, gas_seen, accepted = (
-            await self.client.hmget(self.keys.execution(request_id), [
-                "principal", "status", "cid", "result", "session", "pipeline", "gas_seen",
-                "request"]))
-        if owner is None or owner.decode() != principal:
+        views = await self.states(principal, [request_id])
+        if not views:
             raise NotFound(f"no execution {request_id}")
-        view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
-        accepted_in = _decode_environment(accepted) if accepted else _AcceptedIn()
-        environment = accepted_in.environment
-        view.priority = accepted_in.priority
-        if accepted_in.batch_id is not None:
-            view.batch_id = accepted_in.batch_id
-        if environment is not None:
-            view.environment = EnvironmentRef(name=environment.name,
-                                              version=environment.version)
-        if session is not None:
-            view.session_id = session.decode()
-        if pipeline is not None:
-            view.pipeline_id = pipeline.decode()
-        if result is None:
-            # Running or paused: the gas used as last reported (progress, or the pause).
-            if view.status == "paused":
-                view.gas_used = max(int(gas_seen or 0), await self._paused_gas(request_id))
-            elif gas_seen is not None:
-                view.gas_used = int(gas_seen)
-            return view
-        finished = decode_response(result)
-        view.output_ref = finished.output_ref
-        return msgspec.structs.replace(
-            view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
-            duration=finished.duration, executed_at=finished.executed_at, error=finished.error,
-            state_cid=finished.state_cid, cached=finished.cached, memo_of=finished.memo_of)
+        return views[0]
+
+    async def states(self, principal: str, request_ids: list[str]) -> list[ExecutionState]:
+        """`state` of each execution of `principal` among `request_ids` that still exists, in
+        their order, read in one round trip (and one more per paused one)."""
+        pipe = self.client.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hmget(self.keys.execution(request_id), STATE_FIELDS)
+        views = []
+        for request_id, fields in zip(request_ids, await pipe.execute(), strict=True):
+            view = _view(principal, request_id, fields)
+            if view is None:
+                continue
+            if view.status == "paused":  # the gas its executor counted at the pause
+                view.gas_used = max(view.gas_used or 0, await self._paused_gas(request_id))
+            views.append(view)
+        return views
 
     async def act(self, principal: str, request_id: str, action: Action,
                   additional_gas: int = 0) -> tuple[bool, ExecutionState]:
@@ -298,3 +287,38 @@ async def _until(future: asyncio.Future[bytes], deadline: float) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+STATE_FIELDS = ["principal", "status", "cid", "result", "session", "pipeline", "gas_seen",
+                "request"]
+
+
+def _view(principal: str, request_id: str, fields: list[Any]) -> ExecutionState | None:
+    """An execution's view from its record's STATE_FIELDS; None when it is gone or another
+    principal's."""
+    owner, status, cid, result, session, pipeline, gas_seen, accepted = fields
+    if owner is None or owner.decode() != principal or status is None or cid is None:
+        return None
+    view = ExecutionState(request_id=request_id, status=status.decode(), cid=cid.decode())
+    accepted_in = _decode_environment(accepted) if accepted else _AcceptedIn()
+    environment = accepted_in.environment
+    view.priority = accepted_in.priority
+    if accepted_in.batch_id is not None:
+        view.batch_id = accepted_in.batch_id
+    if environment is not None:
+        view.environment = EnvironmentRef(name=environment.name, version=environment.version)
+    if session is not None:
+        view.session_id = session.decode()
+    if pipeline is not None:
+        view.pipeline_id = pipeline.decode()
+    if result is None:
+        # Running or paused: the gas used as last reported (progress, or the pause).
+        if gas_seen is not None:
+            view.gas_used = int(gas_seen)
+        return view
+    finished = decode_response(result)
+    view.output_ref = finished.output_ref
+    return msgspec.structs.replace(
+        view, success=finished.success, output=finished.output, gas_used=finished.gas_used,
+        duration=finished.duration, executed_at=finished.executed_at, error=finished.error,
+        state_cid=finished.state_cid, cached=finished.cached, memo_of=finished.memo_of)

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from relay.errors import InvalidRequest, NotFound
+from relay.errors import InvalidRequest
 from relay.gateway.control import Controller
 from relay.keys import Keys
 from relay.schemas import ExecutionState
@@ -88,13 +88,8 @@ async def page(client: aioredis.Redis, keys: Keys, controller: Controller, princ
 
 async def _views(controller: Controller, principal: str, matches: list[tuple[str, str]],
                  limit: int) -> list[ExecutionState]:
-    views = []
-    for _, request_id in matches[:limit]:
-        try:
-            views.append(await controller.state(principal, request_id))
-        except NotFound:
-            continue  # expired since it was matched
-    return views
+    """The page's executions (those expired since they were matched left out)."""
+    return await controller.states(principal, [request_id for _, request_id in matches[:limit]])
 
 
 def _request_id(member: bytes) -> str:
