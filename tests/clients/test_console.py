@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -51,6 +51,13 @@ async def console_page(served: Served, *, width: int = 1100) -> AsyncIterator[Pa
 async def sign_in(page: Page, key: str = ALICE_KEY) -> None:
     await page.get_by_label("API key").fill(key)
     await page.get_by_role("button", name="Sign in").click()
+
+
+async def start_pipeline(page: Page, nodes: Any) -> None:
+    """Start a pipeline of `nodes` from the Pipelines tab, as a person pastes it there."""
+    await page.get_by_role("tab", name="Pipelines").click()
+    await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
+    await page.get_by_role("button", name="Start").click()
 
 
 async def screenshot(page: Page, name: str) -> None:
@@ -269,9 +276,7 @@ async def test_a_pipeline_is_drawn_and_its_nodes_change_colour_as_they_run(
               "policy": policy}]
     async with console_page(served) as page:
         await sign_in(page)
-        await page.get_by_role("tab", name="Pipelines").click()
-        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
-        await page.get_by_role("button", name="Start").click()
+        await start_pipeline(page, nodes)
 
         graph = page.locator("#graph")
         await expect(graph.locator("g.node")).to_have_count(3)
@@ -399,9 +404,7 @@ async def test_node_ids_that_name_object_properties_are_drawn(served: Served,
               "inputs": [{"$ref": "__proto__"}, {"$ref": "constructor"}]}]
     async with console_page(served) as page:
         await sign_in(page)
-        await page.get_by_role("tab", name="Pipelines").click()
-        await page.get_by_label("Nodes (JSON array").fill(json.dumps(nodes))
-        await page.get_by_role("button", name="Start").click()
+        await start_pipeline(page, nodes)
         graph = page.locator("#graph")
         await expect(page.locator("#pipeline-status")).to_have_text("completed")
         await expect(graph.locator("g.node.completed")).to_have_count(3)
@@ -453,10 +456,8 @@ async def test_the_key_stays_in_this_tab_and_signing_out_forgets_what_was_shown(
         await page.get_by_role("button", name="New session of the loaded module").click()
         await expect(page.locator("#session-facts")).to_contain_text("idle")
         session_id = await page.locator("#session-id").text_content()
-        await page.get_by_role("tab", name="Pipelines").click()
-        await page.get_by_label("Nodes (JSON array").fill(json.dumps(
-            [{"id": "alice-node", "cid": echo, "inputs": ["alice-private"]}]))
-        await page.get_by_role("button", name="Start").click()
+        await start_pipeline(page,
+            [{"id": "alice-node", "cid": echo, "inputs": ["alice-private"]}])
         await expect(page.locator("#pipeline-status")).to_have_text("completed")
         pipeline_id = await page.locator("#pipeline-id").text_content()
         assert request_id and session_id and pipeline_id
@@ -551,10 +552,8 @@ async def test_controls_are_named_focus_shows_and_problems_give_focus_back(
         await page.get_by_label("Snapshot label").fill("first")
         await page.get_by_role("button", name="Snapshot").click()
         await expect(page.get_by_role("button", name="Restore snapshot first")).to_be_visible()
-        await page.get_by_role("tab", name="Pipelines").click()
-        await page.get_by_label("Nodes (JSON array").fill(json.dumps(
-            [{"id": "one", "cid": add, "entrypoint": "main", "inputs": [1, 2]}]))
-        await page.get_by_role("button", name="Start").click()
+        await start_pipeline(page,
+            [{"id": "one", "cid": add, "entrypoint": "main", "inputs": [1, 2]}])
         await expect(page.locator("#pipeline-status")).to_have_text("completed")
 
         for tab in ("Run", "Executions", "Sessions", "Pipelines"):
