@@ -73,21 +73,24 @@ class SmallRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    filled = 0
+
     def fill(self) -> int:
         """Write filler keys, smaller and smaller, until Redis refuses even a few bytes with
-        OOM; returns how many it took."""
-        n = 0
+        OOM; returns how many it took. Called again, it fills what was freed since: Redis's
+        used memory also moves by itself (client buffers shrink a moment after use)."""
         for size in (FILLER, 1024, 16):
             while True:
                 try:
-                    self.client.set(f"filler:{n}", os.urandom(size))
+                    self.client.set(f"filler:{self.filled}", os.urandom(size))
                 except redis.exceptions.OutOfMemoryError:
                     break
-                n += 1
-        return n
+                self.filled += 1
+        return self.filled
 
-    def free(self, keys: int) -> None:
-        self.client.delete(*(f"filler:{n}" for n in range(keys + 1)))
+    def free(self) -> None:
+        self.client.delete(*(f"filler:{n}" for n in range(self.filled + 1)))
+        self.filled = 0
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
@@ -132,11 +135,26 @@ async def test_a_full_redis_is_503_degraded_loses_nothing_and_recovers(
     assert running.status_code == 202, running.text
     accepted = running.json()["request_id"]
 
-    fillers = await asyncio.to_thread(small_redis.fill)
-    refused = await bob.post(EXECUTE, json={"cid": adder["cid"], "inputs": [1, 2]})
-    stored = await bob.post("/modules", content=b'(module (func (export "x")))')
+    async def when_full(request: Any) -> httpx.Response:
+        """`request(n)` sent with Redis full, topped up first each time (its used memory also
+        falls by itself: a connection's buffers shrink after use), new work each try; answered
+        otherwise than 503 only when every try found room freed again."""
+        for attempt in range(5):
+            await asyncio.to_thread(small_redis.fill)
+            response: httpx.Response = await request(attempt)
+            if response.status_code == 503:
+                break
+        return response
+
+    refused = await when_full(lambda n: bob.post(EXECUTE, json={
+        "cid": adder["cid"], "inputs": [1, 2], "idempotency_key": f"while-full-{n}"}))
+    stored = await when_full(lambda n: bob.post(
+        "/modules", content=f'(module (func (export "x{n}")))'.encode()))
+    await asyncio.to_thread(small_redis.fill)
     health = await http.get(HEALTH)
-    print(f"\n[redis full] {fillers} x 64 KiB to fill it; execute {refused.status_code}, "
+    fillers = small_redis.filled
+    print(f"\n[redis full] {fillers} fillers (64 KiB, 1 KiB, 16 B) to fill it; "
+          f"execute {refused.status_code}, "
           f"upload {stored.status_code}, health {health.status_code} "
           f"{health.json().get('status')}")
     for response in (refused, stored):
@@ -144,7 +162,7 @@ async def test_a_full_redis_is_503_degraded_loses_nothing_and_recovers(
         assert int(response.headers["retry-after"]) >= 1, body
     assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
 
-    await asyncio.to_thread(small_redis.free, fillers)
+    await asyncio.to_thread(small_redis.free)
 
     async def finished() -> dict[str, Any] | None:
         state: dict[str, Any] = (await http.get(f"/executions/{accepted}")).json()
