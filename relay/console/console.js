@@ -19,6 +19,8 @@ let followingPipeline = null;
 let shownSession = null;
 let shownPipeline = null;
 let focusBeforeProblem = null;
+let executionsCursor = null;  // the next page of each list ("Show more")
+let pipelinesCursor = null;
 
 // ---------------------------------------------------------------- small helpers
 
@@ -60,6 +62,25 @@ async function attempt(action) {
     showProblem(error);
     return undefined;
   }
+}
+
+/** `request(client)` with the signed-in client, as `attempt`; undefined as well when the user
+ * signed out (or in again) while it was on its way: an answer for someone else is dropped. */
+async function fetchFor(request) {
+  const client = relay;
+  const answer = await attempt(() => request(client));
+  return client === relay ? answer : undefined;
+}
+
+/** A list's page into `tbody`: replacing it, or after its rows (`more`); the "Show more"
+ * button `more-button` shows while there is a next page, whose cursor it returns. */
+function showPage(tbody, page, { more, row, empty, columns, moreButton }) {
+  const rows = page.items.map(row);
+  if (more) $(tbody).append(...rows);
+  else if (rows.length) $(tbody).replaceChildren(...rows);
+  else $(tbody).replaceChildren(el("tr", {}, el("td", { colspan: columns, class: "muted" }, empty)));
+  $(moreButton).hidden = !page.nextCursor;
+  return page.nextCursor;
 }
 
 function showProblem(error) {
@@ -128,7 +149,10 @@ function forget() {
   loaded = null;
   shownSession = null;
   shownPipeline = null;
-  for (const id of ["module", "run-form", "execution", "session", "pipeline"]) $(id).hidden = true;
+  for (const id of ["module", "run-form", "execution", "session", "pipeline", "executions-more",
+    "pipelines-more"]) $(id).hidden = true;
+  executionsCursor = null;
+  pipelinesCursor = null;
   for (const id of ["module-exports", "module-imports", "entrypoint", "stdout", "events",
     "executions-list", "sessions-list", "session-facts", "snapshots", "pipelines-list",
     "pipeline-nodes-list", "graph"]) $(id).replaceChildren();
@@ -382,27 +406,28 @@ async function control(action) {
 
 // ---------------------------------------------------------------- executions
 
-async function refreshExecutions() {
-  const page = await attempt(() => relay.executions.list({ limit: 25 }));
+async function refreshExecutions({ more = false } = {}) {
+  const cursor = more ? executionsCursor : undefined;
+  const page = await fetchFor((client) => client.executions.list({ limit: 25, cursor }));
   if (!page) return;
-  $("executions-list").replaceChildren(...page.items.map((item) => el("tr", {},
-    el("td", {}, linkButton(short(item.request_id), () => { selectTab("run"); follow(item.request_id); },
-                            `Open execution ${item.request_id}`)),
-    el("td", {}, statusBadge(item.status)),
-    el("td", {}, item.error ? `${item.error.code}: ${item.error.message}`
-      : item.success ? `ok: ${JSON.stringify(item.output ?? null).slice(0, 80)}` : ""),
-    el("td", {}, item.gas_used?.toLocaleString() ?? ""),
-    el("td", {}, item.duration ?? ""))));
-  if (!page.items.length) {
-    $("executions-list").replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "muted" },
-                                                         "No executions yet: run one.")));
-  }
+  executionsCursor = showPage("executions-list", page, {
+    more, columns: 5, moreButton: "executions-more", empty: "No executions yet: run one.",
+    row: (item) => el("tr", {},
+      el("td", {}, linkButton(short(item.request_id),
+                              () => { selectTab("run"); follow(item.request_id); },
+                              `Open execution ${item.request_id}`)),
+      el("td", {}, statusBadge(item.status)),
+      el("td", {}, item.error ? `${item.error.code}: ${item.error.message}`
+        : item.success ? `ok: ${JSON.stringify(item.output ?? null).slice(0, 80)}` : ""),
+      el("td", {}, item.gas_used?.toLocaleString() ?? ""),
+      el("td", {}, item.duration ?? "")),
+  });
 }
 
 // ---------------------------------------------------------------- sessions
 
 async function refreshSessions() {
-  const page = await attempt(() => relay.sessions.list({ limit: 50 }));
+  const page = await fetchFor((client) => client.sessions.list({ limit: 50 }));
   if (!page) return;
   $("sessions-list").replaceChildren(...page.items.map((item) => el("tr", {},
     el("td", {}, linkButton(short(item.session_id), () => showSession(item.session_id),
@@ -423,7 +448,7 @@ async function refreshSessions() {
 }
 
 async function showSession(sessionId) {
-  const session = await attempt(() => relay.sessions.get(sessionId));
+  const session = await fetchFor((client) => client.sessions.get(sessionId));
   if (!session) return;
   shownSession = session;
   $("session").hidden = false;
@@ -438,7 +463,8 @@ async function showSession(sessionId) {
                                                                           el("dd", {}, value)]));
   $("session-close").disabled = session.status === "closed";
   $("session-call").disabled = session.status === "closed";
-  const snapshots = await attempt(() => relay.snapshots.list({ limit: 100 }));
+  const snapshots = await fetchFor((client) => client.snapshots.list({ limit: 100 }));
+  if (shownSession !== session) return;
   const mine = (snapshots?.items ?? []).filter((item) => item.session_id === sessionId);
   $("snapshots").replaceChildren(...(mine.length ? mine.map((item) => el("li", {},
     el("code", {}, short(item.snapshot_id)), ` ${item.label ?? ""} · `,
@@ -470,19 +496,19 @@ async function callFromRun() {
 
 // ---------------------------------------------------------------- pipelines
 
-async function refreshPipelines() {
-  const page = await attempt(() => relay.pipelines.list({ limit: 25 }));
+async function refreshPipelines({ more = false } = {}) {
+  const cursor = more ? pipelinesCursor : undefined;
+  const page = await fetchFor((client) => client.pipelines.list({ limit: 25, cursor }));
   if (!page) return;
-  $("pipelines-list").replaceChildren(...page.items.map((item) => el("tr", {},
-    el("td", {}, linkButton(short(item.pipeline_id), () => showPipeline(item.pipeline_id),
-                            `Open pipeline ${item.pipeline_id}`)),
-    el("td", {}, statusBadge(item.status)),
-    el("td", {}, `${item.progress.percent}% of ${item.progress.total}`),
-    el("td", {}, new Date(item.created_at).toLocaleString()))));
-  if (!page.items.length) {
-    $("pipelines-list").replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "muted" },
-                                                        "No pipelines yet.")));
-  }
+  pipelinesCursor = showPage("pipelines-list", page, {
+    more, columns: 4, moreButton: "pipelines-more", empty: "No pipelines yet.",
+    row: (item) => el("tr", {},
+      el("td", {}, linkButton(short(item.pipeline_id), () => showPipeline(item.pipeline_id),
+                              `Open pipeline ${item.pipeline_id}`)),
+      el("td", {}, statusBadge(item.status)),
+      el("td", {}, `${item.progress.percent}% of ${item.progress.total}`),
+      el("td", {}, new Date(item.created_at).toLocaleString())),
+  });
 }
 
 async function startPipeline(event) {
@@ -505,7 +531,7 @@ async function showPipeline(pipelineId) {
   followingPipeline?.abort();
   const controller = new AbortController();
   followingPipeline = controller;
-  const state = await attempt(() => relay.pipelines.get(pipelineId));
+  const state = await fetchFor((client) => client.pipelines.get(pipelineId));
   if (!state || controller.signal.aborted) return;
   $("pipeline").hidden = false;
   $("pipeline-id").textContent = pipelineId;
@@ -689,9 +715,11 @@ function wire() {
   $("resume").addEventListener("click", () => control((handle) => handle.resume()));
   $("step").addEventListener("click", () => control((handle) => handle.step(numberOf($("step-by")))));
   $("cancel").addEventListener("click", () => control((handle) => handle.cancel()));
-  $("executions-refresh").addEventListener("click", refreshExecutions);
+  $("executions-refresh").addEventListener("click", () => refreshExecutions());
+  $("executions-more").addEventListener("click", () => refreshExecutions({ more: true }));
+  $("pipelines-more").addEventListener("click", () => refreshPipelines({ more: true }));
   $("sessions-refresh").addEventListener("click", refreshSessions);
-  $("pipelines-refresh").addEventListener("click", refreshPipelines);
+  $("pipelines-refresh").addEventListener("click", () => refreshPipelines());
   $("session-create").addEventListener("click", async () => {
     if (!loaded) {
       showProblem(localProblem("No module loaded", "upload or load a module on the Run tab first"));

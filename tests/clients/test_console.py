@@ -7,6 +7,7 @@ Chromium is Debian's (`/usr/bin/chromium`), driven by Playwright for Python thro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -16,7 +17,16 @@ import httpx
 
 from executor.worker import Executor
 from tests.clients.browser import browser_page, expect, needs_chromium
-from tests.conftest import ADD_WAT, ALICE_KEY, BOB_KEY, FIXTURES, ROOT, Served, cid_of
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    BOB_KEY,
+    FIXTURES,
+    ROOT,
+    Served,
+    cid_of,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
@@ -576,3 +586,49 @@ async def test_controls_are_named_focus_shows_and_problems_give_focus_back(
             await page.keyboard.press(close)
             await expect(problem).to_be_hidden()
             await expect(reference).to_be_focused()
+
+
+async def test_long_lists_show_more_and_a_late_answer_is_not_shown_to_the_next_user(
+        served: Served, executor: Executor) -> None:
+    async with httpx.AsyncClient(base_url=served.url, headers={"X-API-Key": ALICE_KEY},
+                                 timeout=30) as http:
+        add = await push(served, ADD_WAT, "adder")
+        for n in range(27):
+            answer = await http.post("/intent/execute-wasm",
+                                     json={"cid": add, "inputs": [n, 1]})
+            assert answer.status_code == 200, answer.text
+    async with console_page(served) as page:
+        await sign_in(page)
+        await page.get_by_role("tab", name="Executions").click()
+        rows = page.locator("#executions-list tr")
+        await expect(rows).to_have_count(25)
+        await page.get_by_role("button", name="Show more").click()
+        await expect(rows).to_have_count(27)
+        await expect(page.get_by_role("button", name="Show more")).to_be_hidden()
+        listed = await rows.locator("button").evaluate_all(
+            "buttons => buttons.map(b => b.getAttribute('aria-label'))")
+        assert len(set(listed)) == 27, "a page repeated or skipped an execution"
+
+        # Alice asks for her list again and signs out before it comes; Bob signs in meanwhile.
+        held, release = [], asyncio.Event()
+
+        async def hold(route: Any) -> None:  # Alice's request waits; later ones go through
+            if not held:
+                held.append(route)
+                await release.wait()
+            await route.continue_()
+
+        await page.route("**/executions?*", hold)
+        await page.get_by_role("button", name="Refresh").click()
+        await wait_for(lambda: bool(held), timeout_s=30)
+        await page.get_by_role("button", name="Sign out").click()
+        await sign_in(page, BOB_KEY)
+        await page.get_by_role("tab", name="Executions").click()
+        await expect(page.locator("#executions-list")).to_contain_text("No executions yet")
+        async with page.expect_response("**/executions?*") as late:
+            release.set()
+        await (await late.value).finished()
+        for _ in range(3):  # let the page's own tasks run after the answer came in
+            await page.evaluate("() => new Promise(done => setTimeout(done, 0))")
+        await expect(page.locator("#executions-list")).to_contain_text("No executions yet")
+        await expect(rows).to_have_count(1)
