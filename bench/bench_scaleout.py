@@ -66,6 +66,7 @@ from common import (
     free_port,
     pick_python,
     start_child,
+    start_gateway,
     wait_until,
 )
 
@@ -403,18 +404,7 @@ def main() -> int:
             "fib": {**base, "RELAY_EXECUTOR_CONCURRENCY": "1",
                     "RELAY_EXECUTOR_PREFETCH": str(args.prefetch)},
         }
-        gateway = start_child("gateway", [python, "-m", "relay", "gateway", "--port", str(port)],
-                              base, work_dir, children)
-        url = f"http://127.0.0.1:{port}"
-        client = httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=60)
-
-        def healthy() -> bool:
-            try:
-                return client.get("/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(healthy, gateway, "/healthz", 60)
+        gateway, client = start_gateway(python, port, base, work_dir, children, key)
         redis_client = redis.Redis.from_url(redis_url)
         executors = [start_executor("executor-1", python, executor_envs["calculator"], work_dir,
                                     children, redis_client)]

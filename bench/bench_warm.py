@@ -50,6 +50,7 @@ from common import (
     free_port,
     pick_python,
     start_child,
+    start_gateway,
     wait_until,
 )
 
@@ -147,17 +148,7 @@ def main() -> int:
                 "RELAY_API_KEYS": f"bench:{key}", "RELAY_RATE_LIMIT": "0",
                 "RELAY_ACCESS_LOG": "0", "RELAY_LOG_FORMAT": "text",
                 "RELAY_MAX_MODULE_BYTES": str(64 << 20), "RELAY_DATA_DIR": str(work_dir)}
-        gateway = start_child("gateway", [python, "-m", "relay", "gateway", "--port", str(port)],
-                              base, work_dir, children)
-        url = f"http://127.0.0.1:{port}"
-        client = httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120)
-        def healthy() -> bool:
-            try:
-                return client.get("/healthz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(healthy, gateway, "/healthz", 60)
+        _, client = start_gateway(python, port, base, work_dir, children, key, timeout_s=120)
         heartbeats = redis.Redis.from_url(redis_url)
         uploaded: dict[str, tuple[str, dict[str, Any], Any, int]] = {}
         for name, (wasm, fields, expected) in modules(args.functions).items():

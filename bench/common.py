@@ -227,6 +227,28 @@ def wait_until(check: Callable[[], Any], child: Child, what: str, timeout_s: flo
                        f"its log ends:\n{child.log_tail()}")
 
 
+def start_gateway(python: str, port: int, env: dict[str, str], log_dir: Path,
+                  children: list[Child], api_key: str,
+                  timeout_s: float = 60.0) -> tuple[Child, Any]:
+    """A `relay gateway` process on `port`, and an httpx.Client to it sending `api_key`, once
+    it answers /healthz. (httpx is imported here: the rest of this file needs the stdlib only.)"""
+    import httpx
+
+    gateway = start_child("gateway", [python, "-m", "relay", "gateway", "--port", str(port)],
+                          env, log_dir, children)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": api_key},
+                          timeout=timeout_s)
+
+    def healthy() -> bool:
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, gateway, "/healthz", 60)
+    return gateway, client
+
+
 # --- relay dev ---
 
 
