@@ -170,6 +170,7 @@ class Executor:
             await self._drain()
         finally:
             await self.supervisor.stop()
+            await self.bus.close_reader()
             with contextlib.suppress(redis.RedisError):
                 await self.metrics.flush()
             self._threads.shutdown(wait=False, cancel_futures=True)

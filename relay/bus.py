@@ -29,8 +29,10 @@ from redis.exceptions import NoScriptError
 
 from relay.batching import Batcher
 from relay.cid import GlyphName
+from relay.connection import reader_link, shared_link
 from relay.keys import Keys
 from relay.memo import MemoAccept
+from relay.redislink import RedisLink
 from relay.schemas import (
     PRIORITIES,
     BusMessage,
@@ -69,6 +71,10 @@ class Script:
 
     def queue(self, pipe: Pipeline, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    def command(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        """The EVALSHA command, for a link (relay.redislink)."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def run(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
         """Run it on its own (loading it first if the server does not know it yet)."""
@@ -230,13 +236,17 @@ class Bus:
     """Publish, read and settle executions on the two streams.
 
     Concurrent calls of one kind are coalesced into one pipeline (`Batcher`), so a busy gateway
-    or executor pays one round trip per batch rather than per execution.
+    or executor pays one round trip per batch rather than per execution. The scripts of the
+    execute path, and the executors' reads, go over links (relay.redislink).
     """
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_retention: int,
                  requests_retention: int, max_queue: int = 2**62,
                  starvation_ms: int = 5000) -> None:
         self.client = client
+        self.link = shared_link(client)
+        self._reader: RedisLink | None = None
+        """The executor's link for its blocking reads, made on its first."""
         self.keys = keys
         self.events_retention = events_retention
         self.requests_retention = requests_retention
@@ -258,10 +268,8 @@ class Bus:
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            script.queue(pipe, keys, args)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
+        results = await self.link.pipeline([script.command(keys, args)
+                                            for script, keys, args in calls])
         unknown = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if unknown:  # first use on this server, or after SCRIPT FLUSH / a restart
             for script in {calls[i][0] for i in unknown}:
@@ -357,14 +365,20 @@ class Bus:
         # decides what is taken; from each stream's last delivered id at the last take, so an
         # entry added since wakes it at once. Sent with the script in one pipeline: Redis runs
         # the script as soon as the read returns, without another round trip.
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xread(dict(zip(self._streams, self._drained, strict=True)), count=1,
-                   block=block_ms)
-        _TAKE.queue(pipe, *take[1:])
-        _, reply = await pipe.execute(raise_on_error=False)
+        if self._reader is None:
+            self._reader = reader_link(self.client)
+        _, reply = await self._reader.pipeline(
+            [("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *self._streams,
+              *self._drained), _TAKE.command(*take[1:])], block_ms=block_ms)
         if isinstance(reply, NoScriptError):  # first use on this server: load it, take again
             [reply] = await self._send([take])
         return await self._taken(reply, count)
+
+    async def close_reader(self) -> None:
+        """Close the link `read` blocks on (the executor stops)."""
+        if self._reader is not None:
+            await self._reader.aclose()
+            self._reader = None
 
     async def _taken(self, reply: Any, count: int) -> list[tuple[Entry, bytes]]:
         """The take script's entries. Fewer than `count`: every stream is drained, and

@@ -18,6 +18,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from relay.redislink import RedisLink
+
 # A command Redis does not answer within this long fails, and the caller gets 503: a stalled
 # Redis (SIGSTOP, a frozen VM, a partition that drops packets) must not hold callers for long.
 # Blocking reads (`XREAD`/`XREADGROUP ... BLOCK ms`) get their block time on top (see
@@ -31,7 +33,44 @@ CONNECT_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 256
 
 
-def connect(url: str) -> aioredis.Redis:
+class Client(aioredis.Redis):
+    """redis-py's client, and the lean links (relay.redislink) to the same server that the
+    execute path runs on, closed with it."""
+
+    _shared: RedisLink | None = None
+    _readers: list[RedisLink] | None = None
+
+    def link(self) -> RedisLink:
+        """The process's link for commands that answer at once, shared by every caller."""
+        if self._shared is None:
+            self._shared = RedisLink.of(self)
+        return self._shared
+
+    def reader_link(self) -> RedisLink:
+        """A link of its own, for a reader that blocks (`XREAD ... BLOCK`)."""
+        link = RedisLink.of(self)
+        if self._readers is None:
+            self._readers = []
+        self._readers.append(link)
+        return link
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        for link in [*(self._readers or ()), *([self._shared] if self._shared else [])]:
+            await link.aclose()
+        await super().aclose(close_connection_pool)
+
+
+def shared_link(client: aioredis.Redis) -> RedisLink:
+    """`client`'s shared link (a link of its own for a client not made by `connect`)."""
+    return client.link() if isinstance(client, Client) else RedisLink.of(client)
+
+
+def reader_link(client: aioredis.Redis) -> RedisLink:
+    """A link for a blocking reader, closed with `client` when `connect` made it."""
+    return client.reader_link() if isinstance(client, Client) else RedisLink.of(client)
+
+
+def connect(url: str) -> Client:
     """An asyncio client with its own pool. `from_url` sets no retry policy; we set a short one
     so a blip (a dropped connection: Redis restarted) is absorbed, while an outage surfaces as
     an error within about a second. A timeout is not retried: a stalled Redis would only stall
@@ -48,7 +87,7 @@ def connect(url: str) -> aioredis.Redis:
         decode_responses=False,
     )
     pool.connection_class = _block_aware(pool.connection_class)
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+    return Client.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 MEMORY_FULL_RATIO = 0.95

@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 import redis
 import redis.asyncio as aioredis
 
+from relay.connection import reader_link
 from relay.keys import Keys
 from relay.schemas import EventHead, decode_head
 
@@ -296,19 +297,27 @@ class EventFanIn:
         """Read the events stream until `stop`: the process's one reader, run (and restarted,
         should it fail) by the gateway's supervisor."""
         stream = self.keys.events
-        while not self._stopped:
-            try:
-                reply = await self.client.xread({stream: self._last_id}, count=READ_COUNT,
-                                                block=READ_BLOCK_MS)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if self._stopped:
-                    return
-                log.warning("cannot read %s, retrying: %s", stream, exc)
-                await asyncio.sleep(0.2)
-                continue
-            for _, entries in reply or ():
-                self._last_id = entries[-1][0]  # past an entry that breaks the dispatch, too
-                self._dispatch(entries)
+        link = reader_link(self.client)  # its own: the read blocks
+        try:
+            while not self._stopped:
+                try:
+                    reply = await link.execute("XREAD", "COUNT", READ_COUNT,
+                                               "BLOCK", READ_BLOCK_MS,
+                                               "STREAMS", stream, self._last_id,
+                                               block_ms=READ_BLOCK_MS)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if self._stopped:
+                        return
+                    log.warning("cannot read %s, retrying: %s", stream, exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                for _, entries in reply or ():
+                    self._last_id = entries[-1][0]  # past an entry that breaks the dispatch
+                    self._dispatch([(entry_id, dict(zip(fields[::2], fields[1::2],
+                                                        strict=True)))
+                                    for entry_id, fields in entries])
+        finally:
+            await link.aclose()
 
     def _dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         """Route one read's entries: to waiters, then to each principal's streams, all of a
