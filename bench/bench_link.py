@@ -23,13 +23,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 import uvloop
-
 from common import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from relay.connection import EmbeddedRedis, connect  # noqa: E402
-from relay.redislink import RedisLink  # noqa: E402
+from relay.connection import EmbeddedRedis, connect
+from relay.redislink import RedisLink
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
 
