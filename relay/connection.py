@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -33,7 +33,7 @@ CONNECT_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 256
 
 
-class Client(aioredis.Redis):
+class Client(aioredis.Redis):  # type: ignore[misc]  # redis-py is untyped here
     """redis-py's client, and the lean links (relay.redislink) to the same server that the
     execute path runs on, closed with it."""
 
@@ -87,7 +87,7 @@ def connect(url: str) -> Client:
         decode_responses=False,
     )
     pool.connection_class = _block_aware(pool.connection_class)
-    return Client.from_pool(pool)  # the client owns the pool: aclose() closes both
+    return cast(Client, Client.from_pool(pool))  # the client owns the pool: aclose() closes both
 
 
 MEMORY_FULL_RATIO = 0.95
