@@ -119,7 +119,7 @@ Call = tuple[Script, list[str], list[Any]]
 # `user`: the principal the execution belongs to. The gateways route events to subscribers by it
 # without decoding them.
 
-_ACCEPT = Script.named("accept", libs=("sessions", "budgets", "blobs"))
+_ACCEPT = Script.named("accept", libs=("sessions", "budgets", "blobs", "ratelimit"))
 
 _START = Script.named("start")
 
@@ -138,6 +138,15 @@ SESSION_REFUSALS = ("no-session", "session-closed", "session-exhausted")
 """What the accept script answers for a session call it refuses."""
 
 
+class RateWindow(NamedTuple):
+    """A principal's rate-limit window, for the accept script to count its request in
+    (relay.pipeline.ratelimit)."""
+
+    key: str
+    limit: int
+    window_ms: int
+
+
 class Accepted(NamedTuple):
     """What the accept script found: `new`, or the existing record's status and result."""
 
@@ -148,6 +157,11 @@ class Accepted(NamedTuple):
     """Status `budget` (over a budget of the principal's): `<seconds to wait> <budget id>
     <limit>`; `lower` (fits once its omitted limits are lowered): `<gas> <time>`, -1 for no
     limit (relay.budgets reads both)."""
+    rate_used: int = 0
+    """With a `rate` window: its count after this request (status `ratelimited`: over it,
+    and nothing else was decided)."""
+    rate_left_ms: int = 0
+    """With a `rate` window: the ms it has left."""
 
     @property
     def is_new(self) -> bool:
@@ -174,7 +188,7 @@ class Accepted(NamedTuple):
     def existing(self) -> bool:
         """A record of this request id exists already: the request is a repeat."""
         return self.status not in ("new", "moved", "forbidden", "full", "budget", "lower",
-                                   "hit", *SESSION_REFUSALS)
+                                   "hit", "ratelimited", *SESSION_REFUSALS)
 
 
 
@@ -266,6 +280,14 @@ class Bus:
         """Each requests stream's last delivered id when the last read found them all drained
         (None: it did not), from which the next read waits for new entries."""
 
+    async def run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+        """One script, over the link (loaded first if Redis does not know it); an error reply
+        is raised."""
+        [reply] = await self._send([(script, keys, args)])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     async def _send(self, calls: list[Call]) -> list[Any]:
         """Run scripts in one pipeline; load them and rerun the ones Redis did not know."""
         results = await self.link.pipeline([script.command(keys, args)
@@ -284,7 +306,8 @@ class Bus:
     async def accept(self, request: WasmExecRequested, fingerprint: str,
                      name: GlyphName | None = None, *, permitted: bool = True,
                      max_active: int = 2**62, explicit: frozenset[str] = frozenset(),
-                     memo: MemoAccept | None = None, callback: bytes = b"") -> Accepted:
+                     memo: MemoAccept | None = None, callback: bytes = b"",
+                     rate: RateWindow | None = None) -> Accepted:
         """Claim `request.request_id` and enqueue it, unless a live record exists already.
 
         With `name`, only while that name still points at `request.cid`; otherwise the status
@@ -301,16 +324,19 @@ class Bus:
         entry is unchanged (status `hit`, its `result` the response); otherwise a success of it
         becomes the entry.
         `callback`: the JSON of its webhook callback (relay.webhooks), kept in a new record.
+        `rate`: the request is counted in this window first, and refused (status `ratelimited`)
+        when over its limit.
         """
         keys = self.keys
         name_key, tag = (keys.name(name.name), name.tag) if name else (keys.queued, "")
         session = request.session_id or ""
-        status, found_fingerprint, result, *budget = await self._accepts((
+        status, found_fingerprint, result, budget, rate_used, rate_left = await self._accepts((
             _ACCEPT,
             [keys.execution(request.request_id), keys.requests_of(priority_of(request)),
              keys.events, keys.queued, name_key,
              keys.session(session) if session else keys.queued,
-             memo.key if memo else keys.queued, keys.queued_of(priority_of(request))],
+             memo.key if memo else keys.queued, keys.queued_of(priority_of(request)),
+             rate.key if rate else keys.queued],
             [
                 request.user_id,
                 fingerprint,
@@ -335,11 +361,13 @@ class Bus:
                 *_memo_arguments(memo),
                 request.pipeline_id or "",
                 memo.stack if memo else "",
+                rate.limit if rate else "",
+                rate.window_ms if rate else "",
                 callback,  # the last argument: accept.lua reads it as ARGV[#ARGV]
             ],
         ))
-        return Accepted(status.decode(), found_fingerprint.decode(), result,
-                        budget[0].decode() if budget else "")
+        return Accepted(status.decode(), found_fingerprint.decode(), result, budget.decode(),
+                        rate_used, rate_left)
 
     # --- executor ---
 

@@ -54,10 +54,16 @@ class Keys:
         """Hash name -> an environment's version; kept when it is deleted, so a name made
         again never reuses a version (memoized results are keyed by name and version)."""
         self.rate_limits = f"{prefix}:ratelimit"
+        """Prefix of the rate limits' windows (`rate_window`)."""
         self.pipeline_timers = f"{prefix}:pipeline-timers"
         """Sorted set of `<pipeline id>\n<node>` (a node's retry) or `<pipeline id>\n` (look
         at the pipeline again), scored by when each is due (ms): the scheduler's timers."""
-        """Prefix the `limits` library puts before its own rate-limit keys."""
+
+    def rate_window(self, scope: str, principal: str, limit: int, window_s: int) -> str:
+        """Counter of a principal's requests in the current window of its rate limit
+        (relay.pipeline.ratelimit): `scope` "" for executes, "upload" for uploads. New numbers
+        start a window of their own."""
+        return f"{self.rate_limits}:{scope}:{limit}:{window_s}:{principal}"
 
     def execution(self, request_id: str) -> str:
         """Hash holding one execution's owner, status and result."""

@@ -57,7 +57,7 @@ class Gateway:
         self.controller = Controller(client, keys, self.bus, self.fan_in, settings, policies)
         self.pipeline = ExecutePipeline(
             settings=settings, policies=policies, authenticate=self.authenticate,
-            rate_limiter=RateLimiter(client, keys, settings, policies), modules=self.modules,
+            rate_limiter=RateLimiter(self.bus, settings, policies), modules=self.modules,
             authorizer=self.authorizer, bus=self.bus, completions=self.fan_in,
             metrics=self.metrics, sessions=self.sessions)
         self.environments = self.pipeline.environments

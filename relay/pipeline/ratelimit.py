@@ -1,29 +1,29 @@
-"""Rate limiting: per principal, shared by every gateway replica through Redis (`limits`).
+"""Rate limiting: per principal, shared by every gateway replica through Redis.
 
 A fixed window of `RELAY_RATE_WINDOW` ms allowing `RELAY_RATE_LIMIT` requests, or the
-principal's own numbers from principals.toml. Uploads are counted apart, under the same
-numbers (their policy is named `upload-default` or `upload-principal`). Every response of a
-limited route carries the IETF httpapi `RateLimit-Policy` and `RateLimit` fields; a refusal is
-429 with `Retry-After`.
+principal's own numbers from principals.toml, counted by a Lua script (relay/lua/
+ratelimit.lib.lua): an execute's count is made by its accept script, in the same round trip
+(`RateCheck`), a request refused before its accept and an upload are counted on their own.
+Uploads are counted apart, under the same numbers (their policy is named `upload-default` or
+`upload-principal`). Every response of a limited route carries the IETF httpapi
+`RateLimit-Policy` and `RateLimit` fields; a refusal is 429 with `Retry-After`.
+
+(The `limits` library counted the window before; its round trip of its own cost a sync execute
+0.3 ms at one caller, and its fixed window is these few lines of Lua.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import time
-from functools import lru_cache
 from typing import NamedTuple
 
-import redis.asyncio as aioredis
-from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import RedisStorage
-
+from relay.bus import Accepted, Bus, RateWindow, Script
 from relay.errors import RateLimited
-from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.policy import Policies
 from relay.settings import Settings
+
+_RATE = Script.named("rate", libs=("ratelimit",))
 
 
 class RateState(NamedTuple):
@@ -40,86 +40,64 @@ class RateState(NamedTuple):
         }
 
 
-@lru_cache(maxsize=256)
-def _item(limit: int, window_s: int) -> RateLimitItem:
-    return RateLimitItemPerSecond(limit, window_s)
+class Window(NamedTuple):
+    """A principal's window: where its requests are counted, and how it reads."""
 
+    rate: RateWindow
+    policy: str
+    window_s: int
 
-def _limits_uri(redis_url: str) -> str:
-    # `limits` names its schemes after the client; the pool we hand it decides the connection.
-    if redis_url.startswith("unix://"):
-        return "async+redis+unix://" + redis_url.removeprefix("unix://")
-    return "async+" + redis_url
+    def state(self, used: int, left_ms: int) -> RateState:
+        """The principal's state once the window's count is `used`, `left_ms` before it ends."""
+        limit = self.rate.limit
+        reset_s = min(max(math.ceil(left_ms / 1000), 0), self.window_s)
+        return RateState(self.policy, limit, self.window_s, max(limit - used, 0), reset_s)
 
 
 class RateLimiter:
-    def __init__(self, client: aioredis.Redis, keys: Keys, settings: Settings,
-                 policies: Policies) -> None:
-        assert settings.redis_url is not None
-        # One pool per process: `limits` runs its scripts on the gateway's own connections.
-        self._storage = RedisStorage(_limits_uri(settings.redis_url), implementation="redispy",
-                                     key_prefix=keys.rate_limits,
-                                     connection_pool=client.connection_pool)
+    def __init__(self, bus: Bus, settings: Settings, policies: Policies) -> None:
+        self._bus = bus
         self._settings = settings
         self._policies = policies
-        self._window_ends: dict[str, float] = {}
-        """When each window this gateway has seen ends (Unix time)."""
 
-    async def hit_many(self, principal: str, count: int) -> list[RateState | RateLimited | None]:
-        """Count `count` requests at once (a batch's items, one round trip): each one's state
-        (None: not limited), or the RateLimited it is refused with, in order."""
-        counted = await self._count(principal, "", count)
-        if counted is None:
-            return [None] * count
-        state, total = counted
-        verdicts: list[RateState | RateLimited | None] = []
-        for index in range(count):
-            used = total - count + index + 1  # this item's place in the window
-            own = state._replace(remaining=max(state.limit - used, 0))
-            verdicts.append(own if used <= state.limit else _refusal(own))
-        return verdicts
-
-    async def hit(self, principal: str, scope: str = "") -> RateState | None:
-        """Count one request. Raises RateLimited (with the RateLimit fields) when over; None
-        when this principal is not limited. A `scope` ("upload") counts apart from execute,
-        under the same numbers."""
-        counted = await self._count(principal, scope, 1)
-        if counted is None:
-            return None
-        state, total = counted
-        if total > state.limit:
-            raise _refusal(state)
-        return state
-
-    async def _count(self, principal: str, scope: str, amount: int,
-                     ) -> tuple[RateState, int] | None:
-        """Add `amount` to the principal's window: its state after, and the window's count."""
+    def window(self, principal: str, scope: str = "") -> Window | None:
+        """The principal's window (`scope` "upload" counts apart from execute, under the same
+        numbers); None when this principal is not limited."""
         caps = self._policies.caps(principal)
         own = caps.rate_limit is not None or caps.rate_window is not None
         limit = caps.rate_limit or self._settings.rate_limit
         if not limit:
             return None
         window_s = (caps.rate_window or self._settings.rate_window_ms) // 1000
-        item = _item(limit, window_s)
-        key = item.key_for(scope, principal) if scope else item.key_for(principal)
-        # The library's hit() then get_window_stats() would be three round trips in a row. The
-        # count comes back from the increment; when the window ends is read once per window
-        # (or learned, when this increment opened it), then remembered.
-        count = await self._storage.incr(key, item.get_expiry(), amount=amount)
-        now = time.time()
-        if count == amount:
-            window_end = now + window_s
-        else:
-            window_end = self._window_ends.get(key, 0.0)
-            if window_end <= now:
-                window_end = await self._storage.get_expiry(key)
-        if len(self._window_ends) > 100_000:  # one entry per active principal: bounded
-            self._window_ends.clear()
-        self._window_ends[key] = window_end
-        reset_s = min(max(math.ceil(window_end - now), 0), window_s)
         policy = "principal" if own else "default"
-        return RateState(f"{scope}-{policy}" if scope else policy, limit, window_s,
-                         max(limit - count, 0), reset_s), count
+        return Window(RateWindow(self._bus.keys.rate_window(scope, principal, limit, window_s),
+                                 limit, window_s * 1000),
+                      f"{scope}-{policy}" if scope else policy, window_s)
+
+    async def hit_many(self, principal: str, count: int) -> list[RateState | RateLimited | None]:
+        """Count `count` requests at once (a batch's items, one round trip): each one's state
+        (None: not limited), or the RateLimited it is refused with, in order."""
+        window = self.window(principal)
+        if window is None:
+            return [None] * count
+        total, left_ms = await self.count(window, count)
+        verdicts: list[RateState | RateLimited | None] = []
+        for index in range(count):
+            used = total - count + index + 1  # this item's place in the window
+            verdicts.append(_verdict(window, used, left_ms))
+        return verdicts
+
+    async def count(self, window: Window, amount: int) -> tuple[int, int]:
+        """Add `amount` to the window: its count after, and the ms it has left."""
+        used, left_ms = await self._bus.run(_RATE, [window.rate.key],
+                                            [amount, window.rate.window_ms])
+        return int(used), int(left_ms)
+
+
+def _verdict(window: Window, used: int, left_ms: int) -> RateState | RateLimited:
+    """The state once the window's count is `used`, or the refusal when that is over."""
+    state = window.state(used, left_ms)
+    return _refusal(state) if used > window.rate.limit else state
 
 
 def _refusal(state: RateState) -> RateLimited:
@@ -130,33 +108,39 @@ def _refusal(state: RateState) -> RateLimited:
 
 
 class RateCheck:
-    """One request's count under way. Started as soon as the caller is known, so its round trip
-    overlaps reading and validating the body; `verdict()` is awaited before anything is accepted,
-    and a refusal wins over any error found meanwhile (the stages still decide in order)."""
+    """One request's count under the rate limit, made once: by its accept script, in the same
+    round trip (`in_accept` gives the script the window, `accepted` reads the count back), or,
+    for a request refused before it is accepted (and for an upload), on its own (`headers`)."""
 
     def __init__(self, limiter: RateLimiter, principal: str, metrics: Metrics,
                  scope: str = "") -> None:
-        self._counted = asyncio.ensure_future(limiter.hit(principal, scope))
+        self._limiter = limiter
+        self._window = limiter.window(principal, scope)
+        self._uncounted = self._window is not None
+        self._verdict: RateState | RateLimited | None = None
         self._metrics = metrics
 
-    async def verdict(self) -> RateState | None:
-        """The principal's state, None when unlimited. Raises RateLimited (429)."""
-        try:
-            return await self._counted
-        except RateLimited:
-            self._metrics.count("rate_limited")
-            raise
+    def in_accept(self) -> RateWindow | None:
+        """The window for the accept script to count the request in; None when it is not
+        limited, or counted already (an accept sent again counts nothing more)."""
+        if not self._uncounted or self._window is None:
+            return None
+        self._uncounted = False
+        return self._window.rate
+
+    def accepted(self, accepted: Accepted, window: RateWindow | None) -> None:
+        """Read the count of the accept that was given `window`."""
+        if window is not None and self._window is not None:
+            self._verdict = _verdict(self._window, accepted.rate_used, accepted.rate_left_ms)
 
     async def headers(self) -> dict[str, str]:
-        """The RateLimit fields for the answer. Raises RateLimited."""
-        state = await self.verdict()
-        return {} if state is None else state.headers()
-
-    def abandon(self) -> None:
-        """The request ended (cancelled, crashed) before its verdict was wanted."""
-        if not self._counted.done():
-            self._counted.cancel()
-            self._counted.add_done_callback(_retrieve)
+        """The RateLimit fields for the answer (counting the request first, if no accept
+        did). Raises RateLimited."""
+        if self._uncounted and self._window is not None:
+            self._uncounted = False
+            used, left_ms = await self._limiter.count(self._window, 1)
+            self._verdict = _verdict(self._window, used, left_ms)
+        return _fields(self._verdict, self._metrics)
 
 
 class Counted:
@@ -166,14 +150,19 @@ class Counted:
         self._verdict = verdict
         self._metrics = metrics
 
+    def in_accept(self) -> RateWindow | None:
+        return None
+
+    def accepted(self, accepted: Accepted, window: RateWindow | None) -> None:
+        pass
+
     async def headers(self) -> dict[str, str]:
         """The RateLimit fields for the answer. Raises RateLimited."""
-        if isinstance(self._verdict, RateLimited):
-            self._metrics.count("rate_limited")
-            raise self._verdict
-        return {} if self._verdict is None else self._verdict.headers()
+        return _fields(self._verdict, self._metrics)
 
 
-def _retrieve(future: asyncio.Future[RateState | None]) -> None:
-    if not future.cancelled():
-        future.exception()  # what it raised, if anything, is of no interest now
+def _fields(verdict: RateState | RateLimited | None, metrics: Metrics) -> dict[str, str]:
+    if isinstance(verdict, RateLimited):
+        metrics.count("rate_limited")
+        raise verdict
+    return {} if verdict is None else verdict.headers()

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 from starlette.requests import Request
 
 from relay import budgets
-from relay.bus import SESSION_REFUSALS, Accepted, Bus
+from relay.bus import SESSION_REFUSALS, Accepted, Bus, RateWindow
 from relay.environments import Environments
 from relay.errors import (
     Conflict,
@@ -60,6 +60,14 @@ class Completions(Protocol):
 
 class Counted(Protocol):
     """A request's count under the rate limit (relay.pipeline.ratelimit)."""
+
+    def in_accept(self) -> RateWindow | None:
+        """The window the accept script is to count the request in, if any."""
+        ...
+
+    def accepted(self, accepted: Accepted, window: RateWindow | None) -> None:
+        """Read the count of the accept given `window`."""
+        ...
 
     async def headers(self) -> dict[str, str]:
         """The RateLimit fields for the answer. Raises RateLimited."""
@@ -115,19 +123,16 @@ class ExecutePipeline:
         `POST /sessions/{id}/calls`). Raises a RelayError for the first stage that refuses it
         (carrying the RateLimit fields once it was counted)."""
         principal = await self.authenticate(request)
-        rate = RateCheck(self.rate_limiter, principal, self.metrics)  # its round trip overlaps
+        rate = RateCheck(self.rate_limiter, principal, self.metrics)  # counted by the accept
         try:
-            try:
-                body = await read_body(request, self.settings.max_request_bytes)
-            except RelayError as error:
-                await self._refused(error, rate)
-                raise
-            return await self.admit_body(
-                principal, body, request.headers.get("idempotency-key"), rate,
-                sync="respond-async" not in request.headers.get("prefer", ""),
-                session_id=session_id)
-        finally:
-            rate.abandon()
+            body = await read_body(request, self.settings.max_request_bytes)
+        except RelayError as error:
+            await self._refused(error, rate)
+            raise
+        return await self.admit_body(
+            principal, body, request.headers.get("idempotency-key"), rate,
+            sync="respond-async" not in request.headers.get("prefer", ""),
+            session_id=session_id)
 
     async def admit_body(self, principal: str, body: bytes, header_key: str | None,
                          rate: Counted, *, sync: bool, session_id: str | None = None,
@@ -143,10 +148,9 @@ class ExecutePipeline:
                                            principal, self.modules, self.environments,
                                            self.settings, self.policies.caps(principal),
                                            session)
-                headers = await rate.headers()  # a 429 wins over everything after validation
                 if batch_id is not None:
                     validated.request.batch_id = batch_id
-                admission = await self._accept(validated, principal, sync, headers)
+                admission = await self._accept(validated, principal, sync, rate)
                 if admission is not None:
                     return admission
                 assert validated.name is not None
@@ -164,9 +168,10 @@ class ExecutePipeline:
             self.metrics.count("invalid_request")
 
     async def _accept(self, validated: Validated, principal: str, sync: bool,
-                      headers: dict[str, str]) -> Admission | None:
-        """Idempotency, authorization and publishing, committed atomically by one script;
-        None when the request's glyph name moved meanwhile (resolve it again)."""
+                      rate: Counted) -> Admission | None:
+        """The rate limit's count, idempotency, authorization and publishing, committed
+        atomically by one script (a 429 wins over everything after validation); None when the
+        request's glyph name moved meanwhile (resolve it again)."""
         request = validated.request
         permitted = self.authorizer.permits(principal, "execute", ModuleResource(
             request.cid, validated.name.name if validated.name else "", validated.owner))
@@ -181,13 +186,17 @@ class ExecutePipeline:
             memo = (await self.memo.prepare(validated.memo, request)
                     if validated.memo is not None else None)
 
-            def accept(published: WasmExecRequested) -> Awaitable[Accepted]:
+            def accept(published: WasmExecRequested,
+                       window: RateWindow | None = None) -> Awaitable[Accepted]:
                 return self.bus.accept(published, validated.fingerprint, validated.name,
                                        permitted=permitted, max_active=max_active,
                                        explicit=validated.explicit, memo=memo,
-                                       callback=callback)
+                                       callback=callback, rate=window)
 
-            accepted = await accept(request)
+            window = rate.in_accept()
+            accepted = await accept(request, window)
+            rate.accepted(accepted, window)
+            headers = await rate.headers()  # raises RateLimited: nothing was accepted
             # Over what the principal's budgets have left, with limits the request left out:
             # lowered to that and accepted again, while concurrent executions take it away.
             for _ in range(budgets.LOWER_ATTEMPTS):
