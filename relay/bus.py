@@ -98,6 +98,17 @@ async def create_group(client: aioredis.Redis, stream: str, group: str) -> None:
             raise
 
 
+async def read_group(link: RedisLink, stream: str, group: str, consumer: str,
+                     count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Up to `count` new entries of `stream` for `consumer` of `group` (XREADGROUP, not
+    blocking), as (entry id, fields), over a link: the gateway's webhook deliverer and
+    pipeline scheduler read every event this way."""
+    reply = await link.execute("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
+                               "STREAMS", stream, ">")
+    return [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+            for _, entries in reply or () for entry_id, fields in entries]
+
+
 async def reclaimed(client: aioredis.Redis, stream: str, group: str, consumer: str,
                     min_idle_ms: int, count: int) -> AsyncIterator[list[tuple[bytes, bytes]]]:
     """The entries of `group` pending longer than `min_idle_ms` (their consumer died), taken

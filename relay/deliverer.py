@@ -30,7 +30,8 @@ import redis
 import redis.asyncio as aioredis
 
 from relay import ssrf
-from relay.bus import create_group, reclaimed
+from relay.bus import create_group, read_group, reclaimed
+from relay.connection import shared_link
 from relay.keys import Keys
 from relay.metrics import Metrics
 from relay.scheduler import consumer_name
@@ -86,6 +87,7 @@ class Deliverer:
         """`verify`: the TLS context receivers' certificates are checked with (default: the
         system's and certifi's roots, as httpx has them; tests pass their own CA's)."""
         self.client = client
+        self.link = shared_link(client)
         self.verify: ssl.SSLContext | bool = True if verify is None else verify
         self.keys = keys
         self.settings = settings
@@ -144,16 +146,16 @@ class Deliverer:
                 await self.reclaim()
                 next_reclaim = time.monotonic() + RECLAIM_EVERY_S
             try:
-                reply = await self.client.xreadgroup(
-                    Keys.WEBHOOK_GROUP, self.consumer, {self.keys.events: ">"},
-                    count=READ_COUNT)
+                read = await read_group(self.link, self.keys.events, Keys.WEBHOOK_GROUP,
+                                        self.consumer, READ_COUNT)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self.ensure_group()
                 continue
-            entries = [(entry_id, fields.get(b"data", b""), fields.get(b"user", b""))
-                       for _, found in reply or () for entry_id, fields in found]
+            entries: list[tuple[bytes, bytes, bytes | None]] = [
+                (entry_id, fields.get(b"data", b""), fields.get(b"user", b""))
+                for entry_id, fields in read]
             if entries:
                 await self.handle(entries)
             if len(entries) < READ_COUNT:
@@ -185,15 +187,21 @@ class Deliverer:
             # One look-up per execution, pipeline or batch, however many of its events a read
             # brings (a run's queued, started, progress and complete; a memo hit's two).
             owners = list(dict.fromkeys((kind, owner_id) for *_, kind, owner_id in candidates))
-            lookup = self.client.pipeline(transaction=False)
+            lookup: list[tuple[str, ...]] = []
             for kind, owner_id in owners:
                 if kind == "execution":
-                    lookup.hmget(self.keys.execution(owner_id), "callback", "principal")
+                    lookup.append(("HMGET", self.keys.execution(owner_id), "callback",
+                                   "principal"))
                 else:
                     owner = (self.keys.pipeline(owner_id) if kind == "pipeline"
                              else self.keys.batch(owner_id))
-                    lookup.hmget(owner, "callback_url", "callback_events", "principal")
-            found = dict(zip(owners, await lookup.execute(), strict=True))
+                    lookup.append(("HMGET", owner, "callback_url", "callback_events",
+                                   "principal"))
+            replies = await self.link.pipeline(lookup)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            found = dict(zip(owners, replies, strict=True))
             deliveries = []
             for entry_id, data, user, event_type, kind, owner_id in candidates:
                 fields = found[(kind, owner_id)]
@@ -206,8 +214,8 @@ class Deliverer:
             if deliveries:
                 await self.webhooks.queue(deliveries)
                 self._wake.set()
-        await self.client.xack(self.keys.events, Keys.WEBHOOK_GROUP,
-                               *(entry_id for entry_id, _, _ in entries))
+        await self.link.execute("XACK", self.keys.events, Keys.WEBHOOK_GROUP,
+                                *(entry_id for entry_id, _, _ in entries))
 
     # --- sending ---
 

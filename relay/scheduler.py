@@ -32,7 +32,8 @@ import redis.asyncio as aioredis
 from relay import budgets
 from relay.batches import BatchStore
 from relay.blobs import BlobGone, BlobStore, decode_output
-from relay.bus import Bus, create_group, reclaimed
+from relay.bus import Bus, create_group, read_group, reclaimed
+from relay.connection import shared_link
 from relay.environments import tag
 from relay.keys import Keys
 from relay.memo import Memo, MemoAccept, MemoKey, digest
@@ -98,6 +99,7 @@ class Scheduler:
                  consumer: str | None = None, read_block_ms: int = 1000,
                  timer_interval_s: float = 0.05) -> None:
         self.client = client
+        self.link = shared_link(client)
         self.keys = keys
         self.bus = bus
         self.store = store
@@ -149,16 +151,14 @@ class Scheduler:
                 next_reclaim = time.monotonic() + RECLAIM_EVERY_S
             self._wake.clear()  # before the read: a completion seen during it reads again
             try:
-                reply = await self.client.xreadgroup(
-                    Keys.PIPELINE_GROUP, self.consumer, {self.keys.events: ">"},
-                    count=READ_COUNT)
+                read = await read_group(self.link, self.keys.events, Keys.PIPELINE_GROUP,
+                                        self.consumer, READ_COUNT)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self.ensure_group()
                 continue
-            entries = [(entry_id, fields.get(b"data", b"")) for _, found in reply or ()
-                       for entry_id, fields in found]
+            entries = [(entry_id, fields.get(b"data", b"")) for entry_id, fields in read]
             if entries:
                 await self.handle(entries)
             if len(entries) < READ_COUNT:  # else more are waiting: read on
@@ -189,7 +189,7 @@ class Scheduler:
                 else:
                     done.append(entry_id)
         if done:
-            await self.client.xack(self.keys.events, Keys.PIPELINE_GROUP, *done)
+            await self.link.execute("XACK", self.keys.events, Keys.PIPELINE_GROUP, *done)
 
     async def completed(self, data: bytes) -> None:
         """One node execution's `wasm_exec_completed`: its transition, then what it started
