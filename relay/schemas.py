@@ -6,6 +6,7 @@ body that decodes is well-formed. Encoders and decoders are built once here.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any, Literal
 
@@ -986,10 +987,19 @@ def response_from_completed(event: WasmExecCompleted) -> ExecuteResponse:
     )
 
 
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+"""The last second `rfc3339` formatted: a run's events are stamped within the same one."""
+
+
 def rfc3339(unix_s: float, *, millis: bool = True) -> str:
     """A Unix time as RFC 3339 UTC, the one time format of every body, event and log line:
     `2024-01-15T10:30:00.123Z` (or `...:00Z` without `millis`)."""
-    whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(unix_s))
+    global _second
+    second, whole = _second
+    if math.floor(unix_s) != second:
+        second = math.floor(unix_s)
+        whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = (second, whole)
     return f"{whole}.{int(unix_s * 1000) % 1000:03d}Z" if millis else whole + "Z"
 
 
