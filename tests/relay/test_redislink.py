@@ -1,0 +1,128 @@
+"""RedisLink (relay.redislink): the execute path's connection. Replies reach their callers in
+order, whatever happens to the callers or the connection, and failures are redis-py's."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from relay.connection import Client, connect, server_binary
+from relay.redislink import RedisLink
+from relay.settings import Settings
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    assert settings.redis_url is not None
+    made = connect(settings.redis_url)
+    yield made
+    await made.aclose()
+
+
+async def test_concurrent_callers_get_their_own_replies_and_errors_in_place(
+        client: Client, settings: Settings) -> None:
+    link = client.link()
+    echoed = await asyncio.gather(*(link.execute("ECHO", f"caller {n}") for n in range(200)))
+    assert echoed == [f"caller {n}".encode() for n in range(200)]
+    key = f"{settings.prefix}:counter"
+    await asyncio.gather(*(link.execute("INCRBY", key, n) for n in range(1, 101)))
+    # An error reply is redis-py's exception, in its place in a pipeline, raised by execute.
+    listed = f"{settings.prefix}:list"
+    await client.rpush(listed, "x")
+    ok, wrong, unknown = await link.pipeline([
+        ("GET", key), ("INCR", listed), ("EVALSHA", "0" * 40, 0)])
+    assert int(ok) == sum(range(1, 101))
+    assert isinstance(wrong, redis.ResponseError) and "WRONGTYPE" in str(wrong)
+    assert isinstance(unknown, redis.exceptions.NoScriptError)
+    with pytest.raises(redis.exceptions.NoScriptError):
+        await link.execute("EVALSHA", "0" * 40, 0)
+    assert await link.execute("PING") == b"PONG"  # and the connection is still in step
+
+
+async def test_a_cancelled_caller_leaves_the_connection_in_step(
+        client: Client, settings: Settings) -> None:
+    link = client.reader_link()
+    waiting = asyncio.create_task(
+        link.execute("BLPOP", f"{settings.prefix}:never", 0.3, block_ms=300))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    # Sent behind the cancelled read: it must get its own reply, not the read's nil.
+    assert await link.execute("ECHO", "mine") == b"mine"
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_no_reply_in_time_is_a_timeout_and_the_next_call_reconnects(
+        client: Client, settings: Settings) -> None:
+    link = RedisLink.of(client)
+    link.timeout_s = 0.2
+    began = time.monotonic()
+    with pytest.raises(redis.TimeoutError):
+        # A blocking command sent without its block time: the server holds the reply 1 s.
+        await link.execute("BLPOP", f"{settings.prefix}:never", 1)
+    assert time.monotonic() - began < 0.8
+    assert await link.execute("ECHO", "again") == b"again"
+    await link.aclose()
+
+
+async def test_a_killed_connection_is_opened_again_and_the_call_sent_again(
+        client: Client, settings: Settings) -> None:
+    link = client.link()
+    first_id = await link.execute("CLIENT", "ID")
+    # Killed while a call waits on it: the call is sent again on a new connection.
+    waiting = asyncio.create_task(
+        link.execute("BLPOP", f"{settings.prefix}:later", 1, block_ms=1000))
+    await asyncio.sleep(0.1)
+    assert await client.client_kill_filter(_id=first_id) == 1
+    await asyncio.sleep(0.1)
+    await client.rpush(f"{settings.prefix}:later", "value")
+    assert await waiting == [f"{settings.prefix}:later".encode(), b"value"]
+    assert await link.execute("CLIENT", "ID") != first_id
+
+
+async def test_an_unreachable_server_is_a_connection_error(tmp_path: Path) -> None:
+    link = RedisLink(path=str(tmp_path / "no.sock"), retries=1)
+    with pytest.raises(redis.ConnectionError, match=r"no\.sock"):
+        await link.execute("PING")
+    await link.aclose()
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        await link.execute("PING")
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Path]:
+    """A Redis server of this test's own that asks for a password: its socket."""
+    socket = tmp_path / "redis.sock"
+    server = subprocess.Popen([server_binary(), "--port", "0", "--unixsocket", str(socket),
+                               "--save", "", "--requirepass", "s3cret"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists():
+            assert time.monotonic() < deadline and server.poll() is None
+            time.sleep(0.02)
+        yield socket
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_a_link_logs_in_and_selects_the_database_of_its_client(guarded: Path) -> None:
+    client = aioredis.Redis(unix_socket_path=str(guarded), password="s3cret", db=3)
+    link = RedisLink.of(client)
+    assert await link.execute("SET", "key", "in 3") is not None
+    assert await client.get("key") == b"in 3"
+    other = aioredis.Redis(unix_socket_path=str(guarded), password="s3cret", db=0)
+    assert await other.get("key") is None
+    wrong = RedisLink.of(aioredis.Redis(unix_socket_path=str(guarded), password="nope"))
+    with pytest.raises(redis.AuthenticationError):
+        await wrong.execute("PING")
+    for closing in (link, wrong, client, other):
+        await closing.aclose()
