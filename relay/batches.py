@@ -31,8 +31,8 @@ KEEP_MS = 7 * 86_400_000
 """How long a batch is kept after it was created or ended (as a finished pipeline is)."""
 FINISHED = ("completed", "failed", "cancelled")
 
-_CREATE = Script.named("batch_create", libs=("batches",))
-_ENDED = Script.named("batch_ended", libs=("batches",))
+_CREATE = Script.named("batch_create", libs=("events", "batches"))
+_ENDED = Script.named("batch_ended", libs=("events", "batches"))
 
 
 class Item(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -130,17 +130,17 @@ Call = tuple[Script, list[str], list[Any]]
 # `user`: the principal the execution belongs to. The gateways route events to subscribers by it
 # without decoding them.
 
-_ACCEPT = Script.named("accept", libs=("sessions", "budgets", "blobs", "ratelimit"))
+_ACCEPT = Script.named("accept", libs=("events", "sessions", "budgets", "blobs", "ratelimit"))
 
-_START = Script.named("start")
+_START = Script.named("start", libs=("events",))
 
-_SETTLE = Script.named("settle", libs=("states", "sessions", "budgets", "blobs"))
+_SETTLE = Script.named("settle", libs=("events", "states", "sessions", "budgets", "blobs"))
 
 _RENEW = Script.named("renew")
 
 _RECLAIM = Script.named("reclaim")
 
-_EMIT = Script.named("emit")
+_EMIT = Script.named("emit", libs=("events",))
 
 _TAKE = Script.named("take")
 
@@ -374,6 +374,10 @@ class Bus:
                 memo.stack if memo else "",
                 rate.limit if rate else "",
                 rate.window_ms if rate else "",
+                # Its events are copied to relay:events:followed (events.lib.lua) for the
+                # webhook deliverer, with a callback, and the pipeline scheduler, as a node or
+                # a batch's item.
+                "1" if callback or request.pipeline_id or request.batch_id else "",
                 callback,  # the last argument: accept.lua reads it as ARGV[#ARGV]
             ],
         ))

@@ -2,8 +2,10 @@
 for, and sends the deliveries that are due (relay.webhooks holds their state).
 
 Two loops, in every gateway process (so in `relay dev`) and alone in `relay webhooks`:
-- `consume`: reads `relay:events` in its own consumer group (`webhooks`), as the pipeline
-  scheduler reads it in `pipelines`: entries that cannot be deliverable are told apart by
+- `consume`: reads `relay:events:followed` in its own consumer group (`webhooks`), as the
+  pipeline scheduler reads it in `pipelines`: the events of executions, pipelines and batches
+  with a callback (and of pipeline nodes and batch items), copied there by the scripts that
+  emit them (relay/lua/events.lib.lua), so the events of the rest cost it nothing. Entries that cannot be deliverable are told apart by
   their bytes, the callbacks of the others are read in one round trip a batch, the deliveries
   queued, and only then the entries acknowledged. An entry a dead process left pending is
   taken over by a peer (XAUTOCLAIM) and queued again, which changes nothing (one delivery per
@@ -135,7 +137,7 @@ class Deliverer:
     # --- events -> deliveries ---
 
     async def ensure_group(self) -> None:
-        await create_group(self.client, self.keys.events, Keys.WEBHOOK_GROUP)
+        await create_group(self.client, self.keys.followed, Keys.WEBHOOK_GROUP)
 
     async def consume(self) -> None:
         """Queue the deliveries events call for, until cancelled."""
@@ -146,7 +148,7 @@ class Deliverer:
                 await self.reclaim()
                 next_reclaim = time.monotonic() + RECLAIM_EVERY_S
             try:
-                read = await read_group(self.link, self.keys.events, Keys.WEBHOOK_GROUP,
+                read = await read_group(self.link, self.keys.followed, Keys.WEBHOOK_GROUP,
                                         self.consumer, READ_COUNT)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -163,7 +165,7 @@ class Deliverer:
 
     async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
         """Take over the entries another consumer left pending (it died before queueing)."""
-        async for entries in reclaimed(self.client, self.keys.events, Keys.WEBHOOK_GROUP,
+        async for entries in reclaimed(self.client, self.keys.followed, Keys.WEBHOOK_GROUP,
                                        self.consumer, min_idle_ms, READ_COUNT):
             # The reclaim script returns no `user`: the deliverer reads the owner from the
             # execution's record or the pipeline's hash, which hold it too.
@@ -214,7 +216,7 @@ class Deliverer:
             if deliveries:
                 await self.webhooks.queue(deliveries)
                 self._wake.set()
-        await self.link.execute("XACK", self.keys.events, Keys.WEBHOOK_GROUP,
+        await self.link.execute("XACK", self.keys.followed, Keys.WEBHOOK_GROUP,
                                 *(entry_id for entry_id, _, _ in entries))
 
     # --- sending ---

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 class Keys:
     __slots__ = ("api_keys", "control", "dead", "deliveries", "environment_versions",
-                 "environments", "events", "executors", "metrics",
+                 "environments", "events", "executors", "followed", "metrics",
                  "modules", "name_owners", "pipeline_timers", "prefix", "queued", "rate_limits",
                  "requests", "session_expiry", "token_secret")
 
     EXECUTOR_GROUP = "executors"
     PIPELINE_GROUP = "pipelines"
-    """The consumer group on `relay:events` that advances pipelines (relay.scheduler)."""
+    """The consumer group on `followed` that advances pipelines (relay.scheduler)."""
     WEBHOOK_GROUP = "webhooks"
-    """The consumer group on `relay:events` that queues webhook deliveries (relay.deliverer)."""
+    """The consumer group on `followed` that queues webhook deliveries (relay.deliverer)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -25,6 +25,9 @@ class Keys:
         """Stream of `wasm_exec_requested`, read by executors in group `executors`."""
         self.events = f"{prefix}:events"
         """Stream of lifecycle events and `wasm_exec_completed`."""
+        self.followed = f"{prefix}:events:followed"
+        """The events that the webhook deliverer or the pipeline scheduler may act on, copied
+        from `events` under the same ids (relay/lua/events.lib.lua)."""
         self.dead = f"{prefix}:dead"
         """Stream of request entries given up on after too many deliveries."""
         self.deliveries = f"{prefix}:deliveries"

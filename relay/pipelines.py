@@ -51,7 +51,7 @@ WRITE_CHUNK = 1000
 NODE_STATUSES = ("pending", "queued", "running", "retrying", "completed", "failed", "skipped",
                  "cancelled")
 
-_LIBS = ("pipeline",)
+_LIBS = ("events", "pipeline")
 _CREATE = Script.named("pipeline_create", libs=_LIBS)
 _DONE = Script.named("pipeline_done", libs=_LIBS)
 _TIMER = Script.named("pipeline_timer", libs=_LIBS)

@@ -1,7 +1,9 @@
 """The pipeline scheduler: the bus consumer that advances pipelines (relay.pipelines).
 
 Every gateway process runs one (`relay dev` runs the gateway app, so it has one too), in the
-consumer group `pipelines` on `relay:events`. It reads the `wasm_exec_completed` entries of
+consumer group `pipelines` on `relay:events:followed` (the events of pipeline nodes, batch
+items and executions with a webhook callback, copied from `relay:events` by the scripts that
+emit them: relay/lua/events.lib.lua). It reads the `wasm_exec_completed` entries of
 node executions (told apart from the rest by their bytes, before decoding anything) when the
 gateway's fan-in saw one pass (`wake`), or after a second without any, runs the
 one script of that transition, starts the nodes it queued and cancels what it says to cancel,
@@ -128,7 +130,7 @@ class Scheduler:
     # --- the consumer ---
 
     async def ensure_group(self) -> None:
-        await create_group(self.client, self.keys.events, Keys.PIPELINE_GROUP)
+        await create_group(self.client, self.keys.followed, Keys.PIPELINE_GROUP)
 
     def wake(self) -> None:
         """A node's completion is on the stream (the gateway's fan-in saw it): read now."""
@@ -151,7 +153,7 @@ class Scheduler:
                 next_reclaim = time.monotonic() + RECLAIM_EVERY_S
             self._wake.clear()  # before the read: a completion seen during it reads again
             try:
-                read = await read_group(self.link, self.keys.events, Keys.PIPELINE_GROUP,
+                read = await read_group(self.link, self.keys.followed, Keys.PIPELINE_GROUP,
                                         self.consumer, READ_COUNT)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
@@ -168,7 +170,7 @@ class Scheduler:
 
     async def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> None:
         """Take over the entries another consumer left pending (it died mid-transition)."""
-        async for entries in reclaimed(self.client, self.keys.events, Keys.PIPELINE_GROUP,
+        async for entries in reclaimed(self.client, self.keys.followed, Keys.PIPELINE_GROUP,
                                        self.consumer, min_idle_ms, READ_COUNT):
             await self.handle(entries)
 
@@ -189,7 +191,7 @@ class Scheduler:
                 else:
                     done.append(entry_id)
         if done:
-            await self.link.execute("XACK", self.keys.events, Keys.PIPELINE_GROUP, *done)
+            await self.link.execute("XACK", self.keys.followed, Keys.PIPELINE_GROUP, *done)
 
     async def completed(self, data: bytes) -> None:
         """One node execution's `wasm_exec_completed`: its transition, then what it started

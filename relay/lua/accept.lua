@@ -27,6 +27,9 @@ end
 -- ends with the window's count and the ms it has left. KEYS[9] the window, ARGV[29] the limit
 -- ('' when not limited here: unlimited, or counted already), ARGV[30] the window's length.
 local rate_used, rate_left = 0, 0
+-- ARGV[31]: '1' when the execution's events are followed (events.lib.lua): kept in the record
+-- for the scripts that emit its later events.
+local followed = ARGV[31] == '1'
 if ARGV[29] ~= '' then
   rate_used, rate_left = rate_count(KEYS[9], 1, ARGV[30])
   if rate_used > tonumber(ARGV[29]) then
@@ -69,12 +72,14 @@ local function accept()
     if ARGV[#ARGV] ~= '' then  -- its webhook callback, as below
       redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
     end
+    if followed then
+      redis.call('HSET', KEYS[1], 'followed', '1')
+    end
     for _, event in ipairs({ARGV[6] .. '0}', ARGV[24]}) do
       redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index, as below
-                 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', event,
-                            'user', ARGV[1]))
+                 emit_event(KEYS[3], ARGV[7], event, ARGV[1], followed))
     end
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data', ARGV[25], 'user', ARGV[1])
+    emit_event(KEYS[3], ARGV[7], ARGV[25], ARGV[1], followed)
     redis.call('PEXPIRE', KEYS[1], ARGV[26])
     redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[26])
     list_execution(found[5])
@@ -124,12 +129,14 @@ local function accept()
   if ARGV[#ARGV] ~= '' then
     redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
   end
+  if followed then
+    redis.call('HSET', KEYS[1], 'followed', '1')
+  end
   if ARGV[20] ~= '' then  -- its settle stores a success as the memo entry (settle.lua)
     redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21],
                'memo_stack', ARGV[28])
   end
-  local queued = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'data',
-                            ARGV[6] .. position .. '}', 'user', ARGV[1])
+  local queued = emit_event(KEYS[3], ARGV[7], ARGV[6] .. position .. '}', ARGV[1], followed)
   -- The execution's index of its client events (relay.keys.Keys.execution_events), so its
   -- history is read without scanning the stream. It lives as long as the record (an earlier
   -- attempt's events stay listed, as they stay in the stream).

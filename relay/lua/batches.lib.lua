@@ -7,10 +7,11 @@ local function batch_finish(B, bid, events, retention, now, keep_ms)
   if redis.call('SCARD', B .. ':waiting') > 0 then return end
   if redis.call('HGET', B, 'status') ~= 'running' then return end
   redis.call('HSET', B, 'status', 'completed', 'finished_at', now)
-  redis.call('XADD', events, 'MAXLEN', '~', retention, '*', 'data',
+  local fields = redis.call('HMGET', B, 'principal', 'callback_url', 'total')
+  emit_event(events, retention,
     '{"type":"batch_complete","batch_id":"' .. bid .. '","status":"completed","total":' ..
-    redis.call('HGET', B, 'total') .. ',"timestamp":"' .. now .. '"}',
-    'user', redis.call('HGET', B, 'principal'))
+    fields[3] .. ',"timestamp":"' .. now .. '"}',
+    fields[1], fields[2])  -- followed: it has a callback
   for _, key in ipairs({B, B .. ':ended'}) do
     redis.call('PEXPIRE', key, keep_ms)
   end

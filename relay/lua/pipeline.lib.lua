@@ -25,8 +25,8 @@ end
 
 -- Appends a pipeline event to relay:events for the pipeline's principal.
 local function pipeline_emit(P, events, retention, body)
-  redis.call('XADD', events, 'MAXLEN', '~', retention, '*', 'data', body, 'user',
-             redis.call('HGET', P, 'principal'))
+  local fields = redis.call('HMGET', P, 'principal', 'callback_url')
+  emit_event(events, retention, body, fields[1], fields[2])  -- followed: it has a callback
 end
 
 -- Moves `node` to `status`, keeping the counts, and emits `pipeline_progress`.

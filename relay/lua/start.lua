@@ -9,7 +9,8 @@
 -- A run taken over by a peer (its executor died) is a member already: it keeps its one place.
 -- Returns 1 started, 0 nothing to run (a result exists), 2 parked, -1 the entry is no longer
 -- this consumer's (a peer took it over): nothing done.
-local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'max_active', 'request')
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'max_active', 'request',
+                          'followed')
 if not record[1] or record[2] then
   return 0
 end
@@ -33,6 +34,5 @@ if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
 redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
-           redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[2], 'user',
-                      record[1]))
+           emit_event(KEYS[2], ARGV[3], ARGV[2], record[1], record[5]))
 return 1

@@ -385,7 +385,7 @@ async def test_a_crash_between_transition_and_accept_queues_once(
     keys = Keys(settings.prefix)
     request_id = node_request_id(pipeline_id, "b", 1)
     assert not await gw.client.exists(keys.execution(request_id))
-    pending = await gw.client.xpending(keys.events, Keys.PIPELINE_GROUP)
+    pending = await gw.client.xpending(keys.followed, Keys.PIPELINE_GROUP)
     assert pending["pending"] == 1  # the completion of a, not acknowledged
     # A peer takes it over and does it again: b is accepted, once.
     gw.scheduler.launch = real_launch

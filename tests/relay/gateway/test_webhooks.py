@@ -16,6 +16,7 @@ from pytest_httpserver import HTTPServer
 from standardwebhooks import Webhook, WebhookVerificationError
 from werkzeug import Request, Response
 
+from relay.connection import connect
 from relay.gateway.app import create_app
 from relay.keys import Keys
 from relay.settings import Settings
@@ -347,3 +348,33 @@ async def test_a_delivery_is_given_up_after_its_schedule(
         await wait_for(exhausted, timeout_s=5, interval_s=0.2)
     assert [(e["attempt"], e["status_code"]) for e in log] == [(1, 500), (2, 500), (3, 500)]
     assert log[2]["next_attempt_at"] is None and len(receiver.got) == 3
+
+
+async def test_only_followed_executions_reach_the_deliverers_stream_under_their_event_ids(
+        settings: Settings, executor: Any, httpserver: HTTPServer) -> None:
+    """The deliverer and the pipeline scheduler read relay:events:followed: the events of an
+    execution with a callback are copied there under their ids in relay:events (the delivery
+    is named after the event), those of one without are not."""
+    receiver = Receiver(httpserver, "/hook", 200)
+    async with gateway(settings, **LOCAL) as (http, _):
+        cid = (await upload(http, ADD_WAT))["cid"]
+        plain = await _execute(http, cid, [1, 1])
+        called = await _execute(http, cid, [2, 2], callback_url=receiver.url)
+        await wait_for(lambda: len(receiver.got) >= 1, timeout_s=10)
+    keys = Keys(settings.prefix)
+    assert settings.redis_url is not None
+    redis_client = connect(settings.redis_url)
+    events = await redis_client.xrange(keys.events)
+    followed = await redis_client.xrange(keys.followed)
+    await redis_client.aclose()
+
+    def of(request_id: str) -> list[tuple[bytes, bytes]]:
+        return [(entry_id, fields[b"data"]) for entry_id, fields in events
+                if f'"request_id":"{request_id}"'.encode() in fields[b"data"]]
+
+    copied = [(entry_id, fields[b"data"]) for entry_id, fields in followed]
+    assert copied == of(called) and len(copied) >= 4  # queued, started, complete, completed
+    assert not set(copied) & set(of(plain)) and of(plain)
+    complete = next(entry_id for entry_id, data in copied
+                    if data.startswith(b'{"type":"execution_complete"'))
+    assert receiver.got[0][1]["Webhook-Id"] == complete.decode()
