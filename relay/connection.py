@@ -49,9 +49,8 @@ class Client(aioredis.Redis):  # type: ignore[misc]  # redis-py is untyped here
     def reader_link(self) -> RedisLink:
         """A link of its own, for a reader that blocks (`XREAD ... BLOCK`)."""
         link = RedisLink.of(self)
-        if self._readers is None:
-            self._readers = []
-        self._readers.append(link)
+        # Those closed already (a reader restarted) are let go.
+        self._readers = [*(kept for kept in self._readers or () if not kept.closed), link]
         return link
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:

@@ -5,9 +5,10 @@ Two loops, in every gateway process (so in `relay dev`) and alone in `relay webh
 - `consume`: reads `relay:events:followed` in its own consumer group (`webhooks`), as the
   pipeline scheduler reads it in `pipelines`: the events of executions, pipelines and batches
   with a callback (and of pipeline nodes and batch items), copied there by the scripts that
-  emit them (relay/lua/events.lib.lua), so the events of the rest cost it nothing. Entries that cannot be deliverable are told apart by
-  their bytes, the callbacks of the others are read in one round trip a batch, the deliveries
-  queued, and only then the entries acknowledged. An entry a dead process left pending is
+  emit them (relay/lua/events.lib.lua), so the events of the rest cost it nothing. Entries
+  that cannot be deliverable are told apart by their bytes, the callbacks of the others are
+  read in one round trip a batch, the deliveries queued, and only then the entries
+  acknowledged. An entry a dead process left pending is
   taken over by a peer (XAUTOCLAIM) and queued again, which changes nothing (one delivery per
   event id). It is apart from the gateway's fan-in, so a slow receiver never delays events.
 - `deliver`: takes due deliveries under a lease and sends each: the URL checked by the SSRF

@@ -221,6 +221,10 @@ class RedisLink:
                 f"Error connecting to Redis at {self._where}: {exc or 'timed out'}") from exc
         return protocol
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def aclose(self) -> None:
         self._closed = True
         if self._protocol is not None:
