@@ -6,7 +6,8 @@ One run starts, side by side, and loads in turn (alternating the order every rou
   (RELAY_ACCESS_LOG=0): authentication, validation, idempotency, Cedar authorization, the bus,
   the executor;
 - `relay`: `relay dev` with the defaults except a rate limit it never reaches
-  (RELAY_RATE_LIMIT=1000000000, so the limiter runs: 2 Redis commands per request) and the
+  (RELAY_RATE_LIMIT=1000000000, so the limiter counts each request: 2 Redis commands inside
+  the accept script) and the
   access log on (RELAY_ACCESS_LOG=1, one line per request to its log file): the whole
   pipeline;
 - `reference`: a bare Starlette app under uvicorn (same settings as the gateway) that decodes the
@@ -26,9 +27,11 @@ embedded Redis), port and random API key.
 
 Then it loads each with `wrk` (or, when wrk is missing, a small asyncio HTTP/1.1 keep-alive
 client) at each concurrency for a fixed duration after a warm-up, every request with a unique
-`idempotency_key`, and prints req/s, p50, p99, errors, CPU per request of every process, Redis
-commands per request, the ratios to the reference and to celery, the pipeline's cost
-(relay − relay-core) and the targets of issue 19 and of the pipeline issue. `--profile N` then
+`idempotency_key` (once no Redis of any target is rewriting its append-only file: the child it
+forks for that runs for seconds after a load, and is charged to the load that set it off), and
+prints req/s, p50, p99, errors, CPU per request of every process (with its children that
+ended), Redis commands per request, the ratios to the reference and to celery, the pipeline's
+cost (relay − relay-core) and the targets of issue 19 and of the pipeline issue. `--profile N` then
 samples the gateway and the executor of `relay` (and, to subtract, of `relay-core`) with py-spy
 for N seconds under load and prints their hot spots and what the pipeline adds in the gateway.
 
@@ -499,6 +502,9 @@ class Loader:
         client_before = self._client_cpu()
         raw = self.load(target, concurrency, seconds)
         client_cpu = self._client_cpu() - client_before
+        # A rewrite of Redis's append-only file that this load set off is its cost: once the
+        # child ends, Redis has reaped it and `cpu_ticks` counts it.
+        wait_persisted([target])
         after = {name: cpu_ticks(pid) for name, pid in target.pids.items()}
         redis_after = redis_commandstats(target.redis_socket) if target.redis_socket else {}
         result = Result(target.name, concurrency, **raw)
@@ -763,14 +769,13 @@ def profile_pipeline(loader: Loader, pipeline: Target, core: Target, concurrency
         print(f"  not available: {core_gateway if isinstance(core_gateway, str) else gateway}")
 
 
-def redis_commandstats(socket_path: Path) -> dict[str, tuple[int, int]]:
-    """`INFO commandstats` of the embedded Redis: command -> (calls, usec). Commands run by
-    scripts count too."""
+def redis_info(socket_path: Path, section: str) -> bytes:
+    """`INFO <section>` of a target's Redis (b"" when it does not answer)."""
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(2)
             sock.connect(str(socket_path))
-            sock.sendall(b"INFO commandstats\r\n")
+            sock.sendall(f"INFO {section}\r\n".encode())
             data = b""
             while True:
                 chunk = sock.recv(65536)
@@ -781,11 +786,34 @@ def redis_commandstats(socket_path: Path) -> dict[str, tuple[int, int]]:
                 if header.startswith(b"$") and len(rest) >= int(header[1:]) + 2:
                     break
     except OSError:
-        return {}
+        return b""
+    return data
+
+
+def redis_commandstats(socket_path: Path) -> dict[str, tuple[int, int]]:
+    """`INFO commandstats` of the embedded Redis: command -> (calls, usec). Commands run by
+    scripts count too."""
+    data = redis_info(socket_path, "commandstats")
     stats: dict[str, tuple[int, int]] = {}
     for match in re.finditer(rb"cmdstat_([^:]+):calls=(\d+),usec=(\d+)", data):
         stats[match.group(1).decode()] = (int(match.group(2)), int(match.group(3)))
     return stats
+
+
+def wait_persisted(targets: list[Target], timeout_s: float = 60.0) -> None:
+    """Until no target's Redis rewrites its append-only file (or saves a snapshot): the child
+    it forks for that works for seconds after the load that filled the file, and would take
+    the CPU from the next target's measurement."""
+    deadline = time.monotonic() + timeout_s
+    for target in targets:
+        if target.redis_socket is None:
+            continue
+        while re.search(rb"(aof_rewrite|rdb_bgsave)_in_progress:1",
+                        redis_info(target.redis_socket, "persistence")):
+            if time.monotonic() > deadline:
+                print(f"  ({target.name}'s Redis is still writing its files; going on)")
+                return
+            time.sleep(0.05)
 
 
 # --- reporting ---
@@ -1130,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             for concurrency in concurrencies:
                 for target in order if round_index % 2 == 0 else reversed(order):
+                    wait_persisted(order)
                     result = loader.measure(target, concurrency, args.duration, args.warmup)
                     rounds[(target.name, concurrency)].append(result)
                     print(f"  {target.name:<10} c={concurrency:<3} {result.rps:8.0f} req/s  "
