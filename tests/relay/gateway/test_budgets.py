@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -320,11 +321,21 @@ async def test_an_explicit_limit_over_what_remains_is_429_an_omitted_one_is_lowe
     assert window["remaining"]["gas"] == 0
     # Used up: a new execution is refused until the window ends, whether the limit is given
     # or not (the same request again is a replay: answered, free).
-    assert (await run(alice, loop["cid"], [])).content == lowered.content
+    replay = await run(alice, loop["cid"], [])
+    assert replay.content == lowered.content
+    # The lowered request was accepted twice (the second time lowered), and counted once under
+    # the rate limit, as the replay is.
+    assert _rate_remaining(replay) == _rate_remaining(over) - 2
     for policy in ({}, {"max_gas": 1}):
         refused = await run(alice, loop["cid"], [], policy=policy, idempotency_key=str(policy))
         assert_problem(refused, 429, "budget-exhausted")
         assert int(refused.headers["retry-after"]) > 86_000
+
+
+def _rate_remaining(response: httpx.Response) -> int:
+    found = re.search(r";r=(\d+);", response.headers["ratelimit"])
+    assert found, response.headers
+    return int(found.group(1))
 
 
 async def start_loop(client: httpx.AsyncClient, policy: dict[str, int]) -> str:
