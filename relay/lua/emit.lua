@@ -1,6 +1,7 @@
 -- An event during a run (progress, output, paused, resumed), only while no result exists: a
 -- stalled executor that lost its run must not speak after the end. ARGV[3] sets the status.
-local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen', 'followed')
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen', 'followed',
+                          'callback', 'pipeline')
 if not record[1] or record[2] then
   return 0
 end
@@ -16,5 +17,5 @@ if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'status', ARGV[3])
 end
 redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
-           emit_event(KEYS[2], ARGV[2], ARGV[1], record[1], record[4]))
+           emit_event(KEYS[2], ARGV[2], ARGV[1], record[1], record[4] or record[5] or record[6]))
 return 1

@@ -10,7 +10,11 @@ if ARGV[2] ~= '' then
 end
 local written = 0
 local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result', 'max_active',
-                          'request', 'budgets', 'followed')
+                          'request', 'budgets', 'followed', 'callback', 'pipeline')
+-- Its events are copied for the deliverer and the scheduler (events.lib.lua) when accept
+-- marked it `followed`, or (a record an older version accepted) it has a callback or a
+-- pipeline.
+local followed = record[7] or record[8] or record[9]
 -- A session call's new state commits only on the state it started from (sessions.lib.lua),
 -- and only once it holds a reference to it (a stored state whose pages all still exist).
 local session, new_state = ARGV[15], ARGV[18]
@@ -31,14 +35,14 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
     redis.call('DECR', KEYS[10])  -- its priority's part (relay.keys.Keys.queued_of)
     if ARGV[12] ~= '' then
       redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
-                 emit_event(KEYS[2], ARGV[8], ARGV[12], record[1], record[7]))
+                 emit_event(KEYS[2], ARGV[8], ARGV[12], record[1], followed))
     end
   end
   redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
   redis.call('RPUSH', KEYS[1] .. ':events',
-             emit_event(KEYS[2], ARGV[8], ARGV[6], record[1], record[7]))
+             emit_event(KEYS[2], ARGV[8], ARGV[6], record[1], followed))
   -- wasm_exec_completed is for bus consumers, not clients: not in the index.
-  emit_event(KEYS[2], ARGV[8], ARGV[7], record[1], record[7])
+  emit_event(KEYS[2], ARGV[8], ARGV[7], record[1], followed)
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
   redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[9])
   written = 1

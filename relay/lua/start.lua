@@ -10,7 +10,7 @@
 -- Returns 1 started, 0 nothing to run (a result exists), 2 parked, -1 the entry is no longer
 -- this consumer's (a peer took it over): nothing done.
 local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'max_active', 'request',
-                          'followed')
+                          'followed', 'callback', 'pipeline')
 if not record[1] or record[2] then
   return 0
 end
@@ -34,5 +34,5 @@ if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1])
 redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
-           emit_event(KEYS[2], ARGV[3], ARGV[2], record[1], record[5]))
+           emit_event(KEYS[2], ARGV[3], ARGV[2], record[1], record[5] or record[6] or record[7]))
 return 1
