@@ -128,9 +128,9 @@ class RateCheck:
         self._uncounted = False
         return self._window.rate
 
-    def accepted(self, accepted: Accepted, window: RateWindow | None) -> None:
-        """Read the count of the accept that was given `window`."""
-        if window is not None and self._window is not None:
+    def accepted(self, accepted: Accepted) -> None:
+        """Read the count of the accept that was given `in_accept`'s window."""
+        if self._window is not None:
             self._verdict = _verdict(self._window, accepted.rate_used, accepted.rate_left_ms)
 
     async def headers(self) -> dict[str, str]:
@@ -153,7 +153,7 @@ class Counted:
     def in_accept(self) -> RateWindow | None:
         return None
 
-    def accepted(self, accepted: Accepted, window: RateWindow | None) -> None:
+    def accepted(self, accepted: Accepted) -> None:
         pass
 
     async def headers(self) -> dict[str, str]:

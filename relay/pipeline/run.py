@@ -65,8 +65,8 @@ class Counted(Protocol):
         """The window the accept script is to count the request in, if any."""
         ...
 
-    def accepted(self, accepted: Accepted, window: RateWindow | None) -> None:
-        """Read the count of the accept given `window`."""
+    def accepted(self, accepted: Accepted) -> None:
+        """Read the count of the accept that was given `in_accept`'s window."""
         ...
 
     async def headers(self) -> dict[str, str]:
@@ -193,10 +193,14 @@ class ExecutePipeline:
                                        explicit=validated.explicit, memo=memo,
                                        callback=callback, rate=window)
 
+            # Counted by this accept, or before it (a batch's item, an accept sent again): a
+            # 429 is raised before anything is accepted either way.
             window = rate.in_accept()
+            headers = {} if window is not None else await rate.headers()
             accepted = await accept(request, window)
-            rate.accepted(accepted, window)
-            headers = await rate.headers()  # raises RateLimited: nothing was accepted
+            if window is not None:
+                rate.accepted(accepted)
+                headers = await rate.headers()  # over: the script accepted nothing
             # Over what the principal's budgets have left, with limits the request left out:
             # lowered to that and accepted again, while concurrent executions take it away.
             for _ in range(budgets.LOWER_ATTEMPTS):

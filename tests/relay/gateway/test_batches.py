@@ -97,6 +97,9 @@ async def test_the_rate_limit_counts_each_item(settings: Settings, executor: Exe
         assert [r.get("output") for r in results[:5]] == [0, 1, 2, 3, 4]
         for refused in results[5:]:
             assert refused["status"] == 429 and refused["type"] == "/problems/rate-limited"
+        # A refused item was never accepted: the principal has the five that ran, no more.
+        listed = (await alice.get("/executions?limit=500")).json()["items"]
+        assert len(listed) == 5
         # The window is used up: the next request is refused too.
         assert_problem(await alice.post("/intent/execute-wasm",
                                         json={"cid": add, "inputs": [1, 1]}), 429, "rate-limited")
