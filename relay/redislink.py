@@ -186,9 +186,12 @@ class RedisLink:
     def _expire(self, protocol: _Protocol, future: asyncio.Future[list[Any]]) -> None:
         """The server stalls (or the network dropped it): the caller gets redis.TimeoutError,
         and the connection is given up, so the next call opens a new one rather than queueing
-        behind this."""
-        if not future.done():
-            future.set_exception(redis.TimeoutError(f"Timeout reading from {self._where}"))
+        behind this. Not when the reply came in meanwhile (the loop ran late, busy past the
+        deadline, and read it just before this timer): the connection is in step, and dropping
+        it would fail the calls behind, to be sent again, and run twice."""
+        if future.done():
+            return
+        future.set_exception(redis.TimeoutError(f"Timeout reading from {self._where}"))
         protocol.drop(redis.ConnectionError("Redis did not answer in time"))
 
     async def _connected(self) -> _Protocol:

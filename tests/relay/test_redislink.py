@@ -126,3 +126,25 @@ async def test_a_link_logs_in_and_selects_the_database_of_its_client(guarded: Pa
         await wrong.execute("PING")
     for closing in (link, wrong, client, other):
         await closing.aclose()
+
+
+async def test_a_reply_in_before_its_deadline_drops_nothing_when_the_loop_ran_late(
+        client: Client, settings: Settings) -> None:
+    """The event loop busy past a call's deadline (a long decode, a starved CPU) while its
+    reply came in: the caller has its reply, and the calls behind it on the connection are
+    not failed and sent again (a script run twice counts twice)."""
+    link = RedisLink.of(client)
+    link.timeout_s = 0.2
+    first_id = await link.execute("CLIENT", "ID")
+    counter = f"{settings.prefix}:counted"
+    quick = asyncio.create_task(link.execute("ECHO", "quick"))
+    # Counts once, then waits 0.6 s on the server (WAIT for a replica there is none of).
+    slow = asyncio.create_task(link.pipeline([("INCR", counter), ("WAIT", 1, 600)],
+                                             block_ms=600))
+    await asyncio.sleep(0)  # both written
+    time.sleep(0.35)  # the loop is busy past the quick call's deadline; its reply is in
+    assert await quick == b"quick"
+    assert await slow == [1, 0]
+    assert await link.execute("GET", counter) == b"1"  # counted once
+    assert await link.execute("CLIENT", "ID") == first_id  # the connection was kept
+    await link.aclose()
