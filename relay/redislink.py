@@ -200,7 +200,11 @@ class RedisLink:
                 raise redis.ConnectionError("the link is closed")
             protocol = self._protocol
             if protocol is None or protocol.lost is not None:
-                protocol = self._protocol = await self._open()
+                protocol = await self._open()
+                if self._closed:  # closed while it connected: nothing may use it now
+                    protocol.drop(redis.ConnectionError("the link is closed"))
+                    raise redis.ConnectionError("the link is closed")
+                self._protocol = protocol
             return protocol
 
     async def _open(self) -> _Protocol:

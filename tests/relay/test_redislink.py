@@ -148,3 +148,22 @@ async def test_a_reply_in_before_its_deadline_drops_nothing_when_the_loop_ran_la
     assert await link.execute("GET", counter) == b"1"  # counted once
     assert await link.execute("CLIENT", "ID") == first_id  # the connection was kept
     await link.aclose()
+
+
+async def test_a_link_closed_while_it_connects_keeps_no_connection(client: Client) -> None:
+    """aclose() while a call opens the connection (a process stopping under load): the call
+    fails, and no connection is left open on the server."""
+    before = {entry["id"] for entry in await client.client_list()}
+    link = RedisLink.of(client)
+    call = asyncio.create_task(link.execute("PING"))
+    await asyncio.sleep(0)  # it is connecting
+    await link.aclose()
+    with pytest.raises(redis.ConnectionError, match="closed"):
+        await call
+
+    async def left() -> set[str]:
+        return {entry["id"] for entry in await client.client_list()} - before
+    deadline = time.monotonic() + 5
+    while await left() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not await left()
