@@ -156,6 +156,8 @@ class RedisLink:
         """Every command's reply, in order, written at once; an error reply is returned in its
         place. `block_ms`: the longest `BLOCK` among them (0: forever), added to the time the
         replies may take."""
+        if not commands:
+            return []
         packed = b"".join([hiredis.pack_command(tuple(command)) for command in commands])
         timeout_s = None if block_ms == 0 else self.timeout_s + (block_ms or 0) / 1000
         attempt = 0
