@@ -65,9 +65,8 @@ from common import (
     end_cleanup,
     free_port,
     pick_python,
-    start_child,
+    start_executor,
     start_gateway,
-    wait_until,
 )
 
 sys.path.insert(0, str(ROOT))  # this checkout's relay, for the embedded Redis and its keys
@@ -80,6 +79,7 @@ from relay.connection import EmbeddedRedis
 from relay.keys import Keys
 
 PREFIX = "bench-scaleout"
+EXECUTORS = Keys(PREFIX).executors
 EXAMPLES = ROOT / "relay" / "examples"
 EXECUTE_PATH = "/intent/execute-wasm"
 CALCULATOR_INPUTS = (5, 3)
@@ -260,20 +260,6 @@ def measure_idle(target: Target, info: redis.Redis, seconds: float) -> Idle:
                 calls / elapsed)
 
 
-def start_executor(name: str, python: str, env: dict[str, str], work_dir: Path,
-                   children: list[Child], heartbeats: redis.Redis) -> Child:
-    """A `relay executor`, once its heartbeat is in Redis (it reads the bus then)."""
-    child = start_child(name, [python, "-m", "relay", "executor"], env, work_dir, children)
-    marker = f"-{child.pid}-"
-
-    def beating() -> bool:
-        return any(marker in member.decode()
-                   for member, _ in heartbeats.zscan_iter(Keys(PREFIX).executors))
-
-    wait_until(beating, child, "heartbeat", 60)
-    return child
-
-
 def stop_executors(executors: list[Child], children: list[Child]) -> None:
     while executors:
         gone = executors.pop()
@@ -407,7 +393,7 @@ def main() -> int:
         gateway, client = start_gateway(python, port, base, work_dir, children, key)
         redis_client = redis.Redis.from_url(redis_url)
         executors = [start_executor("executor-1", python, executor_envs["calculator"], work_dir,
-                                    children, redis_client)]
+                                    children, redis_client, EXECUTORS)]
         running = "calculator"  # whose environment the executors have
         calculator = Module("calculator", upload(client, EXAMPLES / "calculator.wat"),
                             CALCULATOR_INPUTS, sum(CALCULATOR_INPUTS))
@@ -433,7 +419,7 @@ def main() -> int:
                 while len(executors) < config.executors:
                     executors.append(start_executor(
                         f"executor-{len(executors) + 1}", python, executor_envs[running],
-                        work_dir, children, redis_client))
+                        work_dir, children, redis_client, EXECUTORS))
                 if len(executors) > config.executors:
                     stop_executors(executors[config.executors:], children)
                     del executors[config.executors:]

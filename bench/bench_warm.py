@@ -49,9 +49,8 @@ from common import (
     end_cleanup,
     free_port,
     pick_python,
-    start_child,
+    start_executor,
     start_gateway,
-    wait_until,
 )
 
 sys.path.insert(0, str(ROOT))  # this checkout's relay, for the embedded Redis and wat2wasm
@@ -65,6 +64,7 @@ from relay.keys import Keys
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 PREFIX = "bench-warm"
+EXECUTORS = Keys(PREFIX).executors
 MODES = ("cold", "warm")
 
 
@@ -112,20 +112,6 @@ def compilations(client: httpx.Client) -> dict[str, int]:
     return counts
 
 
-def restart(name: str, python: str, env: dict[str, str], work_dir: Path,
-            children: list[Child], heartbeats: redis.Redis) -> Child:
-    """A new `relay executor`, once its heartbeat is in Redis."""
-    child = start_child(name, [python, "-m", "relay", "executor"], env, work_dir, children)
-    marker = f"-{child.pid}-"
-
-    def beating() -> bool:
-        return any(marker in member.decode()
-                   for member, _ in heartbeats.zscan_iter(Keys(PREFIX).executors))
-
-    wait_until(beating, child, "heartbeat", 60)
-    return child
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -161,7 +147,8 @@ def main() -> int:
             "warm": {**base, "RELAY_MODULE_CACHE_DIR": str(work_dir / "modules")},
         }
         # Fill the disk cache once: the warm rounds all find every module there.
-        primer = restart("primer", python, envs["warm"], work_dir, children, heartbeats)
+        primer = start_executor("primer", python, envs["warm"], work_dir, children, heartbeats,
+                                EXECUTORS)
         for cid, fields, expected, _ in uploaded.values():
             execute(client, cid, fields, expected)
         primer.stop()
@@ -173,8 +160,8 @@ def main() -> int:
         for round_ in range(args.rounds):
             for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
                 before = compilations(client)
-                child = restart(f"{mode}-{round_}", python, envs[mode], work_dir, children,
-                                heartbeats)
+                child = start_executor(f"{mode}-{round_}", python, envs[mode], work_dir,
+                                       children, heartbeats, EXECUTORS)
                 for name, (cid, fields, expected, _) in uploaded.items():
                     first.setdefault((name, mode), []).append(
                         execute(client, cid, fields, expected))

@@ -249,6 +249,22 @@ def start_gateway(python: str, port: int, env: dict[str, str], log_dir: Path,
     return gateway, client
 
 
+def start_executor(name: str, python: str, env: dict[str, str], log_dir: Path,
+                   children: list[Child], heartbeats: Any, executors_key: str) -> Child:
+    """A `relay executor` process, once its heartbeat is in the sorted set `executors_key`
+    (relay.keys.Keys.executors), read with the redis-py client `heartbeats`: it reads the bus
+    then."""
+    child = start_child(name, [python, "-m", "relay", "executor"], env, log_dir, children)
+    marker = f"-{child.pid}-"
+
+    def beating() -> bool:
+        return any(marker in member.decode()
+                   for member, _ in heartbeats.zscan_iter(executors_key))
+
+    wait_until(beating, child, "heartbeat", 60)
+    return child
+
+
 # --- relay dev ---
 
 

@@ -32,7 +32,7 @@ from relay.cid import GlyphName
 from relay.connection import reader_link, shared_link
 from relay.keys import Keys
 from relay.memo import MemoAccept
-from relay.redislink import RedisLink
+from relay.redislink import RedisLink, fields_of
 from relay.schemas import (
     PRIORITIES,
     BusMessage,
@@ -105,8 +105,8 @@ async def read_group(link: RedisLink, stream: str, group: str, consumer: str,
     pipeline scheduler read every event this way."""
     reply = await link.execute("XREADGROUP", "GROUP", group, consumer, "COUNT", count,
                                "STREAMS", stream, ">")
-    return [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
-            for _, entries in reply or () for entry_id, fields in entries]
+    return [(entry_id, fields_of(fields)) for _, entries in reply or ()
+            for entry_id, fields in entries]
 
 
 async def reclaimed(client: aioredis.Redis, stream: str, group: str, consumer: str,
@@ -374,10 +374,7 @@ class Bus:
                 memo.stack if memo else "",
                 rate.limit if rate else "",
                 rate.window_ms if rate else "",
-                # Its events are copied to relay:events:followed (events.lib.lua) for the
-                # webhook deliverer, with a callback, and the pipeline scheduler, as a node or
-                # a batch's item.
-                "1" if callback or request.pipeline_id or request.batch_id else "",
+                request.batch_id or "",  # a batch's item's events are followed too
                 callback,  # the last argument: accept.lua reads it as ARGV[#ARGV]
             ],
         ))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import redis
 import redis.asyncio as aioredis
@@ -22,8 +21,8 @@ from relay.redislink import RedisLink
 
 # A command Redis does not answer within this long fails, and the caller gets 503: a stalled
 # Redis (SIGSTOP, a frozen VM, a partition that drops packets) must not hold callers for long.
-# Blocking reads (`XREAD`/`XREADGROUP ... BLOCK ms`) get their block time on top (see
-# `_BlockAware`), so cutting a stall short never cuts a long poll short.
+# Blocking reads (`XREAD ... BLOCK ms`, over links: relay.redislink) get their block time on
+# top, so cutting a stall short never cuts a long poll short.
 SOCKET_TIMEOUT_S = 0.8
 CONNECT_TIMEOUT_S = 1.0
 
@@ -85,7 +84,6 @@ def connect(url: str) -> Client:
                          supported_errors=(redis.ConnectionError,)),
         decode_responses=False,
     )
-    pool.connection_class = _block_aware(pool.connection_class)
     return cast(Client, Client.from_pool(pool))  # the client owns the pool: aclose() closes both
 
 
@@ -105,60 +103,6 @@ async def memory_full(client: aioredis.Redis) -> bool:
     info = await client.info("memory")
     limit = int(info.get("maxmemory", 0))
     return bool(limit) and int(info.get("used_memory", 0)) >= MEMORY_FULL_RATIO * limit
-
-
-class _BlockAware:
-    """A connection whose read timeout, for a command that blocks on the server (`BLOCK ms`),
-    is the socket timeout plus the block time (none at all for `BLOCK 0`, which waits forever).
-
-    redis-py has one socket timeout per connection; a per-call timeout makes a read that runs
-    out return None instead of raising. A connection runs one command at a time, so the timeout
-    is set for the command just sent and restored before the next one."""
-
-    socket_timeout: float | None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._usual_timeout = self.socket_timeout
-        self._pipeline_timeout = self._usual_timeout
-
-    def pack_commands(self, commands: Any) -> Any:
-        """A pipeline's commands: its read waits as long as the longest block among them."""
-        blocks = [block for args in commands if (block := _block_ms(tuple(args))) is not None]
-        self._pipeline_timeout = self._usual_timeout
-        if blocks and self._usual_timeout is not None:
-            self._pipeline_timeout = (None if 0 in blocks
-                                      else self._usual_timeout + max(blocks) / 1000)
-        return super().pack_commands(commands)  # type: ignore[misc]
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        # Pipelines send here directly, after pack_commands; single commands through
-        # send_command, which sets their own timeout after.
-        self.socket_timeout, self._pipeline_timeout = self._pipeline_timeout, self._usual_timeout
-        await super().send_packed_command(command, check_health)  # type: ignore[misc]
-
-    async def send_command(self, *args: Any, **kwargs: Any) -> None:
-        await super().send_command(*args, **kwargs)  # type: ignore[misc]
-        block_ms = _block_ms(args)
-        if block_ms is not None and self._usual_timeout is not None:
-            self.socket_timeout = self._usual_timeout + block_ms / 1000 if block_ms else None
-
-
-def _block_ms(args: tuple[Any, ...]) -> int | None:
-    """The `BLOCK` argument of a command, None when it has none."""
-    for index, arg in enumerate(args[:-1]):
-        if isinstance(arg, (bytes, str)) and str(arg if isinstance(arg, str) else arg.decode(
-                "latin-1")).upper() == "BLOCK":
-            try:
-                return int(args[index + 1])
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-@functools.cache
-def _block_aware(connection_class: type) -> type:
-    return type(f"BlockAware{connection_class.__name__}", (_BlockAware, connection_class), {})
 
 
 class EmbeddedRedis:

@@ -33,6 +33,11 @@ Command = Sequence[Any]
 """A command and its arguments: str, bytes, int or float."""
 
 
+def fields_of(flat: list[Any]) -> dict[Any, Any]:
+    """A reply listing field, value, field, value... (a stream entry's fields) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class _Call:
     __slots__ = ("count", "future", "replies")
 

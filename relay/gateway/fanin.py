@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 
 from relay.connection import reader_link
 from relay.keys import Keys
+from relay.redislink import fields_of
 from relay.schemas import EventHead, decode_head
 
 log = logging.getLogger("relay.events")
@@ -313,8 +314,7 @@ class EventFanIn:
                     continue
                 for _, entries in reply or ():
                     self._last_id = entries[-1][0]  # past an entry that breaks the dispatch
-                    self._dispatch([(entry_id, dict(zip(fields[::2], fields[1::2],
-                                                        strict=True)))
+                    self._dispatch([(entry_id, fields_of(fields))
                                     for entry_id, fields in entries])
         finally:
             await link.aclose()

@@ -27,9 +27,10 @@ end
 -- ends with the window's count and the ms it has left. KEYS[9] the window, ARGV[29] the limit
 -- ('' when not limited here: unlimited, or counted already), ARGV[30] the window's length.
 local rate_used, rate_left = 0, 0
--- ARGV[31]: '1' when the execution's events are followed (events.lib.lua): kept in the record
--- for the scripts that emit its later events.
-local followed = ARGV[31] == '1'
+-- Its events are followed (events.lib.lua) when it has a webhook callback (ARGV[#ARGV]), is a
+-- pipeline's node (ARGV[27]) or a batch's item (ARGV[31], its batch id): the record keeps the
+-- three, from which the scripts that emit its later events tell the same.
+local followed = ARGV[#ARGV] ~= '' or ARGV[27] ~= '' or ARGV[31] ~= ''
 if ARGV[29] ~= '' then
   rate_used, rate_left = rate_count(KEYS[9], 1, ARGV[30])
   if rate_used > tonumber(ARGV[29]) then
@@ -71,9 +72,6 @@ local function accept()
                'result', ARGV[23])
     if ARGV[#ARGV] ~= '' then  -- its webhook callback, as below
       redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
-    end
-    if followed then
-      redis.call('HSET', KEYS[1], 'followed', '1')
     end
     for _, event in ipairs({ARGV[6] .. '0}', ARGV[24]}) do
       redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index, as below
@@ -129,8 +127,8 @@ local function accept()
   if ARGV[#ARGV] ~= '' then
     redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
   end
-  if followed then
-    redis.call('HSET', KEYS[1], 'followed', '1')
+  if ARGV[31] ~= '' then  -- a batch's item's
+    redis.call('HSET', KEYS[1], 'batch', ARGV[31])
   end
   if ARGV[20] ~= '' then  -- its settle stores a success as the memo entry (settle.lua)
     redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21],

@@ -1,7 +1,7 @@
 -- An event during a run (progress, output, paused, resumed), only while no result exists: a
 -- stalled executor that lost its run must not speak after the end. ARGV[3] sets the status.
-local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen', 'followed',
-                          'callback', 'pipeline')
+local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'gas_seen', 'callback',
+                          'pipeline', 'batch')  -- followed, when any (accept.lua)
 if not record[1] or record[2] then
   return 0
 end

@@ -10,10 +10,9 @@ if ARGV[2] ~= '' then
 end
 local written = 0
 local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result', 'max_active',
-                          'request', 'budgets', 'followed', 'callback', 'pipeline')
--- Its events are copied for the deliverer and the scheduler (events.lib.lua) when accept
--- marked it `followed`, or (a record an older version accepted) it has a callback or a
--- pipeline.
+                          'request', 'budgets', 'callback', 'pipeline', 'batch')
+-- Its events are copied for the deliverer and the scheduler (events.lib.lua) when it has a
+-- callback, or is a pipeline's node or a batch's item (accept.lua).
 local followed = record[7] or record[8] or record[9]
 -- A session call's new state commits only on the state it started from (sessions.lib.lua),
 -- and only once it holds a reference to it (a stored state whose pages all still exist).

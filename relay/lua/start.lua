@@ -10,7 +10,7 @@
 -- Returns 1 started, 0 nothing to run (a result exists), 2 parked, -1 the entry is no longer
 -- this consumer's (a peer took it over): nothing done.
 local record = redis.call('HMGET', KEYS[1], 'principal', 'result', 'max_active', 'request',
-                          'followed', 'callback', 'pipeline')
+                          'callback', 'pipeline', 'batch')  -- followed, when any (accept.lua)
 if not record[1] or record[2] then
   return 0
 end

@@ -1,5 +1,5 @@
-"""The Redis client `relay.connection.connect` makes: a short socket timeout that never cuts a
-blocking read short."""
+"""The Redis connections `relay.connection.connect` makes: a short socket timeout that never
+cuts a blocking read (over a link, relay.redislink) short."""
 
 from __future__ import annotations
 
@@ -13,25 +13,24 @@ async def test_a_blocking_read_longer_than_the_socket_timeout_returns_empty(
         settings: Settings) -> None:
     assert settings.redis_url is not None
     client = connect(settings.redis_url)
+    link = client.reader_link()
     stream = f"{settings.prefix}:empty"
     try:
         block_ms = int(SOCKET_TIMEOUT_S * 1000) + 400
         began = time.monotonic()
-        assert not await client.xread({stream: "$"}, block=block_ms)
+        assert not await link.execute("XREAD", "BLOCK", block_ms, "STREAMS", stream, "$",
+                                      block_ms=block_ms)
         took = time.monotonic() - began
         assert block_ms / 1000 - 0.05 < took < block_ms / 1000 + SOCKET_TIMEOUT_S
-        # The connection goes back to the usual timeout for what follows, pipelines included.
-        pipe = client.pipeline(transaction=False)
-        pipe.xadd(stream, {"n": 1})
-        pipe.xlen(stream)
-        assert (await pipe.execute())[1] == 1
-        assert len(await client.xread({stream: "0"}, block=block_ms)) == 1
+        # The link goes back to the usual timeout for what follows, pipelines included.
+        _, length = await link.pipeline([("XADD", stream, "*", "n", 1), ("XLEN", stream)])
+        assert length == 1
+        assert len(await link.execute("XREAD", "BLOCK", block_ms, "STREAMS", stream, "0",
+                                      block_ms=block_ms)) == 1
         # A blocking read in a pipeline (the executor's read and take) waits its block too.
-        pipe = client.pipeline(transaction=False)
-        pipe.xread({stream: "$"}, block=block_ms)
-        pipe.xlen(stream)
         began = time.monotonic()
-        assert await pipe.execute() == [[], 1]
+        assert await link.pipeline([("XREAD", "BLOCK", block_ms, "STREAMS", stream, "$"),
+                                    ("XLEN", stream)], block_ms=block_ms) == [None, 1]
         assert time.monotonic() - began > block_ms / 1000 - 0.05
     finally:
         await client.aclose()
