@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from relay import connection
 from relay.deliverer import Deliverer
 from relay.gateway import problems
-from relay.gateway.http import RequestIdMiddleware, by_method
+from relay.gateway.http import SERVER_SEND, RequestIdMiddleware, by_method
 from relay.gateway.routes import (
     batches,
     budgets,
@@ -121,7 +121,7 @@ class RelayApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Event streams write caught-up events to the server's connection (sse.uvicorn_wire),
         # which they find through the server's own `send`, not the middleware's wrappers.
-        scope[sse.SERVER_SEND] = send
+        scope[SERVER_SEND] = send
         await super().__call__(scope, receive, send)
 
 

@@ -21,6 +21,9 @@ from relay.schemas import encode
 log = logging.getLogger("relay.gateway")
 access = logging.getLogger("relay.access")
 
+SERVER_SEND = "relay.server_send"
+"""Scope key of the HTTP server's own `send` (`relay.gateway.app.RelayApp` puts it there)."""
+
 CLIENT_CLOSED = 499  # the status access logs use for "the client went away first"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -51,7 +54,8 @@ class RequestIdMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), header]
+                message["headers"] = headers = [*message.get("headers", []), header]
+                hold_head(scope, headers)
             await send(message)
 
         try:
@@ -70,6 +74,45 @@ class RequestIdMiddleware:
                 access.info("%s %s %d", scope["method"], scope["path"], status, extra={
                     "method": scope["method"], "path": scope["path"], "status": status,
                     "duration_ms": round((time.perf_counter() - began) * 1000, 3)})
+
+
+class _HeadHeld:
+    """Stands in for uvicorn's transport while it writes a response's head: the head is held
+    and goes out with the body, in one write. A head and a body written apart are two
+    syscalls and two TCP segments, for server and client alike (a loopback send costs about
+    5 µs of CPU: a tenth of a sync execute's HTTP cost)."""
+
+    __slots__ = ("cycle", "head", "transport")
+
+    def __init__(self, cycle: Any) -> None:
+        self.cycle = cycle
+        self.transport = cycle.transport
+        self.head: bytes | None = None
+        cycle.transport = self
+
+    def write(self, data: bytes) -> None:
+        if self.head is None:
+            self.head = data
+            return
+        self.cycle.transport = self.transport
+        self.transport.write(self.head + data)
+
+    def __getattr__(self, name: str) -> Any:  # close(), is_closing()...: the transport's own
+        return getattr(self.transport, name)
+
+
+def hold_head(scope: Scope, headers: list[tuple[bytes, bytes]]) -> None:
+    """Under uvicorn's httptools protocol (what `relay gateway` runs), have the head of a
+    response of known length written with its body (see `_HeadHeld`). Not a streamed one
+    (chunked): its head goes out at once, whenever its first chunk comes. A response that
+    fails before its body closes the connection, as it would have, head or not."""
+    cycle = getattr(scope.get(SERVER_SEND), "__self__", None)
+    # Not for HEAD: uvicorn writes no body for it, so nothing would carry the head.
+    if (getattr(cycle, "response_started", True) or scope["method"] == "HEAD"
+            or not any(name == b"content-length" for name, _ in headers)
+            or not hasattr(getattr(cycle, "transport", None), "write")):
+        return
+    _HeadHeld(cycle)
 
 
 def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None,

@@ -22,6 +22,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from relay.errors import InvalidRequest
 from relay.gateway.fanin import Entry, Subscriber, Wire
+from relay.gateway.http import SERVER_SEND
 from relay.gateway.state import Gateway, gateway_of
 from relay.gateway.subscription import follow, start_id, subscriber_credential
 
@@ -44,10 +45,6 @@ _HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),  # nginx and friends: pass each event on at once
 ]
-
-
-SERVER_SEND = "relay.server_send"
-"""Scope key of the HTTP server's own `send` (`relay.gateway.app.RelayApp` puts it there)."""
 
 
 def uvicorn_wire(scope: Scope) -> Wire | None:

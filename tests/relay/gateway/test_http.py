@@ -1,8 +1,17 @@
-"""HTTP plumbing: a crash inside a route still answers problem+json with the correlation id."""
+"""HTTP plumbing: a crash inside a route still answers problem+json with the correlation id; a\nresponse reaches the client in one segment."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import socket
+import struct
+import sys
+from urllib.parse import urlsplit
+
 import httpx
+import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -10,6 +19,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from relay.gateway.http import RequestIdMiddleware
+from relay.settings import Settings
+from tests.conftest import serve
 
 
 async def crash(request: Request) -> Response:
@@ -29,3 +40,47 @@ async def test_unhandled_error_is_a_500_problem_with_the_request_id() -> None:
     assert body["type"] == "/problems/internal"
     assert body["request_id"] == "trace-42"
     assert "boom" not in response.text  # internals stay in the log
+
+
+TCP_INFO_DATA_SEGS_IN = 152
+"""Offset of `tcpi_data_segs_in` in Linux's struct tcp_info: segments that carried data."""
+
+
+def exchange(url: str, request: bytes) -> tuple[bytes, int]:
+    """Send `request` on a new connection; the response (up to its head's end for HEAD, else
+    to its Content-Length) and the number of TCP segments with data it came in."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection without answering"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0 if request.startswith(b"HEAD") else int(
+            re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection mid-response"
+            body += chunk
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        (segments,) = struct.unpack_from("I", info, TCP_INFO_DATA_SEGS_IN)
+    return data, segments
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads Linux's TCP_INFO")
+async def test_a_response_of_known_length_comes_in_one_segment(settings: Settings) -> None:
+    # Head and body written apart are two sends and two segments (and two wake-ups of the
+    # client); written together, one. HEAD has no body to carry its head: it is not held.
+    async with serve(settings) as served:
+        response, segments = await asyncio.to_thread(
+            exchange, served.url, b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"x-request-id: " in head
+        assert json.loads(body) == {"status": "ok"}
+        assert segments == 1
+        head_only, _ = await asyncio.to_thread(
+            exchange, served.url, b"HEAD /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        assert head_only.startswith(b"HTTP/1.1 200 ") and head_only.endswith(b"\r\n\r\n")
