@@ -10,17 +10,18 @@
 -- the newest LISTED_MAX and lives a week past the last one; ids whose record has expired are
 -- dropped as the list is read.
 local LISTED_MAX, LISTED_TTL_MS = 100000, 604800000
-local function list_execution(previous)
+-- Lists the execution as of `event_id`, its `execution_queued`: that id's time is Redis's
+-- (and never goes back). Returns its member, for the record's `listed`.
+local function list_execution(previous, event_id)
   local list = ARGV[14] .. ':executions:' .. ARGV[1]
-  local time = redis.call('TIME')
-  local member = string.format('%013d:%s', time[1] * 1000 + math.floor(time[2] / 1000), ARGV[19])
+  local member = string.format('%013d:%s', tonumber(string.match(event_id, '^(%d+)')), ARGV[19])
   if previous then
     redis.call('ZREM', list, previous)
   end
   redis.call('ZADD', list, 0, member)
   redis.call('ZREMRANGEBYRANK', list, 0, -LISTED_MAX - 1)
   redis.call('PEXPIRE', list, LISTED_TTL_MS)
-  redis.call('HSET', KEYS[1], 'listed', member)
+  return member
 end
 -- The request's count under its principal's rate limit (ratelimit.lib.lua) comes first: a
 -- request over it is refused (`ratelimited`) before anything else is decided, and every reply
@@ -73,14 +74,15 @@ local function accept()
     if ARGV[#ARGV] ~= '' then  -- its webhook callback, as below
       redis.call('HSET', KEYS[1], 'callback', ARGV[#ARGV])
     end
+    local ids = {}
     for _, event in ipairs({ARGV[6] .. '0}', ARGV[24]}) do
-      redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index, as below
-                 emit_event(KEYS[3], ARGV[7], event, ARGV[1], followed))
+      table.insert(ids, emit_event(KEYS[3], ARGV[7], event, ARGV[1], followed))
     end
+    redis.call('RPUSH', KEYS[1] .. ':events', unpack(ids))  -- the execution's index, as below
     emit_event(KEYS[3], ARGV[7], ARGV[25], ARGV[1], followed)
+    redis.call('HSET', KEYS[1], 'listed', list_execution(found[5], ids[1]))
     redis.call('PEXPIRE', KEYS[1], ARGV[26])
     redis.call('PEXPIRE', KEYS[1] .. ':events', ARGV[26])
-    list_execution(found[5])
     return {'hit', ARGV[2], ARGV[23]}
   end
   -- A session's call (sessions.lib.lua): refused when its session is not the caller's, closed or
@@ -108,11 +110,17 @@ local function accept()
     position = 0
   end
   redis.call('INCR', KEYS[8])  -- its priority's part of the count (relay.keys.Keys.queued_of)
-  redis.call('DEL', KEYS[1])
+  local queued = emit_event(KEYS[3], ARGV[7], ARGV[6] .. position .. '}', ARGV[1], followed)
+  -- A record found is an earlier attempt's (retryable): replaced whole.
+  local again = found[1] or found[2]
+  if again then
+    redis.call('DEL', KEYS[1])
+  end
+  -- 'max_active': the principal's cap on running and paused executions, as it was at accept
+  -- (start.lua).
   redis.call('HSET', KEYS[1], 'principal', ARGV[1], 'fingerprint', ARGV[2], 'status', 'queued',
-             'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5])
-  -- The principal's cap on running and paused executions, as it was at accept (start.lua).
-  redis.call('HSET', KEYS[1], 'max_active', ARGV[12])
+             'cid', ARGV[3], 'created_at', ARGV[4], 'request', ARGV[5], 'max_active', ARGV[12],
+             'listed', list_execution(found[5], queued))
   budgets_reserve(KEYS[1], budget_windows, ARGV[16], ARGV[18], true)  -- budgets.lib.lua
   if session ~= '' then
     -- 'stream': the requests stream of its priority, where the settle of the call before it
@@ -134,16 +142,16 @@ local function accept()
     redis.call('HSET', KEYS[1], 'memo', KEYS[7], 'memo_memory', ARGV[20], 'memo_ttl', ARGV[21],
                'memo_stack', ARGV[28])
   end
-  local queued = emit_event(KEYS[3], ARGV[7], ARGV[6] .. position .. '}', ARGV[1], followed)
   -- The execution's index of its client events (relay.keys.Keys.execution_events), so its
   -- history is read without scanning the stream. It lives as long as the record (an earlier
-  -- attempt's events stay listed, as they stay in the stream).
+  -- attempt's events stay listed, as they stay in the stream, and lose their expiry).
   redis.call('RPUSH', KEYS[1] .. ':events', queued)
-  redis.call('PERSIST', KEYS[1] .. ':events')
+  if again then
+    redis.call('PERSIST', KEYS[1] .. ':events')
+  end
   if session == '' or session_enqueue(ARGV[14], KEYS[6], session, ARGV[19]) then
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'data', ARGV[5])
   end
-  list_execution(found[5])
   return {'new', ARGV[2], false}
 end
 

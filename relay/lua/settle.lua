@@ -10,7 +10,8 @@ if ARGV[2] ~= '' then
 end
 local written = 0
 local record = redis.call('HMGET', KEYS[1], 'principal', 'status', 'result', 'max_active',
-                          'request', 'budgets', 'callback', 'pipeline', 'batch')
+                          'request', 'budgets', 'callback', 'pipeline', 'batch', 'started',
+                          'memo', 'memo_memory', 'memo_ttl', 'memo_stack')
 -- Its events are copied for the deliverer and the scheduler (events.lib.lua) when it has a
 -- callback, or is a pipeline's node or a batch's item (accept.lua).
 local followed = record[7] or record[8] or record[9]
@@ -29,17 +30,19 @@ if ARGV[22] ~= '' and record[1] and not record[3] and not blob_hold(ARGV[16], AR
   return -1
 end
 if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) then
-  if redis.call('HSETNX', KEYS[1], 'started', '1') == 1 then
+  -- 'started': it left the queue (start.lua, or here): counted out of it once.
+  local index = {}  -- its events for the execution's index (accept.lua)
+  if not record[10] then
     redis.call('DECR', KEYS[4])
     redis.call('DECR', KEYS[10])  -- its priority's part (relay.keys.Keys.queued_of)
     if ARGV[12] ~= '' then
-      redis.call('RPUSH', KEYS[1] .. ':events',  -- the execution's index (accept.lua)
-                 emit_event(KEYS[2], ARGV[8], ARGV[12], record[1], followed))
+      table.insert(index, emit_event(KEYS[2], ARGV[8], ARGV[12], record[1], followed))
     end
   end
-  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5])
-  redis.call('RPUSH', KEYS[1] .. ':events',
-             emit_event(KEYS[2], ARGV[8], ARGV[6], record[1], followed))
+  redis.call('HSET', KEYS[1], 'result', ARGV[3], 'status', ARGV[4], 'retryable', ARGV[5],
+             'started', '1')
+  table.insert(index, emit_event(KEYS[2], ARGV[8], ARGV[6], record[1], followed))
+  redis.call('RPUSH', KEYS[1] .. ':events', unpack(index))
   -- wasm_exec_completed is for bus consumers, not clients: not in the index.
   emit_event(KEYS[2], ARGV[8], ARGV[7], record[1], followed)
   redis.call('PEXPIRE', KEYS[1], ARGV[9])
@@ -49,8 +52,8 @@ if record[1] and not record[3] and (ARGV[10] == '' or record[2] == ARGV[10]) the
   budgets_settle(ARGV[16], record[6], ARGV[20], ARGV[21], ARGV[5])
   -- Memoized results (relay.memo): a success of a request whose accept named a memo entry
   -- becomes that entry (replacing an older one), for RELAY_MEMO_TTL. A failure never does.
+  local memo = {record[11], record[12], record[13], record[14]}
   if ARGV[4] == 'completed' then
-    local memo = redis.call('HMGET', KEYS[1], 'memo', 'memo_memory', 'memo_ttl', 'memo_stack')
     if memo[1] then
       redis.call('DEL', memo[1])
       redis.call('HSET', memo[1], 'of', ARGV[13], 'result', ARGV[3], 'gas', ARGV[20],

@@ -1,4 +1,5 @@
-"""HTTP plumbing: a crash inside a route still answers problem+json with the correlation id; a\nresponse reaches the client in one segment."""
+"""HTTP plumbing: a crash inside a route still answers problem+json with the correlation id; a
+response reaches the client in one segment."""
 
 from __future__ import annotations
 
