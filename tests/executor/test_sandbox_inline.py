@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -42,7 +43,7 @@ def prepare(sandbox: Sandbox, wat: str) -> Prepared:
     return sandbox.prepare(bytes(wasmtime.wat2wasm(wat)))
 
 
-def inline(sandbox: Sandbox, prepared: Prepared, inputs: list[int],
+def inline(sandbox: Sandbox, prepared: Prepared, inputs: list[Any],
            limits: EffectivePolicy) -> Outcome | None:
     """`try_inline` of a call that ends well within the inline budget: an attempt ends early
     (None) when an epoch tick (every 10 ms) falls inside it, which a loaded machine makes
@@ -57,6 +58,30 @@ def inline(sandbox: Sandbox, prepared: Prepared, inputs: list[int],
 def test_a_short_call_runs_inline(sandbox: Sandbox) -> None:
     outcome = inline(sandbox, prepare(sandbox, ADD_WAT), [2, 3], policy())
     assert outcome is not None and outcome.error is None and outcome.output == 5
+
+
+# Every number type in, every one out, in the other order.
+TYPES_WAT = """(module (func (export "main") (param i32 i64 f32 f64) (result f64 f32 i64 i32)
+  local.get 3 local.get 2 local.get 1 local.get 0))"""
+
+
+def test_each_number_type_goes_in_and_out_as_it_is(sandbox: Sandbox) -> None:
+    prepared = prepare(sandbox, TYPES_WAT)
+
+    def outputs(inputs: list[Any]) -> list[Any]:
+        """The output inline, and in a thread (`run`): the same."""
+        ran_inline = inline(sandbox, prepared, inputs, policy())
+        ran = sandbox.run(prepared, "main", inputs, policy(), command=False,
+                          max_output_bytes=2**20)
+        assert ran_inline is not None and ran_inline.error is None and ran.error is None
+        assert ran_inline.output == ran.output
+        return list(ran.output)
+
+    output = outputs([-5, -(2**40), 1.5, 2])
+    assert output == [2.0, 1.5, -(2**40), -5]
+    assert isinstance(output[0], float)  # an integer for a float is made one
+    # An f32 holds what it can: 0.1 comes back as the f32 nearest to it.
+    assert outputs([0, 0, 0.1, 0.1])[:2] == [0.1, 0.10000000149011612]
 
 
 def test_a_long_call_is_left_to_a_thread_and_costs_the_same_there(sandbox: Sandbox) -> None:
