@@ -220,10 +220,14 @@ class Sandbox:
         self._controls: set[LiveControl] = set()
         self._calls = 0
         """Calls under way (`_call`): the epoch ticks while there is one."""
+        self._begun = 0
+        """Calls begun so far: the ticker stays awake while they keep coming (see `_tick`)."""
         self._calls_changed = threading.Condition(threading.Lock())
         """Notified when a call begins while the ticker is idle, when a step begins, and on
         close."""
         self._ticker_idle = False
+        self.ticker_wakes = 0
+        """Times a call began while the ticker was idle, waking it: read by tests."""
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
 
@@ -243,14 +247,18 @@ class Sandbox:
         """Advance the epoch by one tick per TICK_S of wall time while any call is under way,
         counted from when the first began (a late wake-up advances the ticks it missed, so N
         ticks are N * TICK_S, which deadlines count on). It wakes at every tick while a run is
-        stepped, else every BATCH_TICKS; while no call runs it waits for one, so an idle
-        executor spends nothing on ticks. After `close()`, ticking goes on while calls remain
-        (controlled runs see their cancel at a tick), then ends."""
+        stepped, else every BATCH_TICKS; once a pass finds no call under way and none begun
+        since the one before, it waits for one, so an idle executor spends nothing on ticks.
+        (Calls a few µs long, inline, find no call under way at almost every pass: going idle
+        then had each batch of them wake the ticker, a thread switch and a fight for the GIL.)
+        After `close()`, ticking goes on while calls remain (controlled runs see their cancel at
+        a tick), then ends."""
         origin: float | None = None
         done = 0
+        seen = 0
         while True:
             with self._calls_changed:
-                if not self._calls:
+                if not self._calls and (self._begun == seen or self._stop.is_set()):
                     if self._stop.is_set():
                         return
                     self._ticker_idle = True
@@ -258,6 +266,7 @@ class Sandbox:
                     self._ticker_idle = False
                     origin = None
                     continue
+                seen = self._begun
                 if origin is None:
                     origin, done = time.perf_counter(), 0
                 every = 1 if self._stepping() else BATCH_TICKS
@@ -290,9 +299,11 @@ class Sandbox:
         garbage collector runs, which an idle process may not do for long.)"""
         with self._calls_changed:
             self._calls += 1
+            self._begun += 1
             # Only an idle ticker is woken: one waiting for its next batch is not (inline calls
             # begin and end one after another, each would wake it).
             if self._ticker_idle:
+                self.ticker_wakes += 1
                 self._calls_changed.notify()
         try:
             yield

@@ -84,6 +84,29 @@ def test_each_number_type_goes_in_and_out_as_it_is(sandbox: Sandbox) -> None:
     assert outputs([0, 0, 0.1, 0.1])[:2] == [0.1, 0.10000000149011612]
 
 
+def test_calls_coming_one_after_another_wake_the_ticker_once() -> None:
+    """Short calls a millisecond apart (inline runs under load) find the epoch ticker awake:
+    had it gone idle whenever no call was under way, each batch of them would wake it (a
+    thread switch, and a fight for the GIL). Once they stop, it goes idle: an idle executor
+    spends nothing on ticks."""
+    box = Sandbox()  # a ticker of its own
+    try:
+        prepared = prepare(box, ADD_WAT)
+        deadline = time.monotonic() + 0.5  # 50 of the ticker's passes
+        while time.monotonic() < deadline:
+            assert inline(box, prepared, [2, 3], policy()) is not None
+            time.sleep(0.001)
+        # One wake to begin with; a few more allowed for a machine that stalls this thread
+        # longer than a pass (10 ms). Going idle between calls, it was about one a pass.
+        assert 1 <= box.ticker_wakes <= 5
+        stopped = time.monotonic() + 5
+        while not box._ticker_idle:
+            assert time.monotonic() < stopped, "the ticker did not go idle"
+            time.sleep(0.005)
+    finally:
+        box.close()
+
+
 def test_a_long_call_is_left_to_a_thread_and_costs_the_same_there(sandbox: Sandbox) -> None:
     counter = prepare(sandbox, COUNT_WAT)
     assert sandbox.try_inline(counter, "main", [INLINE_GAS], policy()) is None
