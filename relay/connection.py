@@ -151,6 +151,7 @@ class EmbeddedRedis:
                 "--dir", str(self.dir),
                 "--appendonly", "yes",
                 "--appendfsync", "everysec",
+                "--auto-aof-rewrite-percentage", "400",
                 "--save", "",
                 "--daemonize", "no",
                 "--logfile", str(self.dir / "redis.log"),
