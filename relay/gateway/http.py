@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
 import re
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,7 +43,10 @@ class RequestIdMiddleware:
             return
         offered = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode(
             "latin-1")
-        request_id = offered if _CLIENT_REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
+        # Not secrets.token_hex: a correlation id needs to be unique, not unguessable, and the
+        # system's randomness is a syscall a request.
+        request_id = (offered if _CLIENT_REQUEST_ID.fullmatch(offered)
+                      else f"{random.getrandbits(64):016x}")
         scope.setdefault("state", {})["request_id"] = request_id
         logs.request_id.set(request_id)
         header = (b"x-request-id", request_id.encode())
