@@ -6,6 +6,7 @@ logged while serving it carries it, whichever module logs.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import sys
@@ -46,6 +47,45 @@ class TextFormatter(logging.Formatter):
         return rfc3339(record.created)
 
 
+class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines an event loop's callbacks log together, once the loop has run them
+    (an access log line a request was a write, a syscall, a request). Warnings and worse, and
+    lines logged off the loop's thread, are written at once, after any held before them; so
+    are the held ones when logging flushes at exit."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._held: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        loop = asyncio._get_running_loop()  # None off a loop (get_running_loop raises)
+        if loop is None or record.levelno >= logging.WARNING:
+            self._write_held()
+            super().emit(record)
+            return
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._held.append(line)
+        if len(self._held) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_held()
+            super().flush()
+
+    def _write_held(self) -> None:
+        if self._held:
+            lines, self._held = "".join(self._held), []
+            try:
+                self.stream.write(lines)
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": lines}))
+
+
 def configure(level: str, log_format: str) -> None:
     """Log to stderr as JSON lines (`json`) or plain text (`text`)."""
     # No line logs its caller's file and line, thread or process: the logging HOWTO's
@@ -53,7 +93,7 @@ def configure(level: str, log_format: str) -> None:
     # request).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchedHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
