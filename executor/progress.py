@@ -100,9 +100,11 @@ class LiveRun:
         self._last_gas = -1
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(TICK_S, self._tick)
-        self._progress_timer: asyncio.TimerHandle | None = self._loop.call_later(
-            PROGRESS_EVERY_MS / 1000, self._progress_tick)
+        # Output and progress are reported from when the run is announced: every run that
+        # goes on while the loop turns (in a thread, or waiting) is; one inline on the loop
+        # ends before any timer could fire, and its settle announces it.
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress_timer: asyncio.TimerHandle | None = None
         self._announce_timer = self._loop.call_later(ANNOUNCE_AFTER_S, self.announce)
 
     @property
@@ -117,6 +119,10 @@ class LiveRun:
             self._announce_timer.cancel()
             self._announced = asyncio.create_task(self._start())
             self._announced.add_done_callback(self._on_announced)
+            if not self._closed:
+                self._timer = self._loop.call_later(TICK_S, self._tick)
+                self._progress_timer = self._loop.call_later(PROGRESS_EVERY_MS / 1000,
+                                                             self._progress_tick)
         return self._announced
 
     async def _start(self) -> bool:
