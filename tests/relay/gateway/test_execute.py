@@ -10,7 +10,18 @@ import httpx
 import pytest
 
 from executor.worker import Executor
-from tests.conftest import ADD_WAT, BOB_KEY, FIXTURES, assert_problem, upload, wait_for
+from relay.settings import Settings
+from tests.conftest import (
+    ADD_WAT,
+    ALICE_KEY,
+    BOB_KEY,
+    FIXTURES,
+    assert_problem,
+    serve,
+    upload,
+    wait_for,
+    with_settings,
+)
 
 LOOP_WAT = '(module (func (export "main") (loop br 0)))'
 RECURSE_WAT = '(module (func $f (export "main") (result i32) call $f))'
@@ -263,3 +274,27 @@ async def test_a_bare_module_name_is_refused_with_the_glyph_reference_it_meant(
     assert "glyph://calculator" in body["detail"]
     assert body["errors"][0]["pointer"] == "/cid"
     assert "glyph://calculator" in body["errors"][0]["detail"]
+
+
+async def test_a_sync_execute_still_running_after_the_sync_wait_is_answered_202(
+        settings: Settings, executor: Executor) -> None:
+    """The answer comes at the sync wait's end (50 ms), while the run goes on (2 s of its
+    max_time), and says where to follow it; the run's result is there after."""
+    async with serve(with_settings(settings, sync_wait_ms=50)) as gateway, \
+            httpx.AsyncClient(base_url=gateway.url, headers={"X-API-Key": ALICE_KEY},
+                              timeout=30) as http:
+        module = await upload(http, '(module (func (export "main") (loop br 0)))')
+        began = time.monotonic()
+        response = await http.post("/intent/execute-wasm", json={
+            "cid": module["cid"], "inputs": [], "policy": {"max_time": 2000, "max_gas": 10**12}})
+        assert response.status_code == 202, response.text
+        assert time.monotonic() - began < 1.5
+        request_id = response.json()["request_id"]
+        assert response.headers["location"] == f"/executions/{request_id}"
+
+        async def ended() -> dict[str, Any] | None:
+            record: dict[str, Any] = (await http.get(f"/executions/{request_id}")).json()
+            return record if record["status"] in ("completed", "failed") else None
+
+        record = await wait_for(ended, timeout_s=20)
+        assert record["error"]["code"] == "timeout"
