@@ -314,19 +314,18 @@ class EventFanIn:
                     continue
                 for _, entries in reply or ():
                     self._last_id = entries[-1][0]  # past an entry that breaks the dispatch
-                    self._dispatch([(entry_id, fields_of(fields))
-                                    for entry_id, fields in entries])
+                    self._dispatch(entries)
         finally:
             await link.aclose()
 
-    def _dispatch(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+    def _dispatch(self, entries: list[tuple[bytes, list[bytes]]]) -> None:
         """Route one read's entries: to waiters, then to each principal's streams, all of a
         principal's entries at once, so a stream taking them all gets them in one write (a
         fan-in that fell behind reads several per call, and so catches up: the write to each
         socket, not the event, is what costs)."""
         by_user: dict[str, list[Entry]] = {}
         for entry_id, fields in entries:
-            data = fields[b"data"]
+            data, user_bytes = data_and_user(fields)
             if self._watchers or data.startswith(COMPLETED_PREFIX):
                 head = decode_head(data)
                 self._notify(head.request_id, head.type, data)
@@ -334,7 +333,9 @@ class EventFanIn:
                         and head.type == "wasm_exec_completed"
                         and self.node_completed is not None):
                     self.node_completed()
-            user = fields.get(b"user", b"").decode()
+            if not self._subscribers:
+                continue
+            user = user_bytes.decode()
             if user in self._subscribers and for_clients(data):
                 by_user.setdefault(user, []).append(entry(entry_id, data))
         now = asyncio.get_running_loop().time()
@@ -378,6 +379,15 @@ def wanted_by(subscriber: Subscriber, head: EventHead) -> bool:
     return ((subscriber.request_ids is None or head.request_id in subscriber.request_ids)
             and (subscriber.session_id is None or head.session_id == subscriber.session_id)
             and (subscriber.pipeline_id is None or head.pipeline_id == subscriber.pipeline_id))
+
+
+def data_and_user(fields: list[bytes]) -> tuple[bytes, bytes]:
+    """An events entry's `data` and `user` (relay/lua/events.lib.lua writes them in that
+    order: read in place, not made a dict, for the four entries of every execution)."""
+    if len(fields) == 4 and fields[0] == b"data" and fields[2] == b"user":
+        return fields[1], fields[3]
+    named = fields_of(fields)
+    return named.get(b"data", b""), named.get(b"user", b"")
 
 
 def for_clients(data: bytes) -> bool:

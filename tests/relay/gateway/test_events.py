@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from executor.worker import Executor
-from relay.gateway.fanin import EventFanIn, for_clients
+from relay.gateway.fanin import EventFanIn, data_and_user, for_clients
 from relay.keys import Keys
 from relay.settings import Settings
 from relay.tokens import AccessTokens
@@ -601,3 +601,12 @@ async def test_a_closed_websocket_frees_its_place_at_once(served: Served,
         await wait_for(lambda: served.gateway.streams.held == fan_in.subscriber_count == 0,
                        timeout_s=2)
         await http.delete(f"/executions/{request_id}")
+
+
+def test_an_entry_s_data_and_user_are_read_whatever_the_order_of_its_fields() -> None:
+    # The order the scripts write them in is read in place; any other (a writer of another
+    # version, a field more) by name.
+    assert data_and_user([b"data", b"{}", b"user", b"alice"]) == (b"{}", b"alice")
+    assert data_and_user([b"user", b"alice", b"data", b"{}"]) == (b"{}", b"alice")
+    assert data_and_user([b"data", b"{}", b"user", b"alice", b"x", b"1"]) == (b"{}", b"alice")
+    assert data_and_user([b"data", b"{}"]) == (b"{}", b"")
