@@ -9,6 +9,7 @@ the request path.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 from collections import Counter, defaultdict
 
@@ -48,6 +49,12 @@ HISTOGRAMS = {
                  tuple(float(10**exponent) for exponent in range(2, 13))),
 }
 
+# Each histogram's fields in the metrics hash: a bucket's (the last for values above every
+# bound), the count's and the sum's.
+_FIELDS = {name: (tuple(f"{name}:bucket:{i}" for i in range(len(bounds) + 1)),
+                  f"{name}:count", f"{name}:sum")
+           for name, (_, bounds) in HISTOGRAMS.items()}
+
 
 class Metrics:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
@@ -70,11 +77,12 @@ class Metrics:
         self._observe("gas_used", float(gas_used))
 
     def _observe(self, name: str, value: float) -> None:
-        bounds = HISTOGRAMS[name][1]
-        bucket = next((i for i, bound in enumerate(bounds) if value <= bound), len(bounds))
-        self._counts[f"{name}:bucket:{bucket}"] += 1
-        self._counts[f"{name}:count"] += 1
-        self._sums[f"{name}:sum"] += value
+        # Once an execution: the first bucket whose bound is at or above it, by bisection, and
+        # the fields' names made once (_FIELDS).
+        buckets, count, total = _FIELDS[name]
+        self._counts[buckets[bisect.bisect_left(HISTOGRAMS[name][1], value)]] += 1
+        self._counts[count] += 1
+        self._sums[total] += value
 
     async def flush(self) -> None:
         """Add what was counted since the last flush to the shared totals."""
