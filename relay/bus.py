@@ -500,7 +500,7 @@ class Bus:
         if request.pipeline_id is not None:
             terminal.pipeline_id = request.pipeline_id  # a pipeline node's events carry it
         completed = WasmExecCompleted(
-            **{field: getattr(request, field) for field in WasmExecRequested.__struct_fields__},
+            **msgspec.structs.asdict(request),
             success=response.success, output=response.output, error=response.error,
             gas_used=response.gas_used, duration=response.duration,
             executed_at=response.executed_at, state_cid=response.state_cid,
