@@ -387,7 +387,7 @@ def data_and_user(fields: list[bytes]) -> tuple[bytes, bytes]:
     if len(fields) == 4 and fields[0] == b"data" and fields[2] == b"user":
         return fields[1], fields[3]
     named = fields_of(fields)
-    return named.get(b"data", b""), named.get(b"user", b"")
+    return named[b"data"], named.get(b"user", b"")  # no data: a KeyError, as it always was
 
 
 def for_clients(data: bytes) -> bool:

@@ -610,3 +610,5 @@ def test_an_entry_s_data_and_user_are_read_whatever_the_order_of_its_fields() ->
     assert data_and_user([b"user", b"alice", b"data", b"{}"]) == (b"{}", b"alice")
     assert data_and_user([b"data", b"{}", b"user", b"alice", b"x", b"1"]) == (b"{}", b"alice")
     assert data_and_user([b"data", b"{}"]) == (b"{}", b"")
+    with pytest.raises(KeyError):  # the fan-in fails on it, and is restarted past it
+        data_and_user([b"user", b"alice"])
