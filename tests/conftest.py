@@ -255,19 +255,26 @@ def raw_exchange(url: str, head: bytes, body_start: bytes) -> tuple[int, dict[st
     assert parts.hostname is not None and parts.port is not None
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
         sock.sendall(head + body_start)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection without answering"
-            data += chunk
-        raw_head, _, body = data.partition(b"\r\n\r\n")
-        status_line, *lines = raw_head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            assert chunk, "the server closed the connection mid-response"
-            body += chunk
+        return read_response(sock)
+
+
+def read_response(sock: socket.socket, *, head_only: bool = False,
+                  ) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response from `sock`: its status, headers and body (to its Content-Length;
+    none with `head_only`, for HEAD)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection without answering"
+        data += chunk
+    raw_head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = raw_head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines)}
+    length = 0 if head_only else int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-response"
+        body += chunk
     return int(status_line.split()[1]), headers, body
 
 
