@@ -384,10 +384,10 @@ class Sandbox:
         except wasmtime.WasmtimeError as exc:
             raise LinkError(f"cannot link the module: {exc}") from None
         uses_wasi = any(imp.module == WASI_MODULE for imp in module.imports)
-        # executor.binary only adds to the export section, which comes before the code: every
-        # instruction moved by the same count of bytes.
         signatures = {export.name: _signature(export.type) for export in module.exports
                       if isinstance(export.type, wasmtime.FuncType)}
+        # executor.binary only adds to the export section, which comes before the code: every
+        # instruction moved by the same count of bytes.
         prepared = Prepared(module, instance_pre, uses_wasi, _table_count(wasm), self.engine,
                             signatures, len(compiled) - len(wasm), {}, from_disk)
         assert prepared.stacks is not None
