@@ -4,8 +4,10 @@ Any number of executors, on any number of hosts, share the requests streams (`re
 and `:high` and `:low` beside it) through the consumer group `executors`, taking high before
 normal before low, save that an entry waiting longer than RELAY_PRIORITY_STARVATION_MS goes
 before every one accepted after it (relay.bus.Bus.read). Each holds at most
-`concurrency + prefetch` entries: enough that its Redis round trips carry batches, few enough
-that little waits behind a busy thread while a peer idles.
+`concurrency + prefetch` entries running or waiting to run (and, for a round trip, up to as
+many more whose runs ended, their results being written: `Executor.free_slots`): enough that
+its Redis round trips carry batches, few enough that little waits behind a busy thread while a
+peer idles.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ class Executor:
         self.pause_places = PausePlaces(self.max_paused)
         """Shared by every run's control: pauses asked for and step pauses alike."""
         self._running: set[asyncio.Task[None]] = set()
+        self._settling = 0
+        """Of `_running`, those whose run has ended (see `free_slots`)."""
+        self._run_ended: asyncio.Future[None] | None = None
+        """Resolved when a run ends while the read loop waits for a slot."""
         self._live: dict[str, LiveRun] = {}
         """The executions this executor is running, for the control channel."""
         self._held: set[bytes] = set()
@@ -139,9 +145,11 @@ class Executor:
         next_reclaim = 0.0
         try:
             while not self._stopping.is_set():
-                free = self.slots - len(self._running)
+                free = self.free_slots()
                 if free <= 0:
-                    await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
+                    self._run_ended = asyncio.get_running_loop().create_future()
+                    await asyncio.wait({self._run_ended, *self._running},
+                                       return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
                     if time.monotonic() >= next_reclaim:
@@ -175,6 +183,15 @@ class Executor:
                 await self.metrics.flush()
             self._threads.shutdown(wait=False, cancel_futures=True)
             self.sandbox.close()
+
+    def free_slots(self) -> int:
+        """Entries to take now: `slots` less those running or waiting for a thread. Those
+        whose run ended wait only on Redis (their settle), so they hold no slot: a trivial run
+        ends in microseconds and its settle takes a round trip, and counting it made the
+        executor take a fraction of what it could run. Up to `slots` of them, so that a slow
+        Redis cannot have it hold ever more entries."""
+        return min(self.slots - (len(self._running) - self._settling),
+                   2 * self.slots - len(self._running))
 
     def _spawn(self, entry_id: bytes, data: bytes) -> None:
         self._held.add(entry_id)
@@ -339,6 +356,15 @@ class Executor:
                        pause_places=self.pause_places)
         try:
             response, commit = await self._execute(request, live)
+        except redis.RedisError:
+            # The entry stays pending in the group; it is not lost.
+            log.exception("bus error while handling %s", request.request_id)
+            return
+        # The run is over: what is left is Redis's, and takes no slot from the next run.
+        self._settling += 1
+        if self._run_ended is not None and not self._run_ended.done():
+            self._run_ended.set_result(None)
+        try:
             if entry_id in self._abandoned:
                 return  # taken over by a peer, or handed back: theirs to settle
             # The result is only published once `execution_started` was (or along with it,
@@ -357,8 +383,9 @@ class Executor:
                     response.error.code if response.error else None, response.duration,
                     response.gas_used)
         except redis.RedisError:
-            # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
+        finally:
+            self._settling -= 1
 
     async def _execute(self, request: WasmExecRequested, live: LiveRun,
                        ) -> tuple[ExecuteResponse | None, Commit | None]:
