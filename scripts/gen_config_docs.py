@@ -40,7 +40,11 @@ GROUP_NOTES: dict[str, tuple[str, str]] = {
     REDIS: ("Redis", "Every gateway and executor of one deployment uses the same Redis and the "
             "same `RELAY_STREAM_PREFIX`. Without `REDIS_URL`, each `relay` command starts an "
             "embedded Redis of its own under `RELAY_DATA_DIR`: right for `relay dev` on one "
-            "machine, not for several processes."),
+            "machine, not for several processes. It keeps an append-only file, synced every "
+            "second, and rewrites it once the file has grown to five times its size after the "
+            "last rewrite (Redis's default is twice): more disk, for a fraction of the CPU that "
+            "rewrites cost under load (see "
+            "[operations](operations.md#redis-commands-per-execute))."),
     LIMITS: ("Limits", "An execute request may ask for gas, memory and time up to the ceilings "
              "(`RELAY_MAX_*`) and gets the defaults (`RELAY_DEFAULT_MAX_*`) for what it does not "
              "ask; a default above its ceiling stops the start. `principals.toml` in the policy "
