@@ -354,17 +354,14 @@ class Executor:
                        max_pause_ms=self.settings.max_pause_ms,
                        max_output_bytes=self._output_cap(request),
                        pause_places=self.pause_places)
+        settling = False
         try:
             response, commit = await self._execute(request, live)
-        except redis.RedisError:
-            # The entry stays pending in the group; it is not lost.
-            log.exception("bus error while handling %s", request.request_id)
-            return
-        # The run is over: what is left is Redis's, and takes no slot from the next run.
-        self._settling += 1
-        if self._run_ended is not None and not self._run_ended.done():
-            self._run_ended.set_result(None)
-        try:
+            # The run is over: what is left is Redis's, and takes no slot from the next run.
+            settling = True
+            self._settling += 1
+            if self._run_ended is not None and not self._run_ended.done():
+                self._run_ended.set_result(None)
             if entry_id in self._abandoned:
                 return  # taken over by a peer, or handed back: theirs to settle
             # The result is only published once `execution_started` was (or along with it,
@@ -383,9 +380,11 @@ class Executor:
                     response.error.code if response.error else None, response.duration,
                     response.gas_used)
         except redis.RedisError:
+            # The entry stays pending in the group; it is not lost.
             log.exception("bus error while handling %s", request.request_id)
         finally:
-            self._settling -= 1
+            if settling:
+                self._settling -= 1
 
     async def _execute(self, request: WasmExecRequested, live: LiveRun,
                        ) -> tuple[ExecuteResponse | None, Commit | None]:

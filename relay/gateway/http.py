@@ -1,4 +1,5 @@
-"""HTTP plumbing: correlation ids and access logs, JSON responses, several methods on a path."""
+"""HTTP plumbing: correlation ids and access logs, a response written in one go, JSON responses,
+several methods on a path."""
 
 from __future__ import annotations
 

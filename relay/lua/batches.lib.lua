@@ -11,7 +11,7 @@ local function batch_finish(B, bid, events, retention, now, keep_ms)
   emit_event(events, retention,
     '{"type":"batch_complete","batch_id":"' .. bid .. '","status":"completed","total":' ..
     fields[3] .. ',"timestamp":"' .. now .. '"}',
-    fields[1], fields[2] and fields[2] ~= '')  -- followed: it has a callback ('' for none)
+    fields[1], has_callback(fields[2]))
   for _, key in ipairs({B, B .. ':ended'}) do
     redis.call('PEXPIRE', key, keep_ms)
   end

@@ -17,3 +17,9 @@ local function emit_event(events, retention, data, user, followed)
   end
   return id
 end
+
+-- Whether a pipeline's or batch's stored `callback_url` (from HMGET: false when missing) names
+-- one: those without store ''.
+local function has_callback(callback_url)
+  return callback_url ~= false and callback_url ~= ''
+end

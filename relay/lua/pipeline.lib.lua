@@ -26,8 +26,7 @@ end
 -- Appends a pipeline event to relay:events for the pipeline's principal.
 local function pipeline_emit(P, events, retention, body)
   local fields = redis.call('HMGET', P, 'principal', 'callback_url')
-  -- Followed: it has a callback (one without stores '').
-  emit_event(events, retention, body, fields[1], fields[2] and fields[2] ~= '')
+  emit_event(events, retention, body, fields[1], has_callback(fields[2]))
 end
 
 -- Moves `node` to `status`, keeping the counts, and emits `pipeline_progress`.
