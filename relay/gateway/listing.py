@@ -1,8 +1,10 @@
 """`GET /executions`: the caller's executions, newest first, filtered, a page at a time.
 
 The accept script lists every new execution in its principal's sorted set (Keys.executions),
-as `<acceptance ms>:<request id>` in lex order, so a page starts exactly after the member the
-cursor names, however many executions were accepted in the same millisecond or since. A page
+as `<acceptance ms>-<sequence>:<request id>` (its `execution_queued` id's, which only grows)
+in lex order, so a page starts exactly after the member the cursor names, however many
+executions were accepted in the same millisecond or since. (Members listed before the sequence
+was added, `<acceptance ms>:<request id>`, are still read, and their cursors taken.) A page
 reads the records of a batch of ids at a time to filter them, and drops from the set the ids
 whose record has expired. It stops at `limit` matches or after SCAN_MAX ids, so a rare filter
 answers in bounded time: `items` may then be short, and `next_cursor` goes on from there.
@@ -26,7 +28,7 @@ STATUSES = frozenset({"queued", "running", "paused", "completed", "failed", "can
 SCAN_MAX = 5000
 """Ids one page looks at, at most."""
 BATCH = 200
-CURSOR = re.compile(r"\d{13}:[A-Za-z0-9_.:-]{1,200}")
+CURSOR = re.compile(r"\d{13}(-\d{10})?:[A-Za-z0-9_.:-]{1,200}")
 
 
 def filters_of(query: Any) -> dict[str, str]:

@@ -4,17 +4,20 @@
 -- execution: a replay needs no new authorization) or when too much is queued (`full`).
 
 -- A new execution joins its principal's list (relay.gateway.listing: GET /executions): members
--- `<acceptance time, ms, 13 digits>:<request id>`, all of score 0, so that the list is in time
--- order by lex and a page starts exactly after the last one's member. The record names its
+-- `<acceptance time, ms, 13 digits>-<sequence, 10 digits>:<request id>` (the time and sequence
+-- of its `execution_queued` id, which only grows), all of score 0, so that the list is in
+-- acceptance order by lex, executions of one millisecond too, and a page starts exactly after
+-- the last one's member. The record names its
 -- member ('listed'), so an execution accepted again (retryable) is listed once. The list keeps
 -- the newest LISTED_MAX and lives a week past the last one; ids whose record has expired are
 -- dropped as the list is read.
 local LISTED_MAX, LISTED_TTL_MS = 100000, 604800000
--- Lists the execution as of `event_id`, its `execution_queued`: that id's time is Redis's
--- (and never goes back). Returns its member, for the record's `listed`.
+-- Lists the execution as of `event_id`, its `execution_queued`. Returns its member, for the
+-- record's `listed`.
 local function list_execution(previous, event_id)
   local list = ARGV[14] .. ':executions:' .. ARGV[1]
-  local member = string.format('%013d:%s', tonumber(string.match(event_id, '^(%d+)')), ARGV[19])
+  local ms, seq = string.match(event_id, '^(%d+)-(%d+)$')
+  local member = string.format('%013d-%010d:%s', tonumber(ms), tonumber(seq), ARGV[19])
   if previous then
     redis.call('ZREM', list, previous)
   end

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import httpx
 
 from relay.settings import Settings
-from tests.conftest import ADD_WAT, assert_problem, upload, wait_for, with_settings
+from tests.conftest import (
+    ADD_WAT,
+    assert_problem,
+    event_entries,
+    upload,
+    wait_for,
+    with_settings,
+)
 from tests.relay.gateway.test_outputs import relay
 from tests.relay.gateway.test_pipelines import TRAP_WAT, _finished, _post
 from tests.relay.gateway.test_sessions import call, make_session
@@ -100,3 +109,27 @@ async def test_expired_executions_leave_the_list(settings: Settings) -> None:
         async def gone() -> bool:
             return await _all(alice) == []
         assert await wait_for(gone, timeout_s=10)
+
+
+async def test_executions_accepted_in_one_millisecond_are_listed_in_acceptance_order(
+        http: httpx.AsyncClient, settings: Settings) -> None:
+    """Accepted together, many in one millisecond: newest first all the same, by the order of
+    their `execution_queued` events (not by their ids within a millisecond)."""
+    add = (await upload(http, ADD_WAT))["cid"]
+
+    async def submit(n: int) -> str:
+        response = await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
+                                   json={"cid": add, "inputs": [n, 1]})
+        assert response.status_code == 202, response.text
+        request_id: str = response.json()["request_id"]
+        return request_id
+
+    submitted = set(await asyncio.gather(*(submit(n) for n in range(30))))
+    queued_at = {}
+    for entry_id, fields in await event_entries(settings):
+        event = json.loads(fields[b"data"])
+        if event["type"] == "execution_queued" and event["request_id"] in submitted:
+            ms, seq = entry_id.decode().split("-")
+            queued_at[event["request_id"]] = (int(ms), int(seq))
+    newest_first = sorted(submitted, key=queued_at.__getitem__, reverse=True)
+    assert await _all(http) == newest_first
