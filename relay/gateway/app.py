@@ -10,7 +10,6 @@ import redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -44,9 +43,10 @@ from relay.settings import Settings
 from relay.tokens import AccessTokens
 
 EXECUTE_PATH = "/intent/execute-wasm"
+EXECUTE_ROUTE = Route(EXECUTE_PATH, execute.execute, methods=["POST"])
 
 ROUTES = [
-    Route(EXECUTE_PATH, execute.execute, methods=["POST"]),
+    EXECUTE_ROUTE,
     Route("/intent/execute-wasm/health", health.health, methods=["GET"]),
     Route(health.EVENTS_PATH, sse.Sse(), methods=["GET"]),
     Route("/auth/tokens", tokens.mint_token, methods=["POST"]),
@@ -138,23 +138,18 @@ class RelayApp(Starlette):
 
 
 def direct_execute(access_log: bool) -> ASGIApp:
-    """The execute route as Starlette serves it (its handlers turn errors into problems; the
-    request id, the access line and the 500 of an unhandled error are
-    `RequestIdMiddleware`'s), without the layers between: the error and exception
-    middleware and the router: 15 to 25 µs of a sync execute's 250 in the gateway, the
-    process that sets the pace of trivial executes (docs/operations.md)."""
+    """The execute route's own app (Starlette's, which turns errors into problems by the app's
+    handlers) inside `RequestIdMiddleware` (the request id, the access line, the 500 of an
+    unhandled error), without the layers between: the error and exception middleware and the
+    router, 15 to 25 µs of a sync execute's 250 in the gateway, the process that sets the
+    pace of trivial executes (docs/operations.md)."""
+    route = EXECUTE_ROUTE.app
+    # What ExceptionMiddleware gives the routes below it: the app's handlers, none by status.
+    handlers: tuple[object, dict[int, object]] = (problems.HANDLERS, {})
 
     async def serve(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        try:
-            response = await execute.execute(request)
-        except Exception as exc:
-            handler = next((problems.HANDLERS[cls] for cls in type(exc).__mro__
-                            if cls in problems.HANDLERS), None)
-            if handler is None:
-                raise
-            response = await handler(request, exc)
-        await response(scope, receive, send)
+        scope["starlette.exception_handlers"] = handlers
+        await route(scope, receive, send)
 
     return RequestIdMiddleware(serve, access_log=access_log)
 

@@ -11,8 +11,6 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from starlette.requests import Request
-from starlette.responses import Response
 
 from executor.worker import Executor
 from relay import logs
@@ -74,10 +72,10 @@ async def test_an_execute_and_a_refused_one_each_write_one_access_line(
 
 async def test_a_crash_in_the_execute_route_is_a_500_problem_with_the_request_id(
         logging_app: Any, access_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def crash(request: Request) -> Response:
+    def crash(*args: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(execute_route, "execute", crash)
+    monkeypatch.setattr(execute_route, "gateway_of", crash)  # what the route calls first
     async with client_for(logging_app, ALICE_KEY) as http:
         response = await http.post(PATH, json={"cid": "nope"},
                                    headers={"X-Request-Id": "trace-7"})
