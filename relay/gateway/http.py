@@ -20,7 +20,6 @@ from relay.gateway.problems import send_internal_error
 from relay.schemas import encode
 
 log = logging.getLogger("relay.gateway")
-access = logging.getLogger("relay.access")
 
 SERVER_SEND = "relay.server_send"
 """Scope key of the HTTP server's own `send` (`relay.gateway.app.RelayApp` puts it there)."""
@@ -75,9 +74,8 @@ class RequestIdMiddleware:
             await send_internal_error(send_with_id, request_id)
         finally:
             if self.access_log:
-                access.info("%s %s %d", scope["method"], scope["path"], status, extra={
-                    "method": scope["method"], "path": scope["path"], "status": status,
-                    "duration_ms": round((time.perf_counter() - began) * 1000, 3)})
+                logs.log_access(scope["method"], scope["path"], status,
+                                round((time.perf_counter() - began) * 1000, 3))
 
 
 class _HeadHeld:
