@@ -9,9 +9,10 @@
 -- acceptance order by lex, executions of one millisecond too, and a page starts exactly after
 -- the last one's member. The record names its
 -- member ('listed'), so an execution accepted again (retryable) is listed once. The list keeps
--- the newest LISTED_MAX and lives a week past the last one; ids whose record has expired are
--- dropped as the list is read.
-local LISTED_MAX, LISTED_TTL_MS = 100000, 604800000
+-- the newest 100000 and lives a week past the last one; ids whose record has expired are
+-- dropped as the list is read. (Numbers given to redis.call as strings: Redis formats a Lua
+-- number with snprintf on every call, a few thousand instructions each.)
+local LISTED_TRIM, LISTED_TTL_MS = '-100001', '604800000'  -- ranks 0 to -100001 go
 -- Lists the execution as of `event_id`, its `execution_queued`. Returns its member, for the
 -- record's `listed`.
 local function list_execution(previous, event_id)
@@ -21,8 +22,8 @@ local function list_execution(previous, event_id)
   if previous then
     redis.call('ZREM', list, previous)
   end
-  redis.call('ZADD', list, 0, member)
-  redis.call('ZREMRANGEBYRANK', list, 0, -LISTED_MAX - 1)
+  redis.call('ZADD', list, '0', member)
+  redis.call('ZREMRANGEBYRANK', list, '0', LISTED_TRIM)
   redis.call('PEXPIRE', list, LISTED_TTL_MS)
   return member
 end
@@ -36,7 +37,7 @@ local rate_used, rate_left = 0, 0
 -- three, from which the scripts that emit its later events tell the same.
 local followed = ARGV[#ARGV] ~= '' or ARGV[27] ~= '' or ARGV[31] ~= ''
 if ARGV[29] ~= '' then
-  rate_used, rate_left = rate_count(KEYS[9], 1, ARGV[30])
+  rate_used, rate_left = rate_count(KEYS[9], '1', ARGV[30])
   if rate_used > tonumber(ARGV[29]) then
     return {'ratelimited', '', false, '', rate_used, rate_left}
   end

@@ -2,7 +2,7 @@
 -- gateway cancelling one still queued (no entry; only while its status is still `queued`).
 if ARGV[2] ~= '' then
   -- A run whose lease a peer took over (it stalled) must not write anything.
-  local pending = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1)
+  local pending = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], '1')
   if not pending[1] or pending[1][2] ~= ARGV[11] then
     return -1
   end

@@ -23,7 +23,7 @@ end
 
 -- The first entry after `after` on a stream, or nil (ids only are used; XRANGE has no JUSTID).
 local function head(stream, after)
-  local found = redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', 1)
+  local found = redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', '1')
   return found[1] and found[1][1]
 end
 
