@@ -137,8 +137,9 @@ def log_access(method: str, path: str, status: int, duration_ms: float) -> None:
     nowhere else (no other handler, filter or level in its way: the usual case), it is
     formatted and handed to that handler directly. A gateway writes one a request, and
     Python's logging machinery (the record, the handler chain) cost more than the line itself:
-    about 3% of the gateway's throughput, measured with `bench/bench_execute.py`. Otherwise (a
-    test capturing logs, a host application's handlers) it goes through logging."""
+    5.5 % of the gateway's instructions a sync execute (`bench/bench_instructions.py`).
+    Otherwise (a test capturing logs, a host application's handlers) it goes through
+    logging."""
     fields = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
     message = f"{method} {path} {status}"
     handler = _sole_handler(access)

@@ -12,7 +12,7 @@
 -- the newest 100000 and lives a week past the last one; ids whose record has expired are
 -- dropped as the list is read. (Numbers given to redis.call as strings: Redis formats a Lua
 -- number with snprintf on every call, a few thousand instructions each.)
-local LISTED_TRIM, LISTED_TTL_MS = '-100001', '604800000'  -- ranks 0 to -100001 go
+local LISTED_TRIM, LISTED_TTL_MS = '-100001', '604800000'  -- ranks 0 to TRIM: all but 100000
 -- Lists the execution as of `event_id`, its `execution_queued`. Returns its member, for the
 -- record's `listed`.
 local function list_execution(previous, event_id)

@@ -102,6 +102,7 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], io.St
     logger's handlers and level are put back afterwards (pytest's own included)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(logs, "_installed", logs._installed)  # put back at teardown
 
     def configure(log_format: str) -> io.StringIO:
         stream = io.StringIO()
@@ -112,7 +113,6 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], io.St
     yield configure
     root.handlers[:] = handlers
     root.setLevel(level)
-    monkeypatch.setattr(logs, "_installed", None)
 
 
 async def flushed(stream: io.StringIO) -> list[str]:
@@ -180,11 +180,12 @@ async def test_access_lines_obey_the_access_loggers_level_and_the_handlers_filte
         installed: Callable[[str], io.StringIO]) -> None:
     stream = installed("text")
     access = logging.getLogger("relay.access")
+    level = access.level
     access.setLevel(logging.WARNING)
     try:
         logs.log_access("GET", "/quiet", 200, 0.1)
     finally:
-        access.setLevel(logging.NOTSET)
+        access.setLevel(level)
     logging.getLogger().handlers[0].addFilter(
         lambda record: record.getMessage() != "GET /filtered 200")
     logs.log_access("GET", "/filtered", 200, 0.1)

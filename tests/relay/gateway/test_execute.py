@@ -243,8 +243,9 @@ async def test_a_result_is_published_as_its_run_ends_not_with_the_runs_taken_wit
     # One execution run first, as on any Redis that has run one: its scripts are loaded.
     await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
                     json={"cid": module["cid"], "inputs": [0, 0]})
-    await Executor(settings, connection.connect(settings.redis_url),
-                   read_block_ms=100).run(burst=True)
+    warm_client = connection.connect(settings.redis_url)
+    await Executor(settings, warm_client, read_block_ms=100).run(burst=True)
+    await warm_client.aclose()
     request_ids = []
     for inputs in ([1, 1], [2, 2], [3, 3], [4, 4]):  # the quick one, then three slow ones
         response = await http.post("/intent/execute-wasm", headers={"Prefer": "respond-async"},
@@ -254,9 +255,9 @@ async def test_a_result_is_published_as_its_run_ends_not_with_the_runs_taken_wit
     redis_client = redis.Redis.from_url(settings.redis_url or "")
     seen_quick: list[bool] = []
     # One read takes all four; the module is loaded before it.
+    client = connection.connect(settings.redis_url)
     worker = Executor(with_settings(settings, executor_concurrency=1, executor_prefetch=3,
-                                    preload=(module["cid"],)),
-                      connection.connect(settings.redis_url), read_block_ms=100)
+                                    preload=(module["cid"],)), client, read_block_ms=100)
     run_inline = worker.sandbox.try_inline
 
     def try_inline(prepared: Any, entrypoint: str, inputs: list[Any], policy: Any) -> Any:
@@ -275,6 +276,7 @@ async def test_a_result_is_published_as_its_run_ends_not_with_the_runs_taken_wit
         await worker.run(burst=True)
     finally:
         redis_client.close()
+        await client.aclose()
     assert seen_quick == [True]
     for request_id, output in zip(request_ids, (2, 4, 6, 8), strict=True):
         view = (await http.get(f"/executions/{request_id}")).json()
