@@ -44,13 +44,9 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """`<time> <level> <logger> <message>`, the time as `rfc3339` writes it."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = self.line(record.created, record.levelname, record.name, record.getMessage(), {})
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        if record.stack_info:
-            text += "\n" + self.formatStack(record.stack_info)
-        return text
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Formatter.format calls it, then adds the exception and stack, if any.
+        return self.line(record.created, record.levelname, record.name, record.message, {})
 
     def line(self, created: float, level: str, name: str, message: str,
              fields: dict[str, Any]) -> str:
