@@ -6,7 +6,50 @@
 -- the order holds across executors. Returns each stream's last delivered id after the take
 -- (from which a blocking XREAD wakes on the next entry: relay.bus.Bus.read), then
 -- {level, id, data} for each entry taken, in the order taken.
+--
+-- ARGV[5..7], given when the consumer's last take found every stream drained: each stream's
+-- last delivered id then. Only entries added after them can be new, since delivered ids only
+-- grow; when those are on one stream alone, its own order is the order to take them in, and
+-- XREADGROUP alone takes them, without the delivered ids and heads of every stream (3 XINFO
+-- and 4 XRANGE fewer, a third of the script's work: the take that wakes on a lone request).
 local group, consumer, count, starving = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+
+-- The entries `reply` (of XREADGROUP on one stream) holds, as {id, data}.
+local function entries_of(reply)
+  local found = {}
+  for _, entry in ipairs(reply and reply[1][2] or {}) do
+    local data = ''
+    for i = 1, #entry[2], 2 do
+      if entry[2][i] == 'data' then data = entry[2][i + 1] end
+    end
+    table.insert(found, {entry[1], data})
+  end
+  return found
+end
+
+if #ARGV >= 7 then
+  local drained, only = {ARGV[5], ARGV[6], ARGV[7]}, nil
+  for level, stream in ipairs(KEYS) do
+    if redis.call('XRANGE', stream, '(' .. drained[level], '+', 'COUNT', '1')[1] then
+      only = only == nil and level or false
+    end
+  end
+  if only == nil then
+    return drained  -- nothing added since: still drained
+  end
+  if only then
+    local taken = entries_of(redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
+                                        'STREAMS', KEYS[only], '>'))
+    if taken[1] then
+      drained[only] = taken[#taken][1]
+      for _, entry in ipairs(taken) do
+        table.insert(drained, {only, entry[1], entry[2]})
+      end
+      return drained
+    end
+    -- A peer took them all: the full take below finds the stream's last delivered id.
+  end
+end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 
@@ -76,15 +119,8 @@ local read = {}
 for level = 1, #KEYS do
   read[level] = {}
   if taken[level] > 0 then
-    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', taken[level],
-                             'STREAMS', KEYS[level], '>')
-    for _, entry in ipairs(reply[1][2]) do
-      local data = ''
-      for i = 1, #entry[2], 2 do
-        if entry[2][i] == 'data' then data = entry[2][i + 1] end
-      end
-      table.insert(read[level], {entry[1], data})
-    end
+    read[level] = entries_of(redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT',
+                                        taken[level], 'STREAMS', KEYS[level], '>'))
   end
 end
 local out, next_of = {}, {1, 1, 1}

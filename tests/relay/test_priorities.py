@@ -331,6 +331,42 @@ async def test_parked_entries_go_back_to_their_streams_high_first(bus: Bus) -> N
     assert await bus.client.llen(bus.keys.waiting("alice", "low")) == 1
 
 
+def ids(taken: list[tuple[bytes, bytes]]) -> list[str]:
+    return [decode_requested(data).request_id for _, data in taken]
+
+
+async def test_a_woken_take_keeps_the_order_and_the_count(bus: Bus) -> None:
+    """After a take that found every stream drained, a read blocks until an entry is added;
+    what was added meanwhile on one stream alone is taken from it in its order, up to the
+    count, and a second stream with entries makes high go first again."""
+    assert await bus.read("c", 10, 10) == []  # drained: the next read blocks
+    for n in (1, 2, 3):
+        assert (await bus.accept(request(n), f"fp-{n}")).is_new
+    assert ids(await bus.read("c", 2, 1000)) == ["r-1", "r-2"]
+    assert ids(await bus.read("c", 10, 1000)) == ["r-3"]
+    # Drained again. Entries on two streams since: the later high one goes first.
+    for one in (request(4), request(5, "high")):
+        assert (await bus.accept(one, f"fp-{one.request_id}")).is_new
+    assert ids(await bus.read("c", 1, 1000)) == ["r-5"]
+    assert ids(await bus.read("c", 10, 1000)) == ["r-4"]
+
+
+async def test_a_woken_take_of_what_a_peer_took_first_waits_for_the_next_entry(
+        bus: Bus) -> None:
+    """A peer takes the entry that wakes a reader: the reader takes nothing, and its next read
+    waits for a new entry rather than waking on the one the peer holds."""
+    peer = Bus(bus.client, bus.keys, events_retention=1000, requests_retention=1000)
+    assert await bus.read("c", 10, 10) == []
+    assert (await bus.accept(request(1), "fp-1")).is_new
+    assert ids(await peer.read("p", 10, 10)) == ["r-1"]
+    assert await bus.read("c", 10, 1000) == []
+    waited = asyncio.get_running_loop().time()
+    assert await bus.read("c", 10, 300) == []
+    assert asyncio.get_running_loop().time() - waited >= 0.25, "woke on the peer's entry"
+    assert (await bus.accept(request(2), "fp-2")).is_new
+    assert ids(await bus.read("c", 10, 1000)) == ["r-2"]
+
+
 async def test_a_high_run_whose_executor_died_is_run_by_a_peer(
         http: httpx.AsyncClient, settings: Settings) -> None:
     """A consumer takes a high entry and dies (it never renews its lease); a real executor
