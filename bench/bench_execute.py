@@ -80,6 +80,7 @@ from common import (
     end_cleanup,
     find_pids,
     free_port,
+    host_ticks,
     http_json,
     kill_leftover,
     pick_python,
@@ -311,6 +312,8 @@ class Result:
     socket_errors: int = 0
     cpu_us_per_request: dict[str, float] = field(default_factory=dict)
     redis_calls_per_request: dict[str, float] = field(default_factory=dict)
+    steal_pct: float = 0.0
+    """The machine's CPU time the hypervisor gave to other guests during the load."""
 
     @property
     def errors(self) -> int:
@@ -501,7 +504,9 @@ class Loader:
         redis_before = redis_commandstats(target.redis_socket) if target.redis_socket else {}
         before = {name: cpu_ticks(pid) for name, pid in target.pids.items()}
         client_before = self._client_cpu()
+        steal_before, ticks_before = host_ticks()
         raw = self.load(target, concurrency, seconds)
+        steal_after, ticks_after = host_ticks()
         client_cpu = self._client_cpu() - client_before
         # A rewrite of Redis's append-only file that this load set off is its cost: once the
         # child ends, Redis has reaped it and `cpu_ticks` counts it.
@@ -510,6 +515,8 @@ class Loader:
         redis_after = redis_commandstats(target.redis_socket) if target.redis_socket else {}
         result = Result(target.name, concurrency, **raw)
         result.rps = result.requests / result.seconds if result.seconds else 0.0
+        if ticks_after > ticks_before:
+            result.steal_pct = 100 * (steal_after - steal_before) / (ticks_after - ticks_before)
         if result.requests:
             for name in target.pids:
                 seconds_used = (after[name] - before[name]) / CLK_TCK
@@ -836,6 +843,7 @@ def aggregate(results: list[Result]) -> Result:
     merged.non200 = sum(r.non200 for r in results)
     merged.bad_body = sum(r.bad_body for r in results)
     merged.socket_errors = sum(r.socket_errors for r in results)
+    merged.steal_pct = statistics.median(r.steal_pct for r in results)
     for name in first.cpu_us_per_request:
         merged.cpu_us_per_request[name] = statistics.median(
             r.cpu_us_per_request.get(name, 0.0) for r in results)
@@ -866,7 +874,7 @@ def print_report(results: dict[tuple[str, int], Result],
               f"--concurrency {args.celery_concurrency} {' '.join(CELERY_WORKER_OPTIONS)}; "
               "Redis broker and result backend")
     header = (f"{'target':<10} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'errors':>7}   CPU µs/request by process")
+              f"{'errors':>7} {'steal':>6}   CPU µs/request by process")
     print(header)
     print("-" * (len(header) + 30))
     for concurrency in concurrencies:
@@ -878,7 +886,7 @@ def print_report(results: dict[tuple[str, int], Result],
             detail = (f" ({r.non200} non-200, {r.bad_body} bad body, {r.socket_errors} socket)"
                       if r.errors else "")
             print(f"{target:<10} {concurrency:>4} {r.rps:>9.0f} {r.p50_ms:>8.2f} "
-                  f"{r.p99_ms:>8.2f} {r.errors:>7}   {cpu}{detail}")
+                  f"{r.p99_ms:>8.2f} {r.errors:>7} {r.steal_pct:>5.1f}%   {cpu}{detail}")
     print("Redis commands per request (INFO commandstats; the commands run by scripts count, "
           "and so do MULTI and EXEC):")
     for target in (*RELAY_TARGETS, CELERY):

@@ -346,6 +346,17 @@ def cpu_ticks(pid: int | None) -> int:
     return sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
 
 
+def host_ticks() -> tuple[int, int]:
+    """(steal, total) clock ticks of the whole machine so far (/proc/stat's `cpu` line; (0, 0)
+    where there is none). Steal is time the hypervisor ran other guests while this one had work
+    for the CPU: on a shared host, what slows every process here at once."""
+    try:
+        fields = [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def cpu_seconds(pid: int | None) -> float:
     """`cpu_ticks` in seconds."""
     return cpu_ticks(pid) / CLK_TCK
