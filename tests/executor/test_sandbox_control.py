@@ -474,8 +474,9 @@ def test_steps_pause_once_their_gas_is_used(sandbox: Sandbox, threads: ThreadPoo
           f"max {overshoot_ms[-1]:.3f}")
     # Checked every 1 ms, a step overshoots by half a millisecond's worth on average; a host
     # busy with other processes delays ticks (here, 0.6 to 0.9 ms under a load of 3 on 2
-    # cores). Checks every 10 ms would put the median near 5.
-    assert overshoot_ms[len(overshoot_ms) // 2] <= 2.0
+    # cores, and 2.03 once with the hypervisor taking a quarter of the machine's CPU time).
+    # Checks every 10 ms would put the median near 5: 3 tells the two apart.
+    assert overshoot_ms[len(overshoot_ms) // 2] <= 3.0
     # The worst step only shows it never runs away: a busy host delays single ticks a lot.
     assert overshoot_ms[-1] <= 100.0
 
