@@ -14,6 +14,12 @@
 -- (TIME, 3 XINFO and an XRANGE fewer: about a third of the take that wakes on a lone request).
 local group, consumer, count, starving = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
+-- The first entry after `after` on a stream, or nil (ids only are used; XRANGE has no JUSTID).
+local function head(stream, after)
+  local found = redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', '1')
+  return found[1] and found[1][1]
+end
+
 -- The entries `reply` (of XREADGROUP on one stream) holds, as {id, data}.
 local function entries_of(reply)
   local found = {}
@@ -27,25 +33,41 @@ local function entries_of(reply)
   return found
 end
 
+-- The reply: each stream's last delivered id after the take (its last entry in `read`, else
+-- `delivered`'s), then {level, id, data} for each entry read, in `order` (a level an entry).
+local function result(delivered, order, read)
+  local out, next_of = {}, {1, 1, 1}
+  for level = 1, #KEYS do
+    local here = read[level] or {}
+    out[level] = here[#here] and here[#here][1] or delivered[level]
+  end
+  for _, level in ipairs(order) do
+    local entry = read[level][next_of[level]]
+    next_of[level] = next_of[level] + 1
+    table.insert(out, {level, entry[1], entry[2]})
+  end
+  return out
+end
+
 if #ARGV >= 7 then
   local drained, only = {ARGV[5], ARGV[6], ARGV[7]}, nil
   for level, stream in ipairs(KEYS) do
-    if redis.call('XRANGE', stream, '(' .. drained[level], '+', 'COUNT', '1')[1] then
+    if head(stream, drained[level]) then
       only = only == nil and level or false
     end
   end
   if only == nil then
-    return drained  -- nothing added since: still drained
+    return result(drained, {}, {})  -- nothing added since: still drained
   end
   if only then
     local taken = entries_of(redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', count,
                                         'STREAMS', KEYS[only], '>'))
     if taken[1] then
-      drained[only] = taken[#taken][1]
-      for _, entry in ipairs(taken) do
-        table.insert(drained, {only, entry[1], entry[2]})
+      local order = {}
+      for _ = 1, #taken do
+        table.insert(order, only)
       end
-      return drained
+      return result(drained, order, {[only] = taken})
     end
     -- A peer took them all: the full take below finds the stream's last delivered id.
   end
@@ -62,12 +84,6 @@ local function older(a, b)
   local a_ms, a_seq = id_parts(a)
   local b_ms, b_seq = id_parts(b)
   return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq)
-end
-
--- The first entry after `after` on a stream, or nil (ids only are used; XRANGE has no JUSTID).
-local function head(stream, after)
-  local found = redis.call('XRANGE', stream, '(' .. after, '+', 'COUNT', '1')
-  return found[1] and found[1][1]
 end
 
 local delivered, heads = {}, {}
@@ -117,20 +133,9 @@ end
 -- XREADGROUP `>` hands out.
 local read = {}
 for level = 1, #KEYS do
-  read[level] = {}
   if taken[level] > 0 then
     read[level] = entries_of(redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT',
                                         taken[level], 'STREAMS', KEYS[level], '>'))
   end
 end
-local out, next_of = {}, {1, 1, 1}
-for level = 1, #KEYS do
-  local taken_here = read[level]
-  out[level] = taken_here[#taken_here] and taken_here[#taken_here][1] or delivered[level]
-end
-for _, level in ipairs(order) do
-  local entry = read[level][next_of[level]]
-  next_of[level] = next_of[level] + 1
-  table.insert(out, {level, entry[1], entry[2]})
-end
-return out
+return result(delivered, order, read)
