@@ -209,3 +209,26 @@ def _answers(client: redis.Redis) -> bool:
         return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
+
+
+def test_an_idle_gateway_wakes_rarely(processes: Processes) -> None:
+    """An idle gateway's timers (HTTP server, fan-in, pipeline timers, webhook reads,
+    metrics) wake it about 60 times a second; a timer of 50 a second more (the webhook
+    deliverer measuring its event loop's lag with nothing to deliver) took that to 105."""
+    processes.gateway()
+    [gateway] = processes.running
+    time.sleep(1.0)  # start-up's own work done
+    before, started = _wake_ups(gateway.pid), time.monotonic()
+    time.sleep(3.0)
+    rate = (_wake_ups(gateway.pid) - before) / (time.monotonic() - started)
+    assert rate < 85, f"an idle gateway woke {rate:.0f} times a second"
+
+
+def _wake_ups(pid: int) -> int:
+    """Times the process's threads went to sleep and were woken (voluntary switches)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            status = (task / "status").read_text()
+            total += int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    return total
