@@ -25,6 +25,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from relay.bus import Script
+from relay.connection import shared_link
 from relay.errors import FieldError, InvalidRequest, NotFound
 from relay.keys import Keys
 from relay.schemas import (
@@ -263,6 +264,7 @@ class PipelineStore:
 
     def __init__(self, client: aioredis.Redis, keys: Keys, *, events_retention: int) -> None:
         self.client = client
+        self.link = shared_link(client)
         self.keys = keys
         self.events_retention = events_retention
 
@@ -326,8 +328,11 @@ class PipelineStore:
 
     async def due_timers(self, count: int) -> list[tuple[str, str]]:
         """Up to `count` timers due now: (pipeline id, node or "" for the watchdog)."""
-        members = await self.client.zrangebyscore(self.keys.pipeline_timers, "-inf",
-                                                  int(time.time() * 1000), start=0, num=count)
+        # Every gateway asks 20 times a second, mostly while idle: over the shared link, at
+        # less than half of redis-py's CPU a call.
+        members = await self.link.execute(
+            "ZRANGEBYSCORE", self.keys.pipeline_timers, "-inf", int(time.time() * 1000),
+            "LIMIT", 0, count)
         due = []
         for member in members:
             pipeline_id, _, node = member.decode().partition("\n")
